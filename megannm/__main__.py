@@ -1,0 +1,3 @@
+from megannm.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,89 @@
+"""The ``megannm`` command: argument parsing only; every command calls into the library.
+
+    megannm demo        build the toy world, train the toy chain on the CPU, evaluate both directions
+    megannm preprocess  JSONL records -> zstd token shards
+    megannm train       one recipe stage (under torchrun / deepspeed / srun / mpirun, or a single process)
+    megannm stage       submit a recipe chain to Slurm with job dependencies; status; cancel
+    megannm convert     DeepSpeed <-> consolidated safetensors <-> Hugging Face; re-shard TP/PP
+    megannm generate    sample captions or images from a checkpoint
+    megannm evaluate    caption and image accuracy on seen and held-out toy combinations
+
+A user mistake exits with code 2 and one line naming the file, key or parameter at fault.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError, FileExistsError, NotADirectoryError)
+
+
+def _train(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="megannm train", description="Train one recipe stage.")
+    p.add_argument("recipe", help="recipe YAML")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides (YAML scalars)")
+    p.add_argument("--resume", action="store_true", help="continue from <checkpoint.dir>/latest if present")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's
+    a = p.parse_args(argv)
+    from megannm.config import load_recipe
+    from megannm.parallel import discover_launch
+    info = discover_launch()
+    recipe = load_recipe(a.recipe, a.overrides, world_size=info.world_size)
+    os.environ.setdefault("OMP_NUM_THREADS", "1" if info.world_size > 1 else str(os.cpu_count() or 1))
+    from megannm.train.loop import run
+    return run(recipe, source=a.recipe, resume=a.resume)
+
+
+def _check(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="megannm check", description="Validate a recipe (and a world size).")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--world-size", type=int, default=None)
+    a = p.parse_args(argv)
+    from megannm.config import load_recipe
+    r = load_recipe(a.recipe, a.overrides, world_size=a.world_size)
+    print(f"{a.recipe}: ok ({r.name}: {r.model.num_layers} layers, hidden {r.model.hidden_size}, "
+          f"{'MoT' if r.model.mot else 'dense'}, tp {r.parallel.tensor_parallel}, pp {r.parallel.pipeline_parallel}, "
+          f"zero {r.parallel.zero_stage})")
+    return 0
+
+
+def _lazy(module: str, func: str = "main"):
+    def call(argv: list[str]) -> int:
+        import importlib
+        return importlib.import_module(module).__dict__[func](argv) or 0
+    return call
+
+
+COMMANDS = {
+    "train": _train,
+    "check": _check,
+    "demo": _lazy("megannm.demo"),
+    "preprocess": _lazy("megannm.data.preprocess", "preprocess_main"),
+    "stage": _lazy("megannm.slurm"),
+    "convert": _lazy("megannm.convert.cli"),
+    "generate": _lazy("megannm.generate"),
+    "evaluate": _lazy("megannm.evaluate"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        print(f"megannm: unknown command {cmd!r} (expected one of {', '.join(COMMANDS)})", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[cmd](rest)
+    except USER_ERRORS as e:
+        if os.environ.get("MEGANNM_TRACEBACK") == "1":
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, KeyError):
+            msg = msg.strip("'\"")
+        print(f"megannm {cmd}: error: {msg}", file=sys.stderr)
+        return 2

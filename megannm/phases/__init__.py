@@ -1,0 +1,1 @@
+"""Training phases: one objective each over the same engine and model (pretrain, sft, grpo, dpo)."""

@@ -1,0 +1,1 @@
+"""Training: the DeepSpeed engine built from a recipe, the loop, checkpoints, logs and preemption signals."""

@@ -241,3 +241,14 @@ def pipeline_topology(layout: Layout):
     """DeepSpeed's topology with megatron-core's rank order: axes (pipe, data, model), model innermost."""
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
     return PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp)
+
+
+def broadcast_in_tensor_group(t: torch.Tensor) -> torch.Tensor:
+    """Make ``t`` identical on every tensor-parallel rank (the group's first rank wins); no-op at TP=1."""
+    from megatron.core import parallel_state as ps
+    if not dist.is_initialized() or not ps.model_parallel_is_initialized():
+        return t
+    if ps.get_tensor_model_parallel_world_size() == 1:
+        return t
+    dist.broadcast(t, src=ps.get_tensor_model_parallel_src_rank(), group=ps.get_tensor_model_parallel_group())
+    return t

@@ -1,0 +1,79 @@
+"""The text tokenizer: a byte-level BPE trained on the spot, saved as a standard Hugging Face tokenizer folder.
+
+Byte-level, so that any string encodes (no unknown token: every byte is in the base alphabet) and decodes back to
+exactly itself, spaces included. It has no special tokens and no post-processor: megannm's specials (``<bos>``,
+``<boi>``, roles, ...) live in the unified vocabulary (``megannm/vocab.py``), after the image codes, and the text
+tokenizer must never insert ids of its own into a sequence.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+REQUIRED_FILE = "tokenizer.json"
+
+
+def train_text_tokenizer(texts: Iterable[str], out_dir, vocab_size: int = 512) -> Path:
+    """Train a byte-level BPE of at most ``vocab_size`` tokens on ``texts`` and save it to ``out_dir``.
+
+    ``vocab_size`` is a ceiling: on a small corpus BPE runs out of merges earlier (the toy captions give ~330-350,
+    of which 256 are the byte alphabet); the real size is ``len(load_text_tokenizer(out_dir))``. The files are
+    written to a temporary folder and moved into ``out_dir`` one by one with an atomic rename. Deterministic: the
+    same texts give the same ``tokenizer.json`` bytes.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size <= 256:
+        raise ValueError(f"train_text_tokenizer: vocab_size must exceed the 256-byte alphabet, got {vocab_size}")
+    tok = Tokenizer(models.BPE())
+    # add_prefix_space=False: the first word keeps no invented leading space, so decode(encode(t)) == t exactly.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
+    tok.train_from_iterator(texts, trainer=trainer)
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".tmp-tokenizer-") as tmp:
+        PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False).save_pretrained(tmp)
+        _portable_class_name(Path(tmp) / "tokenizer_config.json")
+        for f in sorted(Path(tmp).iterdir()):
+            os.replace(f, out_dir / f.name)
+    return out_dir
+
+
+def _portable_class_name(config: Path) -> None:
+    """Name the class ``PreTrainedTokenizerFast``: transformers 5 writes its new name ``TokenizersBackend``, which
+    transformers 4 (still allowed by setup.py, and what a user of an exported model may have) cannot resolve;
+    the old name resolves in both."""
+    cfg = json.loads(config.read_text())
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def load_text_tokenizer(folder):
+    """Load a tokenizer folder (ours, or any Hugging Face folder with a ``tokenizer.json``) offline."""
+    from transformers import PreTrainedTokenizerFast
+
+    folder = Path(folder)
+    if not (folder / REQUIRED_FILE).is_file():
+        raise FileNotFoundError(f"{folder}: not a text tokenizer folder (no {REQUIRED_FILE})")
+    try:
+        return PreTrainedTokenizerFast.from_pretrained(str(folder), local_files_only=True)
+    except Exception as e:  # a corrupt json surfaces as several different exception types
+        raise ValueError(f"{folder / REQUIRED_FILE}: cannot load text tokenizer ({type(e).__name__}: {e})") from None
+
+
+def text_digest(folder) -> str:
+    """sha256 (hex) of the folder's ``tokenizer.json``: the text half of the vocabulary fingerprint."""
+    path = Path(folder) / REQUIRED_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{Path(folder)}: not a text tokenizer folder (no {REQUIRED_FILE})")
+    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -1,0 +1,172 @@
+"""The toy world: fixed split, determinism, captions that parse back, and a checker that reads pixels correctly."""
+import itertools
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from megannm.data import toy
+
+
+def _accuracy(examples, images=None) -> dict[str, float]:
+    """Per-attribute fraction of images whose checker reading equals the attributes they were drawn from."""
+    images = [img for _, img, _ in examples] if images is None else images
+    hits = dict.fromkeys(toy.ATTRIBUTES, 0)
+    for (attrs, _, _), img in zip(examples, images):
+        got = toy.check_image(img)
+        for name in toy.ATTRIBUTES:
+            hits[name] += got[name] == getattr(attrs, name)
+    return {name: hits[name] / len(examples) for name in toy.ATTRIBUTES}
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return {split: toy.make_examples(1000, seed=11, split=split) for split in ("seen", "heldout")}
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    """The same small data set written twice, into two folders."""
+    dirs = [tmp_path_factory.mktemp(f"toy{i}") for i in range(2)]
+    return [(d, toy.write_toy_dataset(d, n_train=300, n_valid=40, seed=5, image_to_text_fraction=0.35))
+            for d in dirs]
+
+
+# --- the world and its split ---------------------------------------------------------------------------------------
+def test_world_size_and_heldout_split():
+    assert (len(toy.KINDS), len(toy.COLOURS), len(toy.SIZES), len(toy.POSITIONS)) == (4, 6, 2, 5)
+    assert len(toy.ALL_COMBOS) == len(set(toy.ALL_COMBOS)) == 240
+    assert len(toy.HELDOUT) == 40
+    assert sum(toy.split_of(a) == "heldout" for a in toy.ALL_COMBOS) == 40
+    seen = [a for a in toy.ALL_COMBOS if toy.split_of(a) == "seen"]
+    assert len(seen) == 200
+    # The documented rule (k + c + 2s + p) % 6 == 0: index 0 everywhere is held out, one step of colour is not.
+    assert toy.split_of(toy.Attrs("circle", "red", "small", "top left")) == "heldout"
+    assert toy.split_of(toy.Attrs("circle", "green", "small", "top left")) == "seen"
+    # Only four-way combinations are new: every value, pair and triple of values occurs in training.
+    for r in (1, 2, 3):
+        for names in itertools.combinations(toy.ATTRIBUTES, r):
+            every = set(itertools.product(*(toy.VALUES[n] for n in names)))
+            in_seen = {tuple(getattr(a, n) for n in names) for a in seen}
+            assert in_seen == every, names
+
+
+def test_attrs_validate_and_sample_respects_split():
+    with pytest.raises(ValueError, match="colour='pink'"):
+        toy.Attrs("circle", "pink", "small", "center")
+    rng = np.random.default_rng(0)
+    assert all(toy.split_of(a) == "seen" for a in toy.sample_attrs(500, rng, "seen"))
+    held = toy.sample_attrs(500, rng, "heldout")
+    assert all(a in toy.HELDOUT for a in held) and len(set(held)) == 40  # 500 draws cover all 40
+    with pytest.raises(ValueError, match="split must be one of"):
+        toy.sample_attrs(1, rng, "train")
+
+
+# --- determinism ---------------------------------------------------------------------------------------------------
+def test_examples_are_deterministic_by_seed():
+    a, b, c = (toy.make_examples(200, seed=s, split="all") for s in (3, 3, 4))
+    assert [x[0] for x in a] == [x[0] for x in b]
+    assert [x[2] for x in a] == [x[2] for x in b]
+    assert np.stack([x[1] for x in a]).tobytes() == np.stack([x[1] for x in b]).tobytes()
+    assert [x[2] for x in a] != [x[2] for x in c]
+
+
+def test_render_is_one_shape_in_the_palette_with_small_jitter():
+    rng = np.random.default_rng(0)
+    a = toy.Attrs("square", "blue", "large", "center")
+    imgs = np.stack([toy.render(a, rng) for _ in range(60)])
+    assert imgs.shape == (60, 32, 32, 3) and imgs.dtype == np.uint8
+    colours = {tuple(p) for p in imgs.reshape(-1, 3)}
+    assert colours == {toy.BACKGROUND, toy.PALETTE["blue"]}
+    assert ((imgs != 0).any(3).sum((1, 2)) == 14 * 14).all()
+    tops = {int(np.nonzero((img != 0).any(2))[0][0]) for img in imgs}
+    assert tops == {8, 9, 10}  # centroid 15.5 - 6.5 = 9, jittered by +-1
+
+
+# --- captions ------------------------------------------------------------------------------------------------------
+def test_every_caption_template_parses_back():
+    rng = np.random.default_rng(0)
+    texts = [(a, toy.caption(a)) for a in toy.ALL_COMBOS]
+    texts += [(a, toy.caption(a, rng)) for a in toy.ALL_COMBOS for _ in range(8)]
+    assert sum(toy.parse_caption(t) == a.as_dict() for a, t in texts) == len(texts) == 240 * 9
+    assert len({t.split(" a ")[0] for _, t in texts}) >= 3  # several templates really are used
+    assert toy.caption(toy.Attrs("cross", "cyan", "small", "center")) == "a small cyan cross in the center"
+
+
+def test_parse_caption_says_none_when_absent_or_ambiguous():
+    assert toy.parse_caption("") == dict.fromkeys(toy.ATTRIBUTES)
+    got = toy.parse_caption("A red and blue CIRCLE at the top left or in the middle")
+    assert got == {"kind": "circle", "colour": None, "size": None, "position": None}
+    assert toy.parse_caption("large yellow square, bottom  right")["position"] == "bottom right"
+    assert toy.parse_caption("a circled square")["kind"] == "square"  # whole words only
+
+
+# --- the checker ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("split", ["seen", "heldout"])
+def test_checker_reads_generated_images(examples, split):
+    acc = _accuracy(examples[split])
+    assert min(acc.values()) >= 0.99, acc
+
+
+def test_checker_reads_every_image_the_world_can_draw():
+    attrs, images = toy.every_image()
+    assert images.shape == (240 * 9, 32, 32, 3)
+    acc = _accuracy([(a, None, None) for a in attrs], images)
+    assert min(acc.values()) >= 0.99, acc
+
+
+def test_checker_returns_none_on_garbage():
+    rng = np.random.default_rng(0)
+    nothing = dict.fromkeys(toy.ATTRIBUTES)
+    assert toy.check_image(np.zeros((32, 32, 3), np.uint8)) == nothing
+    assert toy.check_image(np.full((32, 32, 3), 255, np.uint8)) == nothing
+    assert toy.check_image(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) == nothing
+    assert toy.check_image(np.zeros((16, 16, 3), np.uint8)) == nothing
+    sparse = (rng.random((32, 32)) < 0.15)[..., None] * np.array(toy.PALETTE["red"], np.uint8)
+    assert toy.check_image(sparse.astype(np.uint8))["kind"] is None  # red, but scattered: no shape, no place
+    assert toy.check_image(sparse.astype(np.uint8))["position"] is None
+
+
+def test_checker_tolerates_a_few_wrong_pixels():
+    rng = np.random.default_rng(1)
+    examples = toy.make_examples(300, seed=2, split="all")
+    noisy = []
+    for _, img, _ in examples:
+        img = img.copy()
+        ys, xs = rng.integers(0, 32, size=(2, 4))
+        img[ys, xs] = rng.integers(0, 256, size=(4, 3))  # 4 random pixels of random colour
+        noisy.append(img)
+    acc = _accuracy(examples, noisy)
+    assert min(acc.values()) >= 0.95, acc
+
+
+# --- the written data set -------------------------------------------------------------------------------------------
+def test_dataset_is_deterministic_and_well_formed(written):
+    (d1, s1), (d2, _) = written
+    for name in ("train", "valid_seen", "valid_heldout"):
+        assert (d1 / f"{name}.jsonl").read_bytes() == (d2 / f"{name}.jsonl").read_bytes()
+    images1 = sorted((d1 / "images").iterdir())
+    assert len(images1) == s1["images"] == 300 + 2 * 40
+    assert all(p.read_bytes() == (d2 / "images" / p.name).read_bytes() for p in images1)
+    assert not list(d1.glob("*.tmp"))
+
+    for name, n, split in (("train", 300, "seen"), ("valid_seen", 40, "seen"), ("valid_heldout", 40, "heldout")):
+        records = [json.loads(line) for line in (d1 / f"{name}.jsonl").read_text().splitlines()]
+        assert len(records) == s1[name]["records"] == n
+        image_first = [r for r in records if "image" in r["parts"][0]]
+        assert len(image_first) == s1[name]["image_to_text"] == round(0.35 * n)
+        for r in records:
+            attrs = toy.Attrs(**r["attrs"])
+            assert toy.split_of(attrs) == split
+            (text,) = [p["text"] for p in r["parts"] if "text" in p]
+            (rel,) = [p["image"] for p in r["parts"] if "image" in p]
+            assert toy.parse_caption(text) == attrs.as_dict()
+            img = np.asarray(Image.open(d1 / rel).convert("RGB"))
+            assert toy.check_image(img) == attrs.as_dict()
+
+
+def test_dataset_counts(tmp_path):
+    # speed belongs in benchmarks, not in a timed unit test; here only what was written
+    summary = toy.write_toy_dataset(tmp_path, n_train=2000, n_valid=100, seed=0)
+    assert summary["images"] == 2200

@@ -54,16 +54,19 @@ def discover_launch(env: Optional[dict] = None) -> LaunchInfo:
         launcher = "deepspeed" if "LOCAL_SIZE" in env and "TORCHELASTIC_RUN_ID" not in env else "torchrun"
         return LaunchInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
                           env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", port_default)), launcher)
+    # Open MPI's mpirun before srun: mpirun inside a Slurm allocation starts its daemons as a Slurm step, so its
+    # ranks also see SLURM_PROCID/SLURM_NTASKS of that one-task-per-node step (node index, node count).
+    if "OMPI_COMM_WORLD_RANK" in env:  # Open MPI's mpirun
+        return LaunchInfo(int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"]),
+                          int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)), env.get("MASTER_ADDR", "127.0.0.1"),
+                          int(env.get("MASTER_PORT", port_default)), "mpirun")
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env:  # srun, one task per device
+        # (SLURM_STEP_ID: the batch script itself has SLURM_PROCID=0 and the job's SLURM_NTASKS but is no rank)
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "127.0.0.1")
         job = int(env.get("SLURM_JOB_ID", "0"))
         return LaunchInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
                           env.get("MASTER_ADDR", _first_slurm_host(nodelist)),
                           int(env.get("MASTER_PORT", 20000 + job % 20000)), "slurm")
-    if "OMPI_COMM_WORLD_RANK" in env:  # Open MPI's mpirun
-        return LaunchInfo(int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"]),
-                          int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)), env.get("MASTER_ADDR", "127.0.0.1"),
-                          int(env.get("MASTER_PORT", port_default)), "mpirun")
     if "PMI_RANK" in env and "PMI_SIZE" in env:  # MPICH / Intel MPI
         return LaunchInfo(int(env["PMI_RANK"]), int(env["PMI_SIZE"]), int(env.get("MPI_LOCALRANKID", 0)),
                           env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", port_default)), "mpirun")
@@ -136,6 +139,10 @@ def init_parallel(tp: int = 1, pp: int = 1, timeout_s: int = 600, env: Optional[
         torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
     if not dist.is_initialized():
         port = info.master_port or _free_port()
+        # DeepSpeed reads the torchrun variables; srun, mpirun and a plain process do not set them.
+        for key, value in (("RANK", info.rank), ("WORLD_SIZE", info.world_size), ("LOCAL_RANK", info.local_rank),
+                           ("MASTER_ADDR", info.master_addr), ("MASTER_PORT", port)):
+            os.environ.setdefault(key, str(value))
         dist.init_process_group(backend=backend, init_method=f"tcp://{info.master_addr}:{port}",
                                 rank=info.rank, world_size=info.world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s))

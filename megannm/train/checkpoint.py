@@ -155,13 +155,6 @@ def check_compatible(meta: dict, model_args: dict, vocab_fingerprint: str, sourc
     if theirs != vocab_fingerprint:
         raise CheckpointError(f"{source}: vocabulary fingerprint {theirs} differs from the recipe's data "
                               f"({vocab_fingerprint}): the token ids mean different things")
-    ckpt_args = meta.get("model_args", {})
-    for key in sorted(set(ckpt_args) | set(model_args)):
-        if key in ("params_dtype",):
-            continue
-        if ckpt_args.get(key) != model_args.get(key):
-            raise CheckpointError(f"{source}: model parameter {key} is {ckpt_args.get(key)!r} in the checkpoint, "
-                                  f"{model_args.get(key)!r} in the recipe")
     if layout is not None:
         ckpt_layout = meta.get("layout", {})
         for key in ("tp", "pp"):
@@ -170,6 +163,13 @@ def check_compatible(meta: dict, model_args: dict, vocab_fingerprint: str, sourc
                     f"{source}: saved at {key}={ckpt_layout.get(key)}, this run has {key}={layout.get(key)}: convert "
                     f"it first (megannm convert {source} OUT --to deepspeed --tp {layout.get('tp')} --pp "
                     f"{layout.get('pp')})")
+    ckpt_args = meta.get("model_args", {})
+    for key in sorted(set(ckpt_args) | set(model_args)):
+        if key in ("params_dtype", "padded_vocab_size"):  # precision may change; padding follows the TP size
+            continue
+        if ckpt_args.get(key) != model_args.get(key):
+            raise CheckpointError(f"{source}: model parameter {key} is {ckpt_args.get(key)!r} in the checkpoint, "
+                                  f"{model_args.get(key)!r} in the recipe")
 
 
 def load(engine, path: str | Path, layout, module_only: bool = False) -> dict:

@@ -1,0 +1,14 @@
+"""The native multimodal model: modality-aware embedding -> N x (MoT | dense) blocks -> vocab-parallel head.
+
+- ``embedding.py``: ``EmbeddingStage`` (megatron-core VocabParallelEmbedding; emits modality and position ids)
+- ``mot.py``: routing (``route``/``Routing``), the MoT ``Block`` and its dense twin (``mot: false``)
+- ``attention.py``: one global causal attention with RoPE, document mask and ``KVCache``
+- ``transformer.py``: ``ModelArgs``, ``HeadStage``, ``lm_loss``, ``NMMModel`` (state-dict names documented there)
+- ``flops.py``: parameter and FLOP counts from the dimensions
+"""
+from megannm.model.attention import KVCache
+from megannm.model.embedding import EmbeddingStage
+from megannm.model.mot import Block, Routing, route
+from megannm.model.transformer import HeadStage, ModelArgs, NMMModel, lm_loss
+
+__all__ = ["ModelArgs", "EmbeddingStage", "Block", "HeadStage", "NMMModel", "lm_loss", "KVCache", "Routing", "route"]

@@ -1,0 +1,125 @@
+"""ONE global causal self-attention over the interleaved sequence: RoPE, the document mask and the KV cache.
+
+Modality never enters here. Under MoT each modality has its own projections (``mot.py``), but every query attends
+to every earlier key of its document whatever the modalities: that is how image tokens read the caption and text
+tokens read the image.
+
+Tensors are ``[batch, heads, seq, head_dim]`` inside, the layout ``F.scaled_dot_product_attention`` takes. On the
+CPU SDPA with a boolean mask is the reference (flex_attention has no CPU backward; ../shared/FACTS.md); on a GPU
+the same call picks a fused kernel.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# rotary position embedding, in Hugging Face Llama's ``rotate_half`` convention so that exported logits match
+
+
+def rotary(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos, sin of shape [B, S, head_dim] for integer positions [B, S] (reset to 0 at every document start)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device)
+                                .float() / head_dim))
+    freqs = position_ids[..., None].float() * inv_freq  # computed in fp32 as HF does, whatever the params dtype
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, S, hd]; cos/sin [B, S, hd] (broadcast over heads)."""
+    cos, sin = cos[:, None], sin[:, None]
+    return x * cos + rotate_half(x) * sin
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# masks and the cache
+
+
+def attention_mask(query_docs: torch.Tensor, key_docs: torch.Tensor, start: int) -> torch.Tensor:
+    """Boolean [B, 1, S, T], True = may attend: causal by sequence index AND the same document.
+
+    ``start`` is the index of the first query in the key sequence (the cache length before this chunk), so query i
+    sees keys 0 .. start + i. Causality is by index, not by position id: positions restart in every document.
+    """
+    s, t = query_docs.shape[1], key_docs.shape[1]
+    q_idx = torch.arange(start, start + s, device=query_docs.device)
+    k_idx = torch.arange(t, device=query_docs.device)
+    causal = k_idx[None, :] <= q_idx[:, None]  # [S, T]
+    same_doc = query_docs[:, :, None] == key_docs[:, None, :]  # [B, S, T]
+    return (causal & same_doc)[:, None]
+
+
+class LayerCache:
+    """One layer's keys and values (this rank's tensor-parallel heads only), written in place."""
+
+    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        self.k = torch.zeros(batch, kv_heads, max_len, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+
+    def store(self, k: torch.Tensor, v: torch.Tensor, start: int):
+        """Write the new chunk at ``start`` and return every key/value up to its end."""
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class KVCache:
+    """Keys and values of every layer plus the document id of every cached position; ``length`` tokens so far.
+
+    ``NMMModel.forward(new_ids, position_ids, cache=cache)`` appends the chunk and attends over everything cached
+    (causal inside the chunk). Make one with ``model.new_cache(batch, max_len)``.
+    """
+
+    def __init__(self, num_layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        self.layers = [LayerCache(batch, kv_heads, max_len, head_dim, dtype, device) for _ in range(num_layers)]
+        self.docs = torch.zeros(batch, max_len, dtype=torch.long, device=device)
+        self.max_len = max_len
+        self.length = 0
+
+    def extend(self, document_ids: torch.Tensor) -> torch.Tensor:
+        """Record the new chunk's document ids; return the document ids of every key the chunk will see."""
+        end = self.length + document_ids.shape[1]
+        if end > self.max_len:
+            raise ValueError(f"KV cache: {end} tokens do not fit the cache's max_len={self.max_len}")
+        self.docs[:, self.length:end] = document_ids
+        return self.docs[:, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+
+@dataclass
+class AttentionInputs:
+    """What every layer's attention shares within one micro-batch (computed once, not per layer)."""
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor  # bool [B, 1, S, T]
+    start: int = 0  # cache length before this chunk (0 without a cache)
+
+
+def attention_inputs(position_ids: torch.Tensor, document_ids: torch.Tensor, head_dim: int, theta: float,
+                     dtype, cache: Optional[KVCache] = None) -> AttentionInputs:
+    cos, sin = rotary(position_ids, head_dim, theta, dtype)
+    if cache is None:
+        return AttentionInputs(cos, sin, attention_mask(document_ids, document_ids, 0), 0)
+    start = cache.length
+    return AttentionInputs(cos, sin, attention_mask(document_ids, cache.extend(document_ids), start), start)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax attention; q [B, Hq, S, hd], k/v [B, Hkv, T, hd] with Hq a multiple of Hkv (grouped-query:
+    query head h reads key/value head h // (Hq / Hkv), Hugging Face's ``repeat_kv`` order). Returns [B, S, Hq*hd]."""
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+    b, h, s, d = out.shape
+    return out.transpose(1, 2).reshape(b, s, h * d)

@@ -1,0 +1,307 @@
+"""The model in one process (TP = 1): MoT routing, the dense twin, masks, cache, loss, counts. Numbers asserted."""
+import dataclasses
+import json
+import re
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megannm.config import ModelConfig
+from megannm.vocab import Vocab
+
+warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
+# megatron-core's RowParallelLinear passes tp_group=None internally and warns on every call
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+VOCAB = Vocab(text_size=200, image_codes=64)  # 273 ids, padded to 384 at TP 1
+
+
+@pytest.fixture(scope="module", autouse=True)
+def parallel_state():
+    from megannm.parallel import init_parallel
+    init_parallel(1, 1)
+    # Tiny tensors: one thread is as fast, and does not stall when other processes share the two cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield  # no shutdown: other modules of the session may still use the process group
+    torch.set_num_threads(threads)
+
+
+def make(mot=True, seed=0, **cfg):
+    from megannm.model import ModelArgs, NMMModel
+    base = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=64, mot=mot,
+                max_seq_len=64)
+    args = ModelArgs.from_config(ModelConfig(**{**base, **cfg}), VOCAB, tp=1)
+    torch.manual_seed(seed)
+    return NMMModel(args)
+
+
+def weight_set(name):
+    """The weight-set index of a per-modality parameter (``....{m}.weight``), None for embedding and head."""
+    m = re.search(r"\.(\d+)\.weight$", name)
+    return int(m.group(1)) if m and not name.startswith("embedding") else None
+
+
+def text_ids(*shape, gen):
+    return torch.randint(0, VOCAB.text_size, shape, generator=gen)
+
+
+def image_ids(*shape, gen):
+    return torch.randint(VOCAB.image_start, VOCAB.image_end, shape, generator=gen)
+
+
+def mixed_ids(gen, b=2):
+    """<bos> caption <boi> image codes <eoi> ...: both modalities in every row."""
+    rows = [torch.cat([torch.tensor([VOCAB.bos_id]), text_ids(5, gen=gen), torch.tensor([VOCAB.boi_id]),
+                       image_ids(8, gen=gen), torch.tensor([VOCAB.eoi_id]), text_ids(3, gen=gen)]) for _ in range(b)]
+    return torch.stack(rows)
+
+
+def stage_logits(model, ids, position_ids=None, document_ids=None):
+    """Vocab-parallel logits through the stage chain, as a pipeline would run it (no shared context)."""
+    x = model.embedding(ids, position_ids, document_ids)
+    for block in model.layers:
+        x = block(x)
+    return model.head(x)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_megatron_linears_take_2d_and_empty_input():
+    from megannm.model.mot import column, row
+    args = make().args
+    col, out = column(args, 32, 48), row(args, 48, 32)
+    x = torch.randn(5, 32, requires_grad=True)
+    y = out(col(x))
+    assert y.shape == (5, 32)
+    torch.testing.assert_close(y, x @ col.weight.T @ out.weight.T)
+    empty = out(col(torch.zeros(0, 32)))
+    assert empty.shape == (0, 32)
+    empty.sum().backward()
+    assert col.weight.grad is not None and float(col.weight.grad.abs().sum()) == 0.0
+    assert "_extra_state" not in "".join(col.state_dict())
+
+
+def test_routing_split_merge_is_a_stable_permutation():
+    from megannm.model import route
+    modality = torch.tensor([[0, 1, 1, 0, 1], [1, 0, 0, 0, 1]])
+    r = route(modality, 2)
+    assert r.counts == [5, 5]
+    x = torch.arange(10.0)[:, None]
+    text, image = r.split(x)
+    assert text.flatten().tolist() == [0, 3, 6, 7, 8]  # sequence order kept inside a modality
+    assert image.flatten().tolist() == [1, 2, 4, 5, 9]
+    assert torch.equal(r.merge([text, image]), x)
+    only_text = route(torch.zeros(2, 3, dtype=torch.long), 2)
+    assert only_text.counts == [6, 0] and only_text.split(torch.ones(6, 4))[1].shape == (0, 4)
+    dense = route(modality, 1)
+    assert dense.order is None and dense.split(x)[0] is x
+
+
+def test_text_only_logits_do_not_depend_on_image_weights():
+    model = make(mot=True)
+    gen = torch.Generator().manual_seed(1)
+    ids = text_ids(2, 12, gen=gen)
+    before = model(ids)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if weight_set(name) == 1:
+                p.add_(torch.randn_like(p))
+    assert torch.equal(model(ids), before)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if weight_set(name) == 0:
+                p.add_(0.1 * torch.randn_like(p))
+    assert (model(ids) - before).abs().max() > 1e-3
+
+
+def test_mot_with_equal_sets_is_the_dense_twin():
+    dense, mot = make(mot=False, seed=1), make(mot=True, seed=2)
+    dense_sd = dense.state_dict()
+    with torch.no_grad():
+        for name, p in mot.named_parameters():
+            m = weight_set(name)
+            src = name if m is None else re.sub(r"\.\d+\.weight$", ".0.weight", name)
+            p.copy_(dense_sd[src])
+    gen = torch.Generator().manual_seed(3)
+    ids = mixed_ids(gen)
+    torch.testing.assert_close(mot(ids), dense(ids), rtol=0, atol=1e-6)
+    loss_m, _ = mot(ids[:, :-1], labels=ids[:, 1:])
+    loss_d, _ = dense(ids[:, :-1], labels=ids[:, 1:])
+    assert abs(loss_m.item() - loss_d.item()) < 1e-6
+
+
+def test_flops_equal_and_params_double():
+    dense, mot = make(mot=False), make(mot=True)
+    assert dense.flops_per_token(64) == mot.flops_per_token(64)
+    # by hand: per layer q,o 32x32 each, k,v 32x16 each (GQA 2 of 4 heads), gate/up/down 32x64; head 32 x 273
+    n = 2 * (2 * 32 * 32 + 2 * 32 * 16 + 3 * 32 * 64) + 32 * 273
+    assert mot.flops_per_token(64) == 6 * n + 12 * 2 * 64 * 32
+    body_d, body_m = dense.num_params(embeddings=False), mot.num_params(embeddings=False)
+    assert body_m == 2 * body_d  # every non-embedding weight (norms included) exists once per modality
+    assert mot.num_params(active_only=True) == dense.num_params()
+    pad_rows = 2 * (VOCAB.padded_size(1) - VOCAB.size) * 32  # embedding + head padding rows
+    for model in (dense, mot):
+        assert sum(p.numel() for p in model.parameters()) == model.num_params() + pad_rows
+    assert dense.flops_per_token(64) == type(dense).flops_per_token_of(dense.args, 64)
+
+
+def test_stage_chain_equals_model_and_padding_rows_never_change_the_loss():
+    from megannm.model import lm_loss
+    model = make(mot=True)
+    args = model.args
+    gen = torch.Generator().manual_seed(4)
+    ids = mixed_ids(gen, b=3)
+    inputs, labels = ids[:, :-1], ids[:, 1:]
+    mask = torch.ones_like(labels)
+    mask[0, :3] = 0
+    logits_p = stage_logits(model, inputs)
+    assert logits_p.shape[-1] == VOCAB.padded_size(1)
+    torch.testing.assert_close(logits_p[..., :VOCAB.size], model(inputs), rtol=0, atol=1e-6)
+    loss, stats = lm_loss(logits_p, labels, mask, args)
+    # reference: plain cross entropy over the real vocabulary
+    ce = F.cross_entropy(logits_p[..., :VOCAB.size].reshape(-1, VOCAB.size), labels.reshape(-1), reduction="none")
+    ce = ce.view_as(labels)
+    torch.testing.assert_close(loss, (ce * mask).sum() / mask.sum(), rtol=0, atol=1e-5)
+    is_img = VOCAB.is_image(labels)
+    text_sel, img_sel = mask.bool() & ~is_img, mask.bool() & is_img
+    assert int(stats["text_tokens"]) == int(text_sel.sum()) and int(stats["image_tokens"]) == int(img_sel.sum())
+    torch.testing.assert_close(stats["text_loss"], ce[text_sel].mean(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(stats["image_loss"], ce[img_sel].mean(), rtol=0, atol=1e-5)
+    # huge padding logits change nothing
+    bumped = logits_p.clone()
+    bumped[..., VOCAB.size:] = 1e4
+    loss2, stats2 = lm_loss(bumped, labels, mask, args)
+    assert loss2.item() == loss.item() and stats2["image_loss"].item() == stats["image_loss"].item()
+    # per-modality weights by the modality of the target, normalised by all loss tokens
+    for w_text, w_image in ((1.0, 0.0), (0.5, 2.0)):
+        w_loss, w_stats = lm_loss(logits_p, labels, mask, dataclasses.replace(args, loss_weights=(w_text, w_image)))
+        expect = (w_text * stats["text_loss"] * stats["text_tokens"] +
+                  w_image * stats["image_loss"] * stats["image_tokens"]) / mask.sum()
+        torch.testing.assert_close(w_loss, expect, rtol=0, atol=1e-5)
+        assert float(w_stats["text_loss"]) == float(stats["text_loss"])  # reported unweighted
+
+
+def test_z_loss_adds_coefficient_times_mean_squared_log_partition():
+    from megannm.model import lm_loss
+    model = make(mot=True)
+    gen = torch.Generator().manual_seed(5)
+    ids = mixed_ids(gen)
+    logits_p = stage_logits(model, ids[:, :-1])
+    with torch.no_grad():
+        logits_p *= 30  # a log partition far from 0, so the term is visible
+    labels = ids[:, 1:]
+    base, stats0 = lm_loss(logits_p, labels, None, model.args)
+    assert float(stats0["z_loss"]) == 0.0
+    coeff = 1e-3
+    with_z, stats = lm_loss(logits_p, labels, None, dataclasses.replace(model.args, z_loss=coeff))
+    lse = torch.logsumexp(logits_p[..., :VOCAB.size].double(), dim=-1)
+    expected = coeff * lse.pow(2).mean()
+    assert expected.item() > 0.01
+    assert abs((with_z - base).item() - expected.item()) < 1e-5
+    assert abs(stats["z_loss"].item() - expected.item()) < 1e-5
+
+
+def test_z_loss_has_gradient_towards_a_small_partition():
+    from megannm.model import lm_loss
+    logits = torch.randn(1, 4, VOCAB.padded_size(1), requires_grad=True)
+    args = dataclasses.replace(make().args, z_loss=1.0)
+    loss, _ = lm_loss(logits, torch.zeros(1, 4, dtype=torch.long), None, args)
+    loss.backward()
+    ref = logits.detach()[..., :VOCAB.size].clone().requires_grad_(True)
+    ref_loss = F.cross_entropy(ref.view(4, -1), torch.zeros(4, dtype=torch.long)) + \
+        torch.logsumexp(ref, -1).pow(2).mean()
+    ref_loss.backward()
+    torch.testing.assert_close(logits.grad[..., :VOCAB.size], ref.grad, rtol=0, atol=1e-6)
+    assert float(logits.grad[..., VOCAB.size:].abs().max()) == 0.0  # padding rows get no gradient
+
+
+def test_document_mask_and_position_reset():
+    model = make(mot=True)
+    gen = torch.Generator().manual_seed(6)
+    a, b = mixed_ids(gen, b=1)[:, :7], mixed_ids(gen, b=1)[:, :9]
+    packed = torch.cat([a, b], 1)
+    docs = torch.tensor([[0] * 7 + [1] * 9])
+    pos = torch.cat([torch.arange(7), torch.arange(9)])[None]
+    out = model(packed, position_ids=pos, document_ids=docs)
+    other_a = mixed_ids(torch.Generator().manual_seed(7), b=1)[:, :7]
+    out2 = model(torch.cat([other_a, b], 1), position_ids=pos, document_ids=docs)
+    assert (out2[:, :7] - out[:, :7]).abs().max() > 1e-3  # A itself changed
+    torch.testing.assert_close(out2[:, 7:], out[:, 7:], rtol=0, atol=1e-6)  # B never sees A
+    alone = model(b)  # B as its own sequence: positions 0..8, one document
+    torch.testing.assert_close(out[:, 7:], alone, rtol=0, atol=1e-5)
+    shuffled = pos.clone()
+    shuffled[0, 7:] = torch.arange(9).flip(0)
+    assert (model(packed, position_ids=shuffled, document_ids=docs)[:, 7:] - alone).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("mot", [True, False])
+def test_kv_cached_greedy_generation_equals_uncached(mot):
+    model = make(mot=mot, seed=8).eval()
+    gen = torch.Generator().manual_seed(9)
+    prompt = mixed_ids(gen)[:, :9]  # ends inside the image span: the continuation mixes modalities
+    steps = 10
+    with torch.no_grad():
+        seq = prompt
+        for _ in range(steps):  # uncached: recompute the whole sequence every step
+            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], 1)
+        full_logits = model(seq)
+        cache = model.new_cache(2, prompt.shape[1] + steps)
+        first, rest = prompt[:, :4], prompt[:, 4:]  # prefill in two chunks: causal within a chunk
+        model(first, cache=cache)
+        logits = model(rest, cache=cache)
+        got = prompt
+        cached_logits = [logits]
+        for _ in range(steps):
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            got = torch.cat([got, nxt], 1)
+            if got.shape[1] < seq.shape[1]:
+                logits = model(nxt, cache=cache)
+                cached_logits.append(logits)
+    assert torch.equal(got, seq)
+    assert cache.length == seq.shape[1] - 1
+    torch.testing.assert_close(torch.cat(cached_logits, 1), full_logits[:, 4:-1], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("only", ["text", "image"])
+def test_empty_modality_micro_batch_trains_with_zero_grads(only):
+    model = make(mot=True)
+    gen = torch.Generator().manual_seed(10)
+    ids = text_ids(2, 10, gen=gen) if only == "text" else image_ids(2, 10, gen=gen)
+    loss, stats = model(ids[:, :-1], labels=ids[:, 1:])
+    loss.backward()
+    absent = 1 if only == "text" else 0
+    assert int(stats[f"{only}_tokens"]) == 18 and int(stats[f"{['text', 'image'][absent]}_tokens"]) == 0
+    for name, p in model.named_parameters():
+        m = weight_set(name)
+        assert p.grad is not None, name  # every module ran, on an empty slice if need be
+        if m == absent:
+            assert float(p.grad.abs().max()) == 0.0, name
+        elif m is not None:
+            assert float(p.grad.abs().max()) > 0.0, name
+
+
+def test_switches_norm_reorder_qk_norm_bf16_and_args_round_trip():
+    from megannm.model import ModelArgs
+    plain = make(qk_norm=False)
+    assert not any("q_norm" in n for n in plain.state_dict())
+    reordered = make(norm_reorder=True, z_loss=1e-4)
+    ids = mixed_ids(torch.Generator().manual_seed(11))
+    base = make()
+    assert (reordered(ids) - base(ids)).abs().max() > 1e-4  # same weights (same seed), other norm placement
+    loss, _ = reordered(ids[:, :-1], labels=ids[:, 1:])
+    loss.backward()
+    assert torch.isfinite(loss)
+    args = dataclasses.replace(base.args, params_dtype="bfloat16")  # the recipe's precision, not ModelConfig
+    from megannm.model import NMMModel
+    torch.manual_seed(0)
+    low = NMMModel(args)
+    assert next(low.parameters()).dtype == torch.bfloat16
+    assert (low(ids).float() - base(ids)).abs().max() < 0.05
+    d = json.loads(json.dumps(base.args.to_dict()))
+    assert d == base.args.to_dict() and ModelArgs.from_dict(d) == base.args
+    with pytest.raises(ValueError, match="unknown key"):
+        ModelArgs.from_dict({**d, "hidden_sz": 3})

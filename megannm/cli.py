@@ -25,7 +25,7 @@ def _train(argv: list[str]) -> int:
     p.add_argument("overrides", nargs="*", help="key.path=value overrides (YAML scalars)")
     p.add_argument("--resume", action="store_true", help="continue from <checkpoint.dir>/latest if present")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)
     from megannm.config import load_recipe
     from megannm.parallel import discover_launch
     info = discover_launch()

@@ -88,6 +88,10 @@ class ScheduleConfig(_Strict):
     train_steps: int = Field(100, gt=0, description="Optimizer steps of this stage.")
     warmup_steps: int = Field(10, ge=0)
     decay: Literal["cosine", "linear", "constant"] = "cosine"
+    exit_interval: int = Field(0, ge=0, description="Save and stop once step % exit_interval == 0 (0 = never); "
+                                                    "the schedule still spans train_steps, so a resume continues it.")
+    exit_duration_minutes: float = Field(0, ge=0, description="Save and stop after this much wall time (0 = "
+                                                               "never); for jobs shorter than the run.")
 
 
 class PhaseConfig(_Strict):

@@ -44,7 +44,7 @@ def build_data(out: Path, n_train: int, n_valid: int, seed: int, workers: int, s
         images = np.stack([np.asarray(Image.open(paths[i]).convert("RGB")) for i in sorted(pick)])
         staging = out / "tokenizers.build"
         staging.mkdir(parents=True, exist_ok=True)
-        text_dir = train_text_tokenizer(texts, staging / "text", vocab_size=256)
+        text_dir = train_text_tokenizer(texts, staging / "text", vocab_size=384)
         vq = PatchVQ.train(images, codebook_size=2048, seed=seed)
         vq.save(staging / "image_tokenizer.npz")
         Tokenizers.build(text_dir, staging / "image_tokenizer.npz").save(tok_dir)

@@ -147,6 +147,8 @@ def init_parallel(tp: int = 1, pp: int = 1, timeout_s: int = 600, env: Optional[
                                 rank=info.rank, world_size=info.world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s))
     _skip_deepspeed_cpu_builds()
+    # DeepSpeed's engine asserts LOCAL_RANK (or OMPI_COMM_WORLD_LOCAL_RANK) in the environment; srun sets neither.
+    os.environ.setdefault("LOCAL_RANK", str(info.local_rank))
     import deepspeed
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                timeout=datetime.timedelta(seconds=timeout_s))

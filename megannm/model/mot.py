@@ -125,6 +125,12 @@ class _WeightsOnly:
     get_extra_state = nn.Module.get_extra_state
     set_extra_state = nn.Module.set_extra_state
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # megatron-core also registers a load pre-hook that inserts `_extra_state`; without the matching getter
+        # that key would be "unexpected" on every load.
+        self._load_state_dict_pre_hooks.clear()
+
 
 class ColumnLinear(_WeightsOnly, ColumnParallelLinear):
     """y = x W^T with W [out, in] split by rows over tensor-parallel ranks (each rank: out/tp outputs)."""

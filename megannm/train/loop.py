@@ -139,6 +139,17 @@ class Trainer:
         self.engine.train()
         return reduce_stats(vec)
 
+    def _should_exit(self, started: float) -> bool:
+        """Megatron's --exit-interval / --exit-duration-in-mins; the wall-time test agrees across ranks."""
+        s = self.recipe.schedule
+        if s.exit_interval and self.step % s.exit_interval == 0:
+            return True
+        if s.exit_duration_minutes:
+            t = torch.tensor([time.time() - started], device=parallel.device())
+            parallel.all_reduce(t, op="max")
+            return float(t) >= 60 * s.exit_duration_minutes
+        return False
+
     def run(self, resume: bool = False) -> dict:
         r = self.recipe
         signals.install()
@@ -159,6 +170,7 @@ class Trainer:
         tokens_per_step = r.data.global_batch_size * r.data.seq_len
         last: dict = {}
         exit_code = 0
+        started = time.time()
         while self.step < r.schedule.train_steps:
             t0 = time.perf_counter()
             stats = self.train_step(batches)
@@ -181,6 +193,10 @@ class Trainer:
             if r.logging.eval_interval and self.step % r.logging.eval_interval == 0 and eval_batches:
                 logger.log(self.step, self.evaluate(eval_batches), prefix="eval")
             final = self.step == r.schedule.train_steps
+            if not final and self._should_exit(started):
+                path = self.save()
+                logger.event(self.step, "exit", reason="exit_interval/exit_duration", saved=str(path))
+                break
             if signals.preempted():
                 path = self.save()
                 logger.event(self.step, "preempted", signal=signals.received(), saved=str(path))

@@ -1,0 +1,490 @@
+"""Token shards: zstd-compressed documents that a reader can seek into, with checksums and a manifest.
+
+A dataset folder holds::
+
+    manifest.json       format version, vocabulary (dict + fingerprint), counts, per-shard sizes and sha256
+    vocab.json          a copy of the vocabulary, so a folder is self-describing
+    shard-00000.zst     independent zstd frames, each holding whole documents (~1 MiB uncompressed)
+    shard-00000.idx     the shard's index (zstd-compressed): per document (frame, offset, length, mask offset,
+                        caption length), per frame (byte offset, compressed size, size, crc32 of the compressed bytes)
+
+A frame's payload is the tokens of its documents (``vocab.token_dtype()``, little-endian)
+followed by the bit-packed loss masks of those documents that have one. Frames are independent, so reading a
+document costs one ``pread`` and one ~1 MiB decompression, amortised over every other document of that frame (the
+loader reads documents frame-locally and keeps recent frames decompressed).
+
+Safety: a folder is written under a temporary name and renamed when complete, so a partial dataset is never
+visible. The reader checks the index's sha256 and every shard's size when it opens, and each frame's crc32 when it
+reads one; ``verify()`` checks whole-shard sha256. A corrupt or truncated shard is a ``ShardError`` naming the shard
+and the document, never a silent short read.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import zlib
+from pathlib import Path
+
+import numpy as np
+import zstandard
+
+from megannm.vocab import Vocab, VocabMismatchError
+
+FORMAT = "megannm-shards"
+VERSION = 1
+NO_MASK = np.iinfo(np.uint32).max
+
+DOC_DTYPE = np.dtype([("frame", "<u4"), ("offset", "<u4"), ("length", "<u4"), ("mask", "<u4"), ("caption", "<u4")])
+FRAME_DTYPE = np.dtype([("offset", "<u8"), ("csize", "<u4"), ("size", "<u4"), ("crc", "<u4"), ("first_doc", "<u4"),
+                        ("docs", "<u4")])
+
+
+class ShardError(ValueError):
+    """A dataset folder that cannot be read correctly; one line naming the file (and document) at fault."""
+
+
+def shard_name(k: int) -> str:
+    return f"shard-{k:05d}.zst"
+
+
+def index_name(k: int) -> str:
+    return f"shard-{k:05d}.idx"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def caption_length(tokens: np.ndarray, vocab: Vocab) -> int:
+    """Text tokens between a leading ``<bos>`` and the first ``<boi>`` (0 unless the document starts
+    ``<bos> text... <boi>``): what caption dropout may remove. Stored per document so that the loader can plan its
+    packing without reading any tokens."""
+    tokens = np.asarray(tokens)
+    return int(caption_lengths(tokens, np.zeros(1, np.int64), np.array([len(tokens)]), vocab)[0])
+
+
+def caption_lengths(tokens: np.ndarray, starts: np.ndarray, lengths: np.ndarray, vocab: Vocab) -> np.ndarray:
+    """``caption_length`` of every document of a concatenation, vectorised (no per-document Python)."""
+    n = len(tokens)
+    if n == 0:
+        return np.zeros(len(starts), np.int64)
+    ends = starts + lengths
+    # position of each document's first <boi> (or its end): a running minimum from the right over <boi> positions
+    boi_at = np.where(tokens == vocab.boi_id, np.arange(n), n)
+    next_boi = np.minimum.accumulate(boi_at[::-1])[::-1]
+    first = next_boi[starts]
+    # non-text tokens strictly between <bos> and that <boi>: prefix sums of "not text"
+    nontext = np.concatenate([[0], np.cumsum(tokens >= vocab.text_size)])
+    inner_nontext = nontext[np.minimum(first, n)] - nontext[starts + 1]
+    ok = (tokens[starts] == vocab.bos_id) & (first < ends) & (first - starts >= 2) & (inner_nontext == 0)
+    return np.where(ok, first - starts - 1, 0).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# writing
+
+
+class ShardWriter:
+    """Append documents; ``close()`` makes the folder appear complete (or not at all: ``abort()``, or an exception
+    inside a ``with`` block, removes the temporary folder).
+
+    The bytes written are a pure function of the documents and the settings, so that the same inputs give the same
+    dataset (no timestamps, no host names)."""
+
+    def __init__(self, out_dir, vocab: Vocab, docs_per_shard: int = 100_000, frame_bytes: int = 1 << 20,
+                 level: int = 9, overwrite: bool = False, metadata: dict | None = None):
+        self.out_dir = Path(out_dir)
+        if self.out_dir.exists() and not overwrite:
+            raise FileExistsError(f"{self.out_dir}: already exists (remove it, or pass overwrite)")
+        if docs_per_shard <= 0 or frame_bytes <= 0:
+            raise ValueError(f"shards: docs_per_shard and frame_bytes must be positive (got {docs_per_shard}, "
+                             f"{frame_bytes})")
+        self.vocab, self.dtype = vocab, np.dtype(vocab.token_dtype())
+        self.docs_per_shard, self.frame_tokens = docs_per_shard, max(1, frame_bytes // self.dtype.itemsize)
+        self.metadata = dict(metadata or {})
+        self.overwrite = overwrite
+        self.tmp = self.out_dir.with_name(f".{self.out_dir.name}.tmp-{os.getpid()}")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        # content checksums inside each frame too (zstd's xxhash64 of the payload), on top of our crc32 of the bytes
+        self._cctx = zstandard.ZstdCompressor(level=level, write_checksum=True)
+        self._shards: list[dict] = []
+        self._num_docs = self._num_tokens = self._num_masked = 0
+        self._closed = False
+        self._open_shard()
+
+    # shard and frame bookkeeping ---------------------------------------------------------------------------------
+    def _open_shard(self):
+        self._k = len(self._shards)
+        self._file = open(self.tmp / shard_name(self._k), "wb")
+        self._docs: list[tuple] = []
+        self._frames: list[tuple] = []
+        self._pending: list[tuple[np.ndarray, np.ndarray | None]] = []  # (tokens, mask) of the open frame
+        self._wheres: dict[int, str] = {}  # pending document (global index) -> where it came from, for errors
+        self._pending_tokens = 0
+        self._bytes = 0
+
+    def _flush_frame(self):
+        if not self._pending:
+            return
+        tokens = np.concatenate([t for t, _ in self._pending])
+        lengths = np.array([len(t) for t, _ in self._pending], np.int64)
+        starts = np.cumsum(lengths) - lengths
+        self._check_ids(tokens, starts)
+        caps = caption_lengths(tokens, starts, lengths, self.vocab).tolist()
+        tokens = tokens.astype(self.dtype, copy=False)
+        payload = [tokens.tobytes()]
+        mask_at = len(payload[0])
+        frame, first_doc, offset = len(self._frames), len(self._docs), 0
+        for (t, m), cap in zip(self._pending, caps):
+            if m is None:
+                self._docs.append((frame, offset, len(t), NO_MASK, cap))
+            else:
+                packed = np.packbits(m.astype(bool)).tobytes()
+                self._docs.append((frame, offset, len(t), mask_at, cap))
+                payload.append(packed)
+                mask_at += len(packed)
+            offset += len(t)
+        blob = self._cctx.compress(b"".join(payload))
+        self._frames.append((self._bytes, len(blob), mask_at, zlib.crc32(blob), first_doc, len(self._pending)))
+        self._file.write(blob)
+        self._bytes += len(blob)
+        self._pending, self._pending_tokens = [], 0
+        self._wheres.clear()
+
+    def _close_shard(self):
+        self._flush_frame()
+        self._file.close()
+        if not self._docs:  # only possible for an empty dataset: keep no empty shard
+            os.remove(self.tmp / shard_name(self._k))
+            return
+        docs = np.array(self._docs, dtype=DOC_DTYPE)
+        frames = np.array(self._frames, dtype=FRAME_DTYPE)
+        buf = io.BytesIO()
+        np.save(buf, docs, allow_pickle=False)
+        np.save(buf, frames, allow_pickle=False)
+        idx_path = self.tmp / index_name(self._k)
+        idx_path.write_bytes(zstandard.ZstdCompressor(level=19, write_checksum=True).compress(buf.getvalue()))
+        shard_path = self.tmp / shard_name(self._k)
+        self._shards.append({
+            "file": shard_name(self._k), "index": index_name(self._k),
+            "docs": len(docs), "tokens": int(docs["length"].sum(dtype=np.int64)), "frames": len(frames),
+            "bytes": shard_path.stat().st_size, "sha256": _sha256(shard_path),
+            "index_bytes": idx_path.stat().st_size, "index_sha256": _sha256(idx_path),
+        })
+
+    def _check_ids(self, tokens: np.ndarray, starts: np.ndarray) -> None:
+        """Every id inside the vocabulary (checked once per frame; the culprit is found only on failure)."""
+        if len(tokens) and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab.size):
+            at = int(np.flatnonzero((tokens < 0) | (tokens >= self.vocab.size))[0])
+            doc = self._num_docs - len(self._pending) + int(np.searchsorted(starts, at, side="right")) - 1
+            where = self._wheres.get(doc, f"document {doc}")
+            raise ValueError(f"{where}: token id {int(tokens[at])} outside the vocabulary [0, {self.vocab.size})")
+
+    # public -------------------------------------------------------------------------------------------------------
+    def add(self, tokens, mask=None, where: str = "") -> None:
+        """Append one document: token ids (any integer array) and an optional per-token loss mask (0/1)."""
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 1 or len(tokens) == 0 or tokens.dtype.kind not in "iu":
+            raise ValueError(f"{where or f'document {self._num_docs}'}: a document is a non-empty 1-d array of "
+                             f"integer ids (got shape {tokens.shape}, dtype {tokens.dtype})")
+        if where:
+            self._wheres[self._num_docs] = where
+        if mask is not None:
+            mask = np.asarray(mask)
+            if mask.shape != tokens.shape:
+                raise ValueError(f"{where or f'document {self._num_docs}'}: loss mask shape {mask.shape} differs "
+                                 f"from tokens {tokens.shape}")
+            self._num_masked += 1
+        if self._pending_tokens and self._pending_tokens + len(tokens) > self.frame_tokens:
+            self._flush_frame()  # whole documents per frame: a long document gets a frame of its own size
+        self._pending.append((tokens, mask))
+        self._pending_tokens += len(tokens)
+        self._num_docs += 1
+        self._num_tokens += len(tokens)
+        if len(self._docs) + len(self._pending) >= self.docs_per_shard:
+            self._close_shard()
+            self._open_shard()
+
+    def close(self) -> dict:
+        """Finish the last shard, write index, manifest and vocab.json, and rename the folder into place."""
+        if self._closed:
+            raise RuntimeError("shards: writer already closed")
+        self._close_shard()
+        manifest = {
+            "format": FORMAT, "version": VERSION,
+            "vocab_fingerprint": self.vocab.fingerprint, "vocab": self.vocab.to_dict(),
+            "token_dtype": self.dtype.name,
+            "num_docs": self._num_docs, "num_tokens": self._num_tokens, "num_masked_docs": self._num_masked,
+            "shards": self._shards, **self.metadata,
+        }
+        self.vocab.save(self.tmp / "vocab.json")
+        # the manifest last: a folder with a manifest is complete (and the rename makes the whole folder appear)
+        (self.tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        _fsync_dir(self.tmp)
+        if self.out_dir.exists():
+            if not self.overwrite:
+                self.abort()
+                raise FileExistsError(f"{self.out_dir}: appeared while writing (not overwritten)")
+            old = self.out_dir.with_name(f".{self.out_dir.name}.old-{os.getpid()}")
+            self.out_dir.rename(old)
+            self.tmp.rename(self.out_dir)
+            shutil.rmtree(old)
+        else:
+            self.tmp.rename(self.out_dir)
+        self._closed = True
+        return manifest
+
+    def abort(self) -> None:
+        self._closed = True
+        try:
+            self._file.close()
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.abort()
+        elif not self._closed:
+            self.close()
+
+
+def _fsync_dir(folder: Path) -> None:
+    for p in folder.iterdir():
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def write_dataset(out_dir, docs, vocab: Vocab, **kwargs) -> dict:
+    """Write an iterable of ``tokens`` or ``(tokens, mask)`` documents; returns the manifest."""
+    with ShardWriter(out_dir, vocab, **kwargs) as w:
+        for d in docs:
+            tokens, mask = d if isinstance(d, tuple) else (d, None)
+            w.add(tokens, mask)
+        return w.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# reading
+
+
+def _load_vocab_arg(vocab) -> tuple[Vocab | None, str]:
+    if vocab is None or isinstance(vocab, Vocab):
+        return vocab, "the given vocabulary"
+    return Vocab.load(vocab), str(vocab)
+
+
+class ShardDataset:
+    """Random access to the documents of a dataset folder.
+
+    ``vocab`` (a ``Vocab`` or a path to a vocab.json) is checked against the folder's fingerprint. Tokens come back
+    as read-only views into a decompressed frame; the last ``cache_frames`` frames stay decompressed (so reading
+    documents frame by frame, or window by window as the loader does, decompresses each frame once)."""
+
+    def __init__(self, folder, vocab: Vocab | str | Path | None = None, cache_frames: int = 64):
+        self.folder = Path(folder)
+        mpath = self.folder / "manifest.json"
+        try:
+            self.manifest = json.loads(mpath.read_text())
+        except FileNotFoundError:
+            raise ShardError(f"{self.folder}: not a dataset folder (no manifest.json; written by preprocess?)"
+                             ) from None
+        except json.JSONDecodeError as e:
+            raise ShardError(f"{mpath}: not valid JSON ({e})") from None
+        m = self.manifest
+        if m.get("format") != FORMAT or m.get("version") != VERSION:
+            raise ShardError(f"{mpath}: unsupported format {m.get('format')!r} version {m.get('version')!r} "
+                             f"(expected {FORMAT!r} version {VERSION})")
+        self.vocab = Vocab.from_dict(m["vocab"], source=str(mpath))
+        beside = self.folder / "vocab.json"
+        if beside.exists():
+            self.vocab.check_same(Vocab.load(beside).fingerprint, here=str(mpath), there=str(beside))
+        given, source = _load_vocab_arg(vocab)
+        if given is not None:
+            given.check_same(m["vocab_fingerprint"], here=source, there=str(mpath))
+        self.dtype = np.dtype(m["token_dtype"])
+        self._load_indexes()
+        self._fds: dict[int, int] = {}  # shard -> file descriptor, opened on first read (pread: no shared offset)
+        self._dctx = zstandard.ZstdDecompressor()
+        self._cache: dict[int, tuple[np.ndarray, bytes]] = {}  # frame -> (tokens, raw payload), insertion order
+        self._n = len(self._doc_length)
+        # the per-document hot path indexes memoryviews of the same arrays: they hand back Python ints ~6x faster
+        # than numpy scalar indexing, which matters at a few hundred nanoseconds per document
+        self._mv = tuple(memoryview(a) for a in (self._doc_frame, self._doc_offset, self._doc_length, self._doc_mask))
+        self.cache_frames = max(1, int(cache_frames))
+
+    def _load_indexes(self):
+        docs, frames, frame_shard, first_doc = [], [], [], 0
+        for k, s in enumerate(self.manifest["shards"]):
+            ipath, spath = self.folder / s["index"], self.folder / s["file"]
+            try:
+                raw = ipath.read_bytes()
+            except FileNotFoundError:
+                raise ShardError(f"{ipath}: index file missing") from None
+            if hashlib.sha256(raw).hexdigest() != s["index_sha256"]:
+                raise ShardError(f"{ipath}: index checksum mismatch (corrupt or replaced)")
+            buf = io.BytesIO(zstandard.ZstdDecompressor().decompress(raw))
+            d, f = np.load(buf, allow_pickle=False), np.load(buf, allow_pickle=False)
+            try:
+                size = spath.stat().st_size
+            except FileNotFoundError:
+                raise ShardError(f"{spath}: shard file missing (documents {first_doc}-{first_doc + len(d) - 1})"
+                                 ) from None
+            if size != s["bytes"]:
+                end = f["offset"] + f["csize"]
+                bad = int(f["first_doc"][np.argmax(end > size)]) + first_doc if (end > size).any() else first_doc
+                raise ShardError(f"{spath}: truncated or changed size ({size} bytes, manifest says {s['bytes']}): "
+                                 f"document {bad} onwards cannot be read")
+            g = d.copy()
+            g["frame"] += len(frame_shard)  # frame numbers become global over shards
+            docs.append(g)
+            fr = f.copy()
+            fr["first_doc"] += first_doc
+            frames.append(fr)
+            frame_shard.extend([k] * len(f))
+            first_doc += len(d)
+        docs = np.concatenate(docs) if docs else np.empty(0, DOC_DTYPE)
+        # one plain uint32 array per field (20 bytes a document, as in the index): contiguous for fast lookups
+        self._doc_frame, self._doc_offset, self._doc_length, self._doc_mask, self._doc_caption = (
+            np.ascontiguousarray(docs[name]) for name in DOC_DTYPE.names)
+        self._frames = np.concatenate(frames) if frames else np.empty(0, FRAME_DTYPE)
+        self._frame_shard = np.asarray(frame_shard, dtype=np.int64)
+        last = (self._frames["first_doc"] + self._frames["docs"]).astype(np.int64) - 1
+        self._frame_tokens = (self._doc_offset[last].astype(np.int64) + self._doc_length[last]).tolist()
+        if len(self._doc_length) != self.manifest["num_docs"]:
+            raise ShardError(f"{self.folder / 'manifest.json'}: says {self.manifest['num_docs']} documents, the "
+                             f"indexes hold {len(self._doc_length)}")
+
+    # sizes ---------------------------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._doc_length)
+
+    @property
+    def doc_lengths(self) -> np.ndarray:
+        return self._doc_length
+
+    @property
+    def caption_lengths(self) -> np.ndarray:
+        """Per document: tokens caption dropout may remove (see ``caption_length``)."""
+        return self._doc_caption
+
+    @property
+    def has_mask(self) -> np.ndarray:
+        return self._doc_mask != NO_MASK
+
+    @property
+    def doc_frames(self) -> np.ndarray:
+        """Per document: its frame (global over shards); the loader shuffles frame-locally with it."""
+        return self._doc_frame
+
+    @property
+    def num_frames(self) -> int:
+        return len(self._frames)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.manifest["num_tokens"])
+
+    # reading -------------------------------------------------------------------------------------------------------
+    def _where(self, frame: int, doc: int) -> str:
+        return f"{self.folder / self.manifest['shards'][self._frame_shard[frame]]['file']}: document {doc}"
+
+    def _frame(self, frame: int, doc: int):
+        fr = self._frames[frame]
+        csize, size = int(fr["csize"]), int(fr["size"])
+        shard = int(self._frame_shard[frame])
+        fd = self._fds.get(shard)
+        if fd is None:
+            try:
+                fd = self._fds[shard] = os.open(self.folder / self.manifest["shards"][shard]["file"], os.O_RDONLY)
+            except FileNotFoundError:
+                raise ShardError(f"{self._where(frame, doc)}: shard file missing") from None
+        blob = os.pread(fd, csize, int(fr["offset"]))
+        if len(blob) != csize:
+            raise ShardError(f"{self._where(frame, doc)}: truncated shard (frame {frame} wants {csize} bytes at "
+                             f"{int(fr['offset'])}, got {len(blob)})")
+        if zlib.crc32(blob) != int(fr["crc"]):
+            raise ShardError(f"{self._where(frame, doc)}: corrupt shard (crc32 mismatch in frame {frame})")
+        try:
+            raw = self._dctx.decompress(blob, max_output_size=size)
+        except zstandard.ZstdError as e:
+            raise ShardError(f"{self._where(frame, doc)}: corrupt shard (frame {frame}: {e})") from None
+        if len(raw) != size:
+            raise ShardError(f"{self._where(frame, doc)}: corrupt shard (frame {frame} is {len(raw)} bytes, "
+                             f"index says {size})")
+        tokens = np.frombuffer(raw, self.dtype, self._frame_tokens[frame])
+        entry = (tokens, raw)
+        self._cache[frame] = entry
+        if len(self._cache) > self.cache_frames:  # first in, first out: the loader's order is window-local, so
+            del self._cache[next(iter(self._cache))]  # recency bookkeeping on every hit would buy nothing
+        return entry
+
+    def get(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Document ``i``: (tokens [T] in the token dtype, read-only; loss mask uint8 [T] or None)."""
+        if not 0 <= i < self._n:
+            raise IndexError(f"{self.folder}: document {i} out of range (0..{self._n - 1})")
+        frames, offsets, lengths, masks = self._mv
+        frame = frames[i]
+        hit = self._cache.get(frame)
+        tokens, raw = hit if hit is not None else self._frame(frame, i)
+        off, n, m = offsets[i], lengths[i], masks[i]
+        mask = None if m == NO_MASK else np.unpackbits(np.frombuffer(raw, np.uint8, (n + 7) // 8, m), count=n)
+        return tokens[off:off + n], mask
+
+    def __getitem__(self, i: int):
+        return self.get(i)
+
+    def iter_docs(self, order=None):
+        """Yield ``(tokens, mask)`` for ``order`` (default: stored order)."""
+        for i in (range(len(self)) if order is None else order):
+            yield self.get(int(i))
+
+    # checking ------------------------------------------------------------------------------------------------------
+    def verify(self, deep: bool = False) -> dict:
+        """Whole-file sha256 of every shard and index against the manifest; ``deep`` also decodes every frame."""
+        for s in self.manifest["shards"]:
+            for key, name in (("sha256", s["file"]), ("index_sha256", s["index"])):
+                path = self.folder / name
+                if not path.exists():
+                    raise ShardError(f"{path}: missing")
+                if _sha256(path) != s[key]:
+                    raise ShardError(f"{path}: sha256 mismatch (corrupt or replaced)")
+        if deep:
+            for frame in range(self.num_frames):
+                self._cache.pop(frame, None)
+                self._frame(frame, int(self._frames[frame]["first_doc"]))
+        return {"shards": len(self.manifest["shards"]), "docs": len(self), "tokens": self.num_tokens, "deep": deep}
+
+    def close(self):
+        for fd in getattr(self, "_fds", {}).values():
+            os.close(fd)
+        self._fds = {}
+        getattr(self, "_cache", {}).clear()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self):
+        return f"ShardDataset({self.folder}, docs={len(self)}, tokens={self.num_tokens})"
+
+
+def open_vocab_of(folder) -> Vocab:
+    """The vocabulary a dataset folder was written with (its vocab.json)."""
+    return Vocab.load(Path(folder) / "vocab.json")
+
+
+__all__ = ["ShardWriter", "ShardDataset", "ShardError", "VocabMismatchError", "write_dataset", "caption_length",
+           "open_vocab_of"]

@@ -1,0 +1,318 @@
+"""Records -> token documents, and back.
+
+A ``Tokenizers`` bundle is the text tokenizer, the image tokenizer and the unified ``Vocab`` built from both; it is
+saved as one folder (``text/``, ``image_tokenizer.<ext>``, ``vocab.json``) so that preprocessing, training and
+generation provably use the same ids (the vocab fingerprint covers the text tokenizer's digest and both range sizes).
+
+Two record shapes become documents:
+
+* interleaved ``{"parts": [{"text": ...}, {"image": "images/1.png"}, ...]}`` (pretraining):
+  ``<bos> [text ids | <boi> image ids <eoi>]... <eos>``, every token trained (loss mask ``None``);
+* chat ``{"messages": [{"role": "user", "content": ...}, ...]}`` (SFT):
+  ``<bos> (<|role|> content <|end|>)... <eos>``, loss mask 1 exactly on assistant content and the assistant's
+  ``<|end|>`` (so the model learns to answer and to stop, never to imitate the user).
+
+Every error is one line ``file:line: what`` (the ``where`` the caller passes), raised as ``RecordError``.
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from megannm.vocab import Vocab, VocabMismatchError
+
+ROLES = ("system", "user", "assistant")
+
+
+class RecordError(ValueError):
+    """A record that cannot be tokenised; the message is one line naming file:line and what is wrong."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the bundle
+
+
+@dataclass
+class Tokenizers:
+    text: object  # transformers.PreTrainedTokenizerFast
+    image: object  # megannm.data.image_tokenizer.ImageTokenizer
+    vocab: Vocab
+    text_dir: Path | None = None  # the text tokenizer's files (save copies them verbatim: the digest is of bytes)
+    image_path: Path | None = None  # the saved image tokenizer (copied verbatim by save)
+
+    @staticmethod
+    def vocab_for(text, image, text_digest: str) -> Vocab:
+        return Vocab(text_size=len(text), image_codes=int(image.codebook_size), text_digest=text_digest,
+                     image_grid=int(image.num_tokens))
+
+    @classmethod
+    def build(cls, text_dir, image_tokenizer_path) -> "Tokenizers":
+        """The bundle for a trained text tokenizer folder and a saved image tokenizer (its Vocab is derived)."""
+        from megannm.data.image_tokenizer import load_image_tokenizer
+        from megannm.data.text_tokenizer import load_text_tokenizer, text_digest
+
+        text_dir, image_path = Path(text_dir), Path(image_tokenizer_path)
+        text = load_text_tokenizer(text_dir)
+        image = load_image_tokenizer(image_path)
+        return cls(text, image, cls.vocab_for(text, image, text_digest(text_dir)), text_dir, image_path)
+
+    def save(self, folder) -> Path:
+        """Write ``folder/{text/, image_tokenizer.<ext>, vocab.json}`` via a temporary folder and a rename."""
+        folder = Path(folder)
+        tmp = folder.with_name(f".{folder.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        if self.text_dir is not None:
+            shutil.copytree(self.text_dir, tmp / "text")
+        else:  # a tokenizer built in memory: what we write must be what the vocabulary's digest describes
+            from megannm.data.text_tokenizer import text_digest
+            self.text.save_pretrained(tmp / "text")
+            if text_digest(tmp / "text") != self.vocab.text_digest:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise VocabMismatchError(f"{folder}: the text tokenizer does not match the vocabulary's text_digest; "
+                                         f"build the bundle with Tokenizers.build from a saved tokenizer folder")
+        if self.image_path is not None:
+            dst = tmp / ("image_tokenizer" + self.image_path.suffix)
+            (shutil.copytree if self.image_path.is_dir() else shutil.copyfile)(self.image_path, dst)
+        else:
+            self.image.save(tmp / "image_tokenizer.pt")
+        self.vocab.save(tmp / "vocab.json")
+        _replace_dir(tmp, folder)
+        return folder
+
+    @classmethod
+    def load(cls, folder) -> "Tokenizers":
+        """Load a saved bundle and check that ``vocab.json`` still describes the tokenizers beside it."""
+        from megannm.data.image_tokenizer import load_image_tokenizer
+        from megannm.data.text_tokenizer import load_text_tokenizer, text_digest
+
+        folder = Path(folder)
+        if not (folder / "vocab.json").exists():
+            raise FileNotFoundError(f"{folder}: not a tokenizers folder (no vocab.json)")
+        vocab = Vocab.load(folder / "vocab.json")
+        images = sorted(folder.glob("image_tokenizer*"))
+        if not images or not (folder / "text").is_dir():
+            raise FileNotFoundError(f"{folder}: a tokenizers folder needs text/ and image_tokenizer.* beside "
+                                    f"vocab.json")
+        text = load_text_tokenizer(folder / "text")
+        image = load_image_tokenizer(images[0])
+        actual = cls.vocab_for(text, image, text_digest(folder / "text"))
+        if actual.fingerprint != vocab.fingerprint:
+            raise VocabMismatchError(
+                f"{folder / 'vocab.json'}: fingerprint {vocab.fingerprint} does not match the tokenizers beside it "
+                f"({actual.fingerprint}: text_size {actual.text_size}, image_codes {actual.image_codes}, "
+                f"image_grid {actual.image_grid}); rebuild the bundle")
+        return cls(text, image, vocab, folder / "text", images[0])
+
+    # encoding helpers ---------------------------------------------------------------------------------------------
+    def text_ids(self, text: str) -> list[int]:
+        # No <bos>/<eos> from the text tokenizer: the document layout owns every special.
+        return self.text.encode(text, add_special_tokens=False)
+
+    def image_size(self) -> tuple[int, int]:
+        s = self.image.image_size
+        return (int(s), int(s)) if np.isscalar(s) else (int(s[0]), int(s[1]))
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Put ``tmp`` at ``final``; an existing ``final`` is moved aside first and removed only after the rename."""
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# records -> documents
+
+
+def load_image(path: Path, size: tuple[int, int], where: str) -> np.ndarray:
+    """An RGB uint8 [H, W, 3] at the tokenizer's size (center-cropped to its aspect, then resized if needed)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            h, w = size
+            if im.size != (w, h):
+                # crop to the target aspect ratio around the centre, then resize: never stretch a picture
+                sw, sh = im.size
+                scale = min(sw / w, sh / h)
+                cw, ch = round(w * scale), round(h * scale)
+                left, top = (sw - cw) // 2, (sh - ch) // 2
+                im = im.crop((left, top, left + cw, top + ch)).resize((w, h), Image.BICUBIC)
+            return np.asarray(im, dtype=np.uint8)
+    except FileNotFoundError:
+        raise RecordError(f"{where}: image file not found: {path}") from None
+    except OSError as e:
+        raise RecordError(f"{where}: image file cannot be read: {path} ({e})") from None
+
+
+class _Doc:
+    """A document under construction: token chunks with their loss flag, images filled in after batch encoding."""
+
+    def __init__(self):
+        self.chunks: list = []  # list of int lists, or ("image", k) placeholders
+        self.train: list[bool] = []
+        self.has_text = False
+
+    def add(self, ids, train: bool):
+        self.chunks.append(ids)
+        self.train.append(train)
+
+
+def _image_part(doc: _Doc, path, base_dir: Path, images: list, where: str, train: bool, tok: Tokenizers):
+    if not isinstance(path, str) or not path:
+        raise RecordError(f"{where}: an image part needs a file path (got {path!r})")
+    images.append(load_image(base_dir / path, tok.image_size(), where))
+    doc.add([tok.vocab.boi_id], train)
+    doc.add(("image", len(images) - 1), train)
+    doc.add([tok.vocab.eoi_id], train)
+
+
+def _text_part(doc: _Doc, text, tok: Tokenizers, where: str, train: bool) -> int:
+    if not isinstance(text, str):
+        raise RecordError(f"{where}: a text part must be a string (got {type(text).__name__})")
+    ids = tok.text_ids(text)
+    if ids:
+        doc.has_text = True
+        doc.add(ids, train)
+    return len(ids)
+
+
+def _plan_parts(record: dict, tok: Tokenizers, base_dir: Path, where: str, images: list) -> _Doc:
+    doc = _Doc()
+    parts = record["parts"]
+    if not isinstance(parts, list):
+        raise RecordError(f"{where}: 'parts' must be a list (got {type(parts).__name__})")
+    for k, part in enumerate(parts):
+        if isinstance(part, dict) and "text" in part:
+            _text_part(doc, part["text"], tok, where, True)
+        elif isinstance(part, dict) and "image" in part:
+            _image_part(doc, part["image"], base_dir, images, where, True, tok)
+        else:
+            what = sorted(part) if isinstance(part, dict) else type(part).__name__
+            raise RecordError(f"{where}: parts[{k}]: unknown part type {what} (expected a 'text' or 'image' key)")
+    return doc
+
+
+def _plan_messages(record: dict, tok: Tokenizers, base_dir: Path, where: str, images: list) -> _Doc:
+    doc = _Doc()
+    messages = record["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise RecordError(f"{where}: 'messages' must be a non-empty list")
+    end = tok.vocab.special("<|end|>")
+    for m, msg in enumerate(messages):
+        role = msg.get("role") if isinstance(msg, dict) else None
+        if role not in ROLES:
+            raise RecordError(f"{where}: messages[{m}]: unknown role {role!r} (expected one of {', '.join(ROLES)})")
+        train = role == "assistant"
+        doc.add([tok.vocab.special(f"<|{role}|>")], False)  # role markers are given by the template, never trained
+        before = len(doc.chunks)
+        content = msg.get("content")
+        if isinstance(content, str):
+            _text_part(doc, content, tok, where, train)
+        elif isinstance(content, list):
+            for k, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text":
+                    _text_part(doc, part.get("text"), tok, where, train)
+                elif kind == "image":
+                    _image_part(doc, part.get("image"), base_dir, images, where, train, tok)
+                else:
+                    raise RecordError(f"{where}: messages[{m}].content[{k}]: unknown part type {kind!r} "
+                                      f"(expected 'text' or 'image')")
+        elif content is not None:
+            raise RecordError(f"{where}: messages[{m}]: content must be a string or a list of parts "
+                              f"(got {type(content).__name__})")
+        if train and len(doc.chunks) == before:
+            raise RecordError(f"{where}: messages[{m}]: empty assistant turn (nothing to train on)")
+        doc.add([end], train)  # the assistant's <|end|> is trained: that is how the model learns to stop
+    return doc
+
+
+def encode_records(records: list[dict], tok: Tokenizers, base_dir: Path, wheres: list[str]
+                   ) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """``encode_record`` over many records, with all their images encoded in one batch (much faster for a VQ)."""
+    base_dir = Path(base_dir)
+    plans, images = [], []
+    for record, where in zip(records, wheres):
+        if not isinstance(record, dict):
+            raise RecordError(f"{where}: a record must be a JSON object (got {type(record).__name__})")
+        if "parts" in record:
+            doc = _plan_parts(record, tok, base_dir, where, images)
+        elif "messages" in record:
+            doc = _plan_messages(record, tok, base_dir, where, images)
+        else:
+            raise RecordError(f"{where}: record has neither 'parts' nor 'messages' (keys: {', '.join(sorted(record))})")
+        if not doc.has_text:
+            raise RecordError(f"{where}: record has no text (every document needs at least one non-empty text part)")
+        plans.append((doc, "messages" in record))
+    codes = tok.image.encode(np.stack(images)) if images else None
+    if codes is not None:
+        codes = tok.vocab.image_ids(np.asarray(codes, dtype=np.int64))
+
+    v, out = tok.vocab, []
+    for doc, chat in plans:
+        chunks = [np.asarray(codes[c[1]] if isinstance(c, tuple) else c, dtype=np.int64) for c in doc.chunks]
+        tokens = np.concatenate([[v.bos_id], *chunks, [v.eos_id]]).astype(np.int64)
+        if not chat:
+            out.append((tokens, None))
+            continue
+        mask = np.concatenate([[0], *[np.full(len(c), t, np.uint8) for c, t in zip(chunks, doc.train)], [0]])
+        out.append((tokens, mask.astype(np.uint8)))
+    return out
+
+
+def encode_record(record: dict, tok: Tokenizers, base_dir: Path, where: str
+                  ) -> tuple[np.ndarray, np.ndarray | None]:
+    """One record -> (token ids int64 [T], loss mask uint8 [T] or None meaning "train every token")."""
+    return encode_records([record], tok, base_dir, [where])[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# documents -> parts
+
+
+def decode_tokens(ids, tok: Tokenizers) -> list[dict]:
+    """Token ids -> parts: ``{"text": str}``, ``{"image": uint8 [H,W,3]}`` for a complete image span, ``{"image":
+    None, "codes": int64 [n]}`` for an incomplete one, ``{"special": "<|user|>"}`` for role markers and ``<|end|>``.
+    ``<bos>``, ``<eos>`` and ``<pad>`` are dropped. Used by generation and evaluation."""
+    v = tok.vocab
+    ids = np.asarray(ids, dtype=np.int64).ravel()
+    silent = {v.bos_id, v.eos_id, v.pad_id}
+    is_img = v.is_image(ids)
+    is_text = ids < v.text_size
+    parts, i, n = [], 0, len(ids)
+    while i < n:
+        t = int(ids[i])
+        if is_text[i]:
+            j = i
+            while j < n and is_text[j]:
+                j += 1
+            parts.append({"text": tok.text.decode(ids[i:j].tolist())})
+            i = j
+        elif t == v.boi_id or is_img[i]:
+            j = i + 1 if t == v.boi_id else i
+            k = j
+            while k < n and is_img[k]:
+                k += 1
+            parts.append(_image_from_codes(v.image_codes_of(ids[j:k]), tok))
+            i = k + 1 if k < n and ids[k] == v.eoi_id else k
+        else:
+            if t not in silent:
+                name = v.specials[t - v.special_start] if v.special_start <= t < v.size else f"<id {t}>"
+                parts.append({"special": name})
+            i += 1
+    return parts
+
+
+def _image_from_codes(codes: np.ndarray, tok: Tokenizers) -> dict:
+    if len(codes) != tok.image.num_tokens:
+        return {"image": None, "codes": codes}
+    return {"image": np.asarray(tok.image.decode(codes[None]))[0]}

@@ -104,7 +104,7 @@ class AttentionInputs:
     """What every layer's attention shares within one micro-batch (computed once, not per layer)."""
     cos: torch.Tensor
     sin: torch.Tensor
-    mask: torch.Tensor  # bool [B, 1, S, T]
+    mask: Optional[torch.Tensor]  # bool [B, 1, S, T]; None = plain causal (one document per row, no cache)
     start: int = 0  # cache length before this chunk (0 without a cache)
 
 
@@ -112,14 +112,18 @@ def attention_inputs(position_ids: torch.Tensor, document_ids: torch.Tensor, hea
                      dtype, cache: Optional[KVCache] = None) -> AttentionInputs:
     cos, sin = rotary(position_ids, head_dim, theta, dtype)
     if cache is None:
+        if bool((document_ids == document_ids[:, :1]).all()):
+            # one document per row: SDPA's causal fast path, no [B, S, S] mask to build or read
+            return AttentionInputs(cos, sin, None, 0)
         return AttentionInputs(cos, sin, attention_mask(document_ids, document_ids, 0), 0)
     start = cache.length
     return AttentionInputs(cos, sin, attention_mask(document_ids, cache.extend(document_ids), start), start)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     """Softmax attention; q [B, Hq, S, hd], k/v [B, Hkv, T, hd] with Hq a multiple of Hkv (grouped-query:
     query head h reads key/value head h // (Hq / Hkv), Hugging Face's ``repeat_kv`` order). Returns [B, S, Hq*hd]."""
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                         enable_gqa=q.shape[1] != k.shape[1])
     b, h, s, d = out.shape
     return out.transpose(1, 2).reshape(b, s, h * d)

@@ -214,9 +214,14 @@ def lm_loss(logits_parallel: torch.Tensor, labels: torch.Tensor, loss_mask: Opti
     text_tokens, image_tokens (counts) and z_loss (the added term), all detached 0-d tensors.
     """
     v_local = logits_parallel.shape[-1]
-    vocab_ids = torch.arange(v_local, device=logits_parallel.device) + _tp_vocab_offset(v_local)
-    # TP padding rows out of the softmax, so a different padding (another TP size) gives the same loss.
-    logits = logits_parallel.float().masked_fill(vocab_ids >= args.vocab_size, torch.finfo(torch.float32).min)
+    offset = _tp_vocab_offset(v_local)
+    logits = logits_parallel.float()
+    if offset + v_local > args.vocab_size:
+        # TP padding rows out of the softmax, so a different padding (another TP size) gives the same loss.
+        vocab_ids = torch.arange(v_local, device=logits_parallel.device) + offset
+        logits = logits.masked_fill(vocab_ids >= args.vocab_size, torch.finfo(torch.float32).min)
+    elif logits is logits_parallel:
+        logits = logits.clone()  # megatron-core's cross entropy works in place; keep the caller's logits intact
     if loss_mask is None:
         loss_mask = torch.ones_like(labels)
     mask = loss_mask.float()

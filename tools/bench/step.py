@@ -1,0 +1,118 @@
+"""Training-step throughput: megannm's dense model vs Hugging Face LlamaForCausalLM, and MoT vs its dense twin.
+
+Every contender trains the same shape (hidden, layers, heads, FFN, vocabulary), batch and sequence, on the same
+threads, with torch AdamW, in ONE process; megannm goes through its real step (DeepSpeed engine, ZeRO 0, fp32,
+gradient clipping, the vocab-parallel loss). Timings are interleaved round-robin (A B C A B C ...) so that machine
+noise hits every contender alike; the median step time of each is compared.
+
+    python tools/bench/step.py [--hidden 256 --layers 4 --batch 8 --seq 256 --steps 12 --threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--ffn", type=int, default=688)
+    p.add_argument("--vocab", type=int, default=2048, help="total ids (text + image codes + specials)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--steps", type=int, default=12, help="timed steps per contender (after 2 warm-up steps)")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+    a = p.parse_args()
+
+    import torch
+    torch.set_num_threads(a.threads)
+    from megannm import parallel
+    from megannm.config import recipe_from_dict
+    from megannm.model.transformer import ModelArgs, NMMModel
+    from megannm.train.engine import build_engine
+    from megannm.vocab import DEFAULT_SPECIALS, Vocab
+
+    layout = parallel.init_parallel(1, 1)
+    n_text = a.vocab // 2
+    vocab = Vocab(text_size=n_text, image_codes=a.vocab - n_text - len(DEFAULT_SPECIALS), image_grid=64)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab.size, (a.batch, a.seq + 1), generator=g)  # both modalities in every row
+    inputs, labels = ids[:, :-1], ids[:, 1:]
+    pos = torch.arange(a.seq).expand(a.batch, a.seq)
+    docs = torch.zeros_like(pos)
+    mask = torch.ones(a.batch, a.seq)
+
+    def recipe(mot: bool):
+        return recipe_from_dict({
+            "model": {"hidden_size": a.hidden, "num_layers": a.layers, "num_heads": a.heads,
+                      "ffn_hidden_size": a.ffn, "mot": mot, "qk_norm": False, "max_seq_len": a.seq},
+            "parallel": {"zero_stage": 0},
+            "data": {"seq_len": a.seq, "micro_batch_size": a.batch, "global_batch_size": a.batch},
+            "optimizer": {"lr": 1e-4, "min_lr": 1e-5, "grad_clip": 1.0},
+            "schedule": {"train_steps": 1000, "warmup_steps": 0}}, world_size=1)
+
+    def megannm_step(mot: bool):
+        r = recipe(mot)
+        torch.manual_seed(0)
+        engine = build_engine(r, layout, NMMModel(ModelArgs.from_config(r.model, vocab, 1)))
+
+        def step():
+            loss, _ = engine(input_ids=inputs, position_ids=pos, document_ids=docs, labels=labels, loss_mask=mask)
+            engine.backward(loss)
+            engine.step()
+        return step, sum(p.numel() for p in engine.module.parameters())
+
+    def hf_step():
+        from transformers import LlamaConfig, LlamaForCausalLM
+        cfg = LlamaConfig(vocab_size=vocab.size, hidden_size=a.hidden, intermediate_size=a.ffn,
+                          num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.heads,
+                          max_position_embeddings=a.seq, tie_word_embeddings=False, attention_bias=False,
+                          mlp_bias=False)
+        cfg._attn_implementation = "sdpa"
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(cfg)
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step():
+            out = model(input_ids=inputs, labels=inputs, use_cache=False)  # HF shifts the labels itself
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step, sum(p.numel() for p in model.parameters())
+
+    contenders = {"hf_llama": hf_step(), "megannm_dense": megannm_step(False), "megannm_mot": megannm_step(True)}
+    times = {k: [] for k in contenders}
+    for _ in range(2):
+        for step, _ in contenders.values():
+            step()
+    for _ in range(a.steps):
+        for name, (step, _) in contenders.items():
+            t = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    tokens = a.batch * a.seq
+    print(f"shape: hidden {a.hidden}, layers {a.layers}, heads {a.heads}, ffn {a.ffn}, vocab {vocab.size}, "
+          f"batch {a.batch} x seq {a.seq}, threads {a.threads}, {a.steps} interleaved steps each")
+    print(f"{'model':16s} {'params':>10s} {'ms/step':>9s} {'tokens/s':>10s}")
+    for k in contenders:
+        print(f"{k:16s} {contenders[k][1]:10,d} {med[k] * 1e3:9.1f} {tokens / med[k]:10.0f}")
+    dense_vs_hf = med["hf_llama"] / med["megannm_dense"]
+    mot_vs_dense = med["megannm_mot"] / med["megannm_dense"]
+    print(f"megannm dense tokens/s vs HF Llama: {dense_vs_hf:.2f}x (goal >= 1.0x)")
+    print(f"MoT step time vs dense twin:       {mot_vs_dense:.2f}x (goal <= 1.10x)")
+    print(json.dumps({"bench": "step", "baseline": "HF LlamaForCausalLM (sdpa, torch AdamW), same shape/batch/threads",
+                      "dense_vs_hf_tokens_per_s": round(dense_vs_hf, 3), "mot_vs_dense_step_time": round(mot_vs_dense, 3),
+                      "ms_per_step": {k: round(v * 1e3, 1) for k, v in med.items()}}))
+    parallel.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from dist import run
+from tests.dist import run
 
 
 @pytest.fixture(scope="module")

@@ -48,17 +48,30 @@ class Routing:
     inverse: Optional[torch.Tensor]  # [N] sorted position of each flat token
     counts: list[int]  # tokens per modality (0 allowed)
 
+    def sort(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, ...] in sequence order -> the same rows grouped by modality (one gather)."""
+        return x if self.order is None else x.index_select(0, self.order)
+
+    def unsort(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``sort`` (one gather)."""
+        return x if self.order is None else x.index_select(0, self.inverse)
+
+    def parts(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Sorted [N, ...] -> one contiguous [n_m, ...] view per modality (no copy)."""
+        return [x] if self.order is None else list(x.split(self.counts))
+
+    @staticmethod
+    def join(parts: list[torch.Tensor]) -> torch.Tensor:
+        """Per-modality slices -> sorted [N, ...]."""
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
     def split(self, x: torch.Tensor) -> list[torch.Tensor]:
         """[N, ...] in sequence order -> one contiguous [n_m, ...] slice per modality."""
-        if self.order is None:
-            return [x]
-        return list(x.index_select(0, self.order).split(self.counts))
+        return self.parts(self.sort(x))
 
     def merge(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """Inverse of ``split``: per-modality slices -> [N, ...] in sequence order."""
-        if self.order is None:
-            return parts[0]
-        return torch.cat(parts).index_select(0, self.inverse)
+        return self.unsort(self.join(parts))
 
 
 def route(modality: torch.Tensor, n_sets: int) -> Routing:
@@ -204,23 +217,25 @@ class Attention(nn.Module):
             k = self.k_norm[m](k.view(-1, self.kv_heads, self.head_dim)).flatten(1)
         return torch.cat([q, k, v], dim=-1)
 
-    def forward(self, x: torch.Tensor, routing: Routing, attn: AttentionInputs,
+    def forward(self, hs: torch.Tensor, routing: Routing, attn: AttentionInputs, shape: tuple[int, int],
                 cache: Optional[LayerCache] = None) -> torch.Tensor:
-        b, s, d = x.shape
-        parts = routing.split(x.reshape(b * s, d))
+        """hs: the micro-batch's [N, D] tokens grouped by modality (``Routing.sort``); returns the same layout.
+        Only the attention itself needs sequence order: q/k/v are put in it, the output taken back out."""
+        b, s = shape
+        parts = routing.parts(hs)
         if not self.norm_reorder:
             parts = self.norm(parts)
-        qkv = routing.merge([self.qkv(m, p) for m, p in enumerate(parts)])
+        qkv = routing.unsort(routing.join([self.qkv(m, p) for m, p in enumerate(parts)]))
         qkv = qkv.view(b, s, self.heads + 2 * self.kv_heads, self.head_dim).transpose(1, 2)
         q, k, v = qkv.split([self.heads, self.kv_heads, self.kv_heads], dim=1)
         q, k = apply_rotary(q, attn.cos, attn.sin), apply_rotary(k, attn.cos, attn.sin)
         if cache is not None:
             k, v = cache.store(k, v, attn.start)
         out = attend(q, k, v, attn.mask)  # [B, S, Hq * hd]: every modality attends to every earlier token
-        parts = self.o_proj(routing.split(out.reshape(b * s, -1)))
+        parts = self.o_proj(routing.parts(routing.sort(out.reshape(b * s, -1))))
         if self.norm_reorder:
             parts = self.norm(parts)
-        return routing.merge(parts).view(b, s, d)
+        return routing.join(parts)
 
 
 class FeedForward(nn.Module):
@@ -239,15 +254,15 @@ class FeedForward(nn.Module):
     def swiglu(self, m: int, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj[m](F.silu(self.gate_proj[m](x)) * self.up_proj[m](x))
 
-    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        b, s, d = x.shape
-        parts = routing.split(x.reshape(b * s, d))
+    def forward(self, hs: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """hs: [N, D] grouped by modality; a token-wise sub-layer never needs sequence order."""
+        parts = routing.parts(hs)
         if not self.norm_reorder:
             parts = self.norm(parts)
         parts = [self.swiglu(m, p) for m, p in enumerate(parts)]
         if self.norm_reorder:
             parts = self.norm(parts)
-        return routing.merge(parts).view(b, s, d)
+        return routing.join(parts)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -272,6 +287,14 @@ class Block(nn.Module):
         h, modality, position_ids, document_ids = x
         if ctx is None:
             ctx = prepare(self.args, modality, position_ids, document_ids)
-        h = h + self.attn(h, ctx.routing, ctx.attn, cache)  # per-modality norm + QKV, ONE global attention, out proj
-        h = h + self.ffn(h, ctx.routing)  # per-modality norm + SwiGLU
-        return h, modality, position_ids, document_ids
+        b, s, d = h.shape
+        hs = self.run_sorted(ctx.routing.sort(h.reshape(b * s, d)), ctx, (b, s), cache)
+        return ctx.routing.unsort(hs).view(b, s, d), modality, position_ids, document_ids
+
+    def run_sorted(self, hs: torch.Tensor, ctx: Context, shape: tuple[int, int],
+                   cache: Optional[LayerCache] = None) -> torch.Tensor:
+        """The block on the residual stream kept grouped by modality ([N, D], ``Routing.sort``): the model sorts
+        once per micro-batch instead of gathering around every sub-layer."""
+        hs = hs + self.attn(hs, ctx.routing, ctx.attn, shape, cache)  # per-modality QKV, ONE global attention
+        hs = hs + self.ffn(hs, ctx.routing)  # per-modality norm + SwiGLU
+        return hs

@@ -174,8 +174,12 @@ class HeadStage(nn.Module):
         h, modality = x[0], x[1]
         routing = routing if routing is not None else route(modality, self.args.n_sets)
         b, s, d = h.shape
-        h = routing.merge(self.norm(routing.split(h.reshape(b * s, d)))).view(b, s, d)
-        return self.output(h)
+        return self.from_sorted(routing.sort(h.reshape(b * s, d)), routing, (b, s))
+
+    def from_sorted(self, hs: torch.Tensor, routing, shape: tuple[int, int]) -> torch.Tensor:
+        """Per-modality norm on the modality-grouped stream, back to sequence order, then the shared output layer."""
+        h = routing.unsort(routing.join(self.norm(routing.parts(hs))))
+        return self.output(h.view(*shape, -1))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -293,11 +297,13 @@ class NMMModel(nn.Module):
             position_ids = torch.arange(cache.length, cache.length + s, device=input_ids.device).repeat(b, 1)
         x = self.embedding(input_ids, position_ids, document_ids)
         ctx = prepare(self.args, *x[1:], cache=cache)  # routing, mask, RoPE: once per micro-batch
+        b, s, d = x[0].shape
+        hs = ctx.routing.sort(x[0].reshape(b * s, d))  # grouped by modality until the head
         for i, block in enumerate(self.layers):
-            x = block(x, ctx, cache.layers[i] if cache is not None else None)
+            hs = block.run_sorted(hs, ctx, (b, s), cache.layers[i] if cache is not None else None)
         if cache is not None:
             cache.advance(input_ids.shape[1])
-        logits = self.head(x, ctx.routing)
+        logits = self.head.from_sorted(hs, ctx.routing, (b, s))
         if labels is None:
             return gather_vocab(logits)[..., :self.args.vocab_size]
         return lm_loss(logits, labels, loss_mask, self.args)

@@ -13,6 +13,7 @@ tokens: skipping them would make ZeRO's collectives differ between data-parallel
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional
 
@@ -23,6 +24,10 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 
 from megannm import parallel
+
+# megatron-core 0.16's linear autograd function warns on every call that its tp_group argument is None even when the
+# layer was built with an explicit group (ours are: ``column``/``row`` below); one message per matmul floods logs.
+warnings.filterwarnings("ignore", message=".*tp_group is None.*", category=DeprecationWarning)
 from megannm.model.attention import AttentionInputs, KVCache, LayerCache, apply_rotary, attend, attention_inputs
 
 if TYPE_CHECKING:

@@ -31,6 +31,12 @@ LATEST = "latest"
 TMP_PREFIX = ".tmp-"
 
 
+# What a checkpoint's weights are shaped by or mean: these must match to load it. Loss weights, z-loss, RoPE base,
+# sequence length, precision and the TP-dependent vocabulary padding may change between stages.
+ARCHITECTURE_KEYS = ("hidden", "layers", "heads", "kv_heads", "ffn", "vocab_size", "image_start", "image_end", "mot",
+                     "n_modalities", "qk_norm")
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used here; one line naming the file and parameter."""
 
@@ -164,9 +170,7 @@ def check_compatible(meta: dict, model_args: dict, vocab_fingerprint: str, sourc
                     f"it first (megannm convert {source} OUT --to deepspeed --tp {layout.get('tp')} --pp "
                     f"{layout.get('pp')})")
     ckpt_args = meta.get("model_args", {})
-    for key in sorted(set(ckpt_args) | set(model_args)):
-        if key in ("params_dtype", "padded_vocab_size"):  # precision may change; padding follows the TP size
-            continue
+    for key in ARCHITECTURE_KEYS:
         if ckpt_args.get(key) != model_args.get(key):
             raise CheckpointError(f"{source}: model parameter {key} is {ckpt_args.get(key)!r} in the checkpoint, "
                                   f"{model_args.get(key)!r} in the recipe")

@@ -1,9 +1,10 @@
 """``megannm demo``: the embedded default, with no cluster, GPU or download.
 
 Builds the toy world of shapes and captions, trains the image tokenizer and the text BPE on it, writes zstd token
-shards, trains the toy recipe chain (``recipes/toy/chain.yaml``: alignment -> joint -> annealing, each stage starting
-from the previous stage's checkpoint) on the CPU, then evaluates both directions on seen and held-out attribute
-combinations and prints where the report, the picture and the TensorBoard logs are.
+shards, trains the toy recipe chain (``recipes/toy/chain.yaml``: alignment -> joint -> annealing -> SFT on chat data,
+each stage starting from the previous stage's checkpoint) on the CPU, then evaluates both directions on seen and
+held-out attribute combinations (and chat, before and after SFT) and prints where the report, the picture and the
+TensorBoard logs are.
 """
 from __future__ import annotations
 
@@ -19,9 +20,11 @@ REPO = Path(__file__).resolve().parents[1]
 TOY_CHAIN = REPO / "recipes" / "toy" / "chain.yaml"
 
 
-def build_data(out: Path, n_train: int, n_valid: int, seed: int, workers: int, say=print) -> dict:
-    """Toy world -> tokenizers -> shards. Returns paths. Skips work whose outputs already exist (re-runs are cheap)."""
-    from megannm.data import toy
+def build_data(out: Path, n_train: int, n_valid: int, seed: int, workers: int, say=print,
+               n_chat: int | None = None) -> dict:
+    """Toy world (+ its chat data for SFT, ``n_chat`` conversations, default ``n_train // 4``) -> tokenizers ->
+    shards. Returns paths. Skips work whose outputs already exist (re-runs are cheap)."""
+    from megannm.data import toy, toy_chat
     from megannm.data.image_tokenizer import PatchVQ
     from megannm.data.preprocess import preprocess
     from megannm.data.text_tokenizer import train_text_tokenizer
@@ -31,12 +34,20 @@ def build_data(out: Path, n_train: int, n_valid: int, seed: int, workers: int, s
     t = time.time()
     if not (raw / "train.jsonl").exists():
         toy.write_toy_dataset(raw, n_train=n_train, n_valid=n_valid, seed=seed)
-    say(f"toy world: {n_train} training records in {raw} ({time.time() - t:.1f} s)")
+    chat = out / "data" / "raw_chat"
+    n_chat = n_train // 4 if n_chat is None else n_chat
+    if not (chat / "train.jsonl").exists():
+        toy_chat.write_toy_chat(chat, n_train=n_chat, n_valid=n_valid, seed=seed + 1)
+    say(f"toy world: {n_train} training records in {raw}, {n_chat} conversations in {chat} "
+        f"({time.time() - t:.1f} s)")
     t = time.time()
     if not (tok_dir / "vocab.json").exists():
         from PIL import Image
         records = [json.loads(line) for line in (raw / "train.jsonl").read_text().splitlines()]
         texts = [p["text"] for r in records for p in r["parts"] if "text" in p]
+        # the chat texts too, so that questions, instructions and one-word answers get merges of their own
+        texts += [p["text"] for line in (chat / "train.jsonl").read_text().splitlines()
+                  for m in json.loads(line)["messages"] for p in m["content"] if p["type"] == "text"]
         paths = [raw / p["image"] for r in records for p in r["parts"] if "image" in p]
         rng = __import__("numpy").random.default_rng(seed)
         pick = rng.choice(len(paths), size=min(len(paths), 4000), replace=False)
@@ -44,7 +55,7 @@ def build_data(out: Path, n_train: int, n_valid: int, seed: int, workers: int, s
         images = np.stack([np.asarray(Image.open(paths[i]).convert("RGB")) for i in sorted(pick)])
         staging = out / "tokenizers.build"
         staging.mkdir(parents=True, exist_ok=True)
-        text_dir = train_text_tokenizer(texts, staging / "text", vocab_size=384)
+        text_dir = train_text_tokenizer(texts, staging / "text", vocab_size=512)
         vq = PatchVQ.train(images, codebook_size=2048, seed=seed)
         vq.save(staging / "image_tokenizer.npz")
         Tokenizers.build(text_dir, staging / "image_tokenizer.npz").save(tok_dir)
@@ -52,11 +63,13 @@ def build_data(out: Path, n_train: int, n_valid: int, seed: int, workers: int, s
     say(f"tokenizers: text {tok.vocab.text_size} ids, image codebook {tok.vocab.image_codes}, vocabulary "
         f"{tok.vocab.size} (fingerprint {tok.vocab.fingerprint}) ({time.time() - t:.1f} s)")
     t = time.time()
-    for name in ("train", "valid_seen", "valid_heldout"):
+    sources = {name: raw / f"{name}.jsonl" for name in ("train", "valid_seen", "valid_heldout")}
+    sources.update(sft_train=chat / "train.jsonl", sft_valid=chat / "valid.jsonl")
+    for name, src in sources.items():
         if not (shards / name / "manifest.json").exists():
-            preprocess([raw / f"{name}.jsonl"], shards / name, tok_dir, workers=workers, progress=False)
+            preprocess([src], shards / name, tok_dir, workers=workers, progress=False)
     say(f"shards: {shards} ({time.time() - t:.1f} s)")
-    return {"raw": raw, "tokenizers": tok_dir, "shards": shards}
+    return {"raw": raw, "chat": chat, "tokenizers": tok_dir, "shards": shards}
 
 
 def load_chain(path: Path) -> list[dict]:
@@ -66,7 +79,10 @@ def load_chain(path: Path) -> list[dict]:
 
 
 def run_chain(chain: Path, data: dict, out: Path, extra: list[str], layout, say=print) -> Path:
-    """Train every stage in this process (a world of one), each from the previous stage's checkpoint."""
+    """Train every stage in this process (a world of one), each from the previous stage's checkpoint.
+
+    Every stage reads the pretraining shards unless its overrides name others: ``{shards}`` in a stage's overrides
+    is the demo's shard folder (e.g. the SFT stage's ``data.train=[{path: "{shards}/sft_train"}]``)."""
     from megannm.config import load_recipe
     from megannm.train import checkpoint
     from megannm.train.loop import Trainer
@@ -77,7 +93,8 @@ def run_chain(chain: Path, data: dict, out: Path, extra: list[str], layout, say=
         run_dir = out / "runs" / stage["name"]
         overrides = [f"data.train=[{{path: {shards / 'train'}}}]",
                      f"data.valid=[{{path: {shards / 'valid_seen'}}}]",
-                     f"logging.dir={run_dir}", *stage["overrides"], *extra]
+                     f"logging.dir={run_dir}", *[o.replace("{shards}", str(shards)) for o in stage["overrides"]],
+                     *extra]
         if previous is not None:
             overrides.append(f"checkpoint.init_from={previous}")
         recipe = load_recipe(stage["recipe"], overrides, world_size=1)
@@ -87,7 +104,9 @@ def run_chain(chain: Path, data: dict, out: Path, extra: list[str], layout, say=
         else:
             say(f"stage {stage['name']}: {recipe.schedule.train_steps} steps -> {run_dir}")
             t = time.time()
-            Trainer(recipe, layout, source=str(stage["recipe"])).run(resume=True)
+            result = Trainer(recipe, layout, source=str(stage["recipe"])).run(resume=True)
+            if result.get("exit_code", 0) != 0:  # preempted (a signal): saved; `megannm demo` again resumes it
+                raise SystemExit(result["exit_code"])
             say(f"stage {stage['name']}: done in {time.time() - t:.0f} s")
         previous = run_dir / "checkpoints"
     return previous
@@ -100,6 +119,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--n-train", type=int, default=20000)
     p.add_argument("--n-valid", type=int, default=200)
     p.add_argument("--eval-n", type=int, default=100, help="examples per split in the evaluation")
+    p.add_argument("--eval-chat-n", type=int, default=25,
+                   help="chat evaluation (when the chain ends with an SFT stage): prompts per task and split")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("overrides", nargs="*", help="key.path=value applied to every stage (e.g. a shorter schedule)")
@@ -113,15 +134,22 @@ def main(argv: list[str]) -> int:
     data = build_data(out, a.n_train, a.n_valid, a.seed, a.workers)
 
     from megannm import parallel
+    from megannm.config import load_recipe
     from megannm.convert.deepspeed import load_model
     from megannm.data.tokenize import Tokenizers
-    from megannm.evaluate import evaluate, format_report
+    from megannm.evaluate import evaluate, evaluate_chat, format_report
     layout = parallel.init_parallel(1, 1)  # one world of one for every stage and the evaluation
     try:
         final = run_chain(Path(a.chain), data, out, a.overrides, layout)
         tok = Tokenizers.load(data["tokenizers"])
         model, _ = load_model(final, layout, vocab=tok.vocab)
         report = evaluate(model, tok, n_per_split=a.eval_n, out_dir=out)
+        stages = load_chain(Path(a.chain))
+        if load_recipe(stages[-1]["recipe"]).phase.kind == "sft":  # chat, after and before SFT
+            report["chat"] = evaluate_chat(model, tok, n_per_task=a.eval_chat_n)
+            if len(stages) > 1:
+                before, _ = load_model(out / "runs" / stages[-2]["name"] / "checkpoints", layout, vocab=tok.vocab)
+                report["chat_before_sft"] = evaluate_chat(before, tok, n_per_task=a.eval_chat_n)
         report["demo_wall_seconds"] = round(time.time() - t0, 1)
         tmp = out / "report.json.tmp"
         tmp.write_text(json.dumps(report, indent=2) + "\n")

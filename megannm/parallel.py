@@ -147,8 +147,9 @@ def init_parallel(tp: int = 1, pp: int = 1, timeout_s: int = 600, env: Optional[
                                 rank=info.rank, world_size=info.world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s))
     _skip_deepspeed_cpu_builds()
-    # DeepSpeed's engine asserts LOCAL_RANK (or OMPI_COMM_WORLD_LOCAL_RANK) in the environment; srun sets neither.
-    os.environ.setdefault("LOCAL_RANK", str(info.local_rank))
+    # DeepSpeed's engine reads LOCAL_RANK (asserts it, or OMPI_COMM_WORLD_LOCAL_RANK, which must then agree); srun
+    # sets neither, and a value inherited from the submitting shell would be wrong for every rank but one.
+    os.environ["LOCAL_RANK"] = str(info.local_rank)
     import deepspeed
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                timeout=datetime.timedelta(seconds=timeout_s))

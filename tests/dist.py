@@ -20,8 +20,10 @@ def base_env(**extra) -> dict:
     env = dict(os.environ)
     env.update({"OMP_NUM_THREADS": "1", "MEGANNM_QUIET": "1", "PYTHONUNBUFFERED": "1",
                 "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "torch_extensions")})
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
+    # a test process that initialised its own world of one (init_parallel) exported these; children must not
+    # inherit them (a reused MASTER_PORT is EADDRINUSE, a stale LOCAL_RANK a wrong device)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
     env.update({k: str(v) for k, v in extra.items()})
     return env
 

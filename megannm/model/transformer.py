@@ -23,6 +23,7 @@ init and never part of a softmax. RoPE is Hugging Face Llama's ``rotate_half`` f
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import asdict, dataclass, fields
@@ -279,13 +280,37 @@ def gather_vocab(logits_parallel: torch.Tensor) -> torch.Tensor:
     return _GatherLastDim.apply(logits_parallel, parallel.tensor_group())
 
 
+def draw_init_seed() -> int:
+    """The base of the per-layer init seeds, drawn from the torch RNG: ``torch.manual_seed(s)`` before building fixes
+    every layer's weights, whoever builds them (``NMMModel``, or a pipeline stage that builds only its own layers)."""
+    return int(torch.randint(0, 2 ** 31 - 1, (1,)).item())
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Run under ``torch.manual_seed(seed)`` and give the caller's RNG stream back untouched afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 class NMMModel(nn.Module):
-    def __init__(self, args: ModelArgs):
+    """EmbeddingStage -> N x Block -> HeadStage. Chain position c (0 embedding, 1 + i block i, N + 1 head) is built
+    under the seed ``seed + c``, so a pipeline stage that builds only positions [a, b) gets the same weights
+    (``megannm.model.pipeline``); ``seed`` None draws it from the torch RNG (``draw_init_seed``)."""
+
+    def __init__(self, args: ModelArgs, seed: Optional[int] = None):
         super().__init__()
         self.args = args
-        self.embedding = EmbeddingStage(args)
-        self.layers = nn.ModuleList(Block(args, i) for i in range(args.layers))
-        self.head = HeadStage(args)
+        seed = draw_init_seed() if seed is None else seed
+        with seeded(seed):
+            self.embedding = EmbeddingStage(args)
+        self.layers = nn.ModuleList()
+        for i in range(args.layers):
+            with seeded(seed + 1 + i):
+                self.layers.append(Block(args, i))
+        with seeded(seed + args.layers + 1):
+            self.head = HeadStage(args)
 
     def forward(self, input_ids, position_ids=None, document_ids=None, labels=None, loss_mask=None,
                 cache: Optional[KVCache] = None):

@@ -1,0 +1,261 @@
+"""The model as a DeepSpeed ``PipelineModule``: the same stages as ``NMMModel``, one ``LayerSpec`` each.
+
+    chain position   0            1 .. N                N + 1
+    module           EmbeddingStage  Block(args, i = c - 1)  HeadStage      -> loss_fn: lm_loss on the last stage
+
+No adapters: ``EmbeddingStage`` takes the micro-batch's ``(input_ids, position_ids, document_ids)`` tuple, every
+``Block`` takes and returns ``(hidden, modality, position_ids, document_ids)`` (three int64 tensors after the float
+one: DeepSpeed sends no gradient for them, and there is no bool mask to keep last: each stage rebuilds routing and
+mask from the ids), and ``HeadStage`` returns the vocab-parallel logits that ``lm_loss`` turns into the loss with
+megatron-core's ``vocab_parallel_cross_entropy``.
+
+Weights: chain position c is built under the seed ``base + c`` (``transformer.seeded``), exactly as ``NMMModel``
+does, so a stage that builds only its own positions holds the same weights as the whole model built from the same
+torch seed; tensor-parallel slicing is megatron-core's, from the same CPU master weights.
+
+Parameter names: DeepSpeed registers position c as the submodule ``"c"``, so the pipeline's state dict reads
+``{c}.{name inside the stage}`` and DeepSpeed's checkpoint writes position c to ``layer_{c:02d}-model_{tp:02d}-
+model_states.pt`` with the names inside the stage. ``pipeline_to_canonical`` / ``canonical_to_pipeline`` map both
+onto ``NMMModel``'s canonical names (``transformer.py``'s docstring):
+
+    0.embed_tokens.weight          <->  embedding.embed_tokens.weight
+    {1+i}.attn.q_proj.{m}.weight   <->  layers.{i}.attn.q_proj.{m}.weight          (every name inside a Block)
+    {N+1}.norm.{m}.weight          <->  head.norm.{m}.weight
+    {N+1}.output.weight            <->  head.output.weight
+
+Training: ``pipeline_train_step`` feeds ``trainer.accum`` micro-batches to ``PipelineEngine.train_batch`` (1F1B);
+the loss function keeps each micro-batch's per-modality statistics on the last stage, and the step broadcasts them
+over the pipeline group so every rank returns the same statistics as the non-pipeline path.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import re
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from deepspeed.pipe import LayerSpec, PipelineModule
+
+from megannm import parallel
+from megannm.model import flops
+from megannm.model.embedding import EmbeddingStage
+from megannm.model.mot import Block
+from megannm.model.transformer import HeadStage, ModelArgs, draw_init_seed, lm_loss, seeded
+
+__all__ = ["build_pipeline_module", "NMMPipeline", "PipelineLoss", "pipeline_batch", "pipeline_train_step",
+           "pipeline_eval", "pipeline_to_canonical", "canonical_to_pipeline", "check_grid_matches_megatron"]
+
+PHASES = ("pretrain", "sft")  # objectives that are lm_loss over (labels, loss_mask): what the last stage computes
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# building
+
+
+class SeededLayerSpec(LayerSpec):
+    """A ``LayerSpec`` built under its own seed (and giving the caller's RNG stream back untouched)."""
+
+    def __init__(self, seed: int, typename, *module_args, **module_kwargs):
+        super().__init__(typename, *module_args, **module_kwargs)
+        self.seed = seed
+
+    def build(self, log=False):
+        with seeded(self.seed):
+            return super().build(log=log)
+
+
+class PipelineLoss:
+    """``loss_fn(logits, (labels, loss_mask))`` of the last stage: ``lm_loss``, keeping each micro-batch's
+    (loss, stats) for the step's logs (``take`` empties the list)."""
+
+    def __init__(self, args: ModelArgs):
+        self.args = args
+        self.kept: list[tuple[torch.Tensor, dict]] = []
+
+    def __call__(self, logits: torch.Tensor, labels) -> torch.Tensor:
+        labels, loss_mask = labels
+        loss, stats = lm_loss(logits, labels, loss_mask, self.args)
+        self.kept.append((loss.detach(), stats))
+        return loss
+
+    def take(self) -> list[tuple[torch.Tensor, dict]]:
+        kept, self.kept = self.kept, []
+        return kept
+
+
+class NMMPipeline(PipelineModule):
+    """DeepSpeed's ``PipelineModule`` over the chain, with the ``parameters`` partition counted from the dimensions
+    (DeepSpeed's own count builds every layer of the whole model on every rank)."""
+
+    def __init__(self, args: ModelArgs, specs: list, **kwargs):
+        self.args = args
+        super().__init__(specs, **kwargs)
+
+    def _count_layer_params(self):
+        a = self.args
+        table = a.padded_vocab_size * a.hidden  # embedding; the output layer has the same shape
+        block = a.n_sets * (flops.block_matmul_params(a) + flops.block_norm_params(a))
+        return [table] + [block] * a.layers + [a.n_sets * a.hidden + table]
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """The whole model's training FLOPs per token (what MFU is measured against), not this stage's."""
+        return flops.flops_per_token(self.args, seq_len)
+
+
+def chain_specs(args: ModelArgs, seed: int) -> list[LayerSpec]:
+    """Chain position c = 0 embedding, 1 + i block i, N + 1 head; each built under ``seed + c`` as in NMMModel."""
+    return ([SeededLayerSpec(seed, EmbeddingStage, args)]
+            + [SeededLayerSpec(seed + 1 + i, Block, args, i) for i in range(args.layers)]
+            + [SeededLayerSpec(seed + args.layers + 1, HeadStage, args)])
+
+
+def build_pipeline_module(args: ModelArgs, recipe, layout) -> NMMPipeline:
+    """This rank's stage of the pipeline; the caller seeds torch first (the same seed as for ``NMMModel``)."""
+    kind = recipe.phase.kind
+    if kind not in PHASES:
+        raise ValueError(f"recipe: phase.kind: {kind!r} cannot run with pipeline parallelism (got "
+                         f"parallel.pipeline_parallel={layout.pp}, expected phase.kind in {', '.join(PHASES)} or "
+                         f"pipeline_parallel = 1)")
+    p = recipe.parallel
+    seed = draw_init_seed()  # the same draw NMMModel makes: the same weights at every layout
+    quiet = io.StringIO()  # DeepSpeed prints its partition table and seed settings on rank 0
+    with contextlib.redirect_stdout(quiet):
+        module = NMMPipeline(
+            args, chain_specs(args, seed), topology=parallel.pipeline_topology(layout), loss_fn=PipelineLoss(args),
+            partition_method=p.pipeline_partition,
+            # checkpoint every block (the embedding's inputs are ids: nothing to recompute from)
+            activation_checkpoint_interval=1 if p.activation_checkpointing else 0,
+            activation_checkpoint_func=functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False),
+            checkpointable_layers=[Block.__name__])
+    check_grid_matches_megatron(module.mpu())
+    _count_replicated_once(module, layout)
+    return module
+
+
+def _count_replicated_once(module: torch.nn.Module, layout) -> None:
+    """ZeRO 0's gradient clipping (deepspeed.runtime.utils.clip_grad_norm_) counts a parameter that is not
+    tensor-parallel only on the rank whose pipeline-x-tensor "model-parallel rank" is 0, i.e. only on the FIRST
+    stage: the norms of every later stage would be missing from the global norm. Mark this stage's copy on tensor
+    rank 0 as counted (``model_parallel``); the other tensor ranks' replicas stay uncounted. ZeRO 1 and bf16 ask the
+    tensor rank themselves, which this does not change."""
+    if layout.tp_rank != 0:
+        return
+    for p in module.parameters():
+        if not getattr(p, "tensor_model_parallel", False):
+            p.model_parallel = True
+
+
+def check_grid_matches_megatron(grid) -> None:
+    """DeepSpeed's pipeline grid and megatron-core's parallel_state must group the same ranks on every axis: the
+    layers reduce over megatron-core's tensor group while DeepSpeed partitions activations over its own."""
+    from megatron.core import parallel_state as ps
+
+    def ranks(group):
+        return sorted(dist.get_process_group_ranks(group))
+
+    pairs = (("tensor", sorted(grid.slice_group), ranks(ps.get_tensor_model_parallel_group())),
+             ("data", sorted(grid.dp_group), ranks(ps.get_data_parallel_group())),
+             ("pipeline", sorted(grid.pp_group), ranks(ps.get_pipeline_model_parallel_group())))
+    for axis, theirs, ours in pairs:
+        if theirs != ours:
+            raise RuntimeError(f"parallel layout: rank {dist.get_rank()}: DeepSpeed's {axis} group {theirs} differs "
+                               f"from megatron-core's {ours} (the topology must be built in Megatron's order by "
+                               f"megannm.parallel.pipeline_topology)")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# parameter names
+
+_CANONICAL_BLOCK = re.compile(r"layers\.(\d+)\.(.+)")
+
+
+def pipeline_to_canonical(name: str, layer_offset: int = 0) -> str:
+    """A pipeline parameter name -> ``NMMModel``'s canonical name.
+
+    ``name`` is either a key of the pipeline module's state dict, ``"{c}.{inner}"`` (c = chain position, which
+    DeepSpeed keeps global on every stage; ``layer_offset`` is added to it when the keys were renumbered from a
+    stage's first position), or a key of one DeepSpeed layer file, ``"{inner}"``, with ``layer_offset`` = the file's
+    chain position (``layer_{c:02d}-...``). The stage is recognised by its inner name, so N is not needed.
+    """
+    head, _, rest = name.partition(".")
+    if head.isdigit():
+        position, inner = int(head) + layer_offset, rest
+    else:
+        position, inner = layer_offset, name
+    if inner.startswith("embed_tokens."):
+        if position != 0:
+            raise ValueError(f"pipeline name {name!r}: the embedding is chain position 0 (got {position})")
+        return f"embedding.{inner}"
+    if inner.startswith(("attn.", "ffn.")):
+        if position < 1:
+            raise ValueError(f"pipeline name {name!r}: blocks are chain positions >= 1 (got {position})")
+        return f"layers.{position - 1}.{inner}"
+    if inner.startswith(("norm.", "output.")):
+        return f"head.{inner}"
+    raise ValueError(f"pipeline name {name!r}: not a parameter of EmbeddingStage, Block or HeadStage")
+
+
+def canonical_to_pipeline(name: str, num_layers: int) -> tuple[int, str]:
+    """A canonical name -> (chain position, name inside that stage); the pipeline state-dict key is
+    ``f"{position}.{inner}"`` and DeepSpeed's layer file is ``layer_{position:02d}-...``."""
+    if name.startswith("embedding."):
+        return 0, name[len("embedding."):]
+    if name.startswith("head."):
+        return num_layers + 1, name[len("head."):]
+    m = _CANONICAL_BLOCK.fullmatch(name)
+    if m and int(m.group(1)) < num_layers:
+        return int(m.group(1)) + 1, m.group(2)
+    raise ValueError(f"parameter {name!r}: not a canonical megannm name for a model of {num_layers} layers")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# steps
+
+
+def pipeline_batch(batch: dict) -> tuple[tuple, tuple]:
+    """A loader micro-batch dict -> DeepSpeed's ``((first stage inputs), (loss_fn labels))``."""
+    return ((batch["input_ids"], batch["position_ids"], batch["document_ids"]), (batch["labels"], batch["loss_mask"]))
+
+
+def _needs_data(engine) -> bool:
+    return engine.is_first_stage() or engine.is_last_stage()
+
+
+def _step_stats(engine, kept: list) -> dict:
+    """The micro-batches' statistics (last stage) -> the trainer's stats dict, identical on every rank."""
+    from megatron.core import parallel_state as ps
+
+    from megannm.phases.pretrain import STAT_KEYS, reduce_stats, stats_vector
+    vec = torch.zeros(len(STAT_KEYS), dtype=torch.float64)
+    for loss, stats in kept:  # micro-batch order, as the non-pipeline loop sums them
+        vec = vec + stats_vector(loss, stats)
+    vec = vec.to(parallel.device())
+    if engine.num_stages > 1:
+        dist.broadcast(vec, src=ps.get_pipeline_model_parallel_last_rank(), group=parallel.pipeline_group())
+    return reduce_stats(vec)  # sum over data-parallel ranks (each pipeline's own last stage), then means
+
+
+def pipeline_train_step(trainer, batches: Iterator[dict]) -> dict:
+    """One optimizer step over ``trainer.accum`` micro-batches with ``PipelineEngine.train_batch`` (1F1B)."""
+    engine = trainer.engine
+    micro = [pipeline_batch(next(batches)) for _ in range(trainer.accum)] if _needs_data(engine) else []
+    engine.module.loss_fn.take()  # nothing left over from an interrupted call
+    engine.train_batch(iter(micro))
+    return _step_stats(engine, engine.module.loss_fn.take())
+
+
+def pipeline_eval(trainer, batches: list[dict]) -> dict:
+    """Loss statistics over ``batches`` with ``PipelineEngine.eval_batch`` (forward only, in pipeline order)."""
+    engine = trainer.engine
+    micro = [pipeline_batch(b) for b in batches] if _needs_data(engine) else []
+    engine.module.loss_fn.take()
+    engine.eval_batch(iter(micro), num_micro_batches=len(batches), bcast_loss=False)
+    return _step_stats(engine, engine.module.loss_fn.take())
+
+
+def stage_bounds(module: PipelineModule) -> tuple[int, int]:
+    """[first, last + 1) chain positions this rank's stage holds."""
+    return int(module._local_start), int(module._local_stop)

@@ -180,6 +180,15 @@ def load(engine, path: str | Path, layout, module_only: bool = False) -> dict:
     """Load a complete checkpoint into ``engine``; returns its metadata (and restores this rank's RNG on resume)."""
     path = resolve(path)
     meta = read_meta(path)
+    if module_only or meta.get("module_only"):
+        # weights only (init_from, or a folder written by `megannm convert --to deepspeed`): megannm's loader works at
+        # every ZeRO stage (DeepSpeed's own module-only load fails on ZeRO-3 at TP > 1)
+        from megannm.convert.deepspeed import load_module_only
+        load_module_only(engine, path, layout)
+        if not module_only and getattr(engine, "lr_scheduler", None) is not None:  # a resume: the schedule goes on
+            engine.lr_scheduler.last_epoch = int(meta.get("step") or 0) - 1  # from the saved step (Adam restarts)
+            engine.lr_scheduler.step()
+        return meta
     load_path, client = engine.load_checkpoint(str(path.parent), tag=path.name,
                                                load_module_only=module_only,
                                                load_optimizer_states=not module_only,

@@ -1,0 +1,135 @@
+"""``megannm convert SRC DST --to {consolidated,deepspeed,hf}``: argument parsing and dispatch only.
+
+SRC is recognised by what it holds: ``consolidated.json`` (the consolidated hub), ``megannm.json`` or a ``latest``
+pointer (a megannm DeepSpeed checkpoint of any TP x PP x ZeRO layout), or ``config.json`` (a Hugging Face LLM, which
+only converts ``--to consolidated``). Every route passes through the consolidated form (in memory unless it is the
+target).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+from megannm.convert.files import DEFAULT_SHARD_SIZE, ConvertError, parse_size
+
+TARGETS = ("consolidated", "deepspeed", "hf")
+
+EXAMPLES = """examples:
+  megannm convert runs/joint/checkpoints out/joint --to consolidated --tokenizers tokenizers/
+  megannm convert out/joint out/joint-tp2pp2 --to deepspeed --tp 2 --pp 2
+  megannm convert out/joint out/joint-hf --to hf --tokenizers tokenizers/   (MoT: trust_remote_code=True)
+  megannm convert llama/ out/start --to consolidated --image-tokenizer tokenizers/image_tokenizer.npz
+
+A consolidated folder also starts training directly at any layout: checkpoint.init_from: <folder>."""
+
+
+def source_kind(src: Path) -> str:
+    from megannm.convert.consolidated import META
+    from megannm.train import checkpoint
+    if not src.exists():
+        raise FileNotFoundError(f"{src}: no such file or directory")
+    if not src.is_dir():
+        raise NotADirectoryError(f"{src}: a checkpoint is a folder")
+    if (src / META).exists():
+        return "consolidated"
+    if (src / checkpoint.META).exists() or (src / checkpoint.LATEST).exists():
+        return "deepspeed"
+    if (src / "config.json").exists():
+        return "hf"
+    raise ConvertError(f"{src}: not a checkpoint (no {META}, {checkpoint.META}, {checkpoint.LATEST} or config.json)")
+
+
+def load_source(src: Path, kind: str):
+    if kind == "consolidated":
+        from megannm.convert.consolidated import read
+        return read(src)
+    from megannm.convert.deepspeed import read_deepspeed
+    return read_deepspeed(src)
+
+
+def describe(c) -> str:
+    s = c.source
+    if s.get("kind") == "deepspeed":
+        lay = s.get("layout") or {}
+        zero = "module-only" if s.get("zero_stage") is None else f"zero={s.get('zero_stage')}"
+        return f"deepspeed tp={lay.get('tp')} pp={lay.get('pp')} {zero}, step {s.get('step')}: {s.get('weights')}"
+    return s.get("kind", "consolidated")
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="megannm convert", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Convert checkpoints through the consolidated safetensors form: DeepSpeed (any tensor x pipeline "
+                    "x ZeRO layout) <-> consolidated <-> Hugging Face; re-shard with --to deepspeed --tp N --pp N.",
+        epilog=EXAMPLES)
+    p.add_argument("src", type=Path, help="consolidated folder, megannm DeepSpeed checkpoint, or Hugging Face folder")
+    p.add_argument("dst", type=Path, help="output folder (written to a temporary name, then renamed)")
+    p.add_argument("--to", required=True, choices=TARGETS)
+    p.add_argument("--tp", type=int, default=None, help="tensor-parallel size of a --to deepspeed output (default 1)")
+    p.add_argument("--pp", type=int, default=None, help="pipeline size of a --to deepspeed output (default 1)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    p.add_argument("--max-shard-size", default=str(DEFAULT_SHARD_SIZE),
+                   help="safetensors file size above which weights are split into shards + index (e.g. 500MB)")
+    p.add_argument("--tokenizers", type=Path, default=None,
+                   help="tokenizer bundle (text/, image_tokenizer.*, vocab.json): exported beside --to hf weights "
+                        "and kept inside a consolidated folder")
+    p.add_argument("--image-tokenizer", type=Path, default=None,
+                   help="Hugging Face LLM -> megannm: the image tokenizer whose codes extend the LLM's vocabulary")
+    p.add_argument("--dense", action="store_true",
+                   help="Hugging Face LLM -> megannm: the dense twin (default: MoT, every modality from the LLM)")
+    p.add_argument("--seed", type=int, default=0, help="Hugging Face LLM -> megannm: noise seed of the new rows")
+    a = p.parse_args(argv)
+    warnings.filterwarnings("ignore", message=".*Transformer Engine.*")  # megatron-core's import-time notices
+
+    src, dst = a.src, a.dst
+    shard = parse_size(a.max_shard_size)
+    if a.to != "deepspeed" and (a.tp or a.pp):
+        raise ConvertError(f"--tp/--pp set the layout of a --to deepspeed output (got --to {a.to}; the consolidated "
+                           f"and Hugging Face forms have no layout)")
+    if dst.exists() and not a.overwrite:
+        raise FileExistsError(f"{dst}: already exists (pass --overwrite to replace it)")
+    if src.resolve() == dst.resolve():
+        raise ConvertError(f"{dst}: is the source itself")
+    kind = source_kind(src)
+
+    if kind == "hf":
+        if a.to != "consolidated":
+            raise ConvertError(f"{src}: a Hugging Face LLM converts --to consolidated (then train from it, or convert "
+                               f"that --to deepspeed); got --to {a.to}")
+        if a.image_tokenizer is None:
+            raise ConvertError(f"{src}: a Hugging Face LLM needs --image-tokenizer (its codes extend the vocabulary)")
+        from megannm.convert.hf import import_hf
+        out = import_hf(src, dst, a.image_tokenizer, mot=not a.dense, seed=a.seed, overwrite=a.overwrite,
+                        max_shard_size=shard)
+        print(f"{out}: consolidated {'dense' if a.dense else 'MoT'} model from {src} (init_from: {out})")
+        return 0
+
+    c = load_source(src, kind)
+    if a.tokenizers is not None:
+        c.tokenizers = a.tokenizers
+    if a.to == "consolidated":
+        if c.tokenizers is not None:
+            from megannm.data.tokenize import Tokenizers
+            c.vocab.check_same(Tokenizers.load(c.tokenizers).vocab.fingerprint, str(src),
+                               str(Path(c.tokenizers) / "vocab.json"))
+        from megannm.convert.consolidated import write
+        out = write(c, dst, overwrite=a.overwrite, max_shard_size=shard)
+    elif a.to == "deepspeed":
+        from megannm.convert.deepspeed import write_deepspeed
+        out = write_deepspeed(c, dst, tp=a.tp or 1, pp=a.pp or 1, overwrite=a.overwrite)
+    else:
+        from megannm.convert.hf import architecture, export_hf
+        out = export_hf(c, dst, tokenizers=c.tokenizers, overwrite=a.overwrite, max_shard_size=shard)
+        if c.tokenizers is None:
+            print("megannm convert: note: no tokenizer exported (pass --tokenizers DIR)", file=sys.stderr)
+        print(f"{out}: Hugging Face {architecture(c.args)} from {src} ({describe(c)})")
+        return 0
+    extra = f" at tp={a.tp or 1} pp={a.pp or 1} (module only: fresh optimizer)" if a.to == "deepspeed" else ""
+    print(f"{out}: {a.to}{extra} from {src} ({describe(c)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

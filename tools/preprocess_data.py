@@ -1,0 +1,11 @@
+#!/usr/bin/env python
+"""JSONL records -> zstd token shards (the same as ``megannm preprocess``).
+
+    python tools/preprocess_data.py --input data/train.jsonl --output shards/train --tokenizers tokenizers/
+"""
+import sys
+
+from megannm.data.preprocess import preprocess_main
+
+if __name__ == "__main__":
+    sys.exit(preprocess_main(sys.argv[1:]))

@@ -7,6 +7,8 @@
     megannm convert     DeepSpeed <-> consolidated safetensors <-> Hugging Face; re-shard TP/PP
     megannm generate    sample captions or images from a checkpoint
     megannm evaluate    caption and image accuracy on seen and held-out toy combinations
+    megannm pairs       DPO preference pairs: two sampled answers per prompt, ranked by verifiable rewards
+    megannm score       mean verifiable reward of a checkpoint's samples; win rate against another checkpoint
 
 A user mistake exits with code 2 and one line naming the file, key or parameter at fault.
 """
@@ -65,6 +67,8 @@ COMMANDS = {
     "convert": _lazy("megannm.convert.cli"),
     "generate": _lazy("megannm.generate"),
     "evaluate": _lazy("megannm.evaluate"),
+    "pairs": _lazy("megannm.phases.dpo", "pairs_main"),
+    "score": _lazy("megannm.rewards.score"),
 }
 
 

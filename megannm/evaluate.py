@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from megannm import parallel
-from megannm.generate import (SamplingConfig, caption_prompt, codes_to_images, generate, image_prompt, text_of)
+from megannm.generate import (SamplingConfig, caption_prompt, chat_prompt, codes_to_images, generate, image_prompt,
+                              text_of)
 
 SPLITS = ("seen", "heldout")
 
@@ -117,6 +118,70 @@ def evaluate(model, tok, n_per_split: int = 100, seed: int = 7, cfg_scale: float
     return report
 
 
+def evaluate_chat(model, tok, n_per_task: int = 25, seed: int = 11, cfg_scale: float = 2.0,
+                  temperature: float = 0.0) -> dict:
+    """Chat (SFT) evaluation on seen and held-out targets (``megannm.data.toy_chat.eval_items``).
+
+    - ``answer_accuracy``: split -> question type -> fraction of answers (text up to ``<|end|>``) naming the asked
+      attribute's true value (``toy.parse_caption``; an answer naming two values is wrong); ``answer_exact``: the
+      fraction that are exactly the reference answer ("it is blue"), i.e. that also follow the answer format;
+    - ``draw_accuracy``: split -> attribute -> fraction of pictures drawn for "draw a ..." that show it (the checker);
+    - ``edit_accuracy``: the same for the picture answering "now make it ..." after a ground-truth first picture,
+      plus ``edited``: the fraction showing the edited attribute's new value.
+    """
+    from megannm.data import toy, toy_chat
+    t0 = time.time()
+    v = tok.vocab
+    sampling = SamplingConfig(greedy=temperature <= 0, temperature=max(temperature, 1e-6), seed=seed)
+    report = {"answer_accuracy": {}, "answer_exact": {}, "draw_accuracy": {}, "edit_accuracy": {}, "examples": {},
+              "n_per_task": n_per_task}
+    for split in SPLITS:
+        items = toy_chat.eval_items(n_per_task, seed, split)
+        qa = [i for i in items if i.task == "qa"]
+        rows = generate(model, v, [chat_prompt(tok, i.messages) for i in qa], "text", max_new_tokens=12,
+                        sampling=sampling, stop_ids=(v.special("<|end|>"),))
+        answers = [text_of(tok, r) for r in rows]
+        hits, exact = {a: [] for a in toy.ATTRIBUTES}, {a: [] for a in toy.ATTRIBUTES}
+        for it, ans in zip(qa, answers):
+            hits[it.attr].append(toy.parse_caption(ans)[it.attr] == getattr(it.truth, it.attr))
+            exact[it.attr].append(ans == toy_chat.answer(it.attr, it.truth))
+        report["answer_accuracy"][split] = {a: sum(h) / max(len(h), 1) for a, h in hits.items()}
+        report["answer_exact"][split] = {a: sum(h) / max(len(h), 1) for a, h in exact.items()}
+        report["examples"][split] = [{"question": it.messages[-1]["content"][-1]["text"], "answer": ans,
+                                      "truth": getattr(it.truth, it.attr)}
+                                     for it, ans in list(zip(qa, answers))[::n_per_task]]  # one per question type
+        for task in ("draw", "edit"):
+            chosen = [i for i in items if i.task == task]
+            drawn = codes_to_images(tok, generate(model, v, [chat_prompt(tok, i.messages, "image") for i in chosen],
+                                                  "image", sampling=sampling, cfg_scale=cfg_scale))
+            acc = score_images(drawn, [i.truth for i in chosen])
+            if task == "edit":
+                acc["edited"] = sum(toy.check_image(img)[i.attr] == getattr(i.truth, i.attr)
+                                    for img, i in zip(drawn, chosen)) / max(len(chosen), 1)
+            report[f"{task}_accuracy"][split] = acc
+    report["wall_seconds"] = round(time.time() - t0, 1)
+    return report
+
+
+def format_chat(chat: dict, title: str = "chat") -> str:
+    lines = []
+    for what, label in (("answer_accuracy", "answers"), ("answer_exact", "exact"), ("draw_accuracy", "draw"),
+                        ("edit_accuracy", "edit")):
+        for split in SPLITS:
+            accs = chat[what][split]
+            lines.append(f"{title + ' ' + label:17s} {split:8s} " + "  ".join(f"{a} {x:.2f}" for a, x in accs.items()))
+    return "\n".join(lines)
+
+
+def write_report(report: dict, out_dir) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(out / "report.json")
+    return out / "report.json"
+
+
 def samples_png(shown: dict, path: Path, per_row: int = 8) -> None:
     """Generated images with their prompts (both splits), then held-out images with the generated captions."""
     from PIL import Image, ImageDraw
@@ -160,6 +225,9 @@ def format_report(report: dict) -> str:
         lo = report["loss"][split]
         lines.append(f"{'loss':17s} {split:8s} text {lo['text_loss']:.3f}  image {lo['image_loss']:.3f}")
     lines.append("chance            " + "  ".join(f"{a} {v:.2f}" for a, v in report["chance"].items()))
+    for key, title in (("chat_before_sft", "before sft"), ("chat", "chat")):
+        if key in report:
+            lines.append(format_chat(report[key], title))
     return "\n".join(lines)
 
 
@@ -173,6 +241,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--cfg-scale", type=float, default=2.0)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--chat", action="store_true", help="also evaluate chat (SFT): answer accuracy per question type, "
+                                                       "instructed drawing and edits per attribute")
     a = p.parse_args(argv)
     from megannm.convert.deepspeed import load_model
     from megannm.data.tokenize import Tokenizers
@@ -182,6 +252,9 @@ def main(argv: list[str]) -> int:
         model, _ = load_model(a.checkpoint, layout, vocab=tok.vocab)
         report = evaluate(model, tok, n_per_split=a.n, seed=a.seed, cfg_scale=a.cfg_scale,
                           temperature=a.temperature, out_dir=a.out)
+        if a.chat:
+            report["chat"] = evaluate_chat(model, tok, cfg_scale=a.cfg_scale, temperature=a.temperature)
+            write_report(report, a.out)
         print(format_report(report))
         print(f"report: {Path(a.out) / 'report.json'}  picture: {Path(a.out) / 'samples.png'}")
     finally:

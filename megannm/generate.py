@@ -70,34 +70,46 @@ def _same_on_tp_ranks(ids: torch.Tensor) -> torch.Tensor:
 
 
 class _Stream:
-    """One batch of equal-length prompts decoding with its own KV cache."""
+    """One batch of prompts decoding with its own KV cache: equal lengths, or left-padded to equal length with
+    ``lengths`` given (the padding is a document of its own, so no prompt or answer token ever attends to it, and
+    every row's positions start at 0 at its first real token)."""
 
-    def __init__(self, model, prompts: torch.Tensor, max_new: int):
+    def __init__(self, model, prompts: torch.Tensor, max_new: int, lengths: Optional[torch.Tensor] = None):
         self.model = model
         b, n = prompts.shape
         self.cache = model.new_cache(b, n + max_new)
-        self.pos = n
-        pos = torch.arange(n, device=prompts.device).expand(b, n)
-        self.logits = model(prompts, position_ids=pos, cache=self.cache)[:, -1].float()
+        idx = torch.arange(n, device=prompts.device).expand(b, n)
+        if lengths is None:
+            pos, docs, self.docs = idx, None, None
+            self.pos = torch.full((b,), n, dtype=torch.long, device=prompts.device)
+        else:
+            start = (n - lengths)[:, None]
+            pos, docs = (idx - start).clamp(min=0), (idx >= start).long()
+            self.docs = torch.ones(b, 1, dtype=torch.long, device=prompts.device)
+            self.pos = lengths.clone()
+        self.logits = model(prompts, position_ids=pos, document_ids=docs, cache=self.cache)[:, -1].float()
 
     def feed(self, ids: torch.Tensor) -> None:
-        b = ids.shape[0]
-        pos = torch.full((b, 1), self.pos, dtype=torch.long, device=ids.device)
-        self.logits = self.model(ids[:, None], position_ids=pos, cache=self.cache)[:, -1].float()
-        self.pos += 1
+        self.logits = self.model(ids[:, None], position_ids=self.pos[:, None], document_ids=self.docs,
+                                 cache=self.cache)[:, -1].float()
+        self.pos = self.pos + 1
 
 
 @torch.no_grad()
 def _decode_bucket(model, vocab: Vocab, prompts: torch.Tensor, kind: str, max_new: int, cfg: SamplingConfig,
-                   cfg_scale: float, generator) -> list[list[int]]:
+                   cfg_scale: float, generator, stop_ids: tuple = (), keep_stop: bool = False,
+                   lengths: Optional[torch.Tensor] = None) -> list[list[int]]:
     dev = prompts.device
     b = prompts.shape[0]
-    cond = _Stream(model, prompts, max_new)
+    cond = _Stream(model, prompts, max_new, lengths)
     uncond = None
     if kind == "image" and cfg_scale != 1.0:
         uncond = _Stream(model, torch.tensor([[vocab.bos_id, vocab.boi_id]], device=dev).expand(b, 2), max_new)
     vsize = cond.logits.shape[-1]
     allowed = _allowed_mask(vocab, vsize, kind, dev)
+    stops = torch.tensor([vocab.eos_id, *stop_ids], device=dev)
+    if kind == "text":
+        allowed[stops] = True  # e.g. <|end|>: a chat answer ends its turn
     out = torch.empty(b, 0, dtype=torch.long, device=dev)
     done = torch.zeros(b, dtype=torch.bool, device=dev)
     for _ in range(max_new):
@@ -108,7 +120,7 @@ def _decode_bucket(model, vocab: Vocab, prompts: torch.Tensor, kind: str, max_ne
         ids = _same_on_tp_ranks(pick(logits, cfg, generator))
         if kind == "text":
             ids = torch.where(done, torch.full_like(ids, vocab.eos_id), ids)
-            done |= ids == vocab.eos_id
+            done |= torch.isin(ids, stops)
         out = torch.cat([out, ids[:, None]], 1)
         if kind == "text" and bool(done.all()):
             break
@@ -117,16 +129,21 @@ def _decode_bucket(model, vocab: Vocab, prompts: torch.Tensor, kind: str, max_ne
             uncond.feed(ids)
     rows = out.tolist()
     if kind == "text":
-        rows = [r[:r.index(vocab.eos_id)] if vocab.eos_id in r else r for r in rows]
+        stop = set(stops.tolist())
+        ends = [next((k + int(keep_stop) for k, t in enumerate(r) if t in stop), len(r)) for r in rows]
+        rows = [r[:e] for r, e in zip(rows, ends)]
     return rows
 
 
 @torch.no_grad()
 def generate(model, vocab: Vocab, prompts: list[list[int]], kind: str, max_new_tokens: int = 0,
              sampling: SamplingConfig = SamplingConfig(), cfg_scale: float = 1.0, batch_size: int = 64,
-             device=None) -> list[list[int]]:
+             device=None, stop_ids: tuple = (), keep_stop: bool = False, pad: bool = False) -> list[list[int]]:
     """Continue every prompt with a span of ``kind`` ("text" or "image"). Image spans are exactly
-    ``vocab.image_grid`` codes (unified ids); text spans stop at ``<eos>`` (not returned) or ``max_new_tokens``."""
+    ``vocab.image_grid`` codes (unified ids); text spans stop at ``<eos>`` or any of ``stop_ids`` (e.g.
+    ``<|end|>`` for a chat answer; not returned unless ``keep_stop``: RL trains the decision to stop) or
+    ``max_new_tokens``. ``pad``: decode prompts of different lengths together, left-padded (a document mask keeps
+    the padding out of attention), instead of one bucket per length: far fewer decoding steps for RL rollouts."""
     if kind not in ("text", "image"):
         raise ValueError(f"generate: kind must be text or image (got {kind!r})")
     if kind == "image":
@@ -141,15 +158,20 @@ def generate(model, vocab: Vocab, prompts: list[list[int]], kind: str, max_new_t
     model.eval()
     buckets: dict[int, list[int]] = defaultdict(list)
     for i, p in enumerate(prompts):
-        buckets[len(p)].append(i)
+        buckets[0 if pad else len(p)].append(i)
     results: list[Optional[list[int]]] = [None] * len(prompts)
-    for length in sorted(buckets):
-        idx = buckets[length]
+    for key in sorted(buckets):
+        idx = sorted(buckets[key], key=lambda i: len(prompts[i]))  # (stable) similar lengths share a chunk
         for s in range(0, len(idx), batch_size):
             chunk = idx[s:s + batch_size]
-            t = torch.tensor([prompts[i] for i in chunk], dtype=torch.long, device=device)
-            for i, row in zip(chunk, _decode_bucket(model, vocab, t, kind, max_new_tokens, sampling, cfg_scale,
-                                                    generator)):
+            lengths = torch.tensor([len(prompts[i]) for i in chunk], dtype=torch.long, device=device)
+            n = int(lengths.max())
+            t = torch.full((len(chunk), n), vocab.pad_id, dtype=torch.long, device=device)
+            for r, i in enumerate(chunk):
+                t[r, n - len(prompts[i]):] = torch.tensor(prompts[i], dtype=torch.long)
+            rows = _decode_bucket(model, vocab, t, kind, max_new_tokens, sampling, cfg_scale, generator,
+                                  tuple(stop_ids), keep_stop, lengths if pad else None)
+            for i, row in zip(chunk, rows):
                 results[i] = row
     model.train(was_training)
     return results
@@ -171,6 +193,23 @@ def image_prompt(tok, text: str) -> list[int]:
     v = tok.vocab
     ids = tok.text.encode(text, add_special_tokens=False)
     return [v.bos_id, *ids, v.boi_id]
+
+
+def chat_prompt(tok, messages: list[dict], answer: str = "text") -> list[int]:
+    """A conversation in the chat layout of ``megannm.data.tokenize`` (``<bos> (<|role|> content <|end|>)...``) with
+    image parts holding uint8 [H, W, 3] arrays, then ``<|assistant|>`` (and ``<boi>`` when ``answer`` is "image"):
+    the model continues with the assistant's answer."""
+    v = tok.vocab
+    images = [p["image"] for m in messages for p in m["content"] if p["type"] == "image"]
+    codes = iter(v.image_ids(tok.image.encode(np.stack(images))).tolist() if images else [])
+    ids = [v.bos_id]
+    for m in messages:
+        ids.append(v.special(f"<|{m['role']}|>"))
+        for p in m["content"]:
+            ids += tok.text_ids(p["text"]) if p["type"] == "text" else [v.boi_id, *next(codes), v.eoi_id]
+        ids.append(v.special("<|end|>"))
+    ids.append(v.special("<|assistant|>"))
+    return ids + [v.boi_id] if answer == "image" else ids
 
 
 def codes_to_images(tok, rows: list[list[int]]) -> np.ndarray:

@@ -139,10 +139,12 @@ def init_parallel(tp: int = 1, pp: int = 1, timeout_s: int = 600, env: Optional[
         torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
     if not dist.is_initialized():
         port = info.master_port or _free_port()
-        # DeepSpeed reads the torchrun variables; srun, mpirun and a plain process do not set them.
-        for key, value in (("RANK", info.rank), ("WORLD_SIZE", info.world_size), ("LOCAL_RANK", info.local_rank),
-                           ("MASTER_ADDR", info.master_addr), ("MASTER_PORT", port)):
-            os.environ.setdefault(key, str(value))
+        # DeepSpeed reads the torchrun variables; srun and mpirun do not set them. A plain process exports none:
+        # its children (launchers, sbatch) would read a world of one and a port already taken.
+        if info.launcher != "single":
+            for key, value in (("RANK", info.rank), ("WORLD_SIZE", info.world_size),
+                               ("MASTER_ADDR", info.master_addr), ("MASTER_PORT", port)):
+                os.environ.setdefault(key, str(value))
         dist.init_process_group(backend=backend, init_method=f"tcp://{info.master_addr}:{port}",
                                 rank=info.rank, world_size=info.world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s))

@@ -41,6 +41,8 @@ class SlurmCluster:
         self.root = root
         self.conf = root / "slurm.conf"
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            self.env.pop(key, None)  # left by an in-process world of one in this pytest session
         self._pids: dict[str, Path] = {"slurmd": root / "slurmd.pid", "slurmctld": root / "slurmctld.pid",
                                        "munged": root / "munge" / "munged.pid"}
 

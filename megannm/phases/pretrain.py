@@ -1,8 +1,8 @@
 """The pretraining objective: next token over every token, per-modality loss weights (applied by the model's loss).
 
 A phase supplies batches and a loss over the one engine and model; the loop (``megannm.train.loop``) does the rest.
-SFT reuses this objective unchanged: its shards carry per-token loss masks, which the loader turns into
-``loss_mask`` (see ``phases/sft.py``).
+SFT (``phases/sft.py``) subclasses this phase: same batches and model loss, normalised per token over the global
+batch instead of per micro-batch.
 """
 from __future__ import annotations
 

@@ -32,9 +32,12 @@ def load_vocab(recipe: Recipe) -> Vocab:
 
 def get_phase(recipe: Recipe, layout, vocab: Vocab):
     kind = recipe.phase.kind
-    if kind in ("pretrain", "sft"):
+    if kind == "pretrain":
         from megannm.phases.pretrain import PretrainPhase
         return PretrainPhase(recipe, layout, vocab)
+    if kind == "sft":
+        from megannm.phases.sft import SFTPhase
+        return SFTPhase(recipe, layout, vocab)
     if kind == "grpo":
         from megannm.phases.grpo import GRPOPhase
         return GRPOPhase(recipe, layout, vocab)
@@ -112,6 +115,12 @@ class Trainer:
     # steps --------------------------------------------------------------------------------------------------------
     def train_step(self, batches) -> dict:
         from megannm.phases.pretrain import reduce_stats
+        own = getattr(self.phase, "train_step", None)
+        if own is not None:  # a phase that owns the whole step (GRPO: a rollout, then several optimizer steps)
+            return own(self, batches)
+        prepare = getattr(self.phase, "prepare_step", None)
+        if prepare is not None:  # a phase that sees the step's micro-batches up front (SFT: its global token count)
+            batches = iter(prepare([next(batches) for _ in range(self.accum)]))
         if self.layout.pp > 1:
             from megannm.model.pipeline import pipeline_train_step
             return pipeline_train_step(self, batches)

@@ -119,8 +119,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--n-train", type=int, default=20000)
     p.add_argument("--n-valid", type=int, default=200)
     p.add_argument("--eval-n", type=int, default=100, help="examples per split in the evaluation")
-    p.add_argument("--eval-chat-n", type=int, default=25,
-                   help="chat evaluation (when the chain ends with an SFT stage): prompts per task and split")
+    p.add_argument("--eval-chat-n", type=int, default=20,
+                   help="chat evaluation (when the chain ends with an SFT stage): drawing and edit prompts per split "
+                        "(twice as many questions per question type)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("overrides", nargs="*", help="key.path=value applied to every stage (e.g. a shorter schedule)")
@@ -146,10 +147,11 @@ def main(argv: list[str]) -> int:
         report = evaluate(model, tok, n_per_split=a.eval_n, out_dir=out)
         stages = load_chain(Path(a.chain))
         if load_recipe(stages[-1]["recipe"]).phase.kind == "sft":  # chat, after and before SFT
-            report["chat"] = evaluate_chat(model, tok, n_per_task=a.eval_chat_n)
+            n = {"n_per_task": a.eval_chat_n, "n_per_question": 2 * a.eval_chat_n}
+            report["chat"] = evaluate_chat(model, tok, **n)
             if len(stages) > 1:
                 before, _ = load_model(out / "runs" / stages[-2]["name"] / "checkpoints", layout, vocab=tok.vocab)
-                report["chat_before_sft"] = evaluate_chat(before, tok, n_per_task=a.eval_chat_n)
+                report["chat_before_sft"] = evaluate_chat(before, tok, **n)
         report["demo_wall_seconds"] = round(time.time() - t0, 1)
         tmp = out / "report.json.tmp"
         tmp.write_text(json.dumps(report, indent=2) + "\n")

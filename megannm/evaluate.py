@@ -118,8 +118,8 @@ def evaluate(model, tok, n_per_split: int = 100, seed: int = 7, cfg_scale: float
     return report
 
 
-def evaluate_chat(model, tok, n_per_task: int = 25, seed: int = 11, cfg_scale: float = 2.0,
-                  temperature: float = 0.0) -> dict:
+def evaluate_chat(model, tok, n_per_task: int = 25, n_per_question: int = 50, seed: int = 11,
+                  cfg_scale: float = 2.0, temperature: float = 0.0) -> dict:
     """Chat (SFT) evaluation on seen and held-out targets (``megannm.data.toy_chat.eval_items``).
 
     - ``answer_accuracy``: split -> question type -> fraction of answers (text up to ``<|end|>``) naming the asked
@@ -134,9 +134,9 @@ def evaluate_chat(model, tok, n_per_task: int = 25, seed: int = 11, cfg_scale: f
     v = tok.vocab
     sampling = SamplingConfig(greedy=temperature <= 0, temperature=max(temperature, 1e-6), seed=seed)
     report = {"answer_accuracy": {}, "answer_exact": {}, "draw_accuracy": {}, "edit_accuracy": {}, "examples": {},
-              "n_per_task": n_per_task}
+              "n_per_task": n_per_task, "n_per_question": n_per_question}
     for split in SPLITS:
-        items = toy_chat.eval_items(n_per_task, seed, split)
+        items = toy_chat.eval_items(n_per_task, seed, split, n_per_question)
         qa = [i for i in items if i.task == "qa"]
         rows = generate(model, v, [chat_prompt(tok, i.messages) for i in qa], "text", max_new_tokens=12,
                         sampling=sampling, stop_ids=(v.special("<|end|>"),))
@@ -149,7 +149,7 @@ def evaluate_chat(model, tok, n_per_task: int = 25, seed: int = 11, cfg_scale: f
         report["answer_exact"][split] = {a: sum(h) / max(len(h), 1) for a, h in exact.items()}
         report["examples"][split] = [{"question": it.messages[-1]["content"][-1]["text"], "answer": ans,
                                       "truth": getattr(it.truth, it.attr)}
-                                     for it, ans in list(zip(qa, answers))[::n_per_task]]  # one per question type
+                                     for it, ans in list(zip(qa, answers))[::n_per_question]]  # one per type
         for task in ("draw", "edit"):
             chosen = [i for i in items if i.task == task]
             drawn = codes_to_images(tok, generate(model, v, [chat_prompt(tok, i.messages, "image") for i in chosen],

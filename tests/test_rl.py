@@ -20,8 +20,12 @@ SCRIPT = "tests/scripts/rl_cases.py"
 
 @pytest.fixture(scope="module")
 def layout():
+    """A world of one; one thread: these tiny models gain nothing from two, and lose a lot on a busy machine."""
     from megannm.parallel import init_parallel
-    return init_parallel(1, 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield init_parallel(1, 1)
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -282,6 +286,9 @@ def test_bad_options_name_the_key(toy_data, layout, tmp_path):
         GRPOPhase(r, layout, vocab)
     r = rl_cases.recipe(tmp_path, str(toy_data["tokenizers"]), "bad", clip_ratio=1.5)
     with pytest.raises(ValueError, match=r"phase\.options\.clip_ratio: "):
+        GRPOPhase(r, layout, vocab)
+    r = rl_cases.recipe(tmp_path, str(toy_data["tokenizers"]), "bad", rewards={"toy_image": 1.0, "nope": 0.5})
+    with pytest.raises(ValueError, match=r"phase\.options\.rewards: unknown reward 'nope'"):
         GRPOPhase(r, layout, vocab)
     r = rl_cases.recipe(tmp_path, str(toy_data["tokenizers"]), "bad")
     r.phase.options["prompts_per_step"] = 3

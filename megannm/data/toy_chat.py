@@ -33,7 +33,7 @@ QUESTIONS = {
 }
 DRAW = ("draw a {size} {colour} {kind} {where}", "please draw a {size} {colour} {kind} {where}",
         "can you draw a {size} {colour} {kind} {where}?")
-TASK_WEIGHTS = {"qa": 0.45, "draw": 0.3, "edit": 0.25}  # of training conversations
+TASK_WEIGHTS = {"qa": 0.6, "draw": 0.25, "edit": 0.15}  # of training conversations
 
 
 def answer(attr: str, a: toy.Attrs) -> str:
@@ -142,14 +142,15 @@ class EvalItem:
         return "text" if self.task == "qa" else "image"
 
 
-def eval_items(n_per_task: int, seed: int, split: str) -> list[EvalItem]:
-    """Single-question QA (``n_per_task`` per question type), drawings and edits whose target is from ``split``.
+def eval_items(n_per_task: int, seed: int, split: str, n_per_question: int | None = None) -> list[EvalItem]:
+    """Single-question QA (``n_per_question`` per question type, default ``n_per_task``; cheap to generate),
+    ``n_per_task`` drawings and ``n_per_task`` edits, every target from ``split``.
     The edit prompt shows the ground-truth first picture in the assistant's first turn (teacher forcing), so the
     score is about following the edit, not about the first drawing."""
     rng = np.random.default_rng([seed, ("seen", "heldout").index(split)])
     items = []
     for attr in toy.ATTRIBUTES:
-        for a in toy.sample_attrs(n_per_task, rng, split):
+        for a in toy.sample_attrs(n_per_task if n_per_question is None else n_per_question, rng, split):
             q = QUESTIONS[attr][int(rng.integers(len(QUESTIONS[attr])))]
             items.append(EvalItem("qa", split, [_user(_img(toy.render(a, rng)), q)], a, attr))
     for a in toy.sample_attrs(n_per_task, rng, split):  # the plain template: prompts of few lengths, few buckets
@@ -189,7 +190,8 @@ def _to_record(conv: dict, out_dir: Path, counter: list, pngs: dict, digits: int
 
 def write_toy_chat(out_dir, n_train: int, n_valid: int, seed: int, n_eval: int = 25) -> dict:
     """Write ``train.jsonl`` (seen combinations), ``valid.jsonl`` (seen, for the validation loss) and the evaluation
-    prompts ``eval_seen.jsonl`` / ``eval_heldout.jsonl`` (``n_eval`` per question type and task; a prompt's
+    prompts ``eval_seen.jsonl`` / ``eval_heldout.jsonl`` (``n_eval`` drawings and edits, ``2 * n_eval`` questions
+    per question type; the same generator as ``megannm evaluate --chat``, another seed; a prompt's
     ``messages`` stop before the assistant turn to generate, ``answer`` holds the truth) with PNGs under
     ``out_dir/images``. A pure function of ``seed``."""
     t0 = time.perf_counter()
@@ -204,7 +206,7 @@ def write_toy_chat(out_dir, n_train: int, n_valid: int, seed: int, n_eval: int =
         toy._write_atomic(out_dir / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
         summary[name] = {"records": n, **{t: sum(c["task"] == t for c in convs) for t in TASK_WEIGHTS}}
     for split in ("seen", "heldout"):
-        items = eval_items(n_eval, seed + 2, split)
+        items = eval_items(n_eval, seed + 2, split, 2 * n_eval)
         lines = []
         for it in items:
             rec = _to_record({"messages": it.messages}, out_dir, counter, pngs, digits)

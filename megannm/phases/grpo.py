@@ -440,7 +440,10 @@ class GRPOPhase:
                              f"fill mini_batches optimizer steps of data.global_batch_size (got {o.prompts_per_step} "
                              f"x {o.group_size} = {answers}, expected {o.mini_batches} x {d.global_batch_size} = "
                              f"{o.mini_batches * d.global_batch_size})")
-        self.rewards = Combined(o.rewards)
+        try:
+            self.rewards = Combined(o.rewards)
+        except ValueError as e:
+            raise ValueError(f"recipe: phase.options.rewards: {str(e).removeprefix('rewards: ')}") from None
         self.tok = self._tokenizers()
         self.source = None if o.prompts in TOY_SOURCES else JsonlPrompts(o.prompts)
         self.reference = None

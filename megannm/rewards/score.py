@@ -47,7 +47,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--split", default="heldout", choices=("seen", "heldout", "all"))
     p.add_argument("--n", type=int, default=200, help="prompts")
     p.add_argument("--samples", type=int, default=1, help="answers per prompt")
-    p.add_argument("--rewards", default="toy_image", help="comma-separated names (name=weight allowed)")
+    p.add_argument("--rewards", default=None, help="comma-separated names (name=weight allowed); default: the toy "
+                   "prompts' own reward (toy_caption for toy_caption prompts, toy_image otherwise)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--cfg-scale", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -60,9 +61,9 @@ def main(argv: list[str]) -> int:
     from megannm.generate import SamplingConfig
     from megannm.phases.grpo import TOY_SOURCES, prompt_items
     t0 = time.time()
-    weights = parse_weights(a.rewards)
+    family = "toy_caption" if a.prompts == "toy_caption" else "toy_image"
+    weights = parse_weights(a.rewards or family)
     if a.prompts in TOY_SOURCES:  # per-attribute accuracies, reported with weight 0 (not part of the total)
-        family = "toy_caption" if a.prompts == "toy_caption" else "toy_image"
         weights.update({f"{family}_{attr}": 0.0 for attr in toy.ATTRIBUTES if f"{family}_{attr}" not in weights})
     combined = Combined(weights)
     layout = parallel.init_parallel(1, 1)

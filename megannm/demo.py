@@ -21,7 +21,7 @@ TOY_CHAIN = REPO / "recipes" / "toy" / "chain.yaml"
 
 
 def build_data(out: Path, n_train: int, n_valid: int, seed: int, workers: int, say=print,
-               n_chat: int | None = None) -> dict:
+               n_chat: int | None = None, image_to_text: float = 0.35) -> dict:
     """Toy world (+ its chat data for SFT, ``n_chat`` conversations, default ``n_train // 4``) -> tokenizers ->
     shards. Returns paths. Skips work whose outputs already exist (re-runs are cheap)."""
     from megannm.data import toy, toy_chat
@@ -33,7 +33,7 @@ def build_data(out: Path, n_train: int, n_valid: int, seed: int, workers: int, s
     raw, tok_dir, shards = out / "data" / "raw", out / "tokenizers", out / "data" / "shards"
     t = time.time()
     if not (raw / "train.jsonl").exists():
-        toy.write_toy_dataset(raw, n_train=n_train, n_valid=n_valid, seed=seed)
+        toy.write_toy_dataset(raw, n_train=n_train, n_valid=n_valid, seed=seed, image_to_text_fraction=image_to_text)
     chat = out / "data" / "raw_chat"
     n_chat = n_train // 4 if n_chat is None else n_chat
     if not (chat / "train.jsonl").exists():
@@ -116,12 +116,14 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="megannm demo", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/demo", help="output folder")
     p.add_argument("--chain", default=str(TOY_CHAIN), help="recipe chain to train")
-    p.add_argument("--n-train", type=int, default=20000)
+    p.add_argument("--n-train", type=int, default=14000)
     p.add_argument("--n-valid", type=int, default=200)
     p.add_argument("--eval-n", type=int, default=100, help="examples per split in the evaluation")
-    p.add_argument("--eval-chat-n", type=int, default=20,
+    p.add_argument("--eval-chat-n", type=int, default=10,
                    help="chat evaluation (when the chain ends with an SFT stage): drawing and edit prompts per split "
                         "(twice as many questions per question type)")
+    p.add_argument("--image-to-text", type=float, default=0.3,
+                   help="fraction of pretraining records that put the image first (the rest: caption -> image)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("overrides", nargs="*", help="key.path=value applied to every stage (e.g. a shorter schedule)")
@@ -132,26 +134,32 @@ def main(argv: list[str]) -> int:
     t0 = time.time()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = build_data(out, a.n_train, a.n_valid, a.seed, a.workers)
+    data = build_data(out, a.n_train, a.n_valid, a.seed, a.workers, image_to_text=a.image_to_text)
 
     from megannm import parallel
     from megannm.config import load_recipe
     from megannm.convert.deepspeed import load_model
     from megannm.data.tokenize import Tokenizers
     from megannm.evaluate import evaluate, evaluate_chat, format_report
+    from megannm.train import checkpoint
     layout = parallel.init_parallel(1, 1)  # one world of one for every stage and the evaluation
     try:
         final = run_chain(Path(a.chain), data, out, a.overrides, layout)
         tok = Tokenizers.load(data["tokenizers"])
-        model, _ = load_model(final, layout, vocab=tok.vocab)
-        report = evaluate(model, tok, n_per_split=a.eval_n, out_dir=out)
         stages = load_chain(Path(a.chain))
-        if load_recipe(stages[-1]["recipe"]).phase.kind == "sft":  # chat, after and before SFT
+        sft = load_recipe(stages[-1]["recipe"]).phase.kind == "sft" and len(stages) > 1
+        # Both directions are the pretrained model's job: score the last pretraining stage; the SFT model (a chat
+        # model, prompted with the chat template) is scored on chat, against that same pretrained model.
+        base = out / "runs" / stages[-2]["name"] / "checkpoints" if sft else final
+        model, _ = load_model(base, layout, vocab=tok.vocab)
+        report = evaluate(model, tok, n_per_split=a.eval_n, out_dir=out)
+        report["checkpoint"] = str(checkpoint.latest(base))
+        if sft:
             n = {"n_per_task": a.eval_chat_n, "n_per_question": 2 * a.eval_chat_n}
+            report["chat_before_sft"] = evaluate_chat(model, tok, **n)
+            model, _ = load_model(final, layout, vocab=tok.vocab)
             report["chat"] = evaluate_chat(model, tok, **n)
-            if len(stages) > 1:
-                before, _ = load_model(out / "runs" / stages[-2]["name"] / "checkpoints", layout, vocab=tok.vocab)
-                report["chat_before_sft"] = evaluate_chat(before, tok, **n)
+            report["chat"]["checkpoint"] = str(checkpoint.latest(final))
         report["demo_wall_seconds"] = round(time.time() - t0, 1)
         tmp = out / "report.json.tmp"
         tmp.write_text(json.dumps(report, indent=2) + "\n")

@@ -29,6 +29,10 @@ def test_demo_writes_report_picture_and_event_files(demo):
             assert set(accs) == {"kind", "colour", "size", "position"}
             assert all(0.0 <= v <= 1.0 for v in accs.values())
     assert report["chance"]["colour"] == pytest.approx(1 / 6)
+    # both directions scored on the pretrained model, chat on the SFT model (and before it, on the pretrained one)
+    assert "/anneal/checkpoints/" in report["checkpoint"] and "/sft/checkpoints/" in report["chat"]["checkpoint"]
+    for key in ("chat", "chat_before_sft"):
+        assert set(report[key]["answer_accuracy"]["heldout"]) == {"kind", "colour", "size", "position"}
     assert report["wall_seconds"] > 0 and report["demo_wall_seconds"] >= report["wall_seconds"]
     from PIL import Image
     assert Image.open(out / "samples.png").size[0] > 300

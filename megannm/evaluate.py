@@ -189,7 +189,7 @@ def write_report(report: dict, out_dir) -> Path:
 def samples_png(shown: dict, path: Path, per_row: int = 8) -> None:
     """Generated images with their prompts (both splits), then held-out images with the generated captions."""
     from PIL import Image, ImageDraw
-    scale, cell_w, cell_h = 3, 150, 140
+    scale, cell_w, cell_h = 3, 150, 152
     rows = []
     for split in SPLITS:
         ex, _, prompts, drawn = shown[split]
@@ -212,7 +212,7 @@ def samples_png(shown: dict, path: Path, per_row: int = 8) -> None:
                     cur = f"{cur} {w}".strip()
             lines.append(cur)
             draw.text((x + 4, y + pic.height + 4), label, fill=(90, 90, 90))
-            for k, line in enumerate(lines[:2]):
+            for k, line in enumerate(lines[:3]):
                 draw.text((x + 4, y + pic.height + 16 + 11 * k), line, fill=(0, 0, 0))
     tmp = path.with_name(path.name + ".tmp.png")
     canvas.save(tmp)

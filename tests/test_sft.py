@@ -128,13 +128,18 @@ def test_malformed_record_is_one_line_naming_file_and_line(toy_data, tmp_path, c
 
 @pytest.fixture(scope="module")
 def convs(toy_data):
-    """Four short conversations of the chat shards (two fit one sequence) and their stream for ``collate``."""
+    """Four short conversations of the chat shards (two fit one sequence) and their stream for ``collate``: the two
+    with the most loss tokens (drawings) then the two with the fewest (answers), so that the two micro-batches hold
+    different numbers of loss tokens (what tells the per-token normalisation from the per-micro-batch mean)."""
     from megannm.data.loader import SampleStream
     from megannm.data.shards import ShardDataset
     ds = ShardDataset(toy_data["shards"] / "sft_train")
-    docs = [i for i in range(len(ds)) if ds.doc_lengths[i] <= (SEQ + 1) // 2][:4]
-    assert len(docs) == 4
-    return SampleStream(ds, 0, SEQ, seed=0), docs
+    stream = SampleStream(ds, 0, SEQ, seed=0)
+    short = [i for i in range(min(len(ds), 200)) if ds.doc_lengths[i] <= (SEQ + 1) // 2]
+    loss_tokens = sorted((int(batch_of(stream, [[i]])["loss_mask"].sum()), i) for i in short)
+    docs = [i for _, i in loss_tokens[-2:] + loss_tokens[:2]]
+    assert len(set(docs)) == 4 and loss_tokens[-2][0] > 4 * loss_tokens[1][0]
+    return stream, docs
 
 
 def batch_of(stream, rows):

@@ -122,7 +122,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--eval-chat-n", type=int, default=10,
                    help="chat evaluation (when the chain ends with an SFT stage): drawing and edit prompts per split "
                         "(twice as many questions per question type)")
-    p.add_argument("--image-to-text", type=float, default=0.3,
+    p.add_argument("--image-to-text", type=float, default=0.35,
                    help="fraction of pretraining records that put the image first (the rest: caption -> image)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)

@@ -85,10 +85,10 @@ def split_losses(model, tok, examples) -> dict:
     return {f"{m}_loss": (s / k if k else float("nan")) for m, (s, k) in sums.items()}
 
 
-# Greedy decoding without guidance by default: on the demo's pretrained checkpoints, guidance measured worse or equal
-# (held-out generated shape kind, greedy, 100 prompts: 0.91 / 0.77 / (2.0:) 0.77 at scale 1 / 1.5 / 2 after 600 steps;
-# 1.00 at every scale after 1,200 steps). The unconditional model learns from the few captions dropped in training and
-# is the weakest part of a short run. `--cfg-scale` turns guidance on.
+# Greedy decoding without guidance by default: on the demo's pretrained checkpoints guidance measured worse or equal
+# (held-out generated shape kind, greedy, 100 prompts: 0.91 / 0.77 / 0.77 at scale 1 / 1.5 / 2 after 600 steps;
+# 1.00 at scales 1 to 2 after 1,200 steps). The unconditional model learns only from the few captions dropped in
+# training and is the weakest part of a short run. `--cfg-scale` turns guidance on.
 def evaluate(model, tok, n_per_split: int = 100, seed: int = 7, cfg_scale: float = 1.0, temperature: float = 0.0,
              out_dir: str | Path | None = None, picture: bool = True) -> dict:
     from megannm.data import toy

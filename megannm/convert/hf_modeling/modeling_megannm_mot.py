@@ -15,6 +15,7 @@ function as ``megannm.model.NMMModel``:
 Parameter names follow Llama's with the weight-set index appended (``model.layers.0.self_attn.q_proj.1.weight`` is
 layer 0's image query projection).
 """
+import dataclasses
 from typing import Optional
 
 import torch
@@ -239,7 +240,10 @@ class MegannmMoTForCausalLM(MegannmMoTPreTrainedModel, GenerationMixin):
         self.lm_head = value
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, cache=None, **kwargs):
+        # transformers <= 5.23 passes the KV cache as ``past_key_values``; 5.24 renamed it ``cache`` (in the
+        # generation loop and in the output class): take whichever arrives, return it under the output's own name.
+        past_key_values = cache if cache is not None else past_key_values
         if input_ids is None:
             raise ValueError("MegannmMoTForCausalLM needs input_ids: each token's modality is a function of its id "
                              "(inputs_embeds alone cannot route tokens to their weight set)")
@@ -256,4 +260,9 @@ class MegannmMoTForCausalLM(MegannmMoTPreTrainedModel, GenerationMixin):
         if labels is not None:
             shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
             loss = F.cross_entropy(shift_logits, labels[:, 1:].reshape(-1), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache})
+
+
+# The output's cache field: ``past_key_values`` up to transformers 5.23, ``cache`` from 5.24.
+_CACHE_FIELD = next((f.name for f in dataclasses.fields(CausalLMOutputWithPast)
+                     if f.name in ("cache", "past_key_values")), "past_key_values")

@@ -24,5 +24,28 @@ setup(
         "pillow>=10.0",
     ],
     extras_require={"test": ["pytest>=8.0"]},
-    entry_points={"console_scripts": ["megannm=megannm.cli:main"]},
+    entry_points={
+        "console_scripts": ["megannm=megannm.cli:main"],
+        # The embedded toy world registers itself the way a user's package would: the core finds these by name
+        # (megannm.rewards, megannm.phases.rl.prompts, megannm.evaluate) and never imports megannm.toy.
+        "megannm.rewards": [
+            "toy_caption = megannm.toy.rewards:toy_caption",
+            "toy_caption_kind = megannm.toy.rewards:toy_caption_kind",
+            "toy_caption_colour = megannm.toy.rewards:toy_caption_colour",
+            "toy_caption_size = megannm.toy.rewards:toy_caption_size",
+            "toy_caption_position = megannm.toy.rewards:toy_caption_position",
+            "toy_image = megannm.toy.rewards:toy_image",
+            "toy_image_kind = megannm.toy.rewards:toy_image_kind",
+            "toy_image_colour = megannm.toy.rewards:toy_image_colour",
+            "toy_image_size = megannm.toy.rewards:toy_image_size",
+            "toy_image_position = megannm.toy.rewards:toy_image_position",
+            "toy_format = megannm.toy.rewards:toy_format",
+        ],
+        "megannm.prompts": [
+            "toy_image = megannm.toy.prompts:toy_image",
+            "toy_caption = megannm.toy.prompts:toy_caption",
+            "toy_draw = megannm.toy.prompts:toy_draw",
+        ],
+        "megannm.benchmarks": ["toy = megannm.toy.evaluate:TOY", "toy-chat = megannm.toy.evaluate:TOY_CHAT"],
+    },
 )

@@ -1,12 +1,12 @@
 """The ``megannm`` command: argument parsing only; every command calls into the library.
 
-    megannm demo        build the toy world, train the toy chain on the CPU, evaluate both directions
+    megannm demo        the embedded default: build the toy world, train the toy chain on the CPU, evaluate it
     megannm preprocess  JSONL records -> zstd token shards
     megannm train       one recipe stage (under torchrun / deepspeed / srun / mpirun, or a single process)
     megannm stage       submit a recipe chain to Slurm with job dependencies; status; cancel
     megannm convert     DeepSpeed <-> consolidated safetensors <-> Hugging Face; re-shard TP/PP
     megannm generate    sample captions or images from a checkpoint
-    megannm evaluate    caption and image accuracy on seen and held-out toy combinations
+    megannm evaluate    a registered benchmark (--benchmark, e.g. toy) or losses and exact match over your records
     megannm pairs       DPO preference pairs: two sampled answers per prompt, ranked by verifiable rewards
     megannm score       mean verifiable reward of a checkpoint's samples; win rate against another checkpoint
 
@@ -32,8 +32,10 @@ def _train(argv: list[str]) -> int:
     from megannm.parallel import discover_launch
     info = discover_launch()
     recipe = load_recipe(a.recipe, a.overrides, world_size=info.world_size)
+    from megannm.phases import check_phase
+    check_phase(recipe, a.recipe)  # a registered phase kind and its options, before any process group starts
     os.environ.setdefault("OMP_NUM_THREADS", "1" if info.world_size > 1 else str(os.cpu_count() or 1))
-    from megannm.train.loop import run
+    from megannm.runner import run
     return run(recipe, source=a.recipe, resume=a.resume)
 
 
@@ -45,6 +47,8 @@ def _check(argv: list[str]) -> int:
     a = p.parse_args(argv)
     from megannm.config import load_recipe
     r = load_recipe(a.recipe, a.overrides, world_size=a.world_size)
+    from megannm.phases import check_phase
+    check_phase(r, a.recipe)
     print(f"{a.recipe}: ok ({r.name}: {r.model.num_layers} layers, hidden {r.model.hidden_size}, "
           f"{'MoT' if r.model.mot else 'dense'}, tp {r.parallel.tensor_parallel}, pp {r.parallel.pipeline_parallel}, "
           f"zero {r.parallel.zero_stage})")
@@ -61,14 +65,14 @@ def _lazy(module: str, func: str = "main"):
 COMMANDS = {
     "train": _train,
     "check": _check,
-    "demo": _lazy("megannm.demo"),
+    "demo": _lazy("megannm.toy.demo"),
     "preprocess": _lazy("megannm.data.preprocess", "preprocess_main"),
     "stage": _lazy("megannm.slurm"),
     "convert": _lazy("megannm.convert.cli"),
     "generate": _lazy("megannm.generate"),
     "evaluate": _lazy("megannm.evaluate"),
-    "pairs": _lazy("megannm.phases.dpo", "pairs_main"),
-    "score": _lazy("megannm.rewards.score"),
+    "pairs": _lazy("megannm.phases.rl.pairs"),
+    "score": _lazy("megannm.phases.rl.score"),
 }
 
 

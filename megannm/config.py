@@ -2,16 +2,24 @@
 
 A recipe is one YAML file. ``base: other.yaml`` inherits another recipe (paths relative to the file; the child's
 keys override the base's, nested mappings merged key by key). Command-line overrides ``a.b.c=value`` are parsed as
-YAML scalars and applied last. Every error is one line: ``recipe.yaml: key.path: what is wrong (got X, expected Y)``.
+YAML scalars and applied last. Every error is one line: ``recipe.yaml: key.path: what is wrong (got X, expected Y)``
+(``format_validation_error`` for the schema's errors, ``check_recipe`` for the impossible combinations).
+
+``phase: {kind: ..., options: {...}}``: the kind chooses the schema of the options (``GRPOOptions``, ``DPOOptions``;
+none for pretrain and SFT), so ``recipe.phase.options`` is a typed object once loaded. ``slurm:`` holds the sbatch
+resources ``megannm stage`` passes (``SlurmConfig``).
 """
 from __future__ import annotations
 
 import copy
+import re
+import types
+import typing
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator
 
 
 class RecipeError(ValueError):
@@ -94,9 +102,112 @@ class ScheduleConfig(_Strict):
                                                                "never); for jobs shorter than the run.")
 
 
-class PhaseConfig(_Strict):
-    kind: Literal["pretrain", "sft", "grpo", "dpo"] = "pretrain"
-    options: dict = Field(default_factory=dict, description="Phase-specific settings, checked by the phase.")
+# ---------------------------------------------------------------------------------------------------------------------
+# phases: `phase: {kind: ..., options: {...}}`, the options' schema chosen by the kind
+
+
+class _Options(_Strict):
+    """``phase.options`` of one phase kind; an unknown key is reported with the phase and the keys it takes."""
+    phase_kind: ClassVar[str]
+
+
+class PretrainOptions(_Options):
+    """``phase.options`` of a pretraining recipe: none."""
+    phase_kind: ClassVar[str] = "pretrain"
+
+
+class SFTOptions(_Options):
+    """``phase.options`` of an SFT recipe: none (the loss mask comes with the data)."""
+    phase_kind: ClassVar[str] = "sft"
+
+
+class GRPOOptions(_Options):
+    """``phase.options`` of a GRPO recipe."""
+    phase_kind: ClassVar[str] = "grpo"
+    prompts: str = Field(description="Prompt source: a JSONL file of records {parts|messages, answer_kind, answer}, "
+                                     "a registered generator (entry-point group megannm.prompts, e.g. the toy "
+                                     "world's toy_image) or package.module:function.")
+    prompt_split: Literal["seen", "heldout", "all"] = Field("seen", description="Split a generator draws prompts "
+                                                                                "from (a JSONL file has one).")
+    tokenizers: Optional[str] = Field(None, description="Tokenizer bundle; None = the folder of data.vocab.")
+    rewards: Union[list[str], dict[str, float]] = Field(description="Reward names (weight 1 each) or name -> "
+                                                                    "weight: registered names, entry points of "
+                                                                    "megannm.rewards, or package.module:function.")
+    group_size: int = Field(8, ge=2, description="Answers sampled per prompt.")
+    prompts_per_step: int = Field(8, gt=0, description="Prompts per rollout over all data-parallel ranks.")
+    ppo_epochs: int = Field(1, gt=0, description="Passes over each rollout.")
+    mini_batches: int = Field(1, gt=0, description="Optimizer steps per pass; each is data.global_batch_size "
+                                                   "answers.")
+    clip_ratio: float = Field(0.2, gt=0, lt=1, description="Lower clip: ratio >= 1 - clip_ratio.")
+    clip_ratio_high: Optional[float] = Field(None, gt=0, description="Upper clip (DAPO's clip-higher); None = "
+                                                                     "clip_ratio.")
+    kl_coef: float = Field(0.04, ge=0, description="Weight of the k3 KL to the reference; 0 = no reference.")
+    scale_rewards: bool = Field(True, description="Divide advantages by the group's std (false: Dr. GRPO).")
+    adv_eps: float = Field(1e-4, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    cfg_scale: float = Field(1.0, ge=0, description="Classifier-free guidance for image answers (1 = off).")
+    max_new_tokens: int = Field(32, gt=0, description="Longest text answer.")
+
+
+class DPOOptions(_Options):
+    """``phase.options`` of a DPO recipe."""
+    phase_kind: ClassVar[str] = "dpo"
+    pairs: str = Field(description="A folder written by `megannm pairs` (pairs.jsonl + manifest.json).")
+    beta: float = Field(0.1, gt=0, description="Strength of the KL constraint to the reference (DPO's beta).")
+
+
+class _Phase(_Strict):
+    @field_validator("options", mode="before", check_fields=False)
+    @classmethod
+    def _no_options(cls, v):
+        return {} if v is None else v  # `options:` with nothing under it
+
+
+# `options` defaults to {} validated like a given mapping, so that a required option (DPO's pairs) is reported as
+# phase.options.<key>, not as a missing `options`.
+class PretrainPhaseConfig(_Phase):
+    kind: Literal["pretrain"] = "pretrain"
+    options: PretrainOptions = Field(default_factory=dict, validate_default=True)
+
+
+class SFTPhaseConfig(_Phase):
+    kind: Literal["sft"] = "sft"
+    options: SFTOptions = Field(default_factory=dict, validate_default=True)
+
+
+class GRPOPhaseConfig(_Phase):
+    kind: Literal["grpo"] = "grpo"
+    options: GRPOOptions = Field(default_factory=dict, validate_default=True)
+
+
+class DPOPhaseConfig(_Phase):
+    kind: Literal["dpo"] = "dpo"
+    options: DPOOptions = Field(default_factory=dict, validate_default=True)
+
+
+class CustomPhaseConfig(_Strict):
+    """A phase registered outside the built-in four (``megannm.phases.PHASES`` or the ``megannm.phases``
+    entry-point group): its kind is checked against the registry, and its options against the phase's own
+    ``Options`` model, by ``megannm check``/``train`` before any process starts."""
+    kind: str
+    options: Any = Field(default_factory=dict)
+
+
+BUILTIN_PHASES = ("pretrain", "sft", "grpo", "dpo")
+
+
+def _phase_tag(v) -> str:
+    kind = v.get("kind", "pretrain") if isinstance(v, dict) else getattr(v, "kind", "pretrain")
+    return kind if kind in BUILTIN_PHASES else "custom"
+
+
+PhaseConfig = Annotated[Union[Annotated[PretrainPhaseConfig, Tag("pretrain")], Annotated[SFTPhaseConfig, Tag("sft")],
+                              Annotated[GRPOPhaseConfig, Tag("grpo")], Annotated[DPOPhaseConfig, Tag("dpo")],
+                              Annotated[CustomPhaseConfig, Tag("custom")]],
+                        Discriminator(_phase_tag)]
+PIPELINE_PHASES = ("pretrain",)  # built-in objectives with a pipeline loss (``Phase.pipeline``; a test keeps both equal)
 
 
 class CheckpointConfig(_Strict):
@@ -118,6 +229,59 @@ class LoggingConfig(_Strict):
                                                      "bf16 dense).")
 
 
+# Slurm's --time formats: minutes, minutes:seconds, hours:minutes:seconds, days-hours[:minutes[:seconds]]
+_SLURM_TIME = re.compile(r"(\d+)(:\d+){0,2}|\d+-\d+(:\d+){0,2}|UNLIMITED|INFINITE")
+
+
+class SlurmConfig(_Strict):
+    """sbatch resources of one stage (``megannm stage``): each key is the sbatch option of the same name with '-' for
+    '_'. None = not passed (the cluster's default). A chain's ``slurm:``, the recipe's and the stage entry's are
+    merged key by key, in that order."""
+    partition: Optional[str] = Field(None, description="--partition")
+    account: Optional[str] = Field(None, description="--account")
+    qos: Optional[str] = Field(None, description="--qos")
+    time: Optional[str] = Field(None, description="--time limit, e.g. 2-00:00:00 (a requeued job gets it afresh).")
+    nodes: Optional[int] = Field(None, gt=0, description="--nodes")
+    ntasks_per_node: Optional[int] = Field(None, gt=0, description="--ntasks-per-node: one task (rank) per "
+                                                                    "device; default gpus_per_node, else 1.")
+    gpus_per_node: Optional[int] = Field(None, ge=0, description="--gpus-per-node")
+    cpus_per_task: Optional[int] = Field(None, gt=0, description="--cpus-per-task (also each rank's OMP threads).")
+    mem: Optional[str] = Field(None, description="--mem per node, e.g. 0 (all) or 500G.")
+    constraint: Optional[str] = Field(None, description="--constraint")
+    extra: list[str] = Field(default_factory=list, description="Further sbatch arguments, verbatim (e.g. "
+                                                               "--exclusive, --signal=B:USR1@900); appended.")
+
+    @field_validator("time", mode="before")
+    @classmethod
+    def _time(cls, v):
+        if isinstance(v, int) and not isinstance(v, bool):
+            raise ValueError(f"a time limit is a quoted string such as \"12:00:00\" or \"2-00:00:00\" (got the "
+                             f"number {v}: YAML reads an unquoted 12:00:00 as 43200)")
+        if isinstance(v, str) and not _SLURM_TIME.fullmatch(v):
+            raise ValueError(f"not a Slurm time limit (got {v!r}, expected minutes, hours:minutes:seconds or "
+                             f"days-hours:minutes:seconds)")
+        return v
+
+    @field_validator("mem", mode="before")
+    @classmethod
+    def _mem(cls, v):
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v  # `mem: 0` = all of the node's
+
+    @field_validator("extra")
+    @classmethod
+    def _extra(cls, v: list[str]) -> list[str]:
+        for a in v:
+            if not a.startswith("-"):  # a bare word before the batch script would be taken for the script
+                raise ValueError(f"each extra sbatch argument is an option starting with '-' (got {a!r})")
+        return v
+
+    def tasks_per_node(self) -> int:
+        return self.ntasks_per_node or self.gpus_per_node or 1
+
+    def world_size(self) -> int:
+        return (self.nodes or 1) * self.tasks_per_node()
+
+
 class Recipe(_Strict):
     name: str = "run"
     seed: int = 1234
@@ -127,11 +291,16 @@ class Recipe(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
-    phase: PhaseConfig = Field(default_factory=PhaseConfig)
+    phase: PhaseConfig = Field(default_factory=PretrainPhaseConfig,
+                               description="The objective (phase.kind) and its options (phase.options).")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
-    slurm: dict = Field(default_factory=dict, description="sbatch resources for `megannm stage` (partition, "
-                                                          "account, time, nodes, gpus_per_node, ...).")
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig, description="sbatch resources for `megannm stage`.")
+
+    @field_validator("phase", mode="before")
+    @classmethod
+    def _pretrain_by_default(cls, v):
+        return {**v, "kind": "pretrain"} if isinstance(v, dict) and "kind" not in v else v
 
     # derived ------------------------------------------------------------------------------------------------------
     def data_parallel(self, world_size: int) -> int:
@@ -146,12 +315,17 @@ class Recipe(_Strict):
 # cross-field checks
 
 
-def check_recipe(r: Recipe, world_size: Optional[int] = None, vocab_size: Optional[int] = None) -> list[tuple[str, str]]:
+def check_recipe(r: Recipe, world_size: Optional[int] = None,
+                 vocab_size: Optional[int] = None) -> list[tuple[str, str]]:
     """Every impossible combination as (key.path, message). ``world_size``/``vocab_size`` add the checks that need
     them (known at launch, or from the data's vocab.json)."""
     errs: list[tuple[str, str]] = []
     m, p = r.model, r.parallel
     tp, pp = p.tensor_parallel, p.pipeline_parallel
+    if pp > 1 and r.phase.kind not in PIPELINE_PHASES:
+        errs.append(("parallel.pipeline_parallel", f"phase {r.phase.kind} cannot run with pipeline parallelism (got "
+                     f"pipeline_parallel={pp} with phase.kind={r.phase.kind}, expected pipeline_parallel = 1: only "
+                     f"phase {' or '.join(PIPELINE_PHASES)} has a pipeline loss)"))
     if p.zero_stage >= 2 and pp > 1:
         errs.append(("parallel.zero_stage", f"ZeRO stage {p.zero_stage} cannot run with pipeline parallelism "
                      f"(DeepSpeed's pipeline engine supports ZeRO 0 and 1) (got zero_stage={p.zero_stage} with "
@@ -190,6 +364,13 @@ def check_recipe(r: Recipe, world_size: Optional[int] = None, vocab_size: Option
     if vocab_size is not None and vocab_size % tp:
         errs.append(("parallel.tensor_parallel", f"padded vocabulary must divide by the tensor-parallel size "
                      f"(got vocab {vocab_size}, tensor_parallel={tp})"))
+    if r.phase.kind == "grpo":
+        o, gbs = r.phase.options, r.data.global_batch_size
+        answers = o.prompts_per_step * o.group_size
+        if answers != gbs * o.mini_batches:
+            errs.append(("phase.options.prompts_per_step", f"prompts_per_step x group_size answers must fill "
+                         f"mini_batches optimizer steps of data.global_batch_size (got {o.prompts_per_step} x "
+                         f"{o.group_size} = {answers}, expected {o.mini_batches} x {gbs} = {o.mini_batches * gbs})"))
     ws = p.world_size if world_size is None else world_size
     if p.world_size is not None and world_size is not None and p.world_size != world_size:
         errs.append(("parallel.world_size", f"the launcher started {world_size} ranks (got {world_size}, expected "
@@ -208,6 +389,9 @@ def check_recipe(r: Recipe, world_size: Optional[int] = None, vocab_size: Option
             elif pp > 1 and r.data.global_batch_size // per_step < pp:
                 errs.append(("data.global_batch_size", f"micro-batches per step fewer than pipeline stages (got "
                              f"{r.data.global_batch_size // per_step}, expected >= pipeline_parallel={pp})"))
+            if r.phase.kind == "grpo" and r.phase.options.prompts_per_step % dp:
+                errs.append(("phase.options.prompts_per_step", f"must divide by the data-parallel size (got "
+                             f"{r.phase.options.prompts_per_step}, dp={dp}): a group stays on one rank"))
     elif r.data.global_batch_size % r.data.micro_batch_size:
         errs.append(("data.global_batch_size", f"must divide by micro_batch_size (got {r.data.global_batch_size}, "
                      f"micro_batch_size={r.data.micro_batch_size})"))
@@ -274,21 +458,81 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, object]]:
     return out
 
 
-def _format_validation(source: str, e: ValidationError) -> str:
-    err = e.errors()[0]
-    path = ".".join(str(x) for x in err["loc"]) or "(top)"
-    kind = err["type"]
-    got = err.get("input")
+def _members(annotation) -> list:
+    """The types of a Union / Optional annotation (without None), or [] for any other annotation."""
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        return [a for a in typing.get_args(annotation) if a is not type(None)]
+    return []
+
+
+def _discriminator(field):
+    """A field's discriminator: a key name, or the ``Discriminator`` in its metadata (a callable one)."""
+    return field.discriminator or next((m for m in field.metadata if isinstance(m, Discriminator)), None)
+
+
+def _tagged(member, disc) -> tuple:
+    """(tag, model) of a discriminated union's member: ``Annotated[Model, Tag(t)]`` or a model whose field
+    ``disc`` has the tag as its default."""
+    if typing.get_origin(member) is Annotated:
+        model, *meta = typing.get_args(member)
+        return next((m.tag for m in meta if isinstance(m, Tag)), None), model
+    return member.model_fields[disc].default, member
+
+
+def _walk(model: Optional[type[BaseModel]], loc: tuple) -> tuple[list, Optional[type[BaseModel]], Optional[int]]:
+    """An error location as the user's keys: without the tags pydantic inserts for a union (``phase.grpo.options``
+    -> ``phase.options``). Returns (keys, the model that holds the last key, and where the location ended in a plain
+    union: the index in ``loc`` of the member pydantic tried, or None)."""
+    keys, owner, ann, disc = [], None, model, None
+    for i, x in enumerate(loc):
+        members = _members(ann)
+        if disc is not None and members:  # a discriminated union: x is the tag, the member is the key's schema
+            tagged = dict(_tagged(m, disc) for m in members)
+            if x in tagged:
+                ann, disc = tagged[x], None
+                continue
+        elif len(members) == 1:  # Optional[X]
+            ann = members[0]
+        elif members:  # Union[X, Y]: x names the member that failed
+            return keys, owner, i
+        keys.append(x)
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            owner, field = ann, ann.model_fields.get(x)
+            ann, disc = (field.annotation, _discriminator(field)) if field else (None, None)
+        else:  # list[X] (x an index) or dict[K, X] (x a key); anything else: the walk is blind from here
+            args = typing.get_args(ann)
+            ann, disc = (args[-1] if args else None), None
+    return keys, owner, None
+
+
+def format_validation_error(source: str, err: ValidationError, model: Optional[type[BaseModel]] = None) -> str:
+    """The first error of a pydantic validation as one line ``source: dotted.key: what is wrong (got X)``.
+
+    ``model``: the class that was validated (``Recipe``, a chain's schema); with it the key path is the one the user
+    wrote (pydantic's union tags left out) and an unknown key lists the keys expected there."""
+    errors = err.errors()
+    e = errors[0]
+    keys, owner, union_at = _walk(model, e["loc"])
+    path = ".".join(str(k) for k in keys) or "(top)"
+    kind, got = e["type"], e.get("input")
     if kind == "extra_forbidden":
-        return f"{source}: {path}: unknown key (got {path.split('.')[-1]!r})"
+        what = f"option for phase {owner.phase_kind}" if owner is not None and issubclass(owner, _Options) else "key"
+        expected = ""
+        if owner is not None:
+            expected = f", expected one of {', '.join(owner.model_fields)}" if owner.model_fields else ", expected none"
+        return f"{source}: {path}: unknown {what} (got {keys[-1]!r}{expected})"
     if kind == "missing":
         return f"{source}: {path}: required key is missing"
-    msg = err["msg"]
-    expected = ""
-    ctx = err.get("ctx") or {}
-    if "expected" in ctx:
-        expected = f", expected {ctx['expected']}"
-    return f"{source}: {path}: {msg} (got {got!r}{expected})"
+    if kind == "union_tag_invalid":  # the key that chooses the schema (phase.kind)
+        disc, tags = e["ctx"]["discriminator"].strip("'"), e["ctx"]["expected_tags"].replace("'", "")
+        return f"{source}: {path}.{disc}: unknown {disc} (got {e['ctx']['tag']!r}, expected one of {tags})"
+    if kind == "value_error":  # our validators' messages say what is wrong and what was given
+        return f"{source}: {path}: {e['ctx']['error']}"
+    if union_at is not None:  # every member of a Union failed: name the members
+        tried = [str(x["loc"][union_at]) for x in errors
+                 if len(x["loc"]) > union_at and x["loc"][:union_at] == e["loc"][:union_at]]
+        return f"{source}: {path}: Input should be {' or '.join(dict.fromkeys(tried))} (got {got!r})"
+    return f"{source}: {path}: {e['msg']} (got {got!r})"
 
 
 def recipe_from_dict(data: dict, source: str = "recipe", world_size: Optional[int] = None,
@@ -296,7 +540,7 @@ def recipe_from_dict(data: dict, source: str = "recipe", world_size: Optional[in
     try:
         r = Recipe.model_validate(data)
     except ValidationError as e:
-        raise RecipeError(_format_validation(source, e)) from None
+        raise RecipeError(format_validation_error(source, e, Recipe)) from None
     errs = check_recipe(r, world_size=world_size, vocab_size=vocab_size)
     if errs:
         key, msg = errs[0]

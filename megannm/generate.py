@@ -13,7 +13,7 @@ that ranks never diverge.
 from __future__ import annotations
 
 import argparse
-import json
+import io
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from megannm import parallel
+from megannm.fileio import atomic_write, atomic_write_json
 from megannm.vocab import Vocab
 
 
@@ -33,6 +34,14 @@ class SamplingConfig:
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+
+    @classmethod
+    def from_options(cls, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                     greedy: Optional[bool] = None) -> "SamplingConfig":
+        """The one constructor from user options (command lines, phase options): a temperature <= 0 means greedy
+        unless ``greedy`` says otherwise."""
+        greedy = temperature <= 0 if greedy is None else greedy
+        return cls(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
 
 
 def _allowed_mask(vocab: Vocab, vocab_size: int, kind: str, device) -> torch.Tensor:
@@ -65,8 +74,9 @@ def pick(logits: torch.Tensor, cfg: SamplingConfig, generator: Optional[torch.Ge
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _same_on_tp_ranks(ids: torch.Tensor) -> torch.Tensor:
-    return parallel.broadcast_in_tensor_group(ids)
+def _same_on_tp_ranks(ids: torch.Tensor, tp_group) -> torch.Tensor:
+    """The group's first rank's sample on every tensor-parallel rank (a no-op at TP 1)."""
+    return parallel.broadcast(ids, tp_group)
 
 
 class _Stream:
@@ -117,7 +127,7 @@ def _decode_bucket(model, vocab: Vocab, prompts: torch.Tensor, kind: str, max_ne
         if uncond is not None:
             logits = uncond.logits + cfg_scale * (cond.logits - uncond.logits)
         logits = logits.masked_fill(~allowed, float("-inf"))
-        ids = _same_on_tp_ranks(pick(logits, cfg, generator))
+        ids = _same_on_tp_ranks(pick(logits, cfg, generator), model.layout.tp_group)
         if kind == "text":
             ids = torch.where(done, torch.full_like(ids, vocab.eos_id), ids)
             done |= torch.isin(ids, stops)
@@ -143,7 +153,8 @@ def generate(model, vocab: Vocab, prompts: list[list[int]], kind: str, max_new_t
     ``vocab.image_grid`` codes (unified ids); text spans stop at ``<eos>`` or any of ``stop_ids`` (e.g.
     ``<|end|>`` for a chat answer; not returned unless ``keep_stop``: RL trains the decision to stop) or
     ``max_new_tokens``. ``pad``: decode prompts of different lengths together, left-padded (a document mask keeps
-    the padding out of attention), instead of one bucket per length: far fewer decoding steps for RL rollouts."""
+    the padding out of attention), instead of one bucket per length: far fewer decoding steps for RL rollouts.
+    ``model``: an ``NMMModel``, whose ``layout`` names the tensor-parallel group that samples together."""
     if kind not in ("text", "image"):
         raise ValueError(f"generate: kind must be text or image (got {kind!r})")
     if kind == "image":
@@ -178,7 +189,7 @@ def generate(model, vocab: Vocab, prompts: list[list[int]], kind: str, max_new_t
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# prompts in the toy layout (see megannm.data.tokenize for the document layout)
+# prompts in the document layouts of megannm.data.tokenize
 
 
 def caption_prompt(tok, image: np.ndarray) -> list[int]:
@@ -218,6 +229,22 @@ def codes_to_images(tok, rows: list[list[int]]) -> np.ndarray:
     return tok.image.decode(codes)
 
 
+def read_image(path) -> np.ndarray:
+    """A picture file as uint8 [H, W, 3]."""
+    from PIL import Image
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path}: image not found")
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """uint8 [H, W, 3] as PNG bytes (for ``megannm.fileio.atomic_write``)."""
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def text_of(tok, ids: list[int]) -> str:
     v = tok.vocab
     return tok.text.decode([i for i in ids if i < v.text_size], skip_special_tokens=True).strip()
@@ -243,16 +270,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--max-new-tokens", type=int, default=32)
     a = p.parse_args(argv)
 
-    from PIL import Image
-
-    from megannm.data.tokenize import Tokenizers
-    from megannm.convert.deepspeed import load_model
-    layout = parallel.init_parallel(1, 1)
-    try:
-        tok = Tokenizers.load(a.tokenizers)
-        model, meta = load_model(a.checkpoint, layout, vocab=tok.vocab)
-        sampling = SamplingConfig(greedy=a.temperature <= 0, temperature=max(a.temperature, 1e-6), top_k=a.top_k,
-                                  top_p=a.top_p, seed=a.seed)
+    from megannm.opened import open_checkpoint
+    sampling = SamplingConfig.from_options(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
+    imgs = [read_image(f) for f in a.image or []]  # a missing file fails before the model loads
+    with open_checkpoint(a.checkpoint, a.tokenizers) as ck:
+        model, tok = ck.model, ck.tok
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
         results = []
@@ -260,22 +282,14 @@ def main(argv: list[str]) -> int:
             rows = generate(model, tok.vocab, [image_prompt(tok, c) for c in a.caption], "image", sampling=sampling,
                             cfg_scale=a.cfg_scale)
             for i, (c, img) in enumerate(zip(a.caption, codes_to_images(tok, rows))):
-                path = out / f"image_{i:03d}.png"
-                Image.fromarray(img).save(path)
+                path = atomic_write(out / f"image_{i:03d}.png", png_bytes(img))
                 results.append({"caption": c, "image": str(path)})
                 print(f"{c!r} -> {path}")
         else:
-            imgs = []
-            for f in a.image:
-                if not Path(f).exists():
-                    raise FileNotFoundError(f"{f}: image not found")
-                imgs.append(np.asarray(Image.open(f).convert("RGB")))
             rows = generate(model, tok.vocab, [caption_prompt(tok, im) for im in imgs], "text",
                             max_new_tokens=a.max_new_tokens, sampling=sampling)
             for f, r in zip(a.image, rows):
                 results.append({"image": f, "caption": text_of(tok, r)})
                 print(f"{f} -> {text_of(tok, r)!r}")
-        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    finally:
-        parallel.shutdown()
+        atomic_write_json(out / "results.json", results)
     return 0

@@ -13,8 +13,8 @@ from __future__ import annotations
 import datetime
 import os
 import re
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -75,7 +75,8 @@ def discover_launch(env: Optional[dict] = None) -> LaunchInfo:
 
 @dataclass(frozen=True)
 class Layout:
-    """Where this rank sits: every factor of world = tp x dp x pp and this rank's coordinate on each."""
+    """Where this rank sits: every factor of world = tp x dp x pp, this rank's coordinate on each, and the process
+    groups of its three axes. Whoever needs a collective takes the group from here, passed in explicitly."""
     world_size: int
     rank: int
     tp: int
@@ -86,10 +87,9 @@ class Layout:
     dp_rank: int
     local_rank: int = 0
     launcher: str = "single"
-
-    @property
-    def is_first_stage(self) -> bool:
-        return self.pp_rank == 0
+    tp_group: Any = field(default=None, compare=False, repr=False)  # ranks of this rank's tensor-parallel group
+    dp_group: Any = field(default=None, compare=False, repr=False)  # ... of its data-parallel group
+    pp_group: Any = field(default=None, compare=False, repr=False)  # ... of its pipeline (one rank per stage)
 
     @property
     def is_last_stage(self) -> bool:
@@ -163,7 +163,9 @@ def init_parallel(tp: int = 1, pp: int = 1, timeout_s: int = 600, env: Optional[
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     return Layout(world_size=info.world_size, rank=info.rank, tp=tp, pp=pp, dp=dp,
                   tp_rank=ps.get_tensor_model_parallel_rank(), pp_rank=ps.get_pipeline_model_parallel_rank(),
-                  dp_rank=ps.get_data_parallel_rank(), local_rank=info.local_rank, launcher=info.launcher)
+                  dp_rank=ps.get_data_parallel_rank(), local_rank=info.local_rank, launcher=info.launcher,
+                  tp_group=ps.get_tensor_model_parallel_group(), dp_group=ps.get_data_parallel_group(),
+                  pp_group=ps.get_pipeline_model_parallel_group())
 
 
 def _free_port() -> int:
@@ -186,37 +188,32 @@ def shutdown() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# groups other code needs, handed out from here
+# collectives over a group handed in by the caller (from its Layout); all of them are no-ops in a world of one
 
 
-def tensor_group():
-    from megatron.core import parallel_state as ps
-    return ps.get_tensor_model_parallel_group()
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
 
-def data_group():
-    from megatron.core import parallel_state as ps
-    return ps.get_data_parallel_group()
+def group_size(group) -> int:
+    return dist.get_world_size(group) if dist.is_initialized() else 1
 
 
-def pipeline_group():
-    from megatron.core import parallel_state as ps
-    return ps.get_pipeline_model_parallel_group()
+def group_rank(group) -> int:
+    return dist.get_rank(group) if dist.is_initialized() else 0
 
 
 def all_reduce(t: torch.Tensor, group=None, op: str = "sum") -> torch.Tensor:
-    """In-place all-reduce over ``group`` (None = world); a no-op when not distributed."""
-    if dist.is_initialized():
-        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op], group=group)
+    """In-place all-reduce over ``group`` (None = the whole world); a no-op when not distributed."""
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, op=_OPS[op], group=group)
     return t
 
 
-def broadcast_object(obj, src: int = 0):
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
+def broadcast(t: torch.Tensor, group, src: int = 0) -> torch.Tensor:
+    """In-place broadcast from the ``src``-th rank OF ``group`` (0 = its first rank) to the rest of the group."""
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.broadcast(t, src=dist.get_global_rank(group, src), group=group)
+    return t
 
 
 def barrier() -> None:
@@ -224,43 +221,87 @@ def barrier() -> None:
         dist.barrier()
 
 
+class _GatherLastDim(torch.autograd.Function):
+    """All-gather along the last dimension; the backward keeps this rank's slice. (megatron-core's
+    gather_from_tensor_model_parallel_region allocates its buffer on ``torch.cuda.current_device()``, so it cannot
+    run on the CPU.)"""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        mine = grad.chunk(dist.get_world_size(ctx.group), dim=-1)[dist.get_rank(ctx.group)]
+        return mine.contiguous(), None
+
+
+def gather_last_dim(x: torch.Tensor, group) -> torch.Tensor:
+    """[..., n] on each rank of ``group`` -> [..., n * size] in rank order, on every rank (differentiable)."""
+    if group_size(group) == 1:
+        return x
+    return _GatherLastDim.apply(x, group)
+
+
+def check_pipeline_grid(grid, layout: "Layout") -> None:
+    """DeepSpeed's pipeline grid and this layout's groups (megatron-core's) must hold the same ranks on every axis:
+    the layers reduce over megatron-core's tensor group while DeepSpeed partitions activations over its own."""
+    def ranks(group):
+        return sorted(dist.get_process_group_ranks(group))
+
+    pairs = (("tensor", sorted(grid.slice_group), ranks(layout.tp_group)),
+             ("data", sorted(grid.dp_group), ranks(layout.dp_group)),
+             ("pipeline", sorted(grid.pp_group), ranks(layout.pp_group)))
+    for axis, theirs, ours in pairs:
+        if theirs != ours:
+            raise RuntimeError(f"parallel layout: rank {layout.rank}: DeepSpeed's {axis} group {theirs} differs "
+                               f"from megatron-core's {ours} (the topology must be built in Megatron's order by "
+                               f"megannm.parallel.pipeline_topology)")
+
+
 class MegatronMPU:
-    """What DeepSpeed's ZeRO asks of an ``mpu``, answered from megatron-core's ``parallel_state``.
+    """What DeepSpeed's ZeRO asks of an ``mpu``, answered from the layout's groups (megatron-core's).
 
     DeepSpeed calls ``get_model_parallel_{world_size,rank,group}``, which megatron-core does not define; without a
-    pipeline the model-parallel group is the tensor-parallel group. Every other attribute falls through to
-    ``parallel_state`` (get_data_parallel_group, get_tensor_model_parallel_rank, ...).
+    pipeline the model-parallel group is the tensor-parallel group. Anything else DeepSpeed asks for falls through to
+    megatron-core's ``parallel_state``, which holds the same groups.
     """
 
-    def __init__(self):
+    def __init__(self, layout: "Layout"):
         from megatron.core import parallel_state
         self._ps = parallel_state
+        self.layout = layout
 
     def __getattr__(self, name):
         return getattr(self._ps, name)
 
     def get_model_parallel_world_size(self):
-        return self._ps.get_tensor_model_parallel_world_size()
+        return self.layout.tp
 
     def get_model_parallel_rank(self):
-        return self._ps.get_tensor_model_parallel_rank()
+        return self.layout.tp_rank
 
     def get_model_parallel_group(self):
-        return self._ps.get_tensor_model_parallel_group()
+        return self.layout.tp_group
+
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_group = get_model_parallel_group
+
+    def get_data_parallel_group(self):
+        return self.layout.dp_group
+
+    def get_data_parallel_world_size(self):
+        return self.layout.dp
+
+    def get_data_parallel_rank(self):
+        return self.layout.dp_rank
 
 
 def pipeline_topology(layout: Layout):
     """DeepSpeed's topology with megatron-core's rank order: axes (pipe, data, model), model innermost."""
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
     return PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp)
-
-
-def broadcast_in_tensor_group(t: torch.Tensor) -> torch.Tensor:
-    """Make ``t`` identical on every tensor-parallel rank (the group's first rank wins); no-op at TP=1."""
-    from megatron.core import parallel_state as ps
-    if not dist.is_initialized() or not ps.model_parallel_is_initialized():
-        return t
-    if ps.get_tensor_model_parallel_world_size() == 1:
-        return t
-    dist.broadcast(t, src=ps.get_tensor_model_parallel_src_rank(), group=ps.get_tensor_model_parallel_group())
-    return t

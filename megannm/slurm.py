@@ -41,7 +41,7 @@ from typing import Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from megannm.config import RecipeError, load_recipe
+from megannm.config import RecipeError, SlurmConfig, format_validation_error, load_recipe
 
 TRAIN_SBATCH = Path(__file__).resolve().parents[1] / "slurm" / "train.sbatch"
 STAGES_FILE = "stages.json"
@@ -66,43 +66,12 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class Resources(_Strict):
-    """sbatch resources of one stage. None = not passed (the cluster's default)."""
-    partition: Optional[str] = Field(None, description="--partition")
-    account: Optional[str] = Field(None, description="--account")
-    qos: Optional[str] = Field(None, description="--qos")
-    time: Optional[str] = Field(None, description="--time limit, e.g. 2-00:00:00 (a requeued job gets it afresh).")
-    nodes: Optional[int] = Field(None, gt=0, description="--nodes")
-    ntasks_per_node: Optional[int] = Field(None, gt=0, description="--ntasks-per-node: one task (rank) per "
-                                                                    "device; default gpus_per_node, else 1.")
-    gpus_per_node: Optional[int] = Field(None, ge=0, description="--gpus-per-node")
-    cpus_per_task: Optional[int] = Field(None, gt=0, description="--cpus-per-task (also each rank's OMP threads).")
-    mem: Optional[str] = Field(None, description="--mem per node, e.g. 0 (all) or 500G.")
-    constraint: Optional[str] = Field(None, description="--constraint")
-    extra: list[str] = Field(default_factory=list, description="Further sbatch arguments, verbatim (e.g. "
-                                                               "--exclusive, --signal=B:USR1@900); appended.")
-
-    def world_size(self) -> int:
-        return (self.nodes or 1) * self.tasks_per_node()
-
-    def tasks_per_node(self) -> int:
-        return self.ntasks_per_node or self.gpus_per_node or 1
-
-    def sbatch_args(self) -> list[str]:
-        args = [f"--{flag.replace('_', '-')}={value}" for flag, value in
-                (("partition", self.partition), ("account", self.account), ("qos", self.qos), ("time", self.time),
-                 ("nodes", self.nodes), ("ntasks_per_node", self.ntasks_per_node),
-                 ("gpus_per_node", self.gpus_per_node), ("cpus_per_task", self.cpus_per_task), ("mem", self.mem),
-                 ("constraint", self.constraint)) if value is not None]
-        return args + list(self.extra)
-
-
 class Stage(_Strict):
     name: str = Field(description="Folder and job-name suffix: letters, digits, '.', '_', '-'.")
     recipe: str = Field(description="Recipe YAML, relative to the chain file.")
     overrides: list[str] = Field(default_factory=list, description="key.path=value, after the chain's overrides.")
-    slurm: Resources = Field(default_factory=Resources, description="This stage's sbatch resources (win over the "
-                                                                    "recipe's `slurm:` and the chain's).")
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig, description="This stage's sbatch resources (win over "
+                                                                        "the recipe's `slurm:` and the chain's).")
 
     @field_validator("name")
     @classmethod
@@ -125,7 +94,7 @@ class Chain(_Strict):
     run_dir: Optional[str] = Field(None, description="Run folder (relative to the current directory); default "
                                                      "runs/<name>; --run-dir wins.")
     overrides: list[str] = Field(default_factory=list, description="key.path=value for every stage.")
-    slurm: Resources = Field(default_factory=Resources, description="Every stage's default sbatch resources.")
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig, description="Every stage's default sbatch resources.")
     stages: list[Stage] = Field(min_length=1)
 
     @field_validator("overrides")
@@ -144,27 +113,20 @@ class Chain(_Strict):
         return v
 
 
-def merge_resources(*layers: Resources) -> Resources:
+def merge_resources(*layers: SlurmConfig) -> SlurmConfig:
     """Later layers win key by key; ``extra`` arguments accumulate in order."""
     merged: dict = {}
     extra: list[str] = []
     for layer in layers:
         merged.update(layer.model_dump(exclude_none=True, exclude={"extra"}))
         extra += layer.extra
-    return Resources(**merged, extra=extra)
+    return SlurmConfig(**merged, extra=extra)
 
 
-def _one_line(source: str, e: ValidationError, prefix: str = "") -> str:
-    """The first validation error as ``source: key.path: what is wrong (got X)``."""
-    err = e.errors()[0]
-    where = prefix + ".".join(str(x) for x in err["loc"]) or "(top)"
-    if err["type"] == "extra_forbidden":
-        return f"{source}: {where}: unknown key (got {where.split('.')[-1]!r})"
-    if err["type"] == "missing":
-        return f"{source}: {where}: required key is missing"
-    if err["type"] == "value_error":  # our validators' messages say what is wrong and what was given
-        return f"{source}: {where}: {err['ctx']['error']}"
-    return f"{source}: {where}: {err['msg']} (got {err.get('input')!r})"
+def sbatch_args(res: SlurmConfig) -> list[str]:
+    """``--<key>=<value>`` for every resource that is set (the key with '-' for '_'), then ``extra`` verbatim."""
+    return [f"--{key.replace('_', '-')}={value}" for key, value in res.model_dump(exclude={"extra"}).items()
+            if value is not None] + list(res.extra)
 
 
 def load_chain(path: str | Path) -> Chain:
@@ -183,7 +145,7 @@ def load_chain(path: str | Path) -> Chain:
     try:
         chain = Chain.model_validate(data)
     except ValidationError as e:
-        raise ChainError(_one_line(str(path), e)) from None
+        raise ChainError(format_validation_error(str(path), e, Chain)) from None
     if chain.name is None:
         chain.name = path.resolve().parent.name
     return chain
@@ -211,12 +173,9 @@ def plan(chain_path: str | Path, run_dir: Optional[str] = None) -> dict:
         overrides = [*chain.overrides, *stage.overrides, f"logging.dir={stage_dir}"]
         try:
             first = load_recipe(recipe_path, overrides)
-            own = Resources.model_validate(first.slurm)
-        except ValidationError as e:  # the recipe's own `slurm:` resources
-            raise ChainError(f"{where}.recipe: {_one_line(str(recipe_path), e, prefix='slurm.')}") from None
         except RecipeError as e:
             raise ChainError(f"{where}.recipe: {e}") from None
-        res = merge_resources(chain.slurm, own, stage.slurm)
+        res = merge_resources(chain.slurm, first.slurm, stage.slurm)
         if res.gpus_per_node and res.ntasks_per_node and res.gpus_per_node != res.ntasks_per_node:
             raise ChainError(f"{where}.slurm.ntasks_per_node: one task per device (got {res.ntasks_per_node}, "
                              f"expected gpus_per_node={res.gpus_per_node})")
@@ -226,8 +185,9 @@ def plan(chain_path: str | Path, run_dir: Optional[str] = None) -> dict:
             init = previous[0]
             if previous[1] != layout:
                 init = stage_dir / "init-consolidated"
-                convert = Resources(**res.model_dump(include={"partition", "account", "qos", "time", "cpus_per_task",
-                                                              "mem", "constraint"}), nodes=1, ntasks_per_node=1)
+                convert = SlurmConfig(**res.model_dump(include={"partition", "account", "qos", "time",
+                                                                "cpus_per_task", "mem", "constraint"}),
+                                      nodes=1, ntasks_per_node=1)
                 jobs.append({"kind": "convert", "name": f"{stage.name}:convert",
                              "job_name": f"{chain.name}-{stage.name}-convert", "dir": str(stage_dir),
                              "train_steps": None, "world_size": 1,
@@ -258,13 +218,13 @@ def plan(chain_path: str | Path, run_dir: Optional[str] = None) -> dict:
 def sbatch_command(job: dict, dependency: Optional[str]) -> list[str]:
     """``sbatch --parsable [--dependency=afterok:<previous>] <resources> slurm/train.sbatch RECIPE overrides``
     (a conversion job: ``... --wrap "python -m megannm convert ..."``)."""
-    res = Resources.model_validate(job["resources"])
+    res = SlurmConfig.model_validate(job["resources"])
     log = "slurm-%j.out" if job["kind"] == "train" else "convert-%j.out"
     cmd = ["sbatch", "--parsable", f"--job-name={job['job_name']}", f"--output={Path(job['dir']) / log}"]
     if dependency:
         cmd.append(f"--dependency=afterok:{dependency}")
     # The jobs run this interpreter (a shared venv on a cluster); a later --export in `extra` wins.
-    cmd += [f"--export=ALL,MEGANNM_PYTHON={sys.executable}", *res.sbatch_args()]
+    cmd += [f"--export=ALL,MEGANNM_PYTHON={sys.executable}", *sbatch_args(res)]
     if job["kind"] == "convert":
         done = shlex.quote(str(Path(job["run"][5]) / "consolidated.json"))  # a resubmitted chain converts once
         return cmd + ["--wrap", f"test -e {done} || exec {shlex.join(job['run'])}"]

@@ -1,6 +1,6 @@
 """The unified vocabulary shared by data and model: ``[text | image codes | specials | padding]``.
 
-A token's modality is a pure function of its id (``modality_of``): image codes are modality 1, everything else
+A token's modality is a pure function of its id (``Vocab.is_image``): image codes are modality 1, everything else
 (text, specials, ``<boi>``/``<eoi>``, padding rows) is modality 0, as in Chameleon and the MoT paper. The padded size
 divides by ``tensor_parallel_size * pad_multiple`` (Megatron's convention, so each vocab-parallel shard is equal); the
 model masks the padding rows out of the softmax, so the padding never changes a loss.
@@ -157,8 +157,3 @@ class Vocab:
             raise VocabMismatchError(
                 f"vocabulary mismatch: {there} has fingerprint {other_fingerprint}, {here} has {self.fingerprint}")
 
-
-def modality_of(ids, vocab: Vocab):
-    """Modality id per token (0 text, 1 image): a pure function of the id. Works on torch tensors and numpy arrays."""
-    m = vocab.is_image(ids)
-    return m.long() if hasattr(m, "long") else m.astype(np.int64)

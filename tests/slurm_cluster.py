@@ -56,7 +56,7 @@ class SlurmCluster:
         args = [f"--key-file={key}", f"--socket={m / 'munge.socket'}", f"--pid-file={m / 'munged.pid'}",
                 f"--log-file={m / 'munged.log'}", f"--seed-file={m / 'munged.seed'}"]
         if os.geteuid() == 0:
-            try:  # munged refuses to run as root; run it as its own user (FACTS.md)
+            try:  # munged refuses to run as root; run it as its own user
                 pw = pwd.getpwnam("munge")
                 for p in (m, key):
                     os.chown(p, pw.pw_uid, pw.pw_gid)

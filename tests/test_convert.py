@@ -115,11 +115,13 @@ def random_consolidated(vocab, seed=0, **model):
     """An untrained model in canonical form, norms perturbed away from 1."""
     from megannm.config import ModelConfig
     from megannm.convert.consolidated import Consolidated, normalise_args
-    from megannm.model.transformer import ModelArgs, NMMModel
+    from megannm import parallel
+    from megannm.model.args import ModelArgs
+    from megannm.model.transformer import NMMModel
     cfg = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=64, max_seq_len=64)
     args = ModelArgs.from_config(ModelConfig(**{**cfg, **model}), vocab, tp=1)
     torch.manual_seed(seed)
-    state = {k: v.detach().clone() for k, v in NMMModel(args).state_dict().items()}
+    state = {k: v.detach().clone() for k, v in NMMModel(args, parallel.init_parallel(1, 1)).state_dict().items()}
     for k in state:
         if "norm" in k:
             state[k] += 0.1 * torch.randn_like(state[k])

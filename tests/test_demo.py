@@ -67,8 +67,8 @@ def _greedy_without_cache(model, prompt, n, allowed):
 
 
 def test_kv_cache_generation_equals_full_recompute(model_and_tok):
-    from megannm.data import toy
     from megannm.generate import _allowed_mask, generate, image_prompt
+    from megannm.toy import world as toy
     model, tok = model_and_tok
     v = tok.vocab
     prompts = [image_prompt(tok, toy.caption(a)) for a, _, _ in toy.make_examples(2, seed=1)]
@@ -79,8 +79,8 @@ def test_kv_cache_generation_equals_full_recompute(model_and_tok):
 
 
 def test_constrained_decoding_stays_in_the_image_range(model_and_tok):
-    from megannm.data import toy
     from megannm.generate import SamplingConfig, generate, image_prompt
+    from megannm.toy import world as toy
     model, tok = model_and_tok
     v = tok.vocab
     prompts = [image_prompt(tok, toy.caption(a)) for a, _, _ in toy.make_examples(8, seed=2)]
@@ -101,9 +101,9 @@ def test_top_k_and_top_p_restrict_the_support():
 
 
 def test_evaluation_scores_ground_truth_at_099(toy_data):
-    from megannm.data import toy
     from megannm.data.tokenize import Tokenizers
-    from megannm.evaluate import score_captions, score_images
+    from megannm.toy import world as toy
+    from megannm.toy.evaluate import score_captions, score_images
     tok = Tokenizers.load(toy_data["tokenizers"])
     for split in ("seen", "heldout"):
         ex = toy.make_examples(200, seed=5, split=split)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from megannm.data import packing, toy
+from megannm.data import packing
+from megannm.toy import world as toy
 from megannm.data.image_tokenizer import PatchVQ
 from megannm.data.loader import (build_eval_batches, build_order, build_train_iterator, collate,
                                  rank_micro_batches)

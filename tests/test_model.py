@@ -16,16 +16,18 @@ warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 VOCAB = Vocab(text_size=200, image_codes=64)  # 273 ids, padded to 384 at TP 1
+LAYOUT = None  # the world of one that ``parallel_state`` initialises
 
 
 @pytest.fixture(scope="module", autouse=True)
 def parallel_state():
     from megannm.parallel import init_parallel
-    init_parallel(1, 1)
+    global LAYOUT
+    LAYOUT = init_parallel(1, 1)
     # Tiny tensors: one thread is as fast, and does not stall when other processes share the two cores.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield  # no shutdown: other modules of the session may still use the process group
+    yield LAYOUT  # no shutdown: other modules of the session may still use the process group
     torch.set_num_threads(threads)
 
 
@@ -35,7 +37,7 @@ def make(mot=True, seed=0, **cfg):
                 max_seq_len=64)
     args = ModelArgs.from_config(ModelConfig(**{**base, **cfg}), VOCAB, tp=1)
     torch.manual_seed(seed)
-    return NMMModel(args)
+    return NMMModel(args, LAYOUT)
 
 
 def weight_set(name):
@@ -73,7 +75,7 @@ def stage_logits(model, ids, position_ids=None, document_ids=None):
 def test_megatron_linears_take_2d_and_empty_input():
     from megannm.model.mot import column, row
     args = make().args
-    col, out = column(args, 32, 48), row(args, 48, 32)
+    col, out = column(args, LAYOUT, 32, 48), row(args, LAYOUT, 48, 32)
     x = torch.randn(5, 32, requires_grad=True)
     y = out(col(x))
     assert y.shape == (5, 32)
@@ -161,7 +163,7 @@ def test_stage_chain_equals_model_and_padding_rows_never_change_the_loss():
     logits_p = stage_logits(model, inputs)
     assert logits_p.shape[-1] == VOCAB.padded_size(1)
     torch.testing.assert_close(logits_p[..., :VOCAB.size], model(inputs), rtol=0, atol=1e-6)
-    loss, stats = lm_loss(logits_p, labels, mask, args)
+    loss, stats = lm_loss(logits_p, labels, mask, args, LAYOUT)
     # reference: plain cross entropy over the real vocabulary
     ce = F.cross_entropy(logits_p[..., :VOCAB.size].reshape(-1, VOCAB.size), labels.reshape(-1), reduction="none")
     ce = ce.view_as(labels)
@@ -174,11 +176,12 @@ def test_stage_chain_equals_model_and_padding_rows_never_change_the_loss():
     # huge padding logits change nothing
     bumped = logits_p.clone()
     bumped[..., VOCAB.size:] = 1e4
-    loss2, stats2 = lm_loss(bumped, labels, mask, args)
+    loss2, stats2 = lm_loss(bumped, labels, mask, args, LAYOUT)
     assert loss2.item() == loss.item() and stats2["image_loss"].item() == stats["image_loss"].item()
     # per-modality weights by the modality of the target, normalised by all loss tokens
     for w_text, w_image in ((1.0, 0.0), (0.5, 2.0)):
-        w_loss, w_stats = lm_loss(logits_p, labels, mask, dataclasses.replace(args, loss_weights=(w_text, w_image)))
+        weighted = dataclasses.replace(args, loss_weights=(w_text, w_image))
+        w_loss, w_stats = lm_loss(logits_p, labels, mask, weighted, LAYOUT)
         expect = (w_text * stats["text_loss"] * stats["text_tokens"] +
                   w_image * stats["image_loss"] * stats["image_tokens"]) / mask.sum()
         torch.testing.assert_close(w_loss, expect, rtol=0, atol=1e-5)
@@ -194,10 +197,10 @@ def test_z_loss_adds_coefficient_times_mean_squared_log_partition():
     with torch.no_grad():
         logits_p *= 30  # a log partition far from 0, so the term is visible
     labels = ids[:, 1:]
-    base, stats0 = lm_loss(logits_p, labels, None, model.args)
+    base, stats0 = lm_loss(logits_p, labels, None, model.args, LAYOUT)
     assert float(stats0["z_loss"]) == 0.0
     coeff = 1e-3
-    with_z, stats = lm_loss(logits_p, labels, None, dataclasses.replace(model.args, z_loss=coeff))
+    with_z, stats = lm_loss(logits_p, labels, None, dataclasses.replace(model.args, z_loss=coeff), LAYOUT)
     lse = torch.logsumexp(logits_p[..., :VOCAB.size].double(), dim=-1)
     expected = coeff * lse.pow(2).mean()
     assert expected.item() > 0.01
@@ -209,7 +212,7 @@ def test_z_loss_has_gradient_towards_a_small_partition():
     from megannm.model import lm_loss
     logits = torch.randn(1, 4, VOCAB.padded_size(1), requires_grad=True)
     args = dataclasses.replace(make().args, z_loss=1.0)
-    loss, _ = lm_loss(logits, torch.zeros(1, 4, dtype=torch.long), None, args)
+    loss, _ = lm_loss(logits, torch.zeros(1, 4, dtype=torch.long), None, args, LAYOUT)
     loss.backward()
     ref = logits.detach()[..., :VOCAB.size].clone().requires_grad_(True)
     ref_loss = F.cross_entropy(ref.view(4, -1), torch.zeros(4, dtype=torch.long)) + \
@@ -298,10 +301,33 @@ def test_switches_norm_reorder_qk_norm_bf16_and_args_round_trip():
     args = dataclasses.replace(base.args, params_dtype="bfloat16")  # the recipe's precision, not ModelConfig
     from megannm.model import NMMModel
     torch.manual_seed(0)
-    low = NMMModel(args)
+    low = NMMModel(args, LAYOUT)
     assert next(low.parameters()).dtype == torch.bfloat16
     assert (low(ids).float() - base(ids)).abs().max() < 0.05
     d = json.loads(json.dumps(base.args.to_dict()))
     assert d == base.args.to_dict() and ModelArgs.from_dict(d) == base.args
     with pytest.raises(ValueError, match="unknown key"):
         ModelArgs.from_dict({**d, "hidden_sz": 3})
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    """``parallel.activation_checkpointing`` without a pipeline: each block recomputed in the backward
+    (torch.utils.checkpoint), the same numbers as keeping its activations."""
+    from megannm.model import NMMModel
+    args = make().args
+    ids = mixed_ids(torch.Generator().manual_seed(12), b=3)
+    results = []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        model = NMMModel(args, LAYOUT, checkpoint_activations=recompute).train()
+        calls = []
+        model.layers[0].attn.register_forward_hook(lambda *_: calls.append(1))
+        loss, _ = model(ids[:, :-1], labels=ids[:, 1:])
+        loss.backward()
+        assert len(calls) == (2 if recompute else 1)  # recomputed in the backward, or kept
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (l0, g0), (l1, g1) = results
+    assert torch.equal(l0, l1)
+    assert g0.keys() == g1.keys() and sum(float(g.abs().sum()) for g in g0.values()) > 0
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-6, atol=1e-7)

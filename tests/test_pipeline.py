@@ -145,9 +145,13 @@ def test_name_mapping_round_trips():
 
 
 def test_pipeline_refuses_objectives_it_cannot_compute():
-    from types import SimpleNamespace
-
-    from megannm.model.pipeline import build_pipeline_module
-    recipe = SimpleNamespace(phase=SimpleNamespace(kind="dpo"))
-    with pytest.raises(ValueError, match="phase.kind: 'dpo' cannot run with pipeline parallelism"):
-        build_pipeline_module(None, recipe, SimpleNamespace(pp=2))
+    """Only phases whose loss is the last stage's ``lm_loss`` declare ``pipeline``; the recipe schema refuses the
+    others with pipeline stages before any process starts."""
+    from megannm.config import PIPELINE_PHASES, RecipeError, recipe_from_dict
+    from megannm.phases import PHASES, phase_class
+    assert {k for k in PHASES if phase_class(k).pipeline} == set(PIPELINE_PHASES) == {"pretrain"}
+    options = {"sft": {}, "grpo": {"prompts": "p.jsonl", "rewards": ["format"]}, "dpo": {"pairs": "pairs"}}
+    for kind, opts in options.items():
+        with pytest.raises(RecipeError, match=f"parallel.pipeline_parallel: .*{kind}"):
+            recipe_from_dict({"phase": {"kind": kind, "options": opts}, "parallel": {"pipeline_parallel": 2},
+                              "model": {"num_layers": 2}}, source="r.yaml")

@@ -89,10 +89,10 @@ def test_sequence_logprobs_cover_answer_tokens_only(layout, tok):
     from megannm.model.transformer import ModelArgs, NMMModel
     from megannm.config import ModelConfig
     from megannm.phases.dpo import sequence_logprobs
-    from megannm.phases.grpo import collate
+    from megannm.phases.rl.logprobs import collate
     torch.manual_seed(0)
     model = NMMModel(ModelArgs.from_config(ModelConfig(hidden_size=32, num_layers=1, num_heads=4, ffn_hidden_size=64,
-                                                       max_seq_len=64), tok.vocab)).eval()
+                                                       max_seq_len=64), tok.vocab), layout).eval()
     prompts, answers = [[1, 2, 3, 4], [5, 6]], [[7, 8], [9, 10, 11]]
     b = collate(prompts, answers, tok.vocab.pad_id)
     got = sequence_logprobs(model, b)
@@ -109,11 +109,11 @@ def test_left_padded_decoding_matches_decoding_by_length(layout, tok):
     from megannm.config import ModelConfig
     from megannm.generate import generate
     from megannm.model.transformer import ModelArgs, NMMModel
-    from megannm.phases.grpo import toy_prompts
+    from megannm.toy import prompts as toy_prompts
     torch.manual_seed(1)
     model = NMMModel(ModelArgs.from_config(ModelConfig(hidden_size=32, num_layers=2, num_heads=4, ffn_hidden_size=64,
-                                                       max_seq_len=96), tok.vocab)).eval()
-    prompts = [it.prompt.ids for it in toy_prompts(tok, "toy_image", 6, np.random.default_rng(0))]
+                                                       max_seq_len=96), tok.vocab), layout).eval()
+    prompts = [it.prompt.ids for it in toy_prompts.toy_image(tok, 6, np.random.default_rng(0))]
     assert len({len(p) for p in prompts}) > 1
     for kind in ("image", "text"):
         assert generate(model, tok.vocab, prompts, kind, 8, pad=True) == generate(model, tok.vocab, prompts, kind, 8)
@@ -127,16 +127,17 @@ def test_first_step_gradient_is_the_advantage_weighted_policy_gradient(toy_data,
     """Ratio 1 (first optimisation step) and reference = policy (no init_from: the seeded initial weights): the
     clipped, KL-penalised objective's gradient must be -(1/N) sum_i A_i sum_t grad log pi(t), N the answer tokens of
     the mini-batch (token-level normalisation)."""
-    from megannm.train.loop import Trainer, build_model
+    from megannm.model.build import build_model
+    from megannm.runner import build_trainer
     r = rl_cases.recipe(tmp_path, str(toy_data["tokenizers"]), "grad", steps=1, micro=4, prompts_per_step=2,
                         group_size=4, ppo_epochs=2, mini_batches=1, kl_coef=0.5, max_new_tokens=4)
-    trainer = Trainer(r, layout, source="grad")
+    trainer = build_trainer(r, layout, source="grad")
     eng, phase = trainer.engine, trainer.phase
     assert trainer.accum == 2
     init = {n: p.detach().clone() for n, p in eng.module.named_parameters()}
     rollouts, grads = [], {}
     rollout = phase.rollout
-    phase.rollout = lambda tr, step: rollouts.append(rollout(tr, step)) or rollouts[-1]
+    phase.rollout = lambda step: rollouts.append(rollout(step)) or rollouts[-1]
     step, calls = eng.step, [0]
 
     def snapshot_then_step(*a, **k):
@@ -170,10 +171,11 @@ def test_first_step_gradient_is_the_advantage_weighted_policy_gradient(toy_data,
 
 
 def test_short_grpo_run_raises_the_reward_and_the_reference_never_changes(toy_data, layout, tmp_path):
-    from megannm.train.loop import Trainer, build_model
+    from megannm.model.build import build_model
+    from megannm.runner import build_trainer
     r = rl_cases.recipe(tmp_path, str(toy_data["tokenizers"]), "learn", steps=12, micro=32, lr=3e-2,
                         prompts_per_step=4, group_size=8, ppo_epochs=1, mini_batches=1, kl_coef=0.01)
-    trainer = Trainer(r, layout, source="learn")
+    trainer = build_trainer(r, layout, source="learn")
     trainer.run()
     rewards = [m["reward"] for m in metrics(tmp_path / "learn")]
     assert len(rewards) == 12
@@ -191,23 +193,22 @@ def test_short_grpo_run_raises_the_reward_and_the_reference_never_changes(toy_da
 
 def _pairs(tok, n, seed):
     """Synthetic preferences on caption prompts: chosen answers from the first 200 text ids, rejected from the rest."""
-    from megannm.phases.grpo import toy_prompts
+    from megannm.toy import prompts as toy_prompts
     rng = np.random.default_rng(seed)
-    items = toy_prompts(tok, "toy_caption", n, rng)
+    items = toy_prompts.toy_caption(tok, n, rng)
     return [{"prompt": it.prompt.ids, "chosen": rng.integers(0, 200, 2).tolist(),
              "rejected": rng.integers(200, tok.vocab.text_size, 2).tolist(), "reward_chosen": 1.0,
              "reward_rejected": 0.0} for it in items]
 
 
 def test_short_dpo_run_learns_the_preference_and_keeps_the_reference(toy_data, layout, tok, tmp_path):
-    from megannm.phases.dpo import write_pairs
-    from megannm.train.loop import Trainer, build_model
+    from megannm.phases.rl.pairs import write_pairs
+    from megannm.model.build import build_model
+    from megannm.runner import build_trainer
     write_pairs(tmp_path / "pairs", _pairs(tok, 64, 0), {"vocab_fingerprint": tok.vocab.fingerprint})
     r = rl_cases.recipe(tmp_path, str(toy_data["tokenizers"]), "dpo", steps=8, micro=16, lr=1e-2,
-                        global_batch=16)
-    r = r.model_copy(update={"phase": r.phase.model_copy(update={"kind": "dpo", "options": {
-        "pairs": str(tmp_path / "pairs"), "beta": 0.5}})})
-    trainer = Trainer(r, layout, source="dpo")
+                        global_batch=16, kind="dpo", pairs=str(tmp_path / "pairs"), beta=0.5)
+    trainer = build_trainer(r, layout, source="dpo")
     trainer.run()
     m = metrics(tmp_path / "dpo")
     assert m[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # policy = reference at the start
@@ -218,13 +219,13 @@ def test_short_dpo_run_learns_the_preference_and_keeps_the_reference(toy_data, l
 
 def test_build_pairs_ranks_by_the_verifier_and_drops_ties(toy_data, layout, tok):
     from megannm.generate import SamplingConfig
-    from megannm.phases.dpo import build_pairs
-    from megannm.phases.grpo import toy_prompts
+    from megannm.phases.rl.pairs import build_pairs
     from megannm.rewards import Combined
-    from megannm.train.loop import build_model
+    from megannm.toy import prompts as toy_prompts
+    from megannm.model.build import build_model
     r = rl_cases.recipe(toy_data["tokenizers"], str(toy_data["tokenizers"]), "pairs")
     _, model = build_model(r, tok.vocab, layout)
-    items = toy_prompts(tok, "toy_caption", 12, np.random.default_rng(1))
+    items = toy_prompts.toy_caption(tok, 12, np.random.default_rng(1))
     pairs, ties = build_pairs(model, tok, items, Combined(["low_text"]), SamplingConfig(greedy=False, seed=3),
                               max_new_tokens=2)
     assert len(pairs) + ties == 12 and ties > 0 and pairs
@@ -238,8 +239,8 @@ def test_build_pairs_ranks_by_the_verifier_and_drops_ties(toy_data, layout, tok)
 
 
 def test_rewards_score_the_truth_at_one_and_a_wrong_attribute_lower(toy_data, tok):
-    from megannm.data import toy
     from megannm.rewards import Combined, Prompt, Sample, get, make_samples
+    from megannm.toy import world as toy
     a = toy.Attrs("triangle", "blue", "large", "top left")
     wrong = toy.Attrs("triangle", "red", "large", "top left")
     p = Prompt([], "text")
@@ -263,7 +264,7 @@ def test_rewards_score_the_truth_at_one_and_a_wrong_attribute_lower(toy_data, to
     assert im(Prompt([], "image"), sample, toy.Attrs(truth.kind, other, truth.size, truth.position)) == 0.75
     assert im(Prompt([], "image"), Sample([], "image", image=np.zeros((32, 32, 3), np.uint8)), truth) == 0.0
 
-    fmt = get("format")
+    fmt = get("toy_format")
     assert fmt(p, sample, truth) == 1.0
     assert fmt(p, make_samples(tok, [ids[:-1]], "image")[0], truth) == 0.0  # one code short of a grid
     assert fmt(p, Sample([], "text", text=toy.caption(a)), a) == 1.0
@@ -278,22 +279,20 @@ def test_rewards_score_the_truth_at_one_and_a_wrong_attribute_lower(toy_data, to
 
 
 def test_bad_options_name_the_key(toy_data, layout, tmp_path):
+    """Options are typed by the recipe schema (refused at load, before any process starts); reward names are
+    resolved when the phase is built."""
     from megannm.phases.grpo import GRPOPhase
     from megannm.vocab import Vocab
     vocab = Vocab.load(toy_data["tokenizers"] / "vocab.json")
-    r = rl_cases.recipe(tmp_path, str(toy_data["tokenizers"]), "bad", group_sise=4)
     with pytest.raises(ValueError, match=r"phase\.options\.group_sise: unknown option"):
-        GRPOPhase(r, layout, vocab)
-    r = rl_cases.recipe(tmp_path, str(toy_data["tokenizers"]), "bad", clip_ratio=1.5)
+        rl_cases.recipe(tmp_path, str(toy_data["tokenizers"]), "bad", group_sise=4)
     with pytest.raises(ValueError, match=r"phase\.options\.clip_ratio: "):
-        GRPOPhase(r, layout, vocab)
+        rl_cases.recipe(tmp_path, str(toy_data["tokenizers"]), "bad", clip_ratio=1.5)
     r = rl_cases.recipe(tmp_path, str(toy_data["tokenizers"]), "bad", rewards={"toy_image": 1.0, "nope": 0.5})
     with pytest.raises(ValueError, match=r"phase\.options\.rewards: unknown reward 'nope'"):
         GRPOPhase(r, layout, vocab)
-    r = rl_cases.recipe(tmp_path, str(toy_data["tokenizers"]), "bad")
-    r.phase.options["prompts_per_step"] = 3
     with pytest.raises(ValueError, match=r"phase\.options\.prompts_per_step: .* 3 x 4 = 12, expected 2 x 8 = 16"):
-        GRPOPhase(r, layout, vocab)
+        rl_cases.recipe(tmp_path, str(toy_data["tokenizers"]), "bad", prompts_per_step=3, global_batch=8)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -63,9 +63,9 @@ def test_hand_written_conversation_masks_exactly_the_assistant_turns(tok, tmp_pa
     assistant's content (image span included) and its <|end|>; the generation prompt is the same layout."""
     from PIL import Image
 
-    from megannm.data import toy
     from megannm.data.tokenize import encode_record
     from megannm.generate import chat_prompt
+    from megannm.toy import world as toy
     a = toy.Attrs("triangle", "blue", "small", "top left")
     img = toy.render(a, np.random.default_rng(0))
     Image.fromarray(img).save(tmp_path / "a.png")
@@ -153,7 +153,8 @@ def batch_of(stream, rows):
 def engines(toy_data, tmp_path_factory, parallel_state):
     """ZeRO-0 engines with identical initial weights: one per gradient-accumulation count."""
     from megannm.train.engine import build_engine
-    from megannm.train.loop import build_model, load_vocab
+    from megannm.model.build import build_model
+    from megannm.train.loop import load_vocab
     out = tmp_path_factory.mktemp("engines")
     made = {}
     for accum in (1, 2):
@@ -166,11 +167,11 @@ def engines(toy_data, tmp_path_factory, parallel_state):
 def step_grads(engine, phase, batches):
     """The Trainer's step without the optimizer: loss of the step (mean over micro-batches, as logged) and the
     gradient DeepSpeed would apply."""
-    batches = phase.prepare_step(batches) if phase is not None else batches
+    batches = phase.prepare(batches) if phase is not None else batches
     total = 0.0
     for b in batches:
         if phase is not None:
-            loss, _ = phase.micro_loss(engine, b)
+            loss, _ = phase.loss(engine, b)
         else:  # the pretraining normalisation: mean over each micro-batch
             loss, _ = engine(input_ids=b["input_ids"], position_ids=b["position_ids"],
                              document_ids=b["document_ids"], labels=b["labels"], loss_mask=b["loss_mask"])
@@ -240,10 +241,10 @@ def test_no_attention_crosses_a_conversation(engines, convs):
 @pytest.fixture(scope="module")
 def trained(toy_data, tmp_path_factory, parallel_state):
     from megannm.train.logging import read_metrics
-    from megannm.train.loop import Trainer
+    from megannm.runner import build_trainer
     out = tmp_path_factory.mktemp("sft_run")
     r = recipe(toy_data, out)
-    trainer = Trainer(r, parallel_state, source="test")
+    trainer = build_trainer(r, parallel_state, source="test")
     assert type(trainer.phase).__name__ == "SFTPhase"
     trainer.run()
     return r, [m for m in read_metrics(out / r.name) if m.get("split") == "train"], out
@@ -253,7 +254,8 @@ def test_sft_run_loss_counts_only_assistant_tokens(trained, toy_data, parallel_s
     """Step 1's logged loss is the per-token mean over exactly the assistant tokens of the step's micro-batches,
     computed here from the initial weights (same seed) and the shards' masks."""
     from megannm.data.loader import build_train_iterator
-    from megannm.train.loop import build_model, load_vocab
+    from megannm.model.build import build_model
+    from megannm.train.loop import load_vocab
     r, metrics, _ = trained
     assert len(metrics) == 3 and all(math.isfinite(m["loss"]) for m in metrics)
     d = r.data

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megannm.data import toy
+from megannm.toy import world as toy
 from megannm.data.image_tokenizer import PatchVQ
 from megannm.data.preprocess import preprocess, preprocess_main
 from megannm.data.shards import ShardDataset, ShardError, ShardWriter, caption_length, write_dataset

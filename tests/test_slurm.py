@@ -88,6 +88,9 @@ def test_dry_run_prints_runnable_commands(tmp_path, tiny_recipe, capsys):
 @pytest.mark.parametrize("chain, expected", [
     ({"stages": [{"name": "a", "recipe": "R", "slurmm": {}}]}, "stages.0.slurmm: unknown key"),
     ({"stages": [{"name": "a", "recipe": "R", "slurm": {"nodes": 0}}]}, "stages.0.slurm.nodes: "),
+    ({"stages": [{"name": "a", "recipe": "R", "slurm": {"extra": ["exclusive"]}}]},
+     "stages.0.slurm.extra: each extra sbatch argument is an option starting with '-' (got 'exclusive')"),
+    ({"slurm": {"time": 90}, "stages": [{"name": "a", "recipe": "R"}]}, "slurm.time: a time limit is a quoted string"),
     ({"stages": []}, "stages: "),
     ({"stages": [{"name": "a", "recipe": "R"}, {"name": "a", "recipe": "R"}]},
      "stages: stage names must be unique (got 'a' twice)"),

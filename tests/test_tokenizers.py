@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 
-from megannm.data import toy
+from megannm.toy import world as toy
 from megannm.data.image_tokenizer import ImageTokenizer, PatchVQ, load_image_tokenizer
 from megannm.data.text_tokenizer import load_text_tokenizer, text_digest, train_text_tokenizer
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from megannm.data import toy
+from megannm.toy import world as toy
 
 
 def _accuracy(examples, images=None) -> dict[str, float]:
@@ -170,3 +170,94 @@ def test_dataset_counts(tmp_path):
     # speed belongs in benchmarks, not in a timed unit test; here only what was written
     summary = toy.write_toy_dataset(tmp_path, n_train=2000, n_valid=100, seed=0)
     assert summary["images"] == 2200
+
+
+# --- the toy as a package the core finds by name ------------------------------------------------------------------
+CORE = ("model", "data", "train", "phases", "convert", "checkpoint", "rewards", "generate.py", "evaluate.py",
+        "parallel.py", "config.py", "vocab.py", "fileio.py")
+
+
+def test_the_core_never_imports_the_toy():
+    import ast
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1] / "megannm"
+    files = [p for c in CORE for p in ([root / c] if c.endswith(".py") else (root / c).rglob("*.py")) if p.exists()]
+    assert len(files) > 20
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            assert not any(n == "megannm.toy" or n.startswith("megannm.toy.") for n in names), (path, node.lineno)
+
+
+def test_every_toy_name_resolves_through_entry_points():
+    from megannm import rewards
+    from megannm.evaluate import Benchmark, get_benchmark
+    from megannm.phases.rl.prompts import find_generator
+    from megannm.toy import evaluate, prompts
+    from megannm.toy import rewards as toy_rewards
+    names = ["toy_caption", "toy_image", "toy_format"] + [f"{f}_{a}" for f in ("toy_caption", "toy_image")
+                                                           for a in toy.ATTRIBUTES]
+    for name in names:
+        assert rewards.get(name) is getattr(toy_rewards, name)
+    assert rewards.get("format") is rewards.well_formed  # the core's own
+    for name in ("toy_image", "toy_caption", "toy_draw"):
+        assert find_generator(name) is getattr(prompts, name)
+    assert get_benchmark("toy") is evaluate.TOY and isinstance(get_benchmark("toy-chat"), Benchmark)
+    with pytest.raises(ValueError, match=r"unknown reward 'nope' \(registered: format, (.*, )?toy_caption, .*toy_image_size"):
+        rewards.get("nope")
+    with pytest.raises(ValueError, match=r"unknown benchmark 'nope' \(registered: toy, toy-chat"):
+        get_benchmark("nope")
+
+
+def test_rewards_and_the_evaluation_share_one_scoring():
+    from megannm.rewards import Prompt, Sample, get, parse_weights
+    from megannm.toy.evaluate import score_captions, score_images
+    ex = toy.make_examples(40, seed=3, split="all")
+    truths = [a for a, _, _ in ex]
+    captions = [toy.caption(a if i % 3 else toy.Attrs(a.kind, "red" if a.colour != "red" else "blue", a.size,
+                                                      a.position)) for i, a in enumerate(truths)]
+    images = [img if i % 4 else np.zeros_like(img) for i, (_, img, _) in enumerate(ex)]
+    for attr in toy.ATTRIBUTES:
+        cap, im = get(f"toy_caption_{attr}"), get(f"toy_image_{attr}")
+        assert score_captions(captions, truths)[attr] == pytest.approx(
+            np.mean([cap(Prompt([], "text"), Sample([], "text", text=c), t) for c, t in zip(captions, truths)]))
+        assert score_images(images, truths)[attr] == pytest.approx(
+            np.mean([im(Prompt([], "image"), Sample([], "image", image=x), t) for x, t in zip(images, truths)]))
+    # the generic format reward knows nothing of the toy grammar; toy_format does
+    assert get("format")(Prompt([], "text"), Sample([], "text", text="a shape somewhere"), None) == 1.0
+    assert get("format")(Prompt([], "text"), Sample([], "text", text="a", well_formed=False), None) == 0.0
+    assert get("format")(Prompt([], "text"), Sample([], "text", text=" "), None) == 0.0
+    assert get("toy_format")(Prompt([], "text"), Sample([], "text", text="a shape somewhere"), None) == 0.0
+    # a family of rewards by wildcard, each reported at weight 0 beside the total
+    assert parse_weights("toy_image,toy_image_*=0") == {"toy_image": 1.0, "toy_image_colour": 0.0,
+                                                        "toy_image_kind": 0.0, "toy_image_position": 0.0,
+                                                        "toy_image_size": 0.0}
+
+
+def test_toy_prompts_are_a_pure_function_of_the_generator(toy_data):
+    from megannm.data.tokenize import Tokenizers
+    from megannm.toy import prompts
+    tok = Tokenizers.load(toy_data["tokenizers"])
+    v = tok.vocab
+    for name, kind in (("toy_image", "image"), ("toy_caption", "text"), ("toy_draw", "image")):
+        make = getattr(prompts, name)
+        a = make(tok, 6, np.random.default_rng(4), "heldout")
+        assert a == make(tok, 6, np.random.default_rng(4), "heldout")
+        assert all(it.prompt.kind == kind and toy.split_of(it.truth) == "heldout" for it in a)
+        assert all(it.prompt.ids[0] == v.bos_id for it in a)
+        assert all((it.prompt.ids[-1] == v.boi_id) == (kind == "image") for it in a)
+        assert all(it.chat == (name == "toy_draw") for it in a)
+    assert toy.parse_caption(prompts.toy_image(tok, 1, np.random.default_rng(0))[0].prompt.text) == \
+        prompts.toy_image(tok, 1, np.random.default_rng(0))[0].truth.as_dict()
+
+
+def test_one_sampling_constructor():
+    from megannm.generate import SamplingConfig
+    assert SamplingConfig.from_options() == SamplingConfig(greedy=True, temperature=0.0)
+    assert SamplingConfig.from_options(temperature=0.7, top_k=5, top_p=0.9, seed=3) == SamplingConfig(
+        greedy=False, temperature=0.7, top_k=5, top_p=0.9, seed=3)
+    assert not SamplingConfig.from_options(temperature=1.0, greedy=False).greedy

@@ -122,8 +122,27 @@ def test_checkpoint_of_another_shape_is_refused(killed):
     assert "model parameter hidden" in last and "step00000002" in last, last
 
 
+@pytest.mark.parametrize("key, theirs", [("norm_reorder", True), ("eps", 1e-6), ("qk_norm", False)])
+def test_check_compatible_names_a_structural_key_that_differs(key, theirs):
+    """Resume and init_from (DeepSpeed and consolidated) refuse weights whose structure differs, naming the key;
+    training settings may change between stages."""
+    from megannm.checkpoint import CheckpointError, check_compatible
+    from megannm.model.args import STRUCTURAL, ModelArgs
+    assert key in STRUCTURAL
+    ours = ModelArgs(hidden=32, layers=2, heads=4, kv_heads=4, ffn=64, vocab_size=300, padded_vocab_size=384,
+                     image_start=200, image_end=296).to_dict()
+    layout = {"tp": 1, "pp": 1}
+    meta = {"vocab": {"fingerprint": "abc"}, "layout": layout, "model_args": ours}
+    where = "ckpt/step00000002"
+    check_compatible(dict(meta, model_args=dict(ours, z_loss=1e-4, rope_theta=5e5)), ours, "abc", where, layout)
+    with pytest.raises(CheckpointError) as e:
+        check_compatible(dict(meta, model_args=dict(ours, **{key: theirs})), ours, "abc", where, layout)
+    assert str(e.value) == (f"{where}: model parameter {key} is {theirs!r} in the checkpoint, {ours[key]!r} in the "
+                            f"recipe")
+
+
 def test_sigkill_during_save_leaves_previous_checkpoint(killed):
-    from megannm.train import checkpoint
+    from megannm import checkpoint
     tmp_path, recipe, out = killed
     assert out.returncode == -9, out.stderr[-2000:]
     ckpts = tmp_path / "killed" / "checkpoints"

@@ -12,6 +12,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from megannm import checkpoint
 from megannm.convert.files import DEFAULT_SHARD_SIZE, ConvertError, parse_size
 
 TARGETS = ("consolidated", "deepspeed", "hf")
@@ -26,19 +27,18 @@ A consolidated folder also starts training directly at any layout: checkpoint.in
 
 
 def source_kind(src: Path) -> str:
-    from megannm.convert.consolidated import META
-    from megannm.train import checkpoint
+    """What ``src`` holds: ``consolidated``, ``deepspeed`` or ``hf`` (a Hugging Face model folder)."""
     if not src.exists():
         raise FileNotFoundError(f"{src}: no such file or directory")
     if not src.is_dir():
         raise NotADirectoryError(f"{src}: a checkpoint is a folder")
-    if (src / META).exists():
-        return "consolidated"
-    if (src / checkpoint.META).exists() or (src / checkpoint.LATEST).exists():
-        return "deepspeed"
+    kind = checkpoint.kind_of(src)
+    if kind is not None:
+        return kind
     if (src / "config.json").exists():
         return "hf"
-    raise ConvertError(f"{src}: not a checkpoint (no {META}, {checkpoint.META}, {checkpoint.LATEST} or config.json)")
+    raise ConvertError(f"{src}: not a checkpoint (no {checkpoint.CONSOLIDATED_META}, {checkpoint.META}, "
+                       f"{checkpoint.LATEST} or config.json)")
 
 
 def load_source(src: Path, kind: str):

@@ -8,9 +8,9 @@ Layout of a consolidated folder::
                                           (kind, path, layout, ZeRO stage, step, ...), dtype, files, total_size
     tokenizers/                           optional: the tokenizer bundle (text/, image_tokenizer.*, vocab.json)
 
-Every other form converts to and from this one (DESIGN.md section 7): ``deepspeed.py`` reads DeepSpeed checkpoints
-of any TP x PP x ZeRO layout and writes module-only ones at any layout, ``hf.py`` exports to and imports from Hugging
-Face folders, and ``load_into_engine`` starts a training run at any layout from it (``checkpoint.init_from``).
+Every other form converts to and from this one: ``deepspeed.py`` reads DeepSpeed checkpoints of any TP x PP x ZeRO
+layout and writes module-only ones at any layout, ``hf.py`` exports to and imports from Hugging Face folders, and a
+training run starts from it at any layout (``checkpoint.init_from``, which reads it through ``Opened.local``).
 """
 from __future__ import annotations
 
@@ -19,25 +19,19 @@ import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
+from megannm.checkpoint import CONSOLIDATED_META as META
 from megannm.convert import reshard
-from megannm.convert.files import (DEFAULT_SHARD_SIZE, ConvertError, SafetensorsReader, atomic_output,
-                                   save_safetensors, write_json)
-from megannm.vocab import Vocab, VocabMismatchError
+from megannm.convert.files import DEFAULT_SHARD_SIZE, ConvertError, SafetensorsReader, save_safetensors
+from megannm.fileio import atomic_output, atomic_write_json
+from megannm.vocab import Vocab
 
-META = "consolidated.json"
 FORMAT = "megannm-consolidated"
 VERSION = 1
 TOKENIZERS = "tokenizers"
-
-# ModelArgs fields that decide which parameters exist and what they mean: they must agree when weights move into a
-# model built from a recipe. Training settings (z_loss, loss_weights, init_std, max_seq_len, rope_theta, dtype) may
-# change from one stage to the next.
-STRUCTURAL = ("hidden", "layers", "heads", "kv_heads", "ffn", "vocab_size", "image_start", "image_end", "mot",
-              "n_modalities", "qk_norm", "norm_reorder", "eps")
 
 
 @dataclass
@@ -61,7 +55,7 @@ class Consolidated:
 
 def normalise_args(model_args: dict | object, vocab: Vocab, tp: int = 1):
     """ModelArgs with the padding of a TP size (the canonical form records TP = 1's)."""
-    from megannm.model.transformer import ModelArgs
+    from megannm.model.args import ModelArgs
     args = model_args if isinstance(model_args, ModelArgs) else ModelArgs.from_dict(model_args)
     return dataclasses.replace(args, padded_vocab_size=vocab.padded_size(tp))
 
@@ -85,7 +79,7 @@ def write(c: Consolidated, dst: str | Path, overwrite: bool = False,
         files = save_safetensors(tmp, state, max_shard_size, metadata={"vocab_fingerprint": c.vocab.fingerprint})
         if c.tokenizers is not None:
             shutil.copytree(c.tokenizers, tmp / TOKENIZERS)
-        write_json(tmp / META, {
+        atomic_write_json(tmp / META, {
             "format": FORMAT, "version": VERSION, "model_args": c.args.to_dict(), "vocab": c.vocab.to_dict(),
             "source": c.source, "dtype": dtypes[0] if len(dtypes) == 1 else dtypes, "files": files,
             "total_size": num_bytes(state), "num_params": sum(t.numel() for t in state.values()),
@@ -159,68 +153,3 @@ class Opened:
 
 def read(folder: str | Path) -> Consolidated:
     return Opened(folder).load()
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# into a running engine (checkpoint.init_from)
-
-
-def check_structure(theirs, ours, source: str) -> None:
-    """Refuse weights of a model whose parameters differ in shape or meaning from the one being trained."""
-    a, b = theirs.to_dict(), ours.to_dict()
-    for key in STRUCTURAL:
-        if a.get(key) != b.get(key):
-            raise ConvertError(f"{source}: model parameter {key} is {a.get(key)!r} in the checkpoint, "
-                               f"{b.get(key)!r} in the recipe")
-
-
-def engine_parameters(engine, args, layout) -> list[tuple[str, str, torch.nn.Parameter]]:
-    """(canonical name, module name, parameter) for every parameter this rank's engine module holds."""
-    names = list(engine.module.named_parameters())
-    if layout.pp > 1:  # a PipelineModule: "<chain position>.<name inside the stage>"
-        from megannm.convert.deepspeed import pipeline_canonical_name
-        return [(pipeline_canonical_name(n), n, p) for n, p in names]
-    return [(n, n, p) for n, p in names]
-
-
-@torch.no_grad()
-def load_local_into_engine(engine, args, layout, get_local: Callable[[str], torch.Tensor], source: str) -> int:
-    """Copy this rank's slices (``get_local(canonical_name)``) into the engine's module at any ZeRO stage.
-
-    ZeRO-3: each parameter is gathered, written on data-parallel rank 0 and re-partitioned on exit
-    (``deepspeed.zero.GatheredParameters(modifier_rank=0)``). ZeRO-1/2/3 and bf16 keep an fp32 master copy in the
-    optimizer: it is refreshed from the module afterwards, so the first step starts from the loaded weights."""
-    import deepspeed
-    params = engine_parameters(engine, args, layout)
-    if layout.pp == 1:
-        reshard.check_names((c for c, _, _ in params), reshard.canonical_shapes(args),
-                            f"{source} -> the recipe's model")
-    count = 0
-    for canonical, name, p in params:
-        t = get_local(canonical)
-        shape = tuple(getattr(p, "ds_shape", p.shape))
-        if tuple(t.shape) != shape:
-            raise ConvertError(f"{source}: parameter {canonical} gives shape {list(t.shape)} for tensor rank "
-                               f"{layout.tp_rank}, the engine's {name} has {list(shape)}")
-        with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=hasattr(p, "ds_id")):
-            p.data.copy_(t)
-        count += t.numel()
-    opt = getattr(engine, "optimizer", None)
-    if opt is not None and hasattr(opt, "refresh_fp32_params"):
-        opt.refresh_fp32_params()
-    return count
-
-
-def load_into_engine(trainer, path: str | Path) -> None:
-    """``checkpoint.init_from: <consolidated folder>``: load this rank's TP slice (and pipeline stage) into the
-    trainer's engine, at whatever layout and ZeRO stage the trainer runs. The optimizer and schedule start fresh."""
-    c = Opened(path)
-    where = str(c.folder / META)
-    if c.vocab.fingerprint != trainer.vocab.fingerprint:
-        raise VocabMismatchError(f"vocabulary mismatch: {where} has fingerprint {c.vocab.fingerprint}, the recipe's "
-                                 f"data has {trainer.vocab.fingerprint}")
-    check_structure(c.args, trainer.args, where)
-    layout, args = trainer.layout, trainer.args
-    reshard.check_divisible(c.args, layout.tp, layout.pp, args.padded_vocab_size, where=where)
-    load_local_into_engine(trainer.engine, args, layout,
-                           lambda name: c.local(name, layout.tp, layout.tp_rank, args.padded_vocab_size), where)

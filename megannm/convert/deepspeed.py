@@ -1,5 +1,9 @@
 """megannm's DeepSpeed checkpoints <-> the consolidated form, and ``load_model`` for generate / evaluate / demo.
 
+``open_checkpoint`` and ``rank_state`` (one tensor rank's weights under canonical names) are the readers that
+``megannm.train.load`` also uses to load a checkpoint module-only into a live engine. File names are
+``megannm.checkpoint``'s.
+
 Reading (``read_deepspeed``), per tensor-parallel rank, then merged with ``reshard.merge_states``:
 
 - ZeRO 0-2, fp32: the module weights in ``mp_rank_XX_model_states.pt`` are the trained fp32 weights themselves
@@ -20,9 +24,10 @@ Reading (``read_deepspeed``), per tensor-parallel rank, then merged with ``resha
 Writing (``write_deepspeed``): a DeepSpeed checkpoint dir (``latest`` + ``step<N>/``) at any TP x PP holding the
 module weights only, in DeepSpeed's own file layout (``mp_rank_XX_model_states.pt``; under a pipeline the layer
 files plus one ``mp_rank_XX`` file per stage and TP rank with ``module: None``), any data-parallel size. Its
-``megannm.json`` marks it ``module_only``: ``init_from`` loads the weights at any ZeRO stage with a fresh optimizer and
-schedule; ``--resume`` also continues the step count, the data position and the learning-rate schedule from the
-source's step, with fresh Adam moments (the optimizer state does not survive the consolidated form).
+``megannm.json`` marks it ``module_only``: ``init_from`` (``megannm.train.load``) loads the weights at any ZeRO stage
+with a fresh optimizer and schedule; ``--resume`` also continues the step count, the data position and the
+learning-rate schedule from the source's step, with fresh Adam moments (the optimizer state does not survive the
+consolidated form).
 """
 from __future__ import annotations
 
@@ -35,21 +40,13 @@ from pathlib import Path
 
 import torch
 
+from megannm import checkpoint
+from megannm.checkpoint import layer_file, module_state_file
 from megannm.convert import reshard
-from megannm.convert.consolidated import Consolidated, load_local_into_engine, normalise_args
-from megannm.convert.files import ConvertError, atomic_output, write_json
-from megannm.train import checkpoint
+from megannm.convert.consolidated import Consolidated, Opened, normalise_args
+from megannm.convert.files import ConvertError
+from megannm.fileio import atomic_output
 from megannm.vocab import Vocab
-
-LATEST = checkpoint.LATEST
-
-
-def module_state_file(ckpt: Path, tp_rank: int) -> Path:
-    return ckpt / f"mp_rank_{tp_rank:02d}_model_states.pt"
-
-
-def layer_file(ckpt: Path, layer: int, tp_rank: int) -> Path:
-    return ckpt / f"layer_{layer:02d}-model_{tp_rank:02d}-model_states.pt"
 
 
 def _torch_load(path: Path):
@@ -64,7 +61,7 @@ def _torch_load(path: Path):
 def read_module_state(ckpt: Path, tp_rank: int) -> dict:
     path = module_state_file(ckpt, tp_rank)
     if not path.exists():
-        raise checkpoint.CheckpointError(f"{ckpt}: no module weights for tensor rank {tp_rank} ({path.name} missing)")
+        raise ConvertError(f"{ckpt}: no module weights for tensor rank {tp_rank} ({path.name} missing)")
     state = _torch_load(path)
     if not isinstance(state, dict) or not isinstance(state.get("module"), dict):
         raise ConvertError(f"{path}: no module weights in it (key 'module')")
@@ -78,9 +75,7 @@ def read_module_state(ckpt: Path, tp_rank: int) -> dict:
 def _fp32_from_zero(ckpt: Path, tp_rank: int) -> dict:
     """DeepSpeed's own fp32 gathering over the data-parallel partitions of ONE tensor-parallel rank."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    mine = sorted(p for p in ckpt.iterdir()
-                  if p.name.endswith("_states.pt") and f"mp_rank_{tp_rank:02d}_" in p.name and not
-                  p.name.startswith("layer_"))
+    mine = checkpoint.zero_files(ckpt, tp_rank)
     if not any(p.name.endswith("_optim_states.pt") for p in mine):
         raise ConvertError(f"{ckpt}: no *_mp_rank_{tp_rank:02d}_optim_states.pt (the fp32 weights of tensor rank "
                            f"{tp_rank} live in the ZeRO optimizer partitions)")
@@ -110,13 +105,13 @@ def _pipeline_rank_state(ckpt: Path, tp_rank: int) -> tuple[dict, str]:
     """One TP rank's canonical-named state from the pipeline's per-layer files (``layer_{c:02d}-model_{tp:02d}-
     model_states.pt`` holds chain position c's weights under the names inside that stage)."""
     from megannm.model.pipeline import pipeline_to_canonical
-    pattern = f"layer_*-model_{tp_rank:02d}-model_states.pt"
+    pattern = checkpoint.layer_pattern(tp_rank)
     files = sorted(ckpt.glob(pattern))
     if not files:
         raise ConvertError(f"{ckpt}: no {pattern} files (the pipeline weights of tensor rank {tp_rank})")
     out = {}
     for f in files:
-        position = int(f.name.split("-")[0].split("_")[1])
+        position = checkpoint.layer_position(f)
         state = _torch_load(f)
         if not isinstance(state, dict):
             raise ConvertError(f"{f}: not a layer state dict")
@@ -133,7 +128,7 @@ def _pipeline_rank_state(ckpt: Path, tp_rank: int) -> tuple[dict, str]:
     return out, str(ckpt / pattern)
 
 
-def _rank_state(ckpt: Path, meta: dict, tp_rank: int) -> tuple[dict, str, str]:
+def rank_state(ckpt: Path, meta: dict, tp_rank: int) -> tuple[dict, str, str]:
     """One tensor-parallel rank's weights (all pipeline stages) under canonical names, TP-sliced and padded as saved:
     (state, source files, how they were read)."""
     layout = meta.get("layout") or {}
@@ -152,8 +147,9 @@ def _rank_state(ckpt: Path, meta: dict, tp_rank: int) -> tuple[dict, str, str]:
     return {k: v for k, v in state.items() if not k.endswith("._extra_state")}, source, how
 
 
-def _meta_and_args(path):
-    from megannm.model.transformer import ModelArgs
+def open_checkpoint(path: str | Path) -> tuple[Path, dict, Vocab, object]:
+    """(checkpoint folder, its ``megannm.json``, Vocab, ModelArgs as saved) of a folder or a dir with ``latest``."""
+    from megannm.model.args import ModelArgs
     ckpt = checkpoint.resolve(path)
     meta = checkpoint.read_meta(ckpt)
     where = str(ckpt / checkpoint.META)
@@ -169,11 +165,11 @@ def _meta_and_args(path):
 
 def read_deepspeed(path: str | Path) -> Consolidated:
     """A megannm DeepSpeed checkpoint (folder, or a checkpoint dir with ``latest``) at any layout -> canonical form."""
-    ckpt, meta, vocab, args = _meta_and_args(path)
+    ckpt, meta, vocab, args = open_checkpoint(path)
     layout = meta.get("layout") or {}
     parts, sources, how = [], [], ""
     for r in range(int(layout.get("tp") or 1)):
-        state, source, how = _rank_state(ckpt, meta, r)
+        state, source, how = rank_state(ckpt, meta, r)
         parts.append(state)
         sources.append(source)
     state = reshard.merge_states(parts, args, sources)
@@ -220,8 +216,8 @@ def write_deepspeed(c: Consolidated, dst: str | Path, tp: int = 1, pp: int = 1, 
                 "layout": {"world_size": None, "tp": tp, "pp": pp, "dp": None}, "zero_stage": None,
                 "module_only": True, "consumed_samples": consumed, "step": step, "tag": tag,
                 "converted_from": c.source}
-        write_json(folder / checkpoint.META, meta)
-        (tmp / LATEST).write_text(tag + "\n")
+        checkpoint.write_meta(folder, meta)
+        checkpoint.write_latest(tmp, tag)
     return dst
 
 
@@ -242,38 +238,6 @@ def _write_pipeline(c, folder, args, tp, pp, padded, step, consumed) -> None:
         torch.save(_module_file(None, tp * pp, 1, step, consumed), module_state_file(folder, mp_rank))
 
 
-def load_module_only(engine, path: str | Path, layout) -> dict:
-    """Load the weights of a checkpoint saved (or written by ``write_deepspeed``) at this run's TP x PP into a built
-    engine at ANY ZeRO stage; optimizer and schedule stay fresh. This rank reads only its own TP rank's files.
-
-    (DeepSpeed's own ``load_checkpoint(load_module_only=True)`` cannot cross ZeRO-3: it looks for the module files
-    of the engine's own stage, and under ZeRO-3 gathers with ``zero_to_fp32`` over every TP rank's files at once,
-    from the ``latest`` tag rather than the requested one.)"""
-    ckpt, meta, _, args = _meta_and_args(path)
-    saved = meta.get("layout") or {}
-    if (saved.get("tp"), saved.get("pp") or 1) != (layout.tp, layout.pp):
-        raise ConvertError(f"{ckpt}: saved at tp={saved.get('tp')} pp={saved.get('pp')}, this run has "
-                           f"tp={layout.tp} pp={layout.pp} (convert it: megannm convert {ckpt} OUT --to consolidated)")
-    state, source, _ = _rank_state(ckpt, meta, layout.tp_rank)
-
-    def get(name):
-        if name not in state:
-            raise ConvertError(f"{source}: missing parameter {name}")
-        return state[name]
-
-    load_local_into_engine(engine, args, layout, get, source)
-    return meta
-
-
-def pipeline_canonical_name(name: str) -> str:
-    """The canonical name of a PipelineModule parameter (``<chain position>.<name inside the stage>``)."""
-    from megannm.model.pipeline import pipeline_to_canonical
-    try:
-        return pipeline_to_canonical(name)
-    except ValueError as e:
-        raise ConvertError(f"pipeline module: {e}") from None
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # a model for generate / evaluate / demo
 
@@ -284,15 +248,14 @@ def load_model(path: str | Path, layout, vocab: Vocab | None = None):
 
     A checkpoint saved at this TP size with exact fp32 module weights (ZeRO 0-2, pipeline 1) loads its own file
     directly; every other layout goes through the canonical form in memory."""
-    from megannm.convert import consolidated as cons
     from megannm.model.transformer import NMMModel
     path = Path(path)
     if layout.pp != 1:
         raise ConvertError(f"load_model: runs at pipeline size 1 (got pp={layout.pp})")
-    if (path / cons.META).exists():
-        opened = cons.Opened(path)
+    if checkpoint.kind_of(path) == "consolidated":
+        opened = Opened(path)
         meta = dict(opened.meta)
-        fingerprint, where = opened.vocab.fingerprint, str(path / cons.META)
+        fingerprint, where = opened.vocab.fingerprint, str(path / checkpoint.CONSOLIDATED_META)
         args = normalise_args(opened.args, opened.vocab, layout.tp)
         get = lambda name: opened.local(name, layout.tp, layout.tp_rank, args.padded_vocab_size)  # noqa: E731
     else:
@@ -304,7 +267,7 @@ def load_model(path: str | Path, layout, vocab: Vocab | None = None):
         direct = (saved.get("tp") == layout.tp and saved.get("pp", 1) == 1 and precision == "fp32"
                   and (meta.get("zero_stage") in (0, 1, 2) or meta.get("module_only")))
         if direct:
-            from megannm.model.transformer import ModelArgs
+            from megannm.model.args import ModelArgs
             args = ModelArgs.from_dict(meta["model_args"])
             state = read_module_state(ckpt, layout.tp_rank)
             get = state.__getitem__
@@ -316,7 +279,7 @@ def load_model(path: str | Path, layout, vocab: Vocab | None = None):
     if vocab is not None:
         vocab.check_same(fingerprint, "the tokenizers", where)
     reshard.check_divisible(args, layout.tp, 1, args.padded_vocab_size, where=where)
-    model = NMMModel(args)
+    model = NMMModel(args, layout)
     expected = reshard.local_shapes(args, layout.tp, args.padded_vocab_size)
     state = {}
     for name in expected:

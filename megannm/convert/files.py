@@ -1,8 +1,8 @@
-"""What every converter shares: the error type, outputs that appear whole or not at all, and safetensors folders.
+"""What every converter shares: the error type, sizes, and safetensors folders.
 
-Outputs are written into a hidden temporary folder beside the destination and renamed into place at the end
-(DESIGN.md section 9): an interrupted conversion leaves no half-written folder under the real name, and an existing
-destination is replaced only with ``overwrite`` (moved aside, renamed over, then deleted).
+Every output folder is built with ``megannm.fileio.atomic_output`` (a hidden temporary folder beside the destination,
+renamed into place at the end): an interrupted conversion leaves no half-written folder under the real name, and an
+existing destination is replaced only with ``overwrite``.
 
 A safetensors folder is Hugging Face's layout: ``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` plus
 ``model.safetensors.index.json`` (``{"metadata": {"total_size": N}, "weight_map": {name: file}}``) once the tensors
@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import json
 import mmap
-import os
 import re
-import shutil
 import struct
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Mapping
 
 import torch
 
-from megannm.train.checkpoint import CheckpointError
+from megannm.checkpoint import CheckpointError
+from megannm.fileio import atomic_write_json
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -44,39 +42,6 @@ def parse_size(text: str | int) -> int:
     scale = {"": 1, "K": 10 ** 3, "M": 10 ** 6, "G": 10 ** 9, "T": 10 ** 12,
              "KI": 2 ** 10, "MI": 2 ** 20, "GI": 2 ** 30, "TI": 2 ** 40}[unit]
     return int(number * scale)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# atomic output folders
-
-
-@contextmanager
-def atomic_output(dst: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder; on success it becomes ``dst``. Refuses an existing ``dst`` unless ``overwrite``."""
-    dst = Path(dst)
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst}: already exists (pass --overwrite to replace it)")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-    if dst.exists():  # (only with overwrite) moved aside, and deleted once the new output is in place
-        dst.rename(old)
-    os.replace(tmp, dst)
-    if old.is_dir():
-        shutil.rmtree(old, ignore_errors=True)
-    elif old.exists():
-        old.unlink()
-
-
-def write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -104,8 +69,8 @@ def save_safetensors(folder: Path, tensors: Mapping[str, torch.Tensor], max_shar
         save_file({k: _own(tensors[k]) for k in names}, str(folder / file), metadata=meta)
     if n > 1:
         total = sum(t.numel() * t.element_size() for t in tensors.values())
-        write_json(folder / INDEX, {"metadata": {"total_size": total},
-                                    "weight_map": {k: f for f, names in zip(files, shards) for k in names}})
+        atomic_write_json(folder / INDEX, {"metadata": {"total_size": total},
+                                           "weight_map": {k: f for f, names in zip(files, shards) for k in names}})
     return files
 
 

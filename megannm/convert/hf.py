@@ -34,18 +34,16 @@ import torch
 
 from megannm.convert import reshard
 from megannm.convert.consolidated import Consolidated, normalise_args, write
-from megannm.convert.files import (DEFAULT_SHARD_SIZE, ConvertError, SafetensorsReader, atomic_output,
-                                   save_safetensors, write_json)
+from megannm.convert.files import DEFAULT_SHARD_SIZE, INDEX, SINGLE, ConvertError, SafetensorsReader, save_safetensors
 from megannm.convert.hf_modeling import FILES as REMOTE_FILES, HERE as REMOTE_DIR
+from megannm.fileio import atomic_output, atomic_write_json
 
 IMAGE_TOKEN = "<img_{}>"
 EXPORT_META = "megannm_export.json"
 LLAMA_LIKE = ("llama", "qwen3", "mistral")
 
-# canonical (with the weight-set index m) <-> Hugging Face (Llama's names; the MoT class appends the index)
+# canonical (with the weight-set index m) -> Hugging Face (Llama's names; the MoT class appends the index)
 _LAYER = re.compile(r"^layers\.(\d+)\.(attn|ffn)\.(\w+)\.(\d+)\.weight$")
-_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp|input_layernorm|post_attention_layernorm)"
-                       r"(?:\.(\w+))?(?:\.(\d+))?\.weight$")
 
 
 def hf_name(name: str, per_set: bool) -> str:
@@ -144,7 +142,7 @@ def export_tokenizer(bundle: Path, vocab, out: Path) -> None:
         cfg = json.loads(config.read_text())
         for key in ("is_local", "local_files_only"):  # from_pretrained's own arguments, not the tokenizer's
             cfg.pop(key, None)
-        write_json(config, cfg)
+        atomic_write_json(config, cfg)
 
 
 def export_hf(c: Consolidated, dst: str | Path, tokenizers: Optional[Path] = None, overwrite: bool = False,
@@ -158,17 +156,18 @@ def export_hf(c: Consolidated, dst: str | Path, tokenizers: Optional[Path] = Non
     tokenizers = tokenizers or c.tokenizers
     dst = Path(dst)
     with atomic_output(dst, overwrite) as tmp:
-        write_json(tmp / "config.json", hf_config(args, vocab))
+        atomic_write_json(tmp / "config.json", hf_config(args, vocab))
         if per_set:
             for f in REMOTE_FILES:
                 shutil.copyfile(REMOTE_DIR / f, tmp / f)
         save_safetensors(tmp, state, max_shard_size)
-        write_json(tmp / "generation_config.json", {**_special_ids(vocab), "_from_model_config": True})
+        atomic_write_json(tmp / "generation_config.json", {**_special_ids(vocab), "_from_model_config": True})
         if tokenizers is not None:
             export_tokenizer(Path(tokenizers), vocab, tmp)
-        write_json(tmp / EXPORT_META, {"architecture": arch, "vocab": vocab.to_dict(), "model_args": args.to_dict(),
-                                       "source": c.source, "image_token": IMAGE_TOKEN.format("{code}"),
-                                       "tokenizer": tokenizers is not None})
+        atomic_write_json(tmp / EXPORT_META, {"architecture": arch, "vocab": vocab.to_dict(),
+                                              "model_args": args.to_dict(), "source": c.source,
+                                              "image_token": IMAGE_TOKEN.format("{code}"),
+                                              "tokenizer": tokenizers is not None})
     return dst
 
 
@@ -209,7 +208,7 @@ def _read_config(src: Path) -> dict:
 
 def _hf_weights(src: Path):
     """name -> tensor getter over safetensors (single or sharded) or a single pytorch_model.bin."""
-    if (src / "model.safetensors").exists() or (src / "model.safetensors.index.json").exists():
+    if (src / SINGLE).exists() or (src / INDEX).exists():
         reader = SafetensorsReader(src)
         return set(reader.keys()), reader.get, src
     if (src / "pytorch_model.bin").exists():
@@ -228,7 +227,7 @@ def import_hf(src: str | Path, dst: str | Path, image_tokenizer: str | Path, mot
               noise: float = 0.1, overwrite: bool = False, max_shard_size: int = DEFAULT_SHARD_SIZE) -> Path:
     """A Llama-architecture LLM folder -> a consolidated native multimodal model (with its tokenizer bundle)."""
     from megannm.data.tokenize import Tokenizers
-    from megannm.model.transformer import ModelArgs
+    from megannm.model.args import ModelArgs
     src = Path(src)
     cfg = _read_config(src)
     if not (src / "tokenizer.json").exists():

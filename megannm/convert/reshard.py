@@ -118,10 +118,6 @@ def shard_tensor(name: str, full: torch.Tensor, tp: int, rank: int, padded_vocab
     return full.chunk(tp, dim=dim)[rank]
 
 
-def shard_state(state: Mapping[str, torch.Tensor], tp: int, rank: int, padded_vocab: int) -> dict[str, torch.Tensor]:
-    return {k: shard_tensor(k, v, tp, rank, padded_vocab) for k, v in state.items()}
-
-
 def merge_states(parts: list[Mapping[str, torch.Tensor]], args, sources: list[str]) -> dict[str, torch.Tensor]:
     """TP ranks' local states (index = TP rank) -> the canonical full state (padding rows dropped).
 

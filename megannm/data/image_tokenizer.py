@@ -5,7 +5,7 @@ file records its ``kind`` and ``load_image_tokenizer`` dispatches on it, so a pr
 one more subclass registered under its own kind without touching any caller.
 
 ``PatchVQ`` is the tokenizer of the embedded toy world: each non-overlapping ``patch x patch`` block of pixels is
-replaced by its nearest codeword. FACTS.md measured that k-means over patches rounds the corners of squares into
+replaced by its nearest codeword. We measured that k-means over patches rounds the corners of squares into
 circles (shape kind 0.76-0.94 on reconstructions) while a codebook holding every distinct patch is lossless. So
 training keeps the distinct patches themselves, most frequent first; only when there are more distinct patches than
 codes does k-means summarise the rare tail, with the frequent patches held fixed as exact codewords.

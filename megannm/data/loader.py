@@ -219,11 +219,6 @@ class TrainIterator:
         start, count = self._queue.pop(0)
         return self.order.batch(start, count)
 
-    @property
-    def micro_batches_per_step(self) -> int:
-        return self.gbs // (self.mbs * self.dp_size)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # builders
 

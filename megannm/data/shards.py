@@ -379,10 +379,6 @@ class ShardDataset:
         return self._doc_caption
 
     @property
-    def has_mask(self) -> np.ndarray:
-        return self._doc_mask != NO_MASK
-
-    @property
     def doc_frames(self) -> np.ndarray:
         """Per document: its frame (global over shards); the loader shuffles frame-locally with it."""
         return self._doc_frame
@@ -444,11 +440,6 @@ class ShardDataset:
     def __getitem__(self, i: int):
         return self.get(i)
 
-    def iter_docs(self, order=None):
-        """Yield ``(tokens, mask)`` for ``order`` (default: stored order)."""
-        for i in (range(len(self)) if order is None else order):
-            yield self.get(int(i))
-
     # checking ------------------------------------------------------------------------------------------------------
     def verify(self, deep: bool = False) -> dict:
         """Whole-file sha256 of every shard and index against the manifest; ``deep`` also decodes every frame."""
@@ -481,10 +472,4 @@ class ShardDataset:
         return f"ShardDataset({self.folder}, docs={len(self)}, tokens={self.num_tokens})"
 
 
-def open_vocab_of(folder) -> Vocab:
-    """The vocabulary a dataset folder was written with (its vocab.json)."""
-    return Vocab.load(Path(folder) / "vocab.json")
-
-
-__all__ = ["ShardWriter", "ShardDataset", "ShardError", "VocabMismatchError", "write_dataset", "caption_length",
-           "open_vocab_of"]
+__all__ = ["ShardWriter", "ShardDataset", "ShardError", "VocabMismatchError", "write_dataset", "caption_length"]

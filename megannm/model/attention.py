@@ -5,7 +5,7 @@ to every earlier key of its document whatever the modalities: that is how image 
 tokens read the image.
 
 Tensors are ``[batch, heads, seq, head_dim]`` inside, the layout ``F.scaled_dot_product_attention`` takes. On the
-CPU SDPA with a boolean mask is the reference (flex_attention has no CPU backward; ../shared/FACTS.md); on a GPU
+CPU SDPA with a boolean mask is the reference (flex_attention has no backward on the CPU, measured); on a GPU
 the same call picks a fused kernel.
 """
 from __future__ import annotations

@@ -13,27 +13,26 @@ import torch
 import torch.nn as nn
 from megatron.core.tensor_parallel import VocabParallelEmbedding
 
-from megannm import parallel
-
 if TYPE_CHECKING:
-    from megannm.model.transformer import ModelArgs
+    from megannm.model.args import ModelArgs
+    from megannm.parallel import Layout
 
 
 def modality_of_ids(ids: torch.Tensor, args: "ModelArgs") -> torch.Tensor:
-    """0 text, 1 image: the same pure function of the id as ``megannm.vocab.modality_of``, from the model's own
+    """0 text, 1 image: the same pure function of the id as ``megannm.vocab.Vocab.is_image``, from the model's own
     record of the image range (a checkpoint carries ``ModelArgs``, not the Vocab object)."""
     return ((ids >= args.image_start) & (ids < args.image_end)).long()
 
 
 class EmbeddingStage(nn.Module):
-    def __init__(self, args: "ModelArgs"):
+    def __init__(self, args: "ModelArgs", layout: "Layout"):
         super().__init__()
         self.args = args
         # Rows beyond the real vocabulary (TP padding) start at zero and are never looked up.
         self.embed_tokens = VocabParallelEmbedding(args.padded_vocab_size, args.hidden,
                                                    init_method=args.vocab_init_method(),
-                                                   config=args.megatron_config(),
-                                                   tp_group=parallel.tensor_group())
+                                                   config=args.megatron_config(layout.tp, layout.pp),
+                                                   tp_group=layout.tp_group)
 
     def forward(self, input_ids, position_ids=None, document_ids=None):
         """ids [B, S] -> (hidden [B,S,D], modality [B,S], position_ids [B,S], document_ids [B,S]).

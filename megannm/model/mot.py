@@ -9,7 +9,7 @@ still passes exactly one set of weights of the same sizes, so both have the same
 Routing (``route``) is a stable sort of the flattened micro-batch by modality: one gather puts each modality's
 tokens in a contiguous slice, per-modality linears run on their slice, one gather restores the order. No per-token
 Python. Every modality's modules run on every step, on an empty [0, D] slice when a micro-batch has none of its
-tokens: skipping them would make ZeRO's collectives differ between data-parallel ranks (../shared/FACTS.md).
+tokens: skipping them would make ZeRO's collectives differ between data-parallel ranks (measured: aborts at ZeRO 1-3, and a mismatched all-gather can pass wrong data first).
 """
 from __future__ import annotations
 
@@ -23,15 +23,14 @@ import torch.nn.functional as F
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 
-from megannm import parallel
-
 # megatron-core 0.16's linear autograd function warns on every call that its tp_group argument is None even when the
 # layer was built with an explicit group (ours are: ``column``/``row`` below); one message per matmul floods logs.
 warnings.filterwarnings("ignore", message=".*tp_group is None.*", category=DeprecationWarning)
 from megannm.model.attention import AttentionInputs, KVCache, LayerCache, apply_rotary, attend, attention_inputs
 
 if TYPE_CHECKING:
-    from megannm.model.transformer import ModelArgs
+    from megannm.model.args import ModelArgs
+    from megannm.parallel import Layout
 
 try:  # NVIDIA apex's fused kernel where a GPU is; the torch code below is the reference and the CPU path
     from apex.normalization.fused_layer_norm import fused_rms_norm_affine as _apex_rms_norm
@@ -113,22 +112,22 @@ def prepare(args: "ModelArgs", modality, position_ids, document_ids, cache: Opti
 class RMSNorm(nn.Module):
     """RMSNorm over the last dimension, computed in fp32 as Hugging Face Llama does.
 
-    ``shared_over_tp``: the weight multiplies activations split across tensor-parallel ranks (the QK-norm is over
+    ``tp_group``: the weight multiplies activations split across tensor-parallel ranks (the QK-norm is over
     head_dim and each rank holds different heads), so each rank sees only part of its gradient. Using the weight
     through megatron-core's copy-to-TP-region (identity forward, all-reduce backward) sums those parts, keeping the
     replicated weight identical on every rank.
     """
 
-    def __init__(self, dim: int, eps: float, dtype=torch.float32, shared_over_tp: bool = False):
+    def __init__(self, dim: int, eps: float, dtype=torch.float32, tp_group=None):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
         self.eps = eps
-        self.shared_over_tp = shared_over_tp
+        self.tp_group = tp_group  # set: the weight is shared over this group's ranks (see above)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if self.shared_over_tp:
-            w = copy_to_tensor_model_parallel_region(w, group=parallel.tensor_group())
+        if self.tp_group is not None:
+            w = copy_to_tensor_model_parallel_region(w, group=self.tp_group)
         if _apex_rms_norm is not None and x.is_cuda and x.numel():
             return _apex_rms_norm(x, w, w.shape, self.eps)
         dtype = x.dtype
@@ -164,16 +163,19 @@ class RowLinear(_WeightsOnly, RowParallelLinear):
         return super().forward(x)[0]
 
 
-def column(args: "ModelArgs", n_in: int, n_out: int, init: Optional[Callable] = None) -> ColumnLinear:
-    return ColumnLinear(n_in, n_out, config=args.megatron_config(), init_method=init or args.init_method(),
-                        bias=False, gather_output=False, tp_group=parallel.tensor_group())
+def column(args: "ModelArgs", layout: "Layout", n_in: int, n_out: int,
+           init: Optional[Callable] = None) -> ColumnLinear:
+    return ColumnLinear(n_in, n_out, config=args.megatron_config(layout.tp, layout.pp),
+                        init_method=init or args.init_method(), bias=False, gather_output=False,
+                        tp_group=layout.tp_group)
 
 
-def row(args: "ModelArgs", n_in: int, n_out: int) -> RowLinear:
+def row(args: "ModelArgs", layout: "Layout", n_in: int, n_out: int) -> RowLinear:
     # Output projections get Megatron's scaled init, std / sqrt(2 * layers): two of them add into the residual
     # stream per block, so its variance stays independent of depth.
-    return RowLinear(n_in, n_out, config=args.megatron_config(), init_method=args.output_init_method(),
-                     bias=False, input_is_parallel=True, skip_bias_add=False, tp_group=parallel.tensor_group())
+    return RowLinear(n_in, n_out, config=args.megatron_config(layout.tp, layout.pp),
+                     init_method=args.output_init_method(), bias=False, input_is_parallel=True,
+                     skip_bias_add=False, tp_group=layout.tp_group)
 
 
 class PerModality(nn.ModuleList):
@@ -197,22 +199,23 @@ class Attention(nn.Module):
     modality can add to the shared residual stream.
     """
 
-    def __init__(self, args: "ModelArgs"):
+    def __init__(self, args: "ModelArgs", layout: "Layout"):
         super().__init__()
         n, d, hd = args.n_sets, args.hidden, args.head_dim
-        tp = args.megatron_config().tensor_model_parallel_size
+        tp = layout.tp
         self.head_dim = hd
         self.heads, self.kv_heads = args.heads // tp, args.kv_heads // tp  # this rank's
         self.norm_reorder = args.norm_reorder
         self.norm = PerModality(n, lambda: RMSNorm(d, args.eps, args.torch_dtype))
-        self.q_proj = PerModality(n, lambda: column(args, d, args.heads * hd))
-        self.k_proj = PerModality(n, lambda: column(args, d, args.kv_heads * hd))
-        self.v_proj = PerModality(n, lambda: column(args, d, args.kv_heads * hd))
-        self.o_proj = PerModality(n, lambda: row(args, args.heads * hd, d))
+        self.q_proj = PerModality(n, lambda: column(args, layout, d, args.heads * hd))
+        self.k_proj = PerModality(n, lambda: column(args, layout, d, args.kv_heads * hd))
+        self.v_proj = PerModality(n, lambda: column(args, layout, d, args.kv_heads * hd))
+        self.o_proj = PerModality(n, lambda: row(args, layout, args.heads * hd, d))
         self.qk_norm = args.qk_norm
         if args.qk_norm:  # over head_dim, before RoPE (as Qwen3 and the MoT reference code): local to a TP rank
-            self.q_norm = PerModality(n, lambda: RMSNorm(hd, args.eps, args.torch_dtype, shared_over_tp=tp > 1))
-            self.k_norm = PerModality(n, lambda: RMSNorm(hd, args.eps, args.torch_dtype, shared_over_tp=tp > 1))
+            shared = layout.tp_group if tp > 1 else None
+            self.q_norm = PerModality(n, lambda: RMSNorm(hd, args.eps, args.torch_dtype, tp_group=shared))
+            self.k_norm = PerModality(n, lambda: RMSNorm(hd, args.eps, args.torch_dtype, tp_group=shared))
 
     def qkv(self, m: int, x: torch.Tensor) -> torch.Tensor:
         """Modality m's projections of its slice x [n, D] -> [n, (Hq + 2 Hkv) * hd]."""
@@ -247,14 +250,14 @@ class FeedForward(nn.Module):
     """Per-modality norm and SwiGLU FFN, down(silu(gate(x)) * up(x)) (gate/up split by rows over TP, down by
     columns, so the product needs no communication until down's all-reduce)."""
 
-    def __init__(self, args: "ModelArgs"):
+    def __init__(self, args: "ModelArgs", layout: "Layout"):
         super().__init__()
         n, d, f = args.n_sets, args.hidden, args.ffn
         self.norm_reorder = args.norm_reorder
         self.norm = PerModality(n, lambda: RMSNorm(d, args.eps, args.torch_dtype))
-        self.gate_proj = PerModality(n, lambda: column(args, d, f))
-        self.up_proj = PerModality(n, lambda: column(args, d, f))
-        self.down_proj = PerModality(n, lambda: row(args, f, d))
+        self.gate_proj = PerModality(n, lambda: column(args, layout, d, f))
+        self.up_proj = PerModality(n, lambda: column(args, layout, d, f))
+        self.down_proj = PerModality(n, lambda: row(args, layout, f, d))
 
     def swiglu(self, m: int, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj[m](F.silu(self.gate_proj[m](x)) * self.up_proj[m](x))
@@ -282,11 +285,11 @@ class Block(nn.Module):
     only sees the tuple, recomputes it from the tuple (a sort and a comparison: cheap next to the block).
     """
 
-    def __init__(self, args: "ModelArgs", layer_number: int = 0):
+    def __init__(self, args: "ModelArgs", layout: "Layout", layer_number: int = 0):
         super().__init__()
         self.args, self.layer_number = args, layer_number
-        self.attn = Attention(args)
-        self.ffn = FeedForward(args)
+        self.attn = Attention(args, layout)
+        self.ffn = FeedForward(args, layout)
 
     def forward(self, x: tuple, ctx: Optional[Context] = None, cache: Optional[LayerCache] = None) -> tuple:
         h, modality, position_ids, document_ids = x

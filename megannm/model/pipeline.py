@@ -23,9 +23,9 @@ onto ``NMMModel``'s canonical names (``transformer.py``'s docstring):
     {N+1}.norm.{m}.weight          <->  head.norm.{m}.weight
     {N+1}.output.weight            <->  head.output.weight
 
-Training: ``pipeline_train_step`` feeds ``trainer.accum`` micro-batches to ``PipelineEngine.train_batch`` (1F1B);
-the loss function keeps each micro-batch's per-modality statistics on the last stage, and the step broadcasts them
-over the pipeline group so every rank returns the same statistics as the non-pipeline path.
+Training: the Trainer (``megannm.train.pipeline``) feeds an update's micro-batches to
+``PipelineEngine.train_batch`` (1F1B); ``PipelineLoss`` keeps each micro-batch's per-modality statistics on the
+last stage for the step's logs.
 """
 from __future__ import annotations
 
@@ -33,22 +33,20 @@ import contextlib
 import functools
 import io
 import re
-from typing import Iterator
 
 import torch
-import torch.distributed as dist
 from deepspeed.pipe import LayerSpec, PipelineModule
 
 from megannm import parallel
 from megannm.model import flops
+from megannm.model.args import ModelArgs
 from megannm.model.embedding import EmbeddingStage
 from megannm.model.mot import Block
-from megannm.model.transformer import HeadStage, ModelArgs, draw_init_seed, lm_loss, seeded
+from megannm.model.transformer import HeadStage, draw_init_seed, lm_loss, seeded
+from megannm.parallel import Layout
 
-__all__ = ["build_pipeline_module", "NMMPipeline", "PipelineLoss", "pipeline_batch", "pipeline_train_step",
-           "pipeline_eval", "pipeline_to_canonical", "canonical_to_pipeline", "check_grid_matches_megatron"]
-
-PHASES = ("pretrain", "sft")  # objectives that are lm_loss over (labels, loss_mask): what the last stage computes
+__all__ = ["build_pipeline_module", "NMMPipeline", "PipelineLoss", "pipeline_batch", "pipeline_to_canonical",
+           "canonical_to_pipeline", "stage_bounds"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -71,13 +69,13 @@ class PipelineLoss:
     """``loss_fn(logits, (labels, loss_mask))`` of the last stage: ``lm_loss``, keeping each micro-batch's
     (loss, stats) for the step's logs (``take`` empties the list)."""
 
-    def __init__(self, args: ModelArgs):
-        self.args = args
+    def __init__(self, args: ModelArgs, layout: Layout):
+        self.args, self.layout = args, layout
         self.kept: list[tuple[torch.Tensor, dict]] = []
 
     def __call__(self, logits: torch.Tensor, labels) -> torch.Tensor:
         labels, loss_mask = labels
-        loss, stats = lm_loss(logits, labels, loss_mask, self.args)
+        loss, stats = lm_loss(logits, labels, loss_mask, self.args, self.layout)
         self.kept.append((loss.detach(), stats))
         return loss
 
@@ -105,32 +103,27 @@ class NMMPipeline(PipelineModule):
         return flops.flops_per_token(self.args, seq_len)
 
 
-def chain_specs(args: ModelArgs, seed: int) -> list[LayerSpec]:
+def chain_specs(args: ModelArgs, layout: Layout, seed: int) -> list[LayerSpec]:
     """Chain position c = 0 embedding, 1 + i block i, N + 1 head; each built under ``seed + c`` as in NMMModel."""
-    return ([SeededLayerSpec(seed, EmbeddingStage, args)]
-            + [SeededLayerSpec(seed + 1 + i, Block, args, i) for i in range(args.layers)]
-            + [SeededLayerSpec(seed + args.layers + 1, HeadStage, args)])
+    return ([SeededLayerSpec(seed, EmbeddingStage, args, layout)]
+            + [SeededLayerSpec(seed + 1 + i, Block, args, layout, i) for i in range(args.layers)]
+            + [SeededLayerSpec(seed + args.layers + 1, HeadStage, args, layout)])
 
 
-def build_pipeline_module(args: ModelArgs, recipe, layout) -> NMMPipeline:
+def build_pipeline_module(args: ModelArgs, layout: Layout, partition: str = "parameters",
+                          activation_checkpointing: bool = False) -> NMMPipeline:
     """This rank's stage of the pipeline; the caller seeds torch first (the same seed as for ``NMMModel``)."""
-    kind = recipe.phase.kind
-    if kind not in PHASES:
-        raise ValueError(f"recipe: phase.kind: {kind!r} cannot run with pipeline parallelism (got "
-                         f"parallel.pipeline_parallel={layout.pp}, expected phase.kind in {', '.join(PHASES)} or "
-                         f"pipeline_parallel = 1)")
-    p = recipe.parallel
     seed = draw_init_seed()  # the same draw NMMModel makes: the same weights at every layout
     quiet = io.StringIO()  # DeepSpeed prints its partition table and seed settings on rank 0
     with contextlib.redirect_stdout(quiet):
         module = NMMPipeline(
-            args, chain_specs(args, seed), topology=parallel.pipeline_topology(layout), loss_fn=PipelineLoss(args),
-            partition_method=p.pipeline_partition,
+            args, chain_specs(args, layout, seed), topology=parallel.pipeline_topology(layout),
+            loss_fn=PipelineLoss(args, layout), partition_method=partition,
             # checkpoint every block (the embedding's inputs are ids: nothing to recompute from)
-            activation_checkpoint_interval=1 if p.activation_checkpointing else 0,
+            activation_checkpoint_interval=1 if activation_checkpointing else 0,
             activation_checkpoint_func=functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False),
             checkpointable_layers=[Block.__name__])
-    check_grid_matches_megatron(module.mpu())
+    parallel.check_pipeline_grid(module.mpu(), layout)
     _count_replicated_once(module, layout)
     return module
 
@@ -146,24 +139,6 @@ def _count_replicated_once(module: torch.nn.Module, layout) -> None:
     for p in module.parameters():
         if not getattr(p, "tensor_model_parallel", False):
             p.model_parallel = True
-
-
-def check_grid_matches_megatron(grid) -> None:
-    """DeepSpeed's pipeline grid and megatron-core's parallel_state must group the same ranks on every axis: the
-    layers reduce over megatron-core's tensor group while DeepSpeed partitions activations over its own."""
-    from megatron.core import parallel_state as ps
-
-    def ranks(group):
-        return sorted(dist.get_process_group_ranks(group))
-
-    pairs = (("tensor", sorted(grid.slice_group), ranks(ps.get_tensor_model_parallel_group())),
-             ("data", sorted(grid.dp_group), ranks(ps.get_data_parallel_group())),
-             ("pipeline", sorted(grid.pp_group), ranks(ps.get_pipeline_model_parallel_group())))
-    for axis, theirs, ours in pairs:
-        if theirs != ours:
-            raise RuntimeError(f"parallel layout: rank {dist.get_rank()}: DeepSpeed's {axis} group {theirs} differs "
-                               f"from megatron-core's {ours} (the topology must be built in Megatron's order by "
-                               f"megannm.parallel.pipeline_topology)")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -218,42 +193,6 @@ def canonical_to_pipeline(name: str, num_layers: int) -> tuple[int, str]:
 def pipeline_batch(batch: dict) -> tuple[tuple, tuple]:
     """A loader micro-batch dict -> DeepSpeed's ``((first stage inputs), (loss_fn labels))``."""
     return ((batch["input_ids"], batch["position_ids"], batch["document_ids"]), (batch["labels"], batch["loss_mask"]))
-
-
-def _needs_data(engine) -> bool:
-    return engine.is_first_stage() or engine.is_last_stage()
-
-
-def _step_stats(engine, kept: list) -> dict:
-    """The micro-batches' statistics (last stage) -> the trainer's stats dict, identical on every rank."""
-    from megatron.core import parallel_state as ps
-
-    from megannm.phases.pretrain import STAT_KEYS, reduce_stats, stats_vector
-    vec = torch.zeros(len(STAT_KEYS), dtype=torch.float64)
-    for loss, stats in kept:  # micro-batch order, as the non-pipeline loop sums them
-        vec = vec + stats_vector(loss, stats)
-    vec = vec.to(parallel.device())
-    if engine.num_stages > 1:
-        dist.broadcast(vec, src=ps.get_pipeline_model_parallel_last_rank(), group=parallel.pipeline_group())
-    return reduce_stats(vec)  # sum over data-parallel ranks (each pipeline's own last stage), then means
-
-
-def pipeline_train_step(trainer, batches: Iterator[dict]) -> dict:
-    """One optimizer step over ``trainer.accum`` micro-batches with ``PipelineEngine.train_batch`` (1F1B)."""
-    engine = trainer.engine
-    micro = [pipeline_batch(next(batches)) for _ in range(trainer.accum)] if _needs_data(engine) else []
-    engine.module.loss_fn.take()  # nothing left over from an interrupted call
-    engine.train_batch(iter(micro))
-    return _step_stats(engine, engine.module.loss_fn.take())
-
-
-def pipeline_eval(trainer, batches: list[dict]) -> dict:
-    """Loss statistics over ``batches`` with ``PipelineEngine.eval_batch`` (forward only, in pipeline order)."""
-    engine = trainer.engine
-    micro = [pipeline_batch(b) for b in batches] if _needs_data(engine) else []
-    engine.module.loss_fn.take()
-    engine.eval_batch(iter(micro), num_micro_batches=len(batches), bcast_loss=False)
-    return _step_stats(engine, engine.module.loss_fn.take())
 
 
 def stage_bounds(module: PipelineModule) -> tuple[int, int]:

@@ -1,26 +1,21 @@
-"""The pretraining objective: next token over every token, per-modality loss weights (applied by the model's loss).
+"""The pretraining objective: next token over every token, per-modality loss weights (applied by ``lm_loss``).
 
-A phase supplies batches and a loss over the one engine and model; the loop (``megannm.train.loop``) does the rest.
-SFT (``phases/sft.py``) subclasses this phase: same batches and model loss, normalised per token over the global
-batch instead of per micro-batch.
+The phase supplies the loader's micro-batches and the model's loss; the Trainer does the rest. The loss of a
+micro-batch is ``lm_loss``'s mean over its loss tokens (DeepSpeed then averages micro-batches and ranks); the
+logged text and image losses are per token over the whole step. SFT (``phases/sft.py``) reuses the batches and
+statistics with another normalisation. This is the one objective a pipeline's last stage computes.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from megannm import parallel
-
-# Order of the accumulated statistics vector (summed over micro-batches and data-parallel ranks).
-STAT_KEYS = ("loss", "text_loss_sum", "text_tokens", "image_loss_sum", "image_tokens", "z_loss", "micro_batches")
+from megannm.train.phase import Phase
+from megannm.train.stats import Stats
 
 
-class PretrainPhase:
+class PretrainPhase(Phase):
     name = "pretrain"
-
-    def __init__(self, recipe, layout, vocab):
-        self.recipe, self.layout, self.vocab = recipe, layout, vocab
+    pipeline = True
 
     # data ---------------------------------------------------------------------------------------------------------
     def _datasets(self, refs):
@@ -46,33 +41,28 @@ class PretrainPhase:
                                        pack=d.pack, seed=d.seed))
 
     # objective ----------------------------------------------------------------------------------------------------
-    def micro_loss(self, engine, batch: dict):
-        """Loss of one micro-batch and its statistics vector (see STAT_KEYS)."""
-        loss, stats = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                             document_ids=batch["document_ids"], labels=batch["labels"],
-                             loss_mask=batch["loss_mask"])
-        return loss, stats_vector(loss, stats)
+    def model_loss(self, model, batch: dict):
+        return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                     document_ids=batch["document_ids"], labels=batch["labels"], loss_mask=batch["loss_mask"])
 
+    def loss(self, model, batch: dict):
+        loss, model_stats = self.model_loss(model, batch)
+        return loss, self.lm_stats(loss, model_stats)
 
-def stats_vector(loss, stats: dict) -> torch.Tensor:
-    f = lambda k: torch.as_tensor(stats.get(k, 0.0), dtype=torch.float64).detach().cpu()
-    return torch.stack([loss.detach().double().cpu(), f("text_loss") * f("text_tokens"), f("text_tokens"),
-                        f("image_loss") * f("image_tokens"), f("image_tokens"), f("z_loss"),
-                        torch.tensor(1.0, dtype=torch.float64)])
+    def lm_stats(self, loss, model_stats: dict) -> Stats:
+        """Sums of one micro-batch: its loss, per-modality summed losses and token counts, the z-loss term."""
+        g = lambda k: model_stats.get(k, 0.0)
+        return Stats(loss=loss if loss is not None else 0.0, text_loss_sum=g("text_loss") * g("text_tokens"),
+                     text_tokens=g("text_tokens"), image_loss_sum=g("image_loss") * g("image_tokens"),
+                     image_tokens=g("image_tokens"), z_loss=g("z_loss"), micro_batches=1)
 
-
-def reduce_stats(vec: torch.Tensor) -> dict:
-    """Sum the statistics over data-parallel ranks and turn them into means."""
-    vec = vec.to(parallel.device())
-    parallel.all_reduce(vec, group=parallel.data_group())
-    vec = vec.cpu()
-    s = dict(zip(STAT_KEYS, vec.tolist()))
-    n = max(s["micro_batches"], 1.0)
-    out = {"loss": s["loss"] / n, "z_loss": s["z_loss"] / n}
-    if s["text_tokens"]:
-        out["text_loss"] = s["text_loss_sum"] / s["text_tokens"]
-    if s["image_tokens"]:
-        out["image_loss"] = s["image_loss_sum"] / s["image_tokens"]
-    out["text_tokens"] = s["text_tokens"]
-    out["image_tokens"] = s["image_tokens"]
-    return out
+    def summarize(self, s: dict) -> dict:
+        n = max(s["micro_batches"], 1.0)
+        out = {"loss": s["loss"] / n, "z_loss": s["z_loss"] / n}
+        if s["text_tokens"]:
+            out["text_loss"] = s["text_loss_sum"] / s["text_tokens"]
+        if s["image_tokens"]:
+            out["image_loss"] = s["image_loss_sum"] / s["image_tokens"]
+        out["text_tokens"] = s["text_tokens"]
+        out["image_tokens"] = s["image_tokens"]
+        return out

@@ -17,19 +17,16 @@ by ``1 / (count_m * accum * dp)``: a micro-batch holding one short answer counts
 images, and packing the same conversations differently changes the gradient. In SFT, where a response is either
 one word or 66 image tokens, that matters.
 
-We get Megatron's weighting without touching gradients. The loader hands the phase every micro-batch of the step up
-front (``prepare_step``, called by the Trainer), so N is known before the first forward: one all-reduce of the local
+We get Megatron's weighting without touching gradients. The Trainer hands the phase every micro-batch of an update
+up front (``Phase.prepare``), so N is known before the first forward: one all-reduce of the local
 counts over the data-parallel group. Each micro-batch then gets ``loss_scale = accum * dp / N`` and its loss becomes
 ``lm_loss * count_m * loss_scale = sum_m * accum * dp / N``; DeepSpeed's backward divides by
 ``gradient_accumulation_steps`` (accum) and its gradient all-reduce averages over the dp ranks, which leaves exactly
 ``sum over the global batch / N``. The z-loss term is normalised the same way. The logged ``loss`` (mean of the
 micro-batches' scaled losses over micro-batches and ranks) is then the per-token mean of the global batch.
 
-Pipeline parallelism: the scale travels in the batch (``batch["loss_scale"]``, a float); a pipeline loss function
-that multiplies its ``lm_loss`` by ``count * loss_scale`` (DeepSpeed's pipeline engine divides by the accumulation
-steps and averages over dp exactly like the plain engine) gives the same normalisation, and declares it with
-``PipelineLoss.applies_loss_scale = True``. Until then SFT refuses pipeline_parallel > 1 rather than silently
-normalising per micro-batch.
+Pipeline parallelism: the pipeline's last stage computes ``lm_loss`` (per micro-batch), not this normalisation, so
+the recipe schema refuses SFT with ``parallel.pipeline_parallel > 1`` before any process starts.
 """
 from __future__ import annotations
 
@@ -39,24 +36,23 @@ from pathlib import Path
 import torch
 
 from megannm import parallel
-from megannm.phases.pretrain import PretrainPhase, stats_vector
+from megannm.phases.pretrain import PretrainPhase
 
 
-def global_loss_tokens(batches: list[dict]) -> float:
+def global_loss_tokens(batches: list[dict], dp_group) -> float:
     """Loss tokens in these micro-batches summed over the data-parallel ranks (every rank calls it: a collective)."""
     local = sum(float(b["loss_mask"].sum()) for b in batches)
     t = torch.tensor([local], dtype=torch.float64, device=parallel.device())
-    parallel.all_reduce(t, group=parallel.data_group())
-    return float(t)
+    return float(parallel.all_reduce(t, group=dp_group))
 
 
-def set_loss_scales(batches: list[dict], dp: int) -> list[dict]:
+def set_loss_scales(batches: list[dict], layout) -> list[dict]:
     """Give each micro-batch ``loss_scale = len(batches) * dp / N`` (N: loss tokens of the global batch), in place.
 
     With no loss token anywhere (N = 0) the scale is 0: every loss is then 0 and the step changes nothing but still
     runs every collective."""
-    n = global_loss_tokens(batches)
-    scale = len(batches) * dp / n if n > 0 else 0.0
+    n = global_loss_tokens(batches, layout.dp_group)
+    scale = len(batches) * layout.dp / n if n > 0 else 0.0
     for b in batches:
         b["loss_scale"] = scale
     return batches
@@ -70,16 +66,11 @@ def per_token_loss(loss: torch.Tensor, loss_mask: torch.Tensor, loss_scale: floa
 
 class SFTPhase(PretrainPhase):
     name = "sft"
+    pipeline = False
 
     def __init__(self, recipe, layout, vocab):
         super().__init__(recipe, layout, vocab)
         self._check_data()
-        if layout.pp > 1:
-            from megannm.model.pipeline import PipelineLoss
-            if not getattr(PipelineLoss, "applies_loss_scale", False):  # never silently another normalisation
-                raise ValueError(f"recipe: parallel.pipeline_parallel: phase sft normalises per token over the global "
-                                 f"batch, which the pipeline's loss function does not apply yet (batch['loss_scale']"
-                                 f"); got pipeline_parallel={layout.pp}, expected 1")
 
     def _check_data(self) -> None:
         """SFT on data without loss masks would train on prompts: refuse when no train data set has any."""
@@ -92,22 +83,19 @@ class SFTPhase(PretrainPhase):
             raise ValueError(f"recipe: data.train: phase sft needs chat data (documents with loss masks, from "
                              f"'messages' records); none of {', '.join(masked)} has any")
 
-    # the step --------------------------------------------------------------------------------------------------------
-    def prepare_step(self, batches: list[dict]) -> list[dict]:
-        """The Trainer's hook: every micro-batch of this rank's share of the step, before the first forward."""
-        return set_loss_scales(batches, self.layout.dp)
+    def prepare(self, micro_batches: list[dict]) -> list[dict]:
+        """Every micro-batch of this rank's share of the update, before the first forward."""
+        return set_loss_scales(micro_batches, self.layout)
 
     def eval_batches(self) -> list[dict]:
         """Validation batches, normalised per token over all of them (and all ranks) like a training step."""
         batches = super().eval_batches()
-        return set_loss_scales(batches, self.layout.dp) if batches else batches
+        return set_loss_scales(batches, self.layout) if batches else batches
 
-    def micro_loss(self, engine, batch: dict):
-        """Per-token-normalised loss of one micro-batch (``loss_scale`` from ``prepare_step``; without it, the
-        pretraining mean over this micro-batch) and its statistics vector."""
-        loss, stats = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                             document_ids=batch["document_ids"], labels=batch["labels"],
-                             loss_mask=batch["loss_mask"])
+    def loss(self, model, batch: dict):
+        """Per-token-normalised loss of one micro-batch (``loss_scale`` from ``prepare``; without it, the
+        pretraining mean over this micro-batch) and its statistics."""
+        loss, model_stats = self.model_loss(model, batch)
         if "loss_scale" in batch:
             loss = per_token_loss(loss, batch["loss_mask"], batch["loss_scale"])
-        return loss, stats_vector(loss, stats)
+        return loss, self.lm_stats(loss, model_stats)

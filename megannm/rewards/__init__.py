@@ -1,34 +1,39 @@
-"""Verifiable rewards: plain functions ``reward(prompt, sample, truth) -> float`` in a small registry by name.
+"""Verifiable rewards: plain functions ``reward(prompt, sample, truth) -> float``, found by name.
 
 A recipe selects them by name with weights (``phase.options.rewards``), either a list (weight 1 each) or a mapping::
 
-    phase: {kind: grpo, options: {rewards: {toy_image: 1.0, format: 0.2}}}
+    phase: {kind: grpo, options: {rewards: {format: 0.2, my_rewards.verifiers:image_matches_prompt: 1.0}}}
 
-The total reward of a sample is the weighted sum. Built in: ``toy_caption`` and ``toy_image`` (partial credit, a
-quarter per attribute right) plus one variant per attribute (``toy_image_kind``, ``toy_caption_colour``, ...) and
-``format`` (a well-formed answer). A user adds a reward in a file of their own either with ``@register("name")``
-(imported before the phase starts) or by naming it ``"package.module:function"`` in the recipe, which is imported
-on first use.
+The total reward of a sample is the weighted sum. A name resolves, in this order, to:
+
+- a function registered in this process with ``@register("name")`` (its module imported before the phase starts);
+  megannm itself registers ``format`` (a well-formed answer, whatever its content);
+- an installed entry point of the ``megannm.rewards`` group (a package declares
+  ``[project.entry-points."megannm.rewards"] my_reward = "my_pkg.verifiers:my_reward"``; megannm's toy world
+  registers its checkers this way), imported on first use;
+- ``package.module:function``, imported on first use.
 
 What a reward receives:
 
 - ``prompt``: a ``Prompt`` (token ids, the answer kind "text" or "image", its text when it has any);
 - ``sample``: a ``Sample`` (the generated ids without the stop token, decoded: ``text`` for a text answer,
   ``image`` uint8 [H, W, 3] for a complete image span, None for a malformed one);
-- ``truth``: whatever the prompt source gives as the answer (for the toy world a ``toy.Attrs`` or its dict).
+- ``truth``: whatever the prompt source gives as the answer, as is.
 """
 from __future__ import annotations
 
+import fnmatch
 import importlib
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from typing import Callable, Optional
 
 import numpy as np
 
 RewardFn = Callable[["Prompt", "Sample", object], float]
 
+ENTRY_POINT_GROUP = "megannm.rewards"
 REGISTRY: dict[str, RewardFn] = {}
-_BUILTIN_MODULES = ("megannm.rewards.toy_caption", "megannm.rewards.toy_image", "megannm.rewards.format")
 
 
 @dataclass
@@ -44,7 +49,9 @@ class Sample:
     kind: str  # "text" or "image"
     text: Optional[str] = None  # decoded text answer
     image: Optional[np.ndarray] = None  # decoded picture; None when the span is not exactly one image
-    well_formed: bool = True  # an image span of exactly the grid's codes (always true under constrained decoding)
+    # an image span of exactly the grid's codes (always true under constrained decoding); a text answer that
+    # ended with a stop token rather than running out of tokens (when the sampler says so)
+    well_formed: bool = True
     extra: dict = field(default_factory=dict)
 
 
@@ -58,27 +65,43 @@ def register(name: str):
     return deco
 
 
-def _load_builtins() -> None:
-    for m in _BUILTIN_MODULES:
-        importlib.import_module(m)
+@register("format")
+def well_formed(prompt: Prompt, sample: Sample, truth) -> float:
+    """1.0 for a well-formed answer, whatever its content: an image answer is exactly one grid of image codes (what
+    constrained decoding guarantees and an unconstrained sampler must learn); a text answer is not empty and was
+    not cut off."""
+    if sample.kind == "image":
+        return float(sample.well_formed)
+    return float(sample.well_formed and bool((sample.text or "").strip()))
+
+
+def installed() -> dict:
+    """Rewards installed as entry points of the ``megannm.rewards`` group, by name (not yet imported)."""
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def available() -> list[str]:
+    """Every name ``get`` resolves without a module path (registered here or installed), sorted."""
+    return sorted(set(REGISTRY) | set(installed()))
 
 
 def get(name: str) -> RewardFn:
-    """A reward by registered name, or ``package.module:function``."""
-    _load_builtins()
+    """A reward by registered or installed name, or ``package.module:function``."""
     if name in REGISTRY:
         return REGISTRY[name]
-    if ":" in name:
-        module, _, attr = name.partition(":")
+    eps = installed()
+    if name in eps or ":" in name:
+        where = eps[name].value if name in eps else name
+        module, _, attr = where.partition(":")
         try:
-            fn = getattr(importlib.import_module(module), attr)
+            fn = eps[name].load() if name in eps else getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as e:
-            raise ValueError(f"rewards: cannot import {name!r} ({type(e).__name__}: {e})") from None
+            raise ValueError(f"rewards: cannot import {where!r} ({type(e).__name__}: {e})") from None
         if not callable(fn):
-            raise ValueError(f"rewards: {name!r} is not a function")
+            raise ValueError(f"rewards: {where!r} is not a function")
         return fn
-    raise ValueError(f"rewards: unknown reward {name!r} (registered: {', '.join(sorted(REGISTRY))}; or name a "
-                     f"function as package.module:function)")
+    raise ValueError(f"rewards: unknown reward {name!r} (registered: {', '.join(available())}; or name a function "
+                     f"as package.module:function)")
 
 
 def weights_of(spec) -> dict[str, float]:
@@ -95,11 +118,22 @@ def weights_of(spec) -> dict[str, float]:
 
 
 def parse_weights(text: str) -> dict[str, float]:
-    """A command line's ``toy_image,format=0.2`` -> {"toy_image": 1.0, "format": 0.2}."""
-    out = {}
+    """A command line's ``my_reward,format=0.2`` -> {"my_reward": 1.0, "format": 0.2}.
+
+    A name with ``*`` stands for every available name it matches, e.g. ``checker_*=0``: report each of a family of
+    rewards beside the total without counting it (weight 0); a name given on its own keeps its own weight."""
+    out: dict[str, float] = {}
     for part in filter(None, (x.strip() for x in text.split(","))):
         name, _, w = part.partition("=")
-        out[name] = float(w) if w else 1.0
+        weight = float(w) if w else 1.0
+        if "*" not in name:
+            out[name] = weight
+            continue
+        matches = [n for n in available() if fnmatch.fnmatchcase(n, name)]
+        if not matches:
+            raise ValueError(f"rewards: {name!r} matches no reward (registered: {', '.join(available())})")
+        for n in matches:
+            out.setdefault(n, weight)
     return out
 
 
@@ -122,36 +156,19 @@ class Combined:
         return self.score(prompt, sample, truth)[0]
 
 
-def attrs_of(truth) -> dict[str, str]:
-    """A toy ground truth as {attribute: value}: ``toy.Attrs``, its dict, or a record ``{"attrs": {...}}``."""
-    if hasattr(truth, "as_dict"):
-        return truth.as_dict()
-    if isinstance(truth, dict):
-        return dict(truth.get("attrs", truth))
-    raise ValueError(f"rewards: a toy reward needs the true attributes (got {type(truth).__name__})")
+def _is_grid(vocab, ids: list[int]) -> bool:
+    return len(ids) == vocab.image_grid and all(vocab.image_start <= i < vocab.image_end for i in ids)
 
 
-def make_sample(tok, ids: list[int], kind: str) -> Sample:
-    """Decode generated ids once for every reward: text, or the picture when the span is exactly one image."""
-    v = tok.vocab
+def make_samples(tok, rows: list[list[int]], kind: str, ended: Optional[list[bool]] = None) -> list[Sample]:
+    """Decode generated rows (stop tokens removed) once for every reward: text, or the picture when a row is exactly
+    one image (all of them in one batch). ``ended``: per text row, whether a stop token ended it (False: cut off at
+    max_new_tokens, not well-formed); unknown = True."""
+    from megannm.generate import codes_to_images, text_of
     if kind == "text":
-        from megannm.generate import text_of
-        return Sample(list(ids), kind, text=text_of(tok, ids))
-    ok = len(ids) == v.image_grid and all(v.image_start <= i < v.image_end for i in ids)
-    image = None
-    if ok:
-        from megannm.generate import codes_to_images
-        image = np.asarray(codes_to_images(tok, [list(ids)]))[0]
-    return Sample(list(ids), kind, image=image, well_formed=ok)
-
-
-def make_samples(tok, rows: list[list[int]], kind: str) -> list[Sample]:
-    """``make_sample`` over many rows, with every complete picture decoded in one batch."""
-    if kind == "text":
-        return [make_sample(tok, r, kind) for r in rows]
-    from megannm.generate import codes_to_images
-    v = tok.vocab
-    ok = [len(r) == v.image_grid and all(v.image_start <= i < v.image_end for i in r) for r in rows]
+        ended = [True] * len(rows) if ended is None else ended
+        return [Sample(list(r), kind, text=text_of(tok, r), well_formed=bool(e)) for r, e in zip(rows, ended)]
+    ok = [_is_grid(tok.vocab, r) for r in rows]
     good = [r for r, k in zip(rows, ok) if k]
     images = iter(np.asarray(codes_to_images(tok, good)) if good else [])
     return [Sample(list(r), kind, image=next(images) if k else None, well_formed=k) for r, k in zip(rows, ok)]

@@ -72,7 +72,7 @@ def build_engine(recipe: Recipe, layout, module: torch.nn.Module, pipeline: bool
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(recipe))
     # A PipelineModule carries its own grid (built in Megatron's order by parallel.pipeline_topology); without a
     # pipeline, ZeRO needs megatron-core's groups under DeepSpeed's names.
-    mpu = None if pipeline else parallel.MegatronMPU()
+    mpu = None if pipeline else parallel.MegatronMPU(layout)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(recipe, layout), mpu=mpu)
     return engine

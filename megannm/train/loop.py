@@ -1,11 +1,15 @@
-"""The training loop: one engine, one model, a phase supplying batches and a loss.
+"""The training loop: one engine, one model, and a phase that supplies the data and the loss.
 
-``run(recipe)`` is what ``megannm train`` calls on every rank. It initialises the process groups (``parallel``),
-builds the model and the DeepSpeed engine, resumes from ``latest`` or starts from ``init_from``, then steps, logs,
-evaluates and saves atomically, and on a preemption signal saves and exits with ``signals.EXIT_PREEMPTED``.
+The ``Trainer`` is the one owner of a step. For every phase and layout it asks the phase for the step's work
+(``Phase.step_work``: optimizer updates of ``accum`` micro-batches each), runs forward and backward through the
+DeepSpeed engine (or ``PipelineEngine.train_batch`` with pipeline stages), steps the optimizer once per update and
+the learning-rate schedule once per step, reduces the statistics over the data-parallel group, logs, evaluates,
+saves atomically, and on a preemption signal saves and exits with ``signals.EXIT_PREEMPTED``.
+``megannm.runner.run`` builds it on every rank.
 """
 from __future__ import annotations
 
+import contextlib
 import resource
 import time
 from pathlib import Path
@@ -15,9 +19,13 @@ import torch
 
 from megannm import parallel
 from megannm.config import Recipe, dump_recipe
+from megannm.fileio import atomic_write
+from megannm.model.build import build_model
 from megannm.train import checkpoint, signals
 from megannm.train.engine import build_engine
 from megannm.train.logging import MetricsLogger
+from megannm.train.phase import Phase, StepContext
+from megannm.train.stats import Stats
 from megannm.vocab import Vocab
 
 
@@ -30,59 +38,42 @@ def load_vocab(recipe: Recipe) -> Vocab:
     return Vocab.load(Path(refs[0].path) / "vocab.json")
 
 
-def get_phase(recipe: Recipe, layout, vocab: Vocab):
-    kind = recipe.phase.kind
-    if kind == "pretrain":
-        from megannm.phases.pretrain import PretrainPhase
-        return PretrainPhase(recipe, layout, vocab)
-    if kind == "sft":
-        from megannm.phases.sft import SFTPhase
-        return SFTPhase(recipe, layout, vocab)
-    if kind == "grpo":
-        from megannm.phases.grpo import GRPOPhase
-        return GRPOPhase(recipe, layout, vocab)
-    if kind == "dpo":
-        from megannm.phases.dpo import DPOPhase
-        return DPOPhase(recipe, layout, vocab)
-    raise ValueError(f"recipe: phase.kind: unknown phase {kind!r}")
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-def build_model(recipe: Recipe, vocab: Vocab, layout):
-    """The same seed on every rank before building: megatron-core slices each TP shard from one CPU master weight."""
-    from megannm.model.transformer import ModelArgs, NMMModel
-    torch.manual_seed(recipe.seed)
-    args = ModelArgs.from_config(recipe.model, vocab, layout.tp)
-    if layout.pp > 1:
-        from megannm.model.pipeline import build_pipeline_module
-        return args, build_pipeline_module(args, recipe, layout)
-    return args, NMMModel(args)
-
-
-def _to_device(batch: dict) -> dict:
-    dev = parallel.device()
-    return {k: (v.to(dev, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+@contextlib.contextmanager
+def one_schedule_step(engine, updates: int):
+    """Several optimizer updates, one learning-rate schedule step: DeepSpeed steps its scheduler at every optimizer
+    step, so for a multi-update step it is detached for the updates and stepped once at the end."""
+    sched = engine.lr_scheduler
+    if updates <= 1 or sched is None:
+        yield
+        return
+    engine.lr_scheduler = None
+    try:
+        yield
+    finally:
+        engine.lr_scheduler = sched
+    sched.step()
 
 
 class Trainer:
-    def __init__(self, recipe: Recipe, layout, source: str = "recipe"):
-        self.recipe, self.layout, self.source = recipe, layout, source
-        self.vocab = load_vocab(recipe)
-        self.phase = get_phase(recipe, layout, self.vocab)
-        self.args, module = build_model(recipe, self.vocab, layout)
-        self.flops_per_token = self._flops(module)
+    def __init__(self, recipe: Recipe, layout, phase: Phase, vocab: Vocab, source: str = "recipe"):
+        self.recipe, self.layout, self.phase, self.vocab, self.source = recipe, layout, phase, vocab, source
+        if layout.pp > 1 and not phase.pipeline:  # (the recipe schema refuses this first; a phase built by hand)
+            raise ValueError(f"recipe: parallel.pipeline_parallel: phase {phase.name} cannot run with pipeline "
+                             f"stages (got pipeline_parallel={layout.pp}, expected 1)")
+        self.args, module = build_model(recipe, vocab, layout)
+        self.flops_per_token = float(module.flops_per_token(recipe.data.seq_len))
         self.engine = build_engine(recipe, layout, module, pipeline=layout.pp > 1)
+        self.phase.attach(self.engine, self.args)
+        self.device = parallel.device()
         self.run_dir = Path(recipe.logging.dir)
         self.ckpt_dir = Path(recipe.checkpoint.dir) if recipe.checkpoint.dir else self.run_dir / "checkpoints"
         self.step = 0
         self.consumed_samples = 0
         self.accum = recipe.grad_accum(layout.world_size)
-
-    def _flops(self, module) -> float:
-        seq = self.recipe.data.seq_len
-        if hasattr(module, "flops_per_token"):
-            return float(module.flops_per_token(seq))
-        from megannm.model.transformer import NMMModel  # a pipeline stage: count the whole model's FLOPs
-        return float(NMMModel.flops_per_token_of(self.args, seq))
 
     # metadata -----------------------------------------------------------------------------------------------------
     def meta(self) -> dict:
@@ -98,55 +89,58 @@ class Trainer:
 
     def restore(self, resume: bool) -> Optional[str]:
         """Resume from ``latest`` (exact: optimizer, schedule, data position, RNG) or start from ``init_from``."""
-        found = checkpoint.latest(self.ckpt_dir) if resume else None
+        found = checkpoint.resume(self.engine, self.ckpt_dir, self.args, self.layout, self.vocab) if resume else None
         if found is not None:
-            meta = checkpoint.read_meta(found)
-            checkpoint.check_compatible(meta, self.args.to_dict(), self.vocab.fingerprint, str(found),
-                                        layout=self.layout.to_dict())
-            checkpoint.load(self.engine, found, self.layout)
+            path, meta = found
             self.step, self.consumed_samples = int(meta["step"]), int(meta["consumed_samples"])
-            return f"resumed from {found} at step {self.step}"
+            return f"resumed from {path} at step {self.step}"
         init = self.recipe.checkpoint.init_from
         if init:
-            from megannm.train.init import init_weights
-            return init_weights(self, init)
+            from megannm.train.load import init_from
+            return init_from(self.engine, self.args, self.layout, self.vocab, init)
         return None
 
     # steps --------------------------------------------------------------------------------------------------------
-    def train_step(self, batches) -> dict:
-        from megannm.phases.pretrain import reduce_stats
-        own = getattr(self.phase, "train_step", None)
-        if own is not None:  # a phase that owns the whole step (GRPO: a rollout, then several optimizer steps)
-            return own(self, batches)
-        prepare = getattr(self.phase, "prepare_step", None)
-        if prepare is not None:  # a phase that sees the step's micro-batches up front (SFT: its global token count)
-            batches = iter(prepare([next(batches) for _ in range(self.accum)]))
+    def _update(self, micro_batches: list[dict]) -> Stats:
+        """One optimizer update: forward and backward of each micro-batch, DeepSpeed steps at the last one."""
+        if len(micro_batches) != self.accum:
+            raise RuntimeError(f"phase {self.phase.name}: an update has {len(micro_batches)} micro-batches, the "
+                               f"engine accumulates {self.accum} (data.global_batch_size / (micro_batch_size x dp))")
         if self.layout.pp > 1:
-            from megannm.model.pipeline import pipeline_train_step
-            return pipeline_train_step(self, batches)
-        vec = None
-        for _ in range(self.accum):
-            loss, v = self.phase.micro_loss(self.engine, _to_device(next(batches)))
+            from megannm.train.pipeline import train_update
+            return train_update(self.engine, self.phase, self.layout, micro_batches)
+        sums = Stats()
+        for batch in micro_batches:
+            loss, stats = self.phase.loss(self.engine, to_device(batch, self.device))
             self.engine.backward(loss)
             self.engine.step()
-            vec = v if vec is None else vec + v
-        return reduce_stats(vec)
+            sums += stats
+        return sums
+
+    def train_step(self, batches) -> dict:
+        self.engine.train()
+        ctx = StepContext(engine=self.engine, model_args=self.args, step=self.step, accum=self.accum)
+        work = self.phase.step_work(ctx, batches)
+        sums = work.stats
+        with one_schedule_step(self.engine, len(work.updates)):
+            for update in work.updates:
+                sums += self._update(update)
+        return self.phase.summarize(sums.reduce(self.layout.dp_group))
 
     @torch.no_grad()
     def evaluate(self, batches: list[dict]) -> dict:
-        from megannm.phases.pretrain import reduce_stats
         if not batches:
             return {}
         if self.layout.pp > 1:
-            from megannm.model.pipeline import pipeline_eval
-            return pipeline_eval(self, batches)
-        self.engine.eval()
-        vec = None
-        for b in batches:
-            _, v = self.phase.micro_loss(self.engine, _to_device(b))
-            vec = v if vec is None else vec + v
-        self.engine.train()
-        return reduce_stats(vec)
+            from megannm.train.pipeline import eval_batches
+            sums = eval_batches(self.engine, self.phase, self.layout, batches)
+        else:
+            self.engine.eval()
+            sums = Stats()
+            for b in batches:
+                sums += self.phase.loss(self.engine, to_device(b, self.device))[1]
+            self.engine.train()
+        return self.phase.summarize(sums.reduce(self.layout.dp_group))
 
     def _should_exit(self, started: float) -> bool:
         """Megatron's --exit-interval / --exit-duration-in-mins; the wall-time test agrees across ranks."""
@@ -154,7 +148,7 @@ class Trainer:
         if s.exit_interval and self.step % s.exit_interval == 0:
             return True
         if s.exit_duration_minutes:
-            t = torch.tensor([time.time() - started], device=parallel.device())
+            t = torch.tensor([time.time() - started], device=self.device)
             parallel.all_reduce(t, op="max")
             return float(t) >= 60 * s.exit_duration_minutes
         return False
@@ -173,7 +167,7 @@ class Trainer:
             logger.event(self.step, note.split(" from ")[0], detail=note)
         if is_log_rank:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "recipe.yaml").write_text(dump_recipe(r))
+            atomic_write(self.run_dir / "recipe.yaml", dump_recipe(r))
         batches = self.phase.train_batches(self.consumed_samples)
         eval_batches = self.phase.eval_batches()
         tokens_per_step = r.data.global_batch_size * r.data.seq_len
@@ -222,12 +216,3 @@ class Trainer:
         last["exit_code"] = exit_code
         return last
 
-
-def run(recipe: Recipe, source: str = "recipe", resume: bool = False) -> int:
-    """Entry point on every rank: returns the process exit code."""
-    layout = parallel.init_parallel(recipe.parallel.tensor_parallel, recipe.parallel.pipeline_parallel)
-    try:
-        result = Trainer(recipe, layout, source).run(resume=resume or recipe.checkpoint.resume)
-    finally:
-        parallel.shutdown()
-    return int(result.get("exit_code", 0))

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from megannm import parallel
 from megannm.config import recipe_from_dict
 from megannm.train.logging import read_metrics
-from megannm.train.loop import Trainer
+from megannm.runner import build_trainer
 
 OUT, DATA = Path(sys.argv[1]), Path(sys.argv[2])
 CASES = sys.argv[3:]
@@ -67,7 +67,7 @@ def live_weights(trainer) -> dict:
             t = p.detach().clone().float()
         if getattr(p, "tensor_model_parallel", False) and layout.tp > 1:
             parts = [torch.empty_like(t) for _ in range(layout.tp)]
-            dist.all_gather(parts, t.contiguous(), group=parallel.tensor_group())
+            dist.all_gather(parts, t.contiguous(), group=layout.tp_group)
             t = torch.cat(parts, dim=p.partition_dim)
         out[rename(name)] = t
     for name in ("embedding.embed_tokens.weight", "head.output.weight"):
@@ -89,7 +89,7 @@ def train(kind, name, tp, pp, zero, arch, src=None):
         extra["dir"], steps = path(src), 4
     r = recipe(name, tp, pp, zero, arch, steps=steps, **extra)
     layout = parallel.init_parallel(tp, pp)
-    trainer = Trainer(r, layout, source=name)
+    trainer = build_trainer(r, layout, source=name)
     if kind == "native":  # DeepSpeed's own loader on a folder written by `megannm convert --to deepspeed`
         ckpt = Path(path(src))
         tag = (ckpt / "latest").read_text().strip()

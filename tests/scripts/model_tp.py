@@ -64,7 +64,7 @@ def replicated_max_diff(model) -> float:
         if getattr(p, "tensor_model_parallel", False):
             continue
         hi = p.detach().clone()
-        dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=parallel.tensor_group())
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=model.layout.tp_group)
         worst = torch.maximum(worst, (hi - p.detach()).abs().max())
     return float(worst)
 
@@ -75,7 +75,7 @@ def run(case: str, tp: int) -> dict:
                       max_seq_len=64, **CASES[case])
     args = ModelArgs.from_config(cfg, VOCAB, tp)
     torch.manual_seed(1234)  # every rank alike: megatron-core slices each shard from the same CPU master weight
-    model = NMMModel(args)
+    model = NMMModel(args, layout)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     losses, image_losses = [], []
     for _ in range(2):

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from megannm import parallel
 from megannm.config import recipe_from_dict
 from megannm.train.logging import read_metrics
-from megannm.train.loop import Trainer
+from megannm.runner import build_trainer
 
 OUT, DATA = Path(sys.argv[1]), Path(sys.argv[2])
 CASES = sys.argv[3:]
@@ -62,7 +62,7 @@ def recipe(name, arch, tp=1, pp=1, steps=STEPS, **extra):
 
 def train(r, resume=False):
     layout = parallel.init_parallel(r.parallel.tensor_parallel, r.parallel.pipeline_parallel)
-    trainer = Trainer(r, layout, source=r.name)
+    trainer = build_trainer(r, layout, source=r.name)
     trainer.run(resume=resume)
     return trainer
 
@@ -96,16 +96,17 @@ def map_case():
     canonical name with the same (tensor-parallel shard of the) weights, and the stages together cover them all."""
     from megannm.model.pipeline import (build_pipeline_module, canonical_to_pipeline, pipeline_to_canonical,
                                         stage_bounds)
-    from megannm.model.transformer import ModelArgs, NMMModel
+    from megannm.model.args import ModelArgs
+    from megannm.model.transformer import NMMModel
     from megannm.train.loop import load_vocab
     tp, pp = (2, 2) if WORLD == 4 else (1, 2)
     r = recipe("map", "mot", tp=tp, pp=pp)
     layout = parallel.init_parallel(tp, pp)
     args = ModelArgs.from_config(r.model, load_vocab(r), tp)
     torch.manual_seed(r.seed)
-    stage = build_pipeline_module(args, r, layout)
+    stage = build_pipeline_module(args, layout, partition=r.parallel.pipeline_partition)
     torch.manual_seed(r.seed)
-    whole = NMMModel(args).state_dict()
+    whole = NMMModel(args, layout).state_dict()
     mine, problems = [], []
     for key, value in stage.state_dict().items():
         name = pipeline_to_canonical(key)

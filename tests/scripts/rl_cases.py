@@ -19,13 +19,15 @@ def low_text(prompt, sample, truth) -> float:
 
 
 def recipe(out: Path, tokenizers: str, name: str, tp: int = 1, zero: int = 0, world: int = 1, steps: int = 2,
-           micro: int = 4, lr: float = 1e-2, global_batch: int = 0, **options):
+           micro: int = 4, lr: float = 1e-2, global_batch: int = 0, kind: str = "grpo", **options):
     from megannm.config import recipe_from_dict
     dp = world // tp
     opts = {"prompts": "toy_caption", "rewards": ["low_text"], "group_size": 4, "prompts_per_step": 4,
             "ppo_epochs": 2, "mini_batches": 2, "kl_coef": 0.1, "max_new_tokens": 3}
     opts.update(options)
     answers = opts["prompts_per_step"] * opts["group_size"]
+    if kind != "grpo":  # another phase: only its own options
+        opts = options
     d = {"name": name, "seed": 5,
          "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "ffn_hidden_size": 64, "max_seq_len": 96},
          "parallel": {"tensor_parallel": tp, "zero_stage": zero},
@@ -33,7 +35,7 @@ def recipe(out: Path, tokenizers: str, name: str, tp: int = 1, zero: int = 0, wo
                   "global_batch_size": global_batch or answers // opts["mini_batches"]},
          "optimizer": {"lr": lr, "min_lr": lr, "weight_decay": 0.0, "grad_clip": 0.0},
          "schedule": {"train_steps": steps, "warmup_steps": 0, "decay": "constant"},
-         "phase": {"kind": "grpo", "options": opts},
+         "phase": {"kind": kind, "options": opts},
          "logging": {"dir": str(out / name), "interval": 1, "progress_bar": False, "tensorboard": False}}
     return recipe_from_dict(d, source=name, world_size=world)
 
@@ -48,13 +50,13 @@ def checksum(engine, zero: int) -> float:
 
 
 def run_case(out: Path, tokenizers: str, case: str) -> None:
-    from megannm.train.loop import Trainer
+    from megannm.runner import build_trainer
     from megannm.train.logging import read_metrics
     world = int(__import__("os").environ.get("WORLD_SIZE", 1))
     tp, zero = {"tp2": (2, 1), "z3": (1, 3), "z0": (1, 0), "ref": (1, 0)}[case]
     r = recipe(out, tokenizers, case, tp=tp, zero=zero, world=world)
     layout = parallel.init_parallel(tp, 1)
-    trainer = Trainer(r, layout, source=case)
+    trainer = build_trainer(r, layout, source=case)
     trainer.run()
     stats = [m for m in read_metrics(out / case) if m.get("split") == "train"] if layout.rank == 0 else None
     result = {"rank": layout.rank, "tp_rank": layout.tp_rank, "dp_rank": layout.dp_rank,

@@ -13,7 +13,7 @@ import torch
 
 from megannm import parallel
 from megannm.config import recipe_from_dict
-from megannm.train.loop import Trainer
+from megannm.runner import build_trainer
 from megannm.train.logging import read_metrics
 
 OUT, DATA = Path(sys.argv[1]), Path(sys.argv[2])
@@ -41,7 +41,7 @@ def recipe(name, tp=1, pp=1, zero=1, mot=True, steps=4, save_interval=0, world=1
 
 def train(r, resume=False):
     layout = parallel.init_parallel(r.parallel.tensor_parallel, r.parallel.pipeline_parallel)
-    trainer = Trainer(r, layout, source=r.name)
+    trainer = build_trainer(r, layout, source=r.name)
     trainer.run(resume=resume)
     return layout
 
@@ -57,7 +57,8 @@ def dump(name, layout, **extra):
 def empty_modality(zero, tp):
     """DP rank 0 gets a text-only micro-batch, DP rank 1 a mixed one: must train at every ZeRO stage."""
     from megannm.train.engine import build_engine
-    from megannm.train.loop import build_model, load_vocab
+    from megannm.model.build import build_model
+    from megannm.train.loop import load_vocab
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     r = recipe(f"empty_z{zero}_tp{tp}", tp=tp, zero=zero, world=world)
     layout = parallel.init_parallel(tp, 1)
@@ -83,7 +84,7 @@ def empty_modality(zero, tp):
     if zero < 3:
         total = torch.tensor([sum(float(p.detach().double().sum()) for p in engine.module.parameters())])
         gathered = [torch.zeros(1, dtype=total.dtype) for _ in range(layout.dp)]
-        torch.distributed.all_gather(gathered, total, group=parallel.data_group())
+        torch.distributed.all_gather(gathered, total, group=layout.dp_group)
         checksum = [float(x) for x in gathered]
     if layout.rank == 0:
         (OUT / f"empty_z{zero}_tp{tp}.json").write_text(json.dumps({"losses": losses, "checksums": checksum}))

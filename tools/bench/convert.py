@@ -37,7 +37,8 @@ def main() -> None:
     from megannm.convert.deepspeed import read_deepspeed, write_deepspeed
     from megannm.convert.hf import export_hf
     from megannm.model.transformer import ModelArgs, NMMModel
-    from megannm.train import checkpoint
+    from megannm import checkpoint
+    from megannm.train.checkpoint import save
     from megannm.train.engine import build_engine
     from megannm.vocab import DEFAULT_SPECIALS, Vocab
 
@@ -51,7 +52,7 @@ def main() -> None:
         "schedule": {"train_steps": 10, "warmup_steps": 0}}, world_size=1)
     args = ModelArgs.from_config(r.model, vocab, 1)
     torch.manual_seed(0)
-    engine = build_engine(r, layout, NMMModel(args))
+    engine = build_engine(r, layout, NMMModel(args, layout))
     work = Path(tempfile.mkdtemp(prefix="megannm-bench-convert-", dir=a.tmp))
     rows = []
 
@@ -68,7 +69,7 @@ def main() -> None:
     try:
         meta = {"model_args": args.to_dict(), "vocab": vocab.to_dict(), "layout": layout.to_dict(), "zero_stage": 0,
                 "recipe": r.model_dump(mode="json"), "consumed_samples": 0}
-        ckpt = checkpoint.save(engine, work / "ds", 0, meta, layout)
+        ckpt = save(engine, work / "ds", 0, meta, layout)
         weights = sum(p.numel() * p.element_size() for p in engine.module.parameters())
         ds_file = ckpt / "mp_rank_00_model_states.pt"
 

@@ -31,7 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from megannm.data import packing, toy  # noqa: E402
+from megannm.data import packing  # noqa: E402
+from megannm.toy import world as toy  # noqa: E402
 from megannm.data.shards import ShardDataset, ShardWriter  # noqa: E402
 from megannm.vocab import Vocab  # noqa: E402
 

@@ -2,7 +2,7 @@
 """Pipeline parallelism on the same cores: PP=2 (1F1B, DeepSpeed PipelineEngine) vs PP=1 x DP=2, per micro-batch count.
 
 Two ranks (one core each, OMP_NUM_THREADS=1) train the same model (same seed, shape and global batch of m
-micro-batches) two ways, through the trainer's own step (``Trainer.train_step``: ``pipeline_train_step`` ->
+micro-batches) two ways, through the trainer's own step (``Trainer.train_step``: ``train.pipeline.train_update`` ->
 ``engine.train_batch`` at PP=2; forward/backward/step per micro-batch at PP=1):
 
 - PP=2: each rank holds half the chain and sees all m micro-batches (the 1F1B schedule);
@@ -59,15 +59,12 @@ def parse(argv=None):
 
 
 def worker(a) -> None:
-    from types import SimpleNamespace
-
     import torch
 
     from megannm import parallel
     from megannm.config import recipe_from_dict
     from megannm.phases.pretrain import PretrainPhase
-    from megannm.train.engine import build_engine
-    from megannm.train.loop import Trainer, build_model
+    from megannm.train.loop import Trainer
     from megannm.vocab import DEFAULT_SPECIALS, Vocab
 
     torch.set_num_threads(1)
@@ -96,13 +93,9 @@ def worker(a) -> None:
             "optimizer": {"lr": 1e-4, "min_lr": 1e-5, "grad_clip": 1.0},
             "schedule": {"train_steps": 1000, "warmup_steps": 0}}, source="bench", world_size=world)
         layout = parallel.init_parallel(1, pp)
-        args, module = build_model(recipe, vocab, layout)
-        engine = build_engine(recipe, layout, module, pipeline=pp > 1)
-        # the trainer's own step, on the attributes it reads
-        t = SimpleNamespace(engine=engine, layout=layout, accum=recipe.grad_accum(world),
-                            phase=PretrainPhase(recipe, layout, vocab))
+        t = Trainer(recipe, layout, PretrainPhase(recipe, layout, vocab), vocab, source="bench")  # its own step
         data = batches(layout.dp_rank)
-        return lambda: Trainer.train_step(t, data)
+        return lambda: t.train_step(data)
 
     results = {}
     for m in [int(x) for x in a.micro_batches.split(",")]:

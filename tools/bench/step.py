@@ -59,7 +59,7 @@ def main() -> None:
     def megannm_step(mot: bool):
         r = recipe(mot)
         torch.manual_seed(0)
-        engine = build_engine(r, layout, NMMModel(ModelArgs.from_config(r.model, vocab, 1)))
+        engine = build_engine(r, layout, NMMModel(ModelArgs.from_config(r.model, vocab, 1), layout))
 
         def step():
             loss, _ = engine(input_ids=inputs, position_ids=pos, document_ids=docs, labels=labels, loss_mask=mask)

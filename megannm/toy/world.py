@@ -7,7 +7,8 @@ the judge of every later evaluation and reward, so it works from pixels alone (n
 made) and answers ``None`` for what it cannot read rather than guessing.
 
 Drawing is exact (no anti-aliasing, a palette of six colours on black): an image tokenizer over 4x4 patches then
-sees few distinct patches and can keep them all, which FACTS.md found to be what keeps shape kind recognisable.
+sees few distinct patches and can keep them all, which is what keeps shape kind recognisable (a k-means codebook
+that has to merge patches rounds the corners of squares into circles).
 
 A fixed set of 40 combinations (``HELDOUT``) never appears in training, so evaluation can ask whether a model
 composes attribute values it has only seen apart. See ``_is_heldout`` for the rule.
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from megannm.fileio import atomic_write
 
 KINDS = ("circle", "square", "triangle", "cross")
 COLOURS = ("red", "green", "blue", "yellow", "purple", "cyan")
@@ -174,14 +176,14 @@ _TEMPLATES = (
 )
 
 
-def _where(position: str) -> str:
+def where_phrase(position: str) -> str:
     return "in the center" if position == "center" else f"at the {position}"
 
 
 def caption(a: Attrs, rng: np.random.Generator | None = None) -> str:
     """A caption of ``a``: the canonical template without ``rng``, one of a few templates with it."""
     template = _TEMPLATES[0] if rng is None else _TEMPLATES[int(rng.integers(len(_TEMPLATES)))]
-    return template.format(size=a.size, colour=a.colour, kind=a.kind, where=_where(a.position))
+    return template.format(size=a.size, colour=a.colour, kind=a.kind, where=where_phrase(a.position))
 
 
 _WORD_RES = {name: re.compile(r"\b(" + "|".join(VALUES[name]) + r")\b") for name in ("kind", "colour", "size")}
@@ -319,7 +321,7 @@ def make_examples(n: int, seed: int, split: str = "seen") -> list[tuple[Attrs, n
     return _examples(n, np.random.default_rng(seed), split)
 
 
-def _png_bytes(img: np.ndarray, cache: dict[bytes, bytes]) -> bytes:
+def png_bytes(img: np.ndarray, cache: dict[bytes, bytes]) -> bytes:
     """PNG encoding of ``img``, memoised by pixel content: the world has only ~2,000 distinct pictures, and PNG
     encoding was 70% of the time of writing a data set before this cache."""
     key = img.tobytes()
@@ -328,13 +330,6 @@ def _png_bytes(img: np.ndarray, cache: dict[bytes, bytes]) -> bytes:
         Image.fromarray(img).save(buf, format="PNG", compress_level=9)
         cache[key] = buf.getvalue()
     return cache[key]
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Temporary name, then rename: a reader (or an older JSONL naming the same file) never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def write_toy_dataset(out_dir, n_train: int, n_valid: int, seed: int, image_to_text_fraction: float = 0.35) -> dict:
@@ -364,11 +359,11 @@ def write_toy_dataset(out_dir, n_train: int, n_valid: int, seed: int, image_to_t
         for (attrs, img, text), first in zip(examples, image_first):
             rel = f"images/{counter:0{digits}d}.png"
             counter += 1
-            _write_atomic(out_dir / rel, _png_bytes(img, pngs))
+            atomic_write(out_dir / rel, png_bytes(img, pngs))
             parts = [{"image": rel}, {"text": text}] if first else [{"text": text}, {"image": rel}]
             records.append({"parts": parts, "attrs": attrs.as_dict()})
         path = out_dir / f"{name}.jsonl"
-        _write_atomic(path, "".join(json.dumps(r) + "\n" for r in records).encode())
+        atomic_write(path, "".join(json.dumps(r) + "\n" for r in records).encode())
         summary[name] = {"path": str(path), "records": n, "split": split,
                          "image_to_text": int(image_first.sum()), "text_to_image": int(n - image_first.sum())}
     summary["images"] = counter

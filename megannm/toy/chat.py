@@ -12,7 +12,7 @@ Every conversation is generated from ``toy.Attrs``, so every answer has a ground
 Records are the chat layout of ``megannm.data.tokenize`` (``{"messages": [{"role", "content": [parts]}]}``; image
 parts ``{"type": "image", "image": "images/000012.png"}`` relative to the JSONL file) plus ``task``/``attrs`` for
 reading. Training uses seen combinations only (every picture of a training conversation, edited ones included);
-``eval_items`` gives prompts for ``megannm.evaluate.evaluate_chat`` whose target combination is from one split.
+``eval_items`` gives prompts for ``megannm.toy.evaluate.evaluate_chat`` whose target combination is from one split.
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from megannm.data import toy
+from megannm.fileio import atomic_write
+from megannm.toy import world as toy
 
 QUESTIONS = {
     "colour": ("what colour is the shape?", "which colour is it?"),
@@ -42,12 +43,12 @@ def answer(attr: str, a: toy.Attrs) -> str:
     if attr == "kind":
         return f"it is a {a.kind}"
     if attr == "position":
-        return f"it is {toy._where(a.position)}"
+        return f"it is {toy.where_phrase(a.position)}"
     return f"it is {getattr(a, attr)}"
 
 
 def draw_instruction(a: toy.Attrs, k: int = 0) -> str:
-    return DRAW[k % len(DRAW)].format(size=a.size, colour=a.colour, kind=a.kind, where=toy._where(a.position))
+    return DRAW[k % len(DRAW)].format(size=a.size, colour=a.colour, kind=a.kind, where=toy.where_phrase(a.position))
 
 
 def edit_instruction(attr: str, value: str) -> str:
@@ -111,7 +112,7 @@ def conversation(task: str, rng: np.random.Generator, split: str = "seen") -> di
             msgs = [_user(_img(toy.render(a, rng)), edit_instruction(attr, value)),
                     _assistant(_img(toy.render(b, rng)))]
         return {"task": task, "attrs": b.as_dict(), "source": a.as_dict(), "edited": attr, "messages": msgs}
-    raise ValueError(f"toy_chat: unknown task {task!r} (expected one of {', '.join(TASK_WEIGHTS)})")
+    raise ValueError(f"toy chat: unknown task {task!r} (expected one of {', '.join(TASK_WEIGHTS)})")
 
 
 def make_conversations(n: int, seed: int, split: str = "seen") -> list[dict]:
@@ -181,7 +182,7 @@ def _to_record(conv: dict, out_dir: Path, counter: list, pngs: dict, digits: int
             if p["type"] == "image":
                 rel = f"images/c{counter[0]:0{digits}d}.png"
                 counter[0] += 1
-                toy._write_atomic(out_dir / rel, toy._png_bytes(p["image"], pngs))
+                atomic_write(out_dir / rel, toy.png_bytes(p["image"], pngs))
                 p = {"type": "image", "image": rel}
             parts.append(p)
         msgs.append({"role": m["role"], "content": parts})
@@ -191,7 +192,7 @@ def _to_record(conv: dict, out_dir: Path, counter: list, pngs: dict, digits: int
 def write_toy_chat(out_dir, n_train: int, n_valid: int, seed: int, n_eval: int = 25) -> dict:
     """Write ``train.jsonl`` (seen combinations), ``valid.jsonl`` (seen, for the validation loss) and the evaluation
     prompts ``eval_seen.jsonl`` / ``eval_heldout.jsonl`` (``n_eval`` drawings and edits, ``2 * n_eval`` questions
-    per question type; the same generator as ``megannm evaluate --chat``, another seed; a prompt's
+    per question type; the same generator as ``megannm evaluate --benchmark toy-chat``, another seed; a prompt's
     ``messages`` stop before the assistant turn to generate, ``answer`` holds the truth) with PNGs under
     ``out_dir/images``. A pure function of ``seed``."""
     t0 = time.perf_counter()
@@ -203,7 +204,7 @@ def write_toy_chat(out_dir, n_train: int, n_valid: int, seed: int, n_eval: int =
     for name, n, s in (("train", n_train, seed), ("valid", n_valid, seed + 1)):
         convs = make_conversations(n, s)
         records = [_to_record(c, out_dir, counter, pngs, digits) for c in convs]
-        toy._write_atomic(out_dir / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
+        atomic_write(out_dir / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
         summary[name] = {"records": n, **{t: sum(c["task"] == t for c in convs) for t in TASK_WEIGHTS}}
     for split in ("seen", "heldout"):
         items = eval_items(n_eval, seed + 2, split, 2 * n_eval)
@@ -212,7 +213,7 @@ def write_toy_chat(out_dir, n_train: int, n_valid: int, seed: int, n_eval: int =
             rec = _to_record({"messages": it.messages}, out_dir, counter, pngs, digits)
             lines.append(json.dumps({"task": it.task, "split": split, "attr": it.attr, "answer_kind": it.answer_kind,
                                      "answer": it.truth.as_dict(), "messages": rec["messages"]}) + "\n")
-        toy._write_atomic(out_dir / f"eval_{split}.jsonl", "".join(lines).encode())
+        atomic_write(out_dir / f"eval_{split}.jsonl", "".join(lines).encode())
         summary[f"eval_{split}"] = len(items)
     summary["images"] = counter[0]
     summary["seconds"] = round(time.perf_counter() - t0, 3)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TOY_CHAIN = REPO / "recipes" / "toy" / "chain.yaml"
 
 
@@ -24,16 +24,17 @@ def build_data(out: Path, n_train: int, n_valid: int, seed: int, workers: int, s
                n_chat: int | None = None, image_to_text: float = 0.35) -> dict:
     """Toy world (+ its chat data for SFT, ``n_chat`` conversations, default ``n_train // 4``) -> tokenizers ->
     shards. Returns paths. Skips work whose outputs already exist (re-runs are cheap)."""
-    from megannm.data import toy, toy_chat
     from megannm.data.image_tokenizer import PatchVQ
     from megannm.data.preprocess import preprocess
     from megannm.data.text_tokenizer import train_text_tokenizer
     from megannm.data.tokenize import Tokenizers
+    from megannm.toy import chat as toy_chat
+    from megannm.toy import world
 
     raw, tok_dir, shards = out / "data" / "raw", out / "tokenizers", out / "data" / "shards"
     t = time.time()
     if not (raw / "train.jsonl").exists():
-        toy.write_toy_dataset(raw, n_train=n_train, n_valid=n_valid, seed=seed, image_to_text_fraction=image_to_text)
+        world.write_toy_dataset(raw, n_train=n_train, n_valid=n_valid, seed=seed, image_to_text_fraction=image_to_text)
     chat = out / "data" / "raw_chat"
     n_chat = n_train // 4 if n_chat is None else n_chat
     if not (chat / "train.jsonl").exists():
@@ -42,6 +43,7 @@ def build_data(out: Path, n_train: int, n_valid: int, seed: int, workers: int, s
         f"({time.time() - t:.1f} s)")
     t = time.time()
     if not (tok_dir / "vocab.json").exists():
+        import numpy as np
         from PIL import Image
         records = [json.loads(line) for line in (raw / "train.jsonl").read_text().splitlines()]
         texts = [p["text"] for r in records for p in r["parts"] if "text" in p]
@@ -49,9 +51,8 @@ def build_data(out: Path, n_train: int, n_valid: int, seed: int, workers: int, s
         texts += [p["text"] for line in (chat / "train.jsonl").read_text().splitlines()
                   for m in json.loads(line)["messages"] for p in m["content"] if p["type"] == "text"]
         paths = [raw / p["image"] for r in records for p in r["parts"] if "image" in p]
-        rng = __import__("numpy").random.default_rng(seed)
+        rng = np.random.default_rng(seed)
         pick = rng.choice(len(paths), size=min(len(paths), 4000), replace=False)
-        import numpy as np
         images = np.stack([np.asarray(Image.open(paths[i]).convert("RGB")) for i in sorted(pick)])
         staging = out / "tokenizers.build"
         staging.mkdir(parents=True, exist_ok=True)
@@ -83,9 +84,9 @@ def run_chain(chain: Path, data: dict, out: Path, extra: list[str], layout, say=
 
     Every stage reads the pretraining shards unless its overrides name others: ``{shards}`` in a stage's overrides
     is the demo's shard folder (e.g. the SFT stage's ``data.train=[{path: "{shards}/sft_train"}]``)."""
+    from megannm import checkpoint
     from megannm.config import load_recipe
-    from megannm.train import checkpoint
-    from megannm.train.loop import Trainer
+    from megannm.runner import build_trainer
 
     shards = data["shards"]
     previous = None
@@ -104,7 +105,7 @@ def run_chain(chain: Path, data: dict, out: Path, extra: list[str], layout, say=
         else:
             say(f"stage {stage['name']}: {recipe.schedule.train_steps} steps -> {run_dir}")
             t = time.time()
-            result = Trainer(recipe, layout, source=str(stage["recipe"])).run(resume=True)
+            result = build_trainer(recipe, layout, source=str(stage["recipe"])).run(resume=True)
             if result.get("exit_code", 0) != 0:  # preempted (a signal): saved; `megannm demo` again resumes it
                 raise SystemExit(result["exit_code"])
             say(f"stage {stage['name']}: done in {time.time() - t:.0f} s")
@@ -136,12 +137,12 @@ def main(argv: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     data = build_data(out, a.n_train, a.n_valid, a.seed, a.workers, image_to_text=a.image_to_text)
 
-    from megannm import parallel
+    from megannm import checkpoint, parallel
     from megannm.config import load_recipe
     from megannm.convert.deepspeed import load_model
     from megannm.data.tokenize import Tokenizers
-    from megannm.evaluate import evaluate, evaluate_chat, format_report
-    from megannm.train import checkpoint
+    from megannm.evaluate import write_report
+    from megannm.toy.evaluate import evaluate, evaluate_chat, format_report
     layout = parallel.init_parallel(1, 1)  # one world of one for every stage and the evaluation
     try:
         final = run_chain(Path(a.chain), data, out, a.overrides, layout)
@@ -161,9 +162,7 @@ def main(argv: list[str]) -> int:
             report["chat"] = evaluate_chat(model, tok, **n)
             report["chat"]["checkpoint"] = str(checkpoint.latest(final))
         report["demo_wall_seconds"] = round(time.time() - t0, 1)
-        tmp = out / "report.json.tmp"
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        tmp.replace(out / "report.json")
+        write_report(report, out)
     finally:
         parallel.shutdown()
     print(format_report(report))

@@ -1,0 +1,52 @@
+"""Sampling answers to prompts and scoring them with verifiable rewards: GRPO's rollout, DPO's pair builder and
+``megannm score`` all go through ``sample_and_score``."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from megannm.phases.rl.prompts import PromptItem
+from megannm.rewards import Combined, make_samples
+
+
+@dataclass
+class Scored:
+    items: list[PromptItem]  # one per answer (a prompt repeated group_size times)
+    answers: list[list[int]]  # answer ids as trained: an image's codes, a text's tokens and its stop token
+    rewards: torch.Tensor  # [n] total
+    parts: dict = field(default_factory=dict)  # reward name -> [n]
+
+
+def sample_and_score(model, tok, items: list[PromptItem], combined: Combined, sampling, cfg_scale: float = 1.0,
+                     max_new_tokens: int = 32) -> Scored:
+    """Generate one answer per item (text and image answers each in one ``generate`` call) and score each."""
+    from megannm.generate import generate
+    v = tok.vocab
+    end = v.special("<|end|>")
+    answers: list = [None] * len(items)
+    for kind in ("image", "text"):
+        idx = [i for i, it in enumerate(items) if it.prompt.kind == kind]
+        if not idx:
+            continue
+        rows = generate(model, v, [items[i].prompt.ids for i in idx], kind, max_new_tokens=max_new_tokens,
+                        sampling=sampling, cfg_scale=cfg_scale, stop_ids=(end,), keep_stop=True, pad=True)
+        for i, r in zip(idx, rows):
+            answers[i] = r
+    stops = {v.eos_id, end}
+    samples = [None] * len(items)
+    for kind in ("image", "text"):
+        idx = [i for i, it in enumerate(items) if it.prompt.kind == kind]
+        rows = [[t for t in answers[i] if t not in stops] for i in idx]
+        # a text answer that ran out of tokens before its stop token was cut off (the format reward scores it 0)
+        ended = [bool(answers[i]) and answers[i][-1] in stops for i in idx] if kind == "text" else None
+        for i, s in zip(idx, make_samples(tok, rows, kind, ended) if idx else []):
+            samples[i] = s
+    totals, parts = [], {n: [] for n in combined.names}
+    for it, s in zip(items, samples):
+        total, each = combined.score(it.prompt, s, it.truth)
+        totals.append(total)
+        for n, x in each.items():
+            parts[n].append(x)
+    return Scored(items, answers, torch.tensor(totals, dtype=torch.float64),
+                  {n: torch.tensor(x, dtype=torch.float64) for n, x in parts.items()})

@@ -1,6 +1,10 @@
 """megannm: a training stack for native multimodal models (text and image tokens in one sequence)."""
 from setuptools import find_packages, setup
 
+SOURCES = ["webdataset>=1.0", "megatron-energon>=7.0", "pyarrow>=15", "datasets>=3.0"]
+
+MPI = ["mpi4py>=3.1"]
+
 setup(
     name="megannm",
     version="0.1.0",
@@ -10,9 +14,12 @@ setup(
     install_requires=[
         # torch is CPU-installable: `pip install torch==2.13.0` before this package on a machine without a GPU.
         "torch>=2.4",
-        "deepspeed>=0.16",
-        "megatron-core>=0.12",
-        "transformers>=4.45",
+        # megannm reaches into these three libraries' internals (DeepSpeed's engines and ZeRO optimizers,
+        # megatron-core's parallel layers and state, transformers' cache and generation API): each is capped above the
+        # newest release the test suite passed with (deepspeed 0.19.8, megatron-core 0.16.1, transformers 5.24.0).
+        "deepspeed>=0.16,<0.20",
+        "megatron-core>=0.12,<0.17",
+        "transformers>=4.45,<5.25",
         "tokenizers>=0.20",
         "safetensors>=0.4",
         "numpy>=1.26",
@@ -23,7 +30,15 @@ setup(
         "tqdm>=4.66",
         "pillow>=10.0",
     ],
-    extras_require={"test": ["pytest>=8.0"]},
+    extras_require={
+        # preprocessing sources beyond JSONL (each imported only when its kind of input is read)
+        "sources": SOURCES,
+        # scikit-image: the real photographs it ships inside its package (image tokenizer tests, benchmark)
+        "test": ["pytest>=8.0", "hypothesis>=6.100", "scikit-image>=0.22", *SOURCES, *MPI],
+        # rank discovery from MPI itself under mpirun / srun --mpi=pmix (builds against the MPI's headers:
+        # Debian's libopenmpi-dev, which setup.sh installs)
+        "mpi": MPI,
+    },
     entry_points={
         "console_scripts": ["megannm=megannm.cli:main"],
         # The embedded toy world registers itself the way a user's package would: the core finds these by name
@@ -40,12 +55,16 @@ setup(
             "toy_image_size = megannm.toy.rewards:toy_image_size",
             "toy_image_position = megannm.toy.rewards:toy_image_position",
             "toy_format = megannm.toy.rewards:toy_format",
+            "toy_geneval = megannm.toy.geneval:toy_geneval",
         ],
         "megannm.prompts": [
             "toy_image = megannm.toy.prompts:toy_image",
             "toy_caption = megannm.toy.prompts:toy_caption",
             "toy_draw = megannm.toy.prompts:toy_draw",
+            "toy_geneval = megannm.toy.geneval:generation_prompts",
+            "toy_geneval_qa = megannm.toy.geneval:question_prompts",
         ],
-        "megannm.benchmarks": ["toy = megannm.toy.evaluate:TOY", "toy-chat = megannm.toy.evaluate:TOY_CHAT"],
+        "megannm.benchmarks": ["toy = megannm.toy.evaluate:TOY", "toy-chat = megannm.toy.evaluate:TOY_CHAT",
+                               "toy-geneval = megannm.toy.geneval:TOY_GENEVAL"],
     },
 )

@@ -27,7 +27,7 @@ class RecipeError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Strict):
@@ -58,6 +58,13 @@ class ParallelConfig(_Strict):
     zero_stage: Literal[0, 1, 2, 3] = Field(1, description="DeepSpeed ZeRO stage.")
     pipeline_partition: Literal["parameters", "uniform"] = Field("parameters")
     activation_checkpointing: bool = Field(False)
+    grad_accum_dtype: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Dtype gradients accumulate in over the micro-batches of a step (DeepSpeed's "
+                            "data_types.grad_accum_dtype). fp32 by default: bf16 accumulation over 128 micro-batches "
+                            "loses ~1% of the gradient. Under bf16/fp16 DeepSpeed needs zero_stage >= 1 for it.")
+    timeout_minutes: float = Field(10.0, gt=0, description="Collective timeout (Megatron's "
+                                                           "--distributed-timeout-minutes): a rank waiting longer "
+                                                           "in one collective fails the job instead of hanging.")
 
     @property
     def model_parallel(self) -> int:
@@ -80,6 +87,18 @@ class DataConfig(_Strict):
     seed: int = 1234
     caption_dropout: float = Field(0.0, ge=0, lt=1, description="Probability that a caption before an image is "
                                                                 "dropped (enables classifier-free guidance).")
+    plan_dir: Optional[str] = Field(None, description="Folder for the sample plans (each data set's per-epoch order "
+                                                      "and packing, built once and memory-mapped, keyed by a hash "
+                                                      "of what determines them); None = plans/ inside each train "
+                                                      "data set's folder.")
+    prefetch: int = Field(4, ge=0, description="Micro-batches read ahead on a background thread by the reading "
+                                               "rank of each tensor-parallel group (0 = read when asked).")
+    balance: bool = Field(False, description="Deal each global batch to the data-parallel ranks so that image "
+                                             "tokens per rank are even (same samples per step; exact resume).")
+    verify: Literal["auto", "full", "index", "none"] = Field(
+        "auto", description="Before the first step: full = every shard's sha256 (all ranks share the work), index = "
+                            "the indexes and shard sizes only, none = skip; auto = full when each rank's share is "
+                            "at most 2 GiB, else index.")
 
 
 class OptimizerConfig(_Strict):
@@ -94,8 +113,12 @@ class OptimizerConfig(_Strict):
 
 class ScheduleConfig(_Strict):
     train_steps: int = Field(100, gt=0, description="Optimizer steps of this stage.")
-    warmup_steps: int = Field(10, ge=0)
-    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(10, ge=0, description="Linear warm-up from 0 to optimizer.lr.")
+    decay: Literal["cosine", "linear", "constant", "wsd"] = Field(
+        "cosine", description="After warm-up: cosine or linear to optimizer.min_lr at train_steps, constant at lr, "
+                              "or wsd (warmup-stable-decay): lr until the last decay_steps, then linear to min_lr.")
+    decay_steps: int = Field(0, ge=0, description="wsd only: length of the final decay (0 = stays at lr, for a "
+                                                  "stage whose successor starts from this rate and decays).")
     exit_interval: int = Field(0, ge=0, description="Save and stop once step % exit_interval == 0 (0 = never); "
                                                     "the schedule still spans train_steps, so a resume continues it.")
     exit_duration_minutes: float = Field(0, ge=0, description="Save and stop after this much wall time (0 = "
@@ -142,13 +165,27 @@ class GRPOOptions(_Options):
     clip_ratio_high: Optional[float] = Field(None, gt=0, description="Upper clip (DAPO's clip-higher); None = "
                                                                      "clip_ratio.")
     kl_coef: float = Field(0.04, ge=0, description="Weight of the k3 KL to the reference; 0 = no reference.")
-    scale_rewards: bool = Field(True, description="Divide advantages by the group's std (false: Dr. GRPO).")
+    loss_normalisation: Literal["token", "sequence", "dr_grpo"] = Field(
+        "token", description="How a mini-batch's per-token terms are averaged: token = over all its answer tokens "
+                             "(DAPO); sequence = over each answer's tokens, then over answers (the GRPO paper); "
+                             "dr_grpo = summed per answer over a constant length (max_new_tokens, or the image "
+                             "grid), then over answers (Dr. GRPO: no length bias).")
+    dynamic_sampling: bool = Field(False, description="Leave groups whose rewards are all equal out of the loss and "
+                                                      "its normaliser (DAPO's dynamic sampling, without refilling "
+                                                      "the batch); logged as dropped_groups.")
+    scale_rewards: Optional[bool] = Field(None, description="Divide advantages by the group's std; None = true, "
+                                                            "false under loss_normalisation dr_grpo.")
     adv_eps: float = Field(1e-4, gt=0)
     temperature: float = Field(1.0, gt=0)
     top_k: int = Field(0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     cfg_scale: float = Field(1.0, ge=0, description="Classifier-free guidance for image answers (1 = off).")
     max_new_tokens: int = Field(32, gt=0, description="Longest text answer.")
+
+    @property
+    def std_scaled(self) -> bool:
+        """Whether advantages are divided by the group's std: ``scale_rewards``, or the variant's own default."""
+        return self.loss_normalisation != "dr_grpo" if self.scale_rewards is None else self.scale_rewards
 
 
 class DPOOptions(_Options):
@@ -207,7 +244,8 @@ PhaseConfig = Annotated[Union[Annotated[PretrainPhaseConfig, Tag("pretrain")], A
                               Annotated[GRPOPhaseConfig, Tag("grpo")], Annotated[DPOPhaseConfig, Tag("dpo")],
                               Annotated[CustomPhaseConfig, Tag("custom")]],
                         Discriminator(_phase_tag)]
-PIPELINE_PHASES = ("pretrain",)  # built-in objectives with a pipeline loss (``Phase.pipeline``; a test keeps both equal)
+# built-in objectives with a pipeline loss (``Phase.pipeline``; tests/test_pipeline.py keeps both equal)
+PIPELINE_PHASES = ("pretrain",)
 
 
 class CheckpointConfig(_Strict):
@@ -216,6 +254,24 @@ class CheckpointConfig(_Strict):
     keep_last: int = Field(2, ge=1, description="Checkpoints kept (older ones deleted after a good save).")
     init_from: Optional[str] = Field(None, description="Start weights from this checkpoint folder (optimizer fresh).")
     resume: bool = Field(False, description="Continue from <dir>/latest if it exists.")
+    fallback: bool = Field(False, description="When the checkpoint `latest` names is unreadable (a damaged pointer, "
+                                              "a truncated or corrupt file), resume from the newest older complete "
+                                              "checkpoint instead of stopping; each one skipped is named in the log.")
+
+
+class GuardConfig(_Strict):
+    """The divergence guard (``recipe.guard``): every step, the loss and the gradient norm of every rank are checked
+    for inf/NaN; a bad step is counted, logged and never saved, and the newest checkpoint before it is kept from
+    pruning. ``max_bad_steps`` bad steps in a row stop the run (exit code 3) with one line naming the step and
+    rank."""
+    max_bad_steps: int = Field(3, ge=0, description="Consecutive bad steps that stop the run (0 = never stop "
+                                                    "early: count and log only; a run whose last step is bad still "
+                                                    "ends unsaved with exit code 3).")
+    spike_factor: float = Field(0.0, ge=0, description="A step whose loss exceeds spike_factor x the median of "
+                                                       "the last spike_window good steps' losses is bad too (0 = "
+                                                       "off; e.g. 3).")
+    spike_window: int = Field(50, ge=2, description="Good steps in the running median of the spike rule; the rule "
+                                                    "applies once this many have been seen.")
 
 
 class LoggingConfig(_Strict):
@@ -285,7 +341,9 @@ class SlurmConfig(_Strict):
 class Recipe(_Strict):
     name: str = "run"
     seed: int = 1234
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Weights and activations: bf16 (or fp16 with a dynamic loss scale) keeps fp32 master "
+                            "weights in the optimizer; RoPE, norms, softmax and the loss run in fp32.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -294,6 +352,7 @@ class Recipe(_Strict):
     phase: PhaseConfig = Field(default_factory=PretrainPhaseConfig,
                                description="The objective (phase.kind) and its options (phase.options).")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    guard: GuardConfig = Field(default_factory=GuardConfig, description="The divergence guard (inf/NaN, spikes).")
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     slurm: SlurmConfig = Field(default_factory=SlurmConfig, description="sbatch resources for `megannm stage`.")
 
@@ -358,9 +417,28 @@ def check_recipe(r: Recipe, world_size: Optional[int] = None,
                      f"model.max_seq_len={m.max_seq_len})"))
     if r.optimizer.min_lr > r.optimizer.lr:
         errs.append(("optimizer.min_lr", f"above lr (got {r.optimizer.min_lr}, expected <= {r.optimizer.lr})"))
+    if 0 < r.guard.spike_factor <= 1:  # the loss is at or above its median on half the steps: every run would stop
+        errs.append(("guard.spike_factor", f"a spike is a loss several times its running median (got "
+                     f"{r.guard.spike_factor}, expected 0 (off) or > 1, e.g. 3)"))
     if r.schedule.warmup_steps > r.schedule.train_steps:
         errs.append(("schedule.warmup_steps", f"longer than the run (got {r.schedule.warmup_steps}, expected <= "
                      f"schedule.train_steps={r.schedule.train_steps})"))
+    s = r.schedule
+    if s.decay_steps and s.decay != "wsd":
+        errs.append(("schedule.decay_steps", f"only decay: wsd has a final decay phase (got decay_steps="
+                     f"{s.decay_steps} with decay={s.decay})"))
+    elif s.warmup_steps + s.decay_steps > s.train_steps:
+        errs.append(("schedule.decay_steps", f"warm-up and decay longer than the run (got warmup_steps="
+                     f"{s.warmup_steps} + decay_steps={s.decay_steps}, expected <= train_steps={s.train_steps})"))
+    if r.precision != "fp32" and p.grad_accum_dtype == "fp32" and p.zero_stage == 0:
+        # DeepSpeed 0.19: fp32 accumulation of low-precision gradients lives in its ZeRO-1 (BF16_Optimizer) and
+        # ZeRO-2/3 optimizers; at stage 0 it raises "unsupported mix of model_dtype and grad_accum_dtype".
+        errs.append(("parallel.zero_stage", f"precision {r.precision} accumulates gradients in fp32 only with ZeRO "
+                     f">= 1 (got zero_stage=0 with parallel.grad_accum_dtype=fp32, expected zero_stage >= 1, or "
+                     f"grad_accum_dtype={r.precision} to accept {r.precision} accumulation)"))
+    elif r.precision != "fp32" and p.grad_accum_dtype not in ("fp32", r.precision):
+        errs.append(("parallel.grad_accum_dtype", f"accumulate in fp32 or in the model's dtype (got "
+                     f"{p.grad_accum_dtype} with precision {r.precision})"))
     if vocab_size is not None and vocab_size % tp:
         errs.append(("parallel.tensor_parallel", f"padded vocabulary must divide by the tensor-parallel size "
                      f"(got vocab {vocab_size}, tensor_parallel={tp})"))
@@ -371,6 +449,9 @@ def check_recipe(r: Recipe, world_size: Optional[int] = None,
             errs.append(("phase.options.prompts_per_step", f"prompts_per_step x group_size answers must fill "
                          f"mini_batches optimizer steps of data.global_batch_size (got {o.prompts_per_step} x "
                          f"{o.group_size} = {answers}, expected {o.mini_batches} x {gbs} = {o.mini_batches * gbs})"))
+        if o.loss_normalisation == "dr_grpo" and o.scale_rewards:
+            errs.append(("phase.options.scale_rewards", "Dr. GRPO does not divide advantages by the group's std (got "
+                         "scale_rewards=true with loss_normalisation=dr_grpo, expected false or unset)"))
     ws = p.world_size if world_size is None else world_size
     if p.world_size is not None and world_size is not None and p.world_size != world_size:
         errs.append(("parallel.world_size", f"the launcher started {world_size} ranks (got {world_size}, expected "
@@ -424,12 +505,17 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "?"
-        raise RecipeError(f"{path}: {where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        why = getattr(e, "problem", None) or getattr(e, "reason", None) or str(e).splitlines()[0]
+        raise RecipeError(f"{path}: {where}: not valid YAML ({why})") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: (top): a recipe is a mapping (got {type(data).__name__})")
     base = data.pop("base", None)
     if base is not None:
-        parent = _read_yaml((path.parent / base), seen + (path.resolve(),))
+        if not isinstance(base, str) or not base.strip():
+            raise RecipeError(f"{path}: base: expected a recipe file name (got {base!r})")
+        if not (path.parent / base).is_file():
+            raise RecipeError(f"{path}: base: {base}: recipe file not found ({path.parent / base})")
+        parent = _read_yaml(path.parent / base, seen + (path.resolve(),))
         data = _merge(parent, data)
     return data
 

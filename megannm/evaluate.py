@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from megannm.fileio import atomic_write, atomic_write_json
-from megannm.generate import SamplingConfig, caption_prompt, generate, png_bytes, text_of
+from megannm.generate import (DEFAULT_CFG_SCALE, SamplingConfig, caption_prompt, codes_to_images, generate,
+                              image_prompt, png_bytes, text_of)
 
 ENTRY_POINT_GROUP = "megannm.benchmarks"
 
@@ -83,6 +84,9 @@ def sample_grid(rows: list[list[tuple]], path, per_row: int = 8, scale: int = 3)
         for c, (img, label, text) in enumerate(row[:per_row]):
             x, y = c * cell_w, r * cell_h
             pic = Image.fromarray(img).resize((img.shape[1] * scale, img.shape[0] * scale), Image.NEAREST)
+            if pic.width > cell_w - 4:  # a real-size picture (256 px and up): shrink it into its cell
+                pic = Image.fromarray(img).resize((cell_w - 54, (cell_w - 54) * img.shape[0] // img.shape[1]),
+                                                  Image.LANCZOS)
             canvas.paste(pic, (x + (cell_w - pic.width) // 2, y + 2))
             lines, cur = [], ""
             for w in text.split():  # wrap at ~24 characters, the width of a cell
@@ -178,37 +182,69 @@ def _read_records(path: Path, n: Optional[int]) -> tuple[list[dict], list[str]]:
     return records, wheres
 
 
-def _image_then_text(record: dict) -> Optional[tuple[str, str]]:
-    """(image path, reference text) of a record that is one image followed by its text, else None."""
+def _caption_pair(record: dict) -> Optional[tuple[str, str, bool]]:
+    """(image, text, image first?) of a record that is one image and its text, in either order, else None."""
     parts = record.get("parts")
-    if isinstance(parts, list) and len(parts) == 2 and "image" in parts[0] and "text" in parts[1]:
-        return parts[0]["image"], parts[1]["text"]
+    if not (isinstance(parts, list) and len(parts) == 2 and all(isinstance(p, dict) for p in parts)):
+        return None
+    if "image" in parts[0] and "text" in parts[1]:
+        return parts[0]["image"], parts[1]["text"], True
+    if "text" in parts[0] and "image" in parts[1]:
+        return parts[1]["image"], parts[0]["text"], False
     return None
 
 
+def _direction_docs(tok, codes: np.ndarray, texts: list[str]) -> tuple[list, list]:
+    """Both layouts of every caption pair: ``<bos> <boi> image <eoi> text <eos>`` (its text loss is the image ->
+    text loss) and ``<bos> text <boi> image <eoi> <eos>`` (its image loss is the text -> image loss)."""
+    v, i2t, t2i = tok.vocab, [], []
+    for c, text in zip(codes, texts):
+        span = [v.boi_id, *v.image_ids(c).tolist(), v.eoi_id]
+        ids = tok.text_ids(text)
+        i2t.append([v.bos_id, *span, *ids, v.eos_id])
+        t2i.append([v.bos_id, *ids, *span, v.eos_id])
+    return i2t, t2i
+
+
 def evaluate_records(model, tok, splits: dict[str, Path], n: Optional[int] = None,
-                     sampling: SamplingConfig = SamplingConfig(), max_new_tokens: int = 32, out_dir=None) -> dict:
-    """Per split: ``loss`` (text and image), ``caption_exact_match`` over its image -> text records (with their
-    count, ``captioned``); ``samples.png`` in ``out_dir`` shows up to 8 generated captions of each split."""
+                     sampling: SamplingConfig = SamplingConfig(), max_new_tokens: int = 32, out_dir=None,
+                     cfg_scale: float = DEFAULT_CFG_SCALE, n_shown: int = 8) -> dict:
+    """Per split: ``loss`` (text and image, over the records as they are), over the caption pairs (one image and its
+    text, either order) ``image_to_text_loss``, ``text_to_image_loss`` and ``caption_exact_match`` (with their count,
+    ``captioned``). ``samples.png`` in ``out_dir`` shows, per split, up to ``n_shown`` pictures with their generated
+    captions and, when the image tokenizer decodes, pictures generated from their captions. Every picture is fitted
+    by the image tokenizer's resize policy, as ``megannm preprocess`` fits them."""
     from megannm.data.tokenize import encode_records, load_image
     t0 = time.time()
-    report = {"data": {s: str(p) for s, p in splits.items()}, "records": {}, "loss": {}, "caption_exact_match": {},
-              "captioned": {}}
+    report = {"data": {s: str(p) for s, p in splits.items()}, "records": {}, "loss": {}, "image_to_text_loss": {},
+              "text_to_image_loss": {}, "caption_exact_match": {}, "captioned": {}, "cfg_scale": cfg_scale}
     grid = []
     for split, path in splits.items():
         records, wheres = _read_records(path, n)
         report["records"][split] = len(records)
         report["loss"][split] = modality_losses(model, tok.vocab, encode_records(records, tok, path.parent, wheres))
-        pairs = [(p, w) for p, w in ((_image_then_text(r), w) for r, w in zip(records, wheres)) if p]
-        images = [load_image(path.parent / img, tok.image_size(), w) for (img, _), w in pairs]
-        rows = generate(model, tok.vocab, [caption_prompt(tok, im) for im in images], "text",
-                        max_new_tokens=max_new_tokens, sampling=sampling) if images else []
-        captions = [text_of(tok, r) for r in rows]
-        # None, not 0, for a split with no image -> text record: nothing was measured
-        report["caption_exact_match"][split] = exact_match(captions, [r for (_, r), _ in pairs]) if pairs else None
+        pairs = [(p, w) for p, w in ((_caption_pair(r), w) for r, w in zip(records, wheres)) if p]
+        images = [load_image(path.parent / img, tok.image_size(), w, tok.image.resize) for (img, _, _), w in pairs]
+        texts = [t for (_, t, _), _ in pairs]
         report["captioned"][split] = len(pairs)
-        if images:
-            grid.append([(im, f"caption ({split}):", c) for im, c in list(zip(images, captions))[:8]])
+        # None, not 0, for a split without caption pairs: nothing was measured
+        report["image_to_text_loss"][split] = report["text_to_image_loss"][split] = None
+        report["caption_exact_match"][split] = None
+        if not pairs:
+            continue
+        i2t, t2i = _direction_docs(tok, tok.image.encode(np.stack(images)), texts)
+        report["image_to_text_loss"][split] = modality_losses(model, tok.vocab, i2t)["text_loss"]
+        report["text_to_image_loss"][split] = modality_losses(model, tok.vocab, t2i)["image_loss"]
+        rows = generate(model, tok.vocab, [caption_prompt(tok, im) for im in images], "text",
+                        max_new_tokens=max_new_tokens, sampling=sampling)
+        captions = [text_of(tok, r) for r in rows]
+        report["caption_exact_match"][split] = exact_match(captions, texts)
+        grid.append([(im, f"caption ({split}):", c) for im, c in list(zip(images, captions))[:n_shown]])
+        if tok.image.can_decode:
+            shown = texts[:n_shown]
+            drawn = codes_to_images(tok, generate(model, tok.vocab, [image_prompt(tok, t) for t in shown], "image",
+                                                  sampling=sampling, cfg_scale=cfg_scale))
+            grid.append([(im, f"drawn ({split}):", t) for im, t in zip(drawn, shown)])
     report["wall_seconds"] = round(time.time() - t0, 1)
     if out_dir is not None and grid:
         sample_grid(grid, Path(out_dir) / "samples.png")
@@ -216,11 +252,13 @@ def evaluate_records(model, tok, splits: dict[str, Path], n: Optional[int] = Non
 
 
 def format_records(report: dict) -> str:
+    f = lambda x: "-" if x is None else f"{x:.3f}"
     lines = []
     for split, lo in report["loss"].items():
         em = report["caption_exact_match"][split]
         lines.append(f"{split:12s} {report['records'][split]:6d} records  text loss {lo['text_loss']:.3f}  "
-                     f"image loss {lo['image_loss']:.3f}  caption exact match "
+                     f"image loss {lo['image_loss']:.3f}  image->text loss {f(report['image_to_text_loss'][split])}  "
+                     f"text->image loss {f(report['text_to_image_loss'][split])}  caption exact match "
                      f"{'-' if em is None else f'{em:.2f}'} of {report['captioned'][split]}")
     return "\n".join(lines)
 
@@ -244,7 +282,9 @@ def _parser(bench: Optional[Benchmark]) -> argparse.ArgumentParser:
                                                        "every record")
     p.add_argument("--seed", type=int, default=None, help="sampling seed; default: the benchmark's own, or 0")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance for images (1 = off)")
+    p.add_argument("--cfg-scale", type=float, default=DEFAULT_CFG_SCALE,
+                   help=f"classifier-free guidance for images (1 = off; default {DEFAULT_CFG_SCALE:g}, as generate)")
+    p.add_argument("--verbose", action="store_true", help="keep library warnings")
     p.add_argument("--max-new-tokens", type=int, default=32, help="longest generated caption (--data)")
     if bench is not None and bench.add_arguments is not None:
         bench.add_arguments(p)
@@ -258,6 +298,8 @@ def main(argv: list[str]) -> int:
     name = pre.parse_known_args(argv)[0].benchmark
     bench = get_benchmark(name) if name else None
     a = _parser(bench).parse_args(argv)
+    from megannm.data.quiet import quiet_library_warnings
+    quiet_library_warnings(a.verbose)
     if (bench is None) == (not a.data):
         raise ValueError(f"give either --benchmark (registered: {', '.join(sorted(benchmarks())) or 'none'})"
                          f" or --data RECORDS.jsonl")
@@ -271,7 +313,8 @@ def main(argv: list[str]) -> int:
             table = bench.format(report)
         else:
             sampling = SamplingConfig.from_options(temperature=a.temperature, seed=a.seed or 0)
-            report = evaluate_records(ck.model, ck.tok, splits, a.n, sampling, a.max_new_tokens, out)
+            ck.tok.image.to(next(ck.model.parameters()).device)
+            report = evaluate_records(ck.model, ck.tok, splits, a.n, sampling, a.max_new_tokens, out, a.cfg_scale)
             table = format_records(report)
         path = write_report(report, out)
     print(table)

@@ -22,7 +22,8 @@ class Opened:
     def load(self, checkpoint):
         """Another checkpoint over the same tokenizers, in the same world (e.g. a baseline to compare with)."""
         from megannm.convert.deepspeed import load_model
-        return load_model(checkpoint, self.layout, vocab=self.tok.vocab)[0]
+        from megannm import parallel
+        return load_model(checkpoint, self.layout, vocab=self.tok.vocab)[0].to(parallel.device())
 
 
 @contextmanager
@@ -36,6 +37,7 @@ def open_checkpoint(checkpoint, tokenizers):
     try:
         tok = Tokenizers.load(tokenizers)
         model, meta = load_model(checkpoint, layout, vocab=tok.vocab)
+        model.to(parallel.device())  # sample on the GPU where there is one
         yield Opened(model, tok, meta, layout)
     finally:
         parallel.shutdown()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import socket
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -34,20 +35,92 @@ class LaunchInfo:
     launcher: str  # torchrun | deepspeed | slurm | mpirun | single
 
 
+def expand_hostlist(nodelist: str) -> list[str]:
+    """Every host of a Slurm node list, in the order ``scontrol show hostnames`` prints them:
+    ``gpu[003-005,010],cpu1`` -> gpu003 gpu004 gpu005 gpu010 cpu1; ``rack[1-2]-node[01-02]`` -> rack1-node01
+    rack1-node02 rack2-node01 rack2-node02 (several bracket groups in one name: every combination, the last
+    varying fastest). Zero padding is kept from the range's first bound. Raises ValueError on a malformed list."""
+    hosts: list[str] = []
+    for name in _split_top_level(nodelist.strip()):
+        pieces = re.findall(r"[^\[\]]+|\[[^\[\]]*\]", name)  # literal text and [ranges], alternating
+        if not name or "".join(pieces) != name:
+            raise ValueError(f"Slurm node list {nodelist!r}: cannot parse {name!r}")
+        expanded = [""]
+        for piece in pieces:
+            values = ([piece] if not piece.startswith("[") else
+                      [v for part in piece[1:-1].split(",") for v in _expand_range(part, nodelist)])
+            expanded = [h + v for h in expanded for v in values]
+        hosts += expanded
+    return hosts
+
+
+def _split_top_level(nodelist: str) -> list[str]:
+    """Split at the commas that are not inside brackets."""
+    parts, depth, cur = [], 0, ""
+    for ch in nodelist:
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return parts + [cur]
+
+
+def _expand_range(part: str, nodelist: str) -> list[str]:
+    lo, sep, hi = part.partition("-")
+    if not lo.isdigit() or (sep and not hi.isdigit()):
+        raise ValueError(f"Slurm node list {nodelist!r}: bad range {part!r}")
+    if not sep:
+        return [lo]
+    if int(hi) < int(lo):
+        raise ValueError(f"Slurm node list {nodelist!r}: range {part!r} runs backwards")
+    return [str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1)]
+
+
 def _first_slurm_host(nodelist: str) -> str:
-    """First host of a Slurm nodelist such as ``gpu[003-007,010],cpu1`` -> ``gpu003``."""
-    m = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
-    if not m:
-        return "127.0.0.1"
-    prefix, _, ranges = m.groups()
-    if not ranges:
-        return prefix
-    first = ranges.split(",")[0].split("-")[0]
-    return prefix + first
+    """First host of a Slurm node list: where task 0 of a step runs under srun's default (block) distribution."""
+    return expand_hostlist(nodelist)[0]
 
 
-def discover_launch(env: Optional[dict] = None) -> LaunchInfo:
-    """Read rank, world size, local rank and the rendezvous from whichever launcher started this process."""
+def _mpi_launch(launcher: str, env) -> Optional[LaunchInfo]:
+    """Rank discovery from MPI itself, where ``mpi4py`` imports: exact under any MPI launcher (Open MPI's or
+    MPICH's mpirun, ``srun --mpi=pmix``), across nodes. Local ranks come from the node-local communicator, and
+    rank 0's host name and a port free there are broadcast, so no launcher variable has to name the master (an
+    explicit MASTER_ADDR / MASTER_PORT still wins)."""
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return None
+    comm = MPI.COMM_WORLD
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.rank)
+    host, port = comm.bcast((socket.gethostname(), _free_port("")) if comm.rank == 0 else None, root=0)
+    local_rank = local.rank
+    local.Free()
+    return LaunchInfo(comm.rank, comm.size, local_rank, env.get("MASTER_ADDR", host),
+                      int(env.get("MASTER_PORT", port)), launcher)
+
+
+def _mpi_master(env, size: int, local_size: Optional[int], launcher_args: str) -> str:
+    """MASTER_ADDR of an MPI run without mpi4py: given, or 127.0.0.1 for a run known to be on one node. A run
+    across nodes without it is refused: 127.0.0.1 there would make every node rendezvous with itself."""
+    if "MASTER_ADDR" in env:
+        return env["MASTER_ADDR"]
+    nodes = int(env.get("SLURM_JOB_NUM_NODES", "1"))
+    multi_node = local_size < size if local_size is not None else nodes > 1
+    if multi_node:
+        raise LayoutError(f"mpirun across nodes ({size} ranks, {local_size or '?'} on this node): MASTER_ADDR is not "
+                          f"set (pass {launcher_args} MASTER_ADDR=<rank 0's host>, or install mpi4py to read the "
+                          f"rendezvous from MPI)")
+    return "127.0.0.1"
+
+
+def discover_launch(env: Optional[dict] = None, mpi: Optional[bool] = None) -> LaunchInfo:
+    """Read rank, world size, local rank and the rendezvous from whichever launcher started this process.
+
+    ``mpi``: ask MPI (``mpi4py``) under an MPI launcher; by default only for this process's own environment (a
+    dict passed in is someone else's: parsed, never answered by this process's MPI)."""
+    use_mpi = env is None if mpi is None else mpi
     env = os.environ if env is None else env
     port_default = 29500
     if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, the deepspeed launcher, or a user who set them
@@ -57,19 +130,31 @@ def discover_launch(env: Optional[dict] = None) -> LaunchInfo:
     # Open MPI's mpirun before srun: mpirun inside a Slurm allocation starts its daemons as a Slurm step, so its
     # ranks also see SLURM_PROCID/SLURM_NTASKS of that one-task-per-node step (node index, node count).
     if "OMPI_COMM_WORLD_RANK" in env:  # Open MPI's mpirun
-        return LaunchInfo(int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"]),
-                          int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)), env.get("MASTER_ADDR", "127.0.0.1"),
+        found = _mpi_launch("mpirun", env) if use_mpi else None
+        if found is not None:
+            return found
+        size, local = int(env["OMPI_COMM_WORLD_SIZE"]), env.get("OMPI_COMM_WORLD_LOCAL_SIZE")
+        return LaunchInfo(int(env["OMPI_COMM_WORLD_RANK"]), size, int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)),
+                          _mpi_master(env, size, int(local) if local else None, "mpirun -x"),
                           int(env.get("MASTER_PORT", port_default)), "mpirun")
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env:  # srun, one task per device
         # (SLURM_STEP_ID: the batch script itself has SLURM_PROCID=0 and the job's SLURM_NTASKS but is no rank)
+        found = _mpi_launch("slurm", env) if use_mpi and "PMIX_RANK" in env else None  # srun --mpi=pmix
+        if found is not None:
+            return found
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "127.0.0.1")
         job = int(env.get("SLURM_JOB_ID", "0"))
         return LaunchInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
-                          env.get("MASTER_ADDR", _first_slurm_host(nodelist)),
+                          env.get("MASTER_ADDR") or _first_slurm_host(nodelist),
                           int(env.get("MASTER_PORT", 20000 + job % 20000)), "slurm")
-    if "PMI_RANK" in env and "PMI_SIZE" in env:  # MPICH / Intel MPI
-        return LaunchInfo(int(env["PMI_RANK"]), int(env["PMI_SIZE"]), int(env.get("MPI_LOCALRANKID", 0)),
-                          env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", port_default)), "mpirun")
+    if "PMI_RANK" in env and "PMI_SIZE" in env:  # MPICH / Intel MPI (Hydra)
+        found = _mpi_launch("mpirun", env) if use_mpi else None
+        if found is not None:
+            return found
+        size, local = int(env["PMI_SIZE"]), env.get("MPI_LOCALNRANKS")
+        return LaunchInfo(int(env["PMI_RANK"]), size, int(env.get("MPI_LOCALRANKID", 0)),
+                          _mpi_master(env, size, int(local) if local else None, "mpiexec -genv"),
+                          int(env.get("MASTER_PORT", port_default)), "mpirun")
     return LaunchInfo(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0) or 0), "single")
 
 
@@ -126,16 +211,21 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def init_parallel(tp: int = 1, pp: int = 1, timeout_s: int = 600, env: Optional[dict] = None) -> Layout:
+def init_parallel(tp: int = 1, pp: int = 1, timeout_s: float = 600, env: Optional[dict] = None) -> Layout:
     """Initialise torch.distributed, DeepSpeed's comm backend and megatron-core's parallel_state; return the layout.
 
     Works for a single process too (a world of one), so model code can always use megatron-core layers.
+    ``timeout_s``: how long one collective may wait (the recipe's ``parallel.timeout_minutes``); past it the rank
+    fails with the collective named instead of hanging until the job's time limit.
     """
     info = discover_launch(env)
     dp = check_layout(info.world_size, tp, pp)
     use_cuda = torch.cuda.is_available()
     backend = "nccl" if use_cuda else "gloo"
     if use_cuda:
+        # NCCL's watchdog aborts the communicator and ends the process on a failed or timed-out collective, so
+        # one crashed rank fails the job (and srun --wait ends the rest) instead of leaving the others blocked.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
     if not dist.is_initialized():
         port = info.master_port or _free_port()
@@ -168,10 +258,10 @@ def init_parallel(tp: int = 1, pp: int = 1, timeout_s: int = 600, env: Optional[
                   pp_group=ps.get_pipeline_model_parallel_group())
 
 
-def _free_port() -> int:
-    import socket
+def _free_port(host: str = "127.0.0.1") -> int:
+    """A port free on ``host`` ("" = every interface: a master that other nodes connect to)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -305,3 +395,30 @@ def pipeline_topology(layout: Layout):
     """DeepSpeed's topology with megatron-core's rank order: axes (pipe, data, model), model innermost."""
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
     return PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp)
+
+
+def broadcast_tensors(tensors: Optional[dict], spec: dict, group, src: int = 0) -> dict:
+    """A dict of tensors from the ``src``-th rank OF ``group`` to every rank of it.
+
+    ``spec`` maps each name to ``(shape, dtype)``, known on every rank, so receivers allocate without a first round
+    trip; the sender passes its ``tensors`` (the same names, shapes and dtypes), the others pass None. Tensors
+    travel on the group's device (CUDA for NCCL, the CPU for gloo), in ``spec``'s order, and come back there; a
+    world of one, or a group of one, hands the sender's tensors back unchanged."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        if tensors is None:
+            raise ValueError("broadcast_tensors: nothing to receive from in a group of one")
+        return tensors
+    on = device() if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    sender = dist.get_rank(group) == src
+    if sender:
+        for name, (shape, dtype) in spec.items():
+            t = tensors[name]
+            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                raise ValueError(f"broadcast_tensors: {name} is {tuple(t.shape)} {t.dtype}, the spec says "
+                                 f"{tuple(shape)} {dtype}")
+    out = {}
+    for name, (shape, dtype) in spec.items():
+        t = tensors[name].to(on).contiguous() if sender else torch.empty(shape, dtype=dtype, device=on)
+        dist.broadcast(t, src=dist.get_global_rank(group, src), group=group)
+        out[name] = t
+    return out

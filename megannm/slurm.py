@@ -353,15 +353,20 @@ def submit(chain_path: str, run_dir: Optional[str] = None, dry_run: bool = False
     if live:
         raise ChainError(f"{run}: jobs of an earlier submission are still live: {', '.join(live)} (wait, or "
                          f"`megannm stage cancel {run}` first)")
-    previous, submitted = None, []
+    previous, submitted, made = None, [], []
     for i, s in enumerate(p["stages"]):
-        Path(s["dir"]).mkdir(parents=True, exist_ok=True)  # sbatch's --output folder must exist
+        made += _mkdirs(Path(s["dir"]))  # sbatch's --output folder must exist
         cmd = sbatch_command(s, previous)
         try:
             res = _slurm(cmd)
         except SlurmError as e:
             if submitted:
                 _slurm(["scancel", *submitted], check=False)
+            for d in reversed(made):  # leave no empty stage (or run) folder behind a failed submission
+                try:
+                    d.rmdir()  # only if still empty: a cancelled job's log stays
+                except OSError:
+                    pass
             raise SlurmError(f"stage {s['name']}: {e}" + (f" (cancelled this submission's jobs "
                                                            f"{', '.join(submitted)})" if submitted else "")) from None
         previous = res.stdout.strip().split(";")[0]
@@ -375,6 +380,13 @@ def submit(chain_path: str, run_dir: Optional[str] = None, dry_run: bool = False
     out(_table(rows, ["stage", "job", "after", "ranks", "time", "recipe"]))
     out(f"run folder: {run}  (megannm stage status {run})")
     return p
+
+
+def _mkdirs(folder: Path) -> list[Path]:
+    """``mkdir -p``; returns the folders it made, outermost first."""
+    missing = [d for d in (folder, *folder.parents) if not d.exists()][::-1]
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -446,3 +458,50 @@ def main(argv: list[str]) -> int:
         print(f"megannm stage: error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# inside slurm/train.sbatch: does this job's allocation hold the recipe?
+
+
+def allocation_problem(recipe_path: str, overrides: list[str], env) -> Optional[str]:
+    """Why this batch job cannot run the recipe, as one line with the sbatch command that can (None when it can).
+
+    sbatch reads its resources before the script runs, so ``sbatch slurm/train.sbatch RECIPE`` alone gets Slurm's
+    default of one task; the recipe's ``slurm:`` section (``megannm stage`` passes it) says what it wants."""
+    nodes = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 1)
+    per_node = int((env.get("SLURM_NTASKS_PER_NODE") or "1").split("(")[0])  # e.g. "8" or "8(x2)"
+    tasks = int(env.get("SLURM_NTASKS") or nodes * per_node)
+    try:
+        recipe = load_recipe(recipe_path, overrides)
+    except RecipeError as e:
+        return str(e)
+    from megannm.config import check_recipe
+    errors = check_recipe(recipe, world_size=tasks)
+    if not errors:
+        return None
+    res = recipe.slurm
+    if not (res.nodes or res.ntasks_per_node or res.gpus_per_node):  # no resources in the recipe: the smallest fit
+        res = res.model_copy(update={"nodes": 1, "ntasks_per_node": recipe.parallel.model_parallel})
+    res = res.model_copy(update={"nodes": res.nodes or 1, "ntasks_per_node": res.tasks_per_node()})
+    command = shlex.join(["sbatch", *sbatch_args(res), "slurm/train.sbatch", recipe_path, *overrides])
+    key, msg = errors[0]
+    return (f"{recipe_path}: this job has {tasks} task(s) on {nodes} node(s), and {key}: {msg}; submit it with its "
+            f"resources: {command}  (or run the chain with `megannm stage CHAIN.yaml`, which passes them)")
+
+
+def allocation_main(argv: list[str]) -> int:
+    """``python -m megannm.slurm RECIPE [key=value ...]``: exit 2 with one line when the job cannot hold it."""
+    args = [a for a in argv if a != "--resume"]
+    if not args:
+        print("usage: python -m megannm.slurm RECIPE [key.path=value ...]", file=sys.stderr)
+        return 2
+    problem = allocation_problem(args[0], args[1:], os.environ)
+    if problem:
+        print(f"megannm: error: {problem}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(allocation_main(sys.argv[1:]))

@@ -1,5 +1,12 @@
 """Shared fixtures: one tiny toy data set (world -> tokenizers -> shards) for every test that trains."""
+import os
+
 import pytest
+
+# Bitwise comparisons between runs (resume, requeue, launchers) need MKL's run-to-run reproducible code paths:
+# without them a matmul's rounding may follow the alignment of its buffers, which differs from process to process.
+# Every process a test starts inherits it.
+os.environ.setdefault("MKL_CBWR", "AUTO")
 
 
 @pytest.fixture(scope="session")

@@ -250,9 +250,9 @@ def tiny_recipe(toy_data, tmp_path_factory) -> Path:
     path.write_text(textwrap.dedent(f"""\
         name: tiny
         seed: 7
-        model: {{hidden_size: 32, num_layers: 2, num_heads: 4, ffn_hidden_size: 64, max_seq_len: 32}}
+        model: {{hidden_size: 32, num_layers: 2, num_heads: 4, ffn_hidden_size: 64, max_seq_len: 96}}
         parallel: {{tensor_parallel: 1, pipeline_parallel: 1, zero_stage: 1}}
-        data: {{train: [{{path: {toy_shards}}}], seq_len: 32, micro_batch_size: 2, global_batch_size: 4}}
+        data: {{train: [{{path: {toy_shards}}}], seq_len: 80, micro_batch_size: 2, global_batch_size: 4}}
         optimizer: {{lr: 3.0e-3, min_lr: 3.0e-4}}
         schedule: {{train_steps: {TINY_STEPS}, warmup_steps: 2}}
         checkpoint: {{keep_last: 1}}

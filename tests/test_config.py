@@ -105,8 +105,8 @@ RECIPES = sorted((REPO / "recipes").glob("**/*.yaml"))
 STAGE_RECIPES = [p for p in RECIPES if "stages" not in (yaml.safe_load(p.read_text()) or {})]  # not chains
 TOY = REPO / "recipes" / "toy"
 GRPO_KEYS = ("prompts, prompt_split, tokenizers, rewards, group_size, prompts_per_step, ppo_epochs, mini_batches, "
-             "clip_ratio, clip_ratio_high, kl_coef, scale_rewards, adv_eps, temperature, top_k, top_p, cfg_scale, "
-             "max_new_tokens")
+             "clip_ratio, clip_ratio_high, kl_coef, loss_normalisation, dynamic_sampling, scale_rewards, adv_eps, "
+             "temperature, top_k, top_p, cfg_scale, max_new_tokens")
 SLURM_KEYS = ("partition, account, qos, time, nodes, ntasks_per_node, gpus_per_node, cpus_per_task, mem, constraint, "
               "extra")
 

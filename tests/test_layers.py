@@ -21,7 +21,7 @@ RANKS = {
     "train": 4, "generate": 4,
     "rewards": 5,
     "phases": 6,
-    "runner": 7, "evaluate": 7, "slurm": 7,
+    "runner": 7, "evaluate": 7, "slurm": 7, "plan": 7,
     "toy": 8,
     "cli": 9, "__main__": 10,
 }

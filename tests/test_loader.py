@@ -82,6 +82,25 @@ def test_pack_next_fit_matches_a_plain_loop():
         assert packing.pack_next_fit(lengths, cap).tolist() == bounds
 
 
+def test_pack_next_fit_in_blocks_and_frame_local_order_are_their_definitions():
+    rng = np.random.default_rng(3)
+    for t in range(30):
+        n = int(rng.integers(0, 2000))
+        lengths = rng.integers(1, 30, size=n)
+        whole = packing.pack_next_fit(lengths, 40)  # one block: the walk as it always was
+        assert np.array_equal(packing.pack_next_fit(lengths, 40, block=int(rng.integers(30, 300))), whole)
+        # frame-local order: lexsort((uniform key, window of the document's frame)), sorted per window here
+        frames = np.sort(rng.integers(0, 60, size=n))
+        num_frames, window = 60 + int(rng.integers(0, 3)), int(rng.integers(1, 20))
+        rng_a, rng_b = packing.rng_for(t, 0, 1, 0), packing.rng_for(t, 0, 1, 0)
+        if num_frames <= window:
+            continue
+        rank = np.empty(num_frames, np.int64)
+        rank[rng_a.permutation(num_frames)] = np.arange(num_frames)
+        reference = np.lexsort((rng_a.random(n), rank[frames] // window))
+        assert np.array_equal(packing.frame_local_order(frames, num_frames, rng_b, window), reference)
+
+
 def test_long_documents_split_with_one_token_overlap():
     doc, start, length = packing.split_pieces(np.array([3, 33, 34, 100]), seq_len=32)
     assert doc.tolist() == [0, 1, 2, 2, 3, 3, 3, 3]

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from megannm import rewards
 from tests import dist
 from tests.scripts import rl_cases
 
@@ -44,7 +45,7 @@ def metrics(run_dir):
 
 
 def test_group_advantages_by_hand():
-    from megannm.phases.grpo import group_advantages
+    from megannm.phases.rl.objective import group_advantages
     r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5], [0.0, 0.25, 0.5, 1.0]])
     adv = group_advantages(r, eps=1e-4)
     std0 = math.sqrt(4 * 0.25 / 3)  # sample std of (1, 0, 0, 1)
@@ -57,7 +58,7 @@ def test_group_advantages_by_hand():
 
 
 def test_clipping_and_kl_by_hand():
-    from megannm.phases.grpo import token_loss
+    from megannm.phases.rl.objective import token_loss
     ratio = torch.tensor([1.5, 0.5, 1.1, 0.7, 1.5])
     adv = torch.tensor([2.0, -1.0, 1.0, 3.0, -1.0])
     old = torch.tensor([-1.0, -2.0, -0.5, -3.0, -1.2])
@@ -74,6 +75,28 @@ def test_clipping_and_kl_by_hand():
     assert t["kl"].tolist() == pytest.approx(kl, rel=1e-5)
     assert t["loss"].tolist() == pytest.approx([p + 0.1 * k for p, k in zip(pg, kl)], rel=1e-5)
     assert all(x >= 0 for x in t["kl"].tolist())
+
+
+def test_answer_weights_by_hand():
+    """Each answer's per-token weight and normaliser share: loss = sum_i w_i sum_t l_t / sum_i share_i."""
+    from megannm.phases.rl.objective import answer_weights
+    lengths, longest = np.array([2, 4, 1]), np.array([8, 8, 8])
+    w, share = answer_weights(lengths, longest, "token")
+    assert w.tolist() == [1, 1, 1] and share.tolist() == [2, 4, 1]  # sum_i sum_t l / sum_i |o_i|
+    w, share = answer_weights(lengths, longest, "sequence")
+    assert w.tolist() == [0.5, 0.25, 1.0] and share.tolist() == [1, 1, 1]  # 1/G sum_i 1/|o_i| sum_t l
+    w, share = answer_weights(lengths, longest, "dr_grpo")
+    assert w.tolist() == [0.125] * 3 and share.tolist() == [1, 1, 1]  # 1/G sum_i 1/L sum_t l
+    w, share = answer_weights(lengths, longest, "sequence", keep=np.array([True, False, True]))
+    assert w.tolist() == [0.5, 0.0, 1.0] and share.tolist() == [1, 0, 1]  # a dropped group: neither
+    # the three on one mini-batch of per-token terms, against the formulas written out
+    terms = [np.array([0.3, -0.1]), np.array([0.2, 0.2, -0.4, 0.1]), np.array([0.5])]
+    for mode, want in (("token", (0.2 + 0.1 + 0.5) / 7), ("sequence", (0.2 / 2 + 0.1 / 4 + 0.5 / 1) / 3),
+                       ("dr_grpo", (0.2 + 0.1 + 0.5) / (8 * 3))):
+        w, share = answer_weights(lengths, longest, mode)
+        assert sum(wi * t.sum() for wi, t in zip(w, terms)) / share.sum() == pytest.approx(want)
+    with pytest.raises(ValueError, match="unknown loss normalisation 'mean'"):
+        answer_weights(lengths, longest, "mean")
 
 
 def test_dpo_loss_by_hand():
@@ -147,7 +170,7 @@ def test_first_step_gradient_is_the_advantage_weighted_policy_gradient(toy_data,
         return step(*a, **k)
 
     eng.step = snapshot_then_step
-    stats = trainer.train_step(iter(()))
+    stats, _ = trainer.train_step(iter(()))  # (logged values, guard evidence)
     assert stats["optimizer_steps"] == 2 and calls[0] == 4
 
     scored, adv, _ = rollouts[0]
@@ -164,6 +187,83 @@ def test_first_step_gradient_is_the_advantage_weighted_policy_gradient(toy_data,
         want, got = p.grad, grads[n]
         assert torch.allclose(got, want, rtol=1e-3, atol=1e-7 + 1e-4 * float(want.abs().max())), n
     assert sum(float(g.abs().sum()) for g in grads.values()) > 0
+
+
+@rewards.register("half_constant")
+def half_constant(prompt, sample, truth) -> float:
+    """0.5 for every answer to a prompt whose ids sum to an even number (a group of equal rewards), low_text for
+    the others: some groups for dynamic sampling to drop, some to keep."""
+    return 0.5 if sum(prompt.ids) % 2 == 0 else rl_cases.low_text(prompt, sample, truth)
+
+
+@pytest.mark.parametrize("mode, dynamic", [("sequence", False), ("dr_grpo", False), ("token", True)])
+def test_each_loss_normalisation_gives_the_hand_computed_gradient(toy_data, layout, tmp_path, mode, dynamic):
+    """As above, for the other normalisations and for dynamic sampling: the first optimizer step's gradient must be
+    -(1/N) sum_i keep_i A_i w_i sum_t grad log pi(t) with, over the mini-batch's G answers o_i: sequence w = 1/|o_i|,
+    N = G; dr_grpo w = 1/L (L = max_new_tokens), N = G and A not divided by the group's std; token w = 1,
+    N = sum_i keep_i |o_i|, keep_i = 0 for a group of equal rewards (dynamic sampling), else 1."""
+    from megannm.model.build import build_model
+    from megannm.runner import build_trainer
+    g, max_new = 4, 4
+    r = rl_cases.recipe(tmp_path, str(toy_data["tokenizers"]), "norm", steps=1, micro=4, prompts_per_step=4,
+                        group_size=g, ppo_epochs=2, mini_batches=1, kl_coef=0.5, max_new_tokens=max_new,
+                        rewards=["half_constant"], loss_normalisation=mode, dynamic_sampling=dynamic)
+    assert r.phase.options.std_scaled == (mode != "dr_grpo")
+    trainer = build_trainer(r, layout, source="norm")
+    eng, phase = trainer.engine, trainer.phase
+    init = {n: p.detach().clone() for n, p in eng.module.named_parameters()}
+    rollouts, grads = [], {}
+    rollout = phase.rollout
+    phase.rollout = lambda step: rollouts.append(rollout(step)) or rollouts[-1]
+    step, calls = eng.step, [0]
+
+    def snapshot_then_step(*a, **k):
+        calls[0] += 1
+        if calls[0] == trainer.accum:
+            grads.update({n: p.grad.detach().clone() for n, p in eng.module.named_parameters()})
+        return step(*a, **k)
+
+    eng.step = snapshot_then_step
+    stats, _ = trainer.train_step(iter(()))
+    assert calls[0] == 2 * trainer.accum
+
+    scored, adv, _ = rollouts[0]
+    grouped = scored.rewards.view(-1, g)
+    if mode == "dr_grpo":
+        assert adv.tolist() == pytest.approx((grouped - grouped.mean(1, keepdim=True)).reshape(-1).tolist(), abs=1e-6)
+    equal = [bool((grp == grp[0]).all()) for grp in grouped]
+    keep = [not (dynamic and e) for e in equal for _ in range(g)]
+    if dynamic:
+        assert 0 < sum(equal) < len(equal), "the test needs groups to drop and groups to keep"
+        assert stats["dropped_groups"] == sum(equal) / len(equal)
+    else:
+        assert "dropped_groups" not in stats
+    lengths = [len(a) for a in scored.answers]
+    weight = {"token": lambda n: 1.0, "sequence": lambda n: 1.0 / n, "dr_grpo": lambda n: 1.0 / max_new}[mode]
+    norm = sum(k * (n if mode == "token" else 1) for k, n in zip(keep, lengths))
+    _, model = build_model(r, trainer.vocab, layout)
+    model.load_state_dict(init)
+    total = 0.0
+    for it, a, A, k in zip(scored.items, scored.answers, adv.tolist(), keep):
+        if not k:
+            continue
+        p = it.prompt.ids
+        lp = torch.log_softmax(model(torch.tensor([p + a]))[0].float(), -1)
+        total = total + A * weight(len(a)) * sum(lp[len(p) - 1 + j, t] for j, t in enumerate(a))
+    (-total / norm).backward()
+    for n, p in model.named_parameters():
+        want, got = p.grad, grads[n]
+        assert torch.allclose(got, want, rtol=1e-3, atol=1e-7 + 1e-4 * float(want.abs().max())), n
+    assert sum(float(x.abs().sum()) for x in grads.values()) > 0
+
+
+def test_dr_grpo_refuses_std_scaled_advantages(toy_data, tmp_path):
+    with pytest.raises(ValueError, match=r"phase\.options\.scale_rewards: Dr\. GRPO does not divide advantages"):
+        rl_cases.recipe(tmp_path, str(toy_data["tokenizers"]), "bad", loss_normalisation="dr_grpo",
+                        scale_rewards=True)
+    r = rl_cases.recipe(tmp_path, str(toy_data["tokenizers"]), "ok", loss_normalisation="sequence",
+                        scale_rewards=False)
+    assert not r.phase.options.std_scaled
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -48,13 +48,12 @@ def stage_jobs(run: Path) -> dict[str, str]:
 def test_nmm_7b_chain_validates():
     p = slurm.plan(REPO / "recipes" / "nmm-7b" / "chain.yaml", run_dir="/runs/nmm-7b")
     jobs = {j["name"]: j for j in p["stages"]}
-    assert list(jobs) == ["align", "joint", "anneal", "sft:convert", "sft", "grpo"]
-    assert [jobs[n]["world_size"] for n in ("align", "joint", "anneal", "sft", "grpo")] == [128, 128, 128, 32, 64]
-    # each stage starts from the previous one's checkpoints; SFT changes the layout, so from a consolidated copy
+    # one tensor x pipeline layout throughout (tensor 2, no pipeline): no conversion job between stages
+    assert list(jobs) == ["align", "joint", "anneal", "sft", "grpo"]
+    assert [jobs[n]["world_size"] for n in ("align", "joint", "anneal", "sft", "grpo")] == [64, 64, 64, 32, 64]
+    # each stage starts from the previous one's checkpoints
     assert "checkpoint.init_from=/runs/nmm-7b/align/checkpoints" in jobs["joint"]["overrides"]
-    assert jobs["sft"]["init_from"] == "/runs/nmm-7b/sft/init-consolidated"
-    assert jobs["sft:convert"]["run"][-4:] == ["/runs/nmm-7b/anneal/checkpoints", "/runs/nmm-7b/sft/init-consolidated",
-                                               "--to", "consolidated"]
+    assert jobs["sft"]["init_from"] == "/runs/nmm-7b/anneal/checkpoints"
     assert "checkpoint.init_from=/runs/nmm-7b/sft/checkpoints" in jobs["grpo"]["overrides"]
     # resources: chain defaults < the recipe's slurm: < the stage entry
     assert jobs["align"]["resources"]["time"] == "1-00:00:00" and jobs["joint"]["resources"]["time"] == "2-00:00:00"
@@ -64,9 +63,21 @@ def test_nmm_7b_chain_validates():
         r = slurm.load_recipe(jobs[name]["recipe"], jobs[name]["overrides"], world_size=jobs[name]["world_size"])
         assert (r.model.hidden_size, r.model.num_layers, r.model.num_heads, r.model.ffn_hidden_size,
                 r.data.seq_len) == (4096, 32, 32, 11008, 4096)
-        assert r.parallel.tensor_parallel == 8
-    assert slurm.load_recipe(jobs["joint"]["recipe"]).parallel.pipeline_parallel == 2
+        assert (r.parallel.tensor_parallel, r.parallel.pipeline_parallel) == (2, 1)
     assert slurm.load_recipe(jobs["grpo"]["recipe"]).phase.kind == "grpo"
+
+
+
+def test_a_stage_that_changes_the_layout_starts_from_a_consolidated_copy(tmp_path, tiny_recipe):
+    """Between stages of different tensor x pipeline layouts the chain converts the previous checkpoint once."""
+    chain = write_chain(tmp_path, tiny_recipe, [{"name": "a"}, {"name": "b", "overrides": ["parallel.tensor_parallel=2"]}])
+    p = slurm.plan(chain, run_dir="/runs/t")
+    jobs = {j["name"]: j for j in p["stages"]}
+    assert list(jobs) == ["a", "b:convert", "b"]
+    assert jobs["b"]["init_from"] == "/runs/t/b/init-consolidated"
+    assert jobs["b:convert"]["run"][-4:] == ["/runs/t/a/checkpoints", "/runs/t/b/init-consolidated", "--to",
+                                             "consolidated"]
+    assert jobs["b:convert"]["world_size"] == 1 and jobs["b:convert"]["note"] == "tensor x pipeline 1x1 -> 2x1"
 
 
 def test_dry_run_prints_runnable_commands(tmp_path, tiny_recipe, capsys):

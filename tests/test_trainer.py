@@ -1,7 +1,8 @@
 """The trainer on real DeepSpeed engines and real gloo ranks: layouts agree, resume is exact, saves are atomic.
 
 Launches are shared: one single-process run for the references, one 2-rank run (the deepspeed launcher) for TP=2,
-ZeRO-3, resume and the empty-modality cases, one 4-rank torchrun for TP 2 x DP 2 with ZeRO-3.
+ZeRO-3, resume, the empty-modality cases and the cross-rank parts of the divergence guard and of saving and loading,
+one 4-rank torchrun for TP 2 x DP 2 with ZeRO-3.
 """
 import json
 import subprocess
@@ -24,7 +25,8 @@ def runs(toy_data, tmp_path_factory):
     shards = str(toy_data["shards"])
     dist.run([SCRIPT, str(out), shards, "ref:mot", "ref:dense"], nproc=1, launcher="single")
     dist.run([SCRIPT, str(out), shards, "tp2:mot", "tp2:dense", "zero:3", "resume:1", "empty:0", "empty:1",
-              "empty:2", "empty:3"], nproc=2, launcher="deepspeed")
+              "empty:2", "empty:3", "guard:nan", "guard:signal", "guard:enospc", "guard:shard", "guard:resume"],
+             nproc=2, launcher="deepspeed")
     dist.run([SCRIPT, str(out), shards, "tp2dp2z3", "empty:3@2", "empty:2@2"], nproc=4, launcher="torchrun")
     return out
 
@@ -156,3 +158,46 @@ def test_sigkill_during_save_leaves_previous_checkpoint(killed):
     assert resumed and resumed[0]["step"] == 2
     assert checkpoint.latest(ckpts).name == "step00000006"
     assert not list(ckpts.glob(".tmp-*"))
+
+
+def _guard(runs, kind):
+    return [json.loads((runs / f"guard_{kind}.rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_nan_loss_on_one_rank_stops_every_rank_at_the_same_step(runs):
+    """Rank 1 alone gets a NaN loss from step 2: both ranks stop at step 4 (3 bad steps), name rank 1, save nothing
+    after step 1 (which the first bad step ran on: not known good), and only rank 0 prints."""
+    r0, r1 = _guard(runs, "nan")
+    assert r0["error"] == r1["error"] == "Diverged" and r0["message"] == r1["message"]
+    assert r0["message"].startswith("diverged at step 4: 3 bad steps in a row"), r0["message"]
+    assert "the first at step 2: non-finite loss on rank 1" in r0["message"]
+    assert r0["message"].endswith("last good checkpoint: none (" + str(runs) + "/guard_nan/checkpoints/step00000001 "
+                                  "holds the weights the first bad step ran on)"), r0["message"]
+    assert (r0["silent"], r1["silent"]) == (False, True)
+    assert [t for t in r0["tags"] if t.startswith("step")] == ["step00000001"] and "protected" in r0["tags"]
+
+
+def test_preemption_signal_on_one_rank_saves_on_every_rank(runs):
+    r0, r1 = _guard(runs, "signal")
+    assert r0["exit_code"] == r1["exit_code"] == 124 and r0["step"] == r1["step"] == 2
+    assert "step00000002" in r0["tags"]
+
+
+def test_full_disk_on_one_rank_fails_the_save_on_every_rank(runs):
+    r0, r1 = _guard(runs, "enospc")
+    assert r0["error"] == r1["error"] == "SaveError" and (r0["silent"], r1["silent"]) == (True, False)
+    assert "rng/rank00001.pt: cannot save the checkpoint of step 2: No space left on device" in r1["message"]
+    assert "step00000001 is untouched" in r1["message"]
+    assert [t for t in r0["tags"] if t.startswith(("step", ".tmp"))] == ["step00000001"]  # the temporary one removed
+
+
+def test_data_verification_is_shared_and_agreed(runs):
+    r0, r1 = _guard(runs, "shard")
+    assert r0["error"] == r1["error"] == "ShardError" and (r0["silent"], r1["silent"]) == (False, True)
+    assert "data.valid[0].path" in r0["message"] and "guard_shard_data/shard-00000.zst: document 0" in r0["message"]
+
+
+def test_a_corrupt_file_found_by_rank_1_stops_the_resume_on_every_rank(runs):
+    r0, r1 = _guard(runs, "resume")
+    assert r0["error"] == r1["error"] == "CorruptCheckpoint" and (r0["silent"], r1["silent"]) == (False, True)
+    assert "_optim_states.pt: corrupt (crc32" in r0["message"], r0["message"]

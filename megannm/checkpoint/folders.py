@@ -5,12 +5,18 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from megannm.checkpoint.names import CONSOLIDATED_META, LATEST, META, is_tag
+from megannm.checkpoint.names import CONSOLIDATED_META, LATEST, META, PROTECTED, is_tag
 from megannm.fileio import atomic_write, atomic_write_json
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used here; one line naming the file and parameter."""
+
+
+class CorruptCheckpoint(CheckpointError):
+    """A checkpoint damaged on disk (a garbled pointer or metadata, a missing, truncated or corrupt file): the one
+    kind of error ``checkpoint.fallback`` skips to an older checkpoint for. A checkpoint of another shape or
+    vocabulary is a plain ``CheckpointError``: falling back would hide a recipe mistake."""
 
 
 def write_latest(ckpt_dir: str | Path, tag: str) -> Path:
@@ -29,16 +35,48 @@ def latest(ckpt_dir: str | Path) -> Optional[Path]:
     pointer = ckpt_dir / LATEST
     if not pointer.exists():
         return None
-    tag = pointer.read_text().strip()
+    raw = pointer.read_bytes()
+    tag = raw.decode("utf-8", errors="replace").strip()
+    if not is_tag(tag):  # garbage bytes, an empty file: say what it holds instead of a codec error
+        raise CorruptCheckpoint(f"{pointer}: not a checkpoint tag (holds {raw[:24]!r}, expected a name like "
+                                f"step00000100); set checkpoint.fallback: true to resume from the newest complete "
+                                f"checkpoint")
     path = ckpt_dir / tag
     if not (path / META).exists():
-        raise CheckpointError(f"{pointer}: names {tag!r}, but {path / META} does not exist (incomplete checkpoint)")
+        raise CorruptCheckpoint(f"{pointer}: names {tag!r}, but {path / META} does not exist (incomplete "
+                                f"checkpoint)")
     return path
 
 
 def complete(ckpt_dir: str | Path) -> list[Path]:
     """Every complete checkpoint folder (a tag holding ``megannm.json``), oldest first."""
-    return sorted(p for p in Path(ckpt_dir).iterdir() if p.is_dir() and is_tag(p.name) and (p / META).exists())
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and is_tag(p.name) and (p / META).exists())
+
+
+def orphans(ckpt_dir: str | Path) -> list[Path]:
+    """Tag folders without ``megannm.json``: never written that way (a save renames a complete folder into place),
+    so what is left of a deletion killed half-way (before pruning renamed folders out of the way first)."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and is_tag(p.name) and not (p / META).exists())
+
+
+def protected(ckpt_dir: str | Path) -> set[str]:
+    """The tags ``protect`` recorded: pruning never deletes them."""
+    path = Path(ckpt_dir) / PROTECTED
+    if not path.exists():
+        return set()
+    return {t for t in path.read_text(errors="replace").split() if is_tag(t)}
+
+
+def protect(ckpt_dir: str | Path, tag: str) -> Path:
+    """Keep ``tag`` whatever ``keep_last`` says (the divergence guard's last good checkpoint); atomic, durable."""
+    tags = sorted(protected(ckpt_dir) | {tag})
+    return atomic_write(Path(ckpt_dir) / PROTECTED, "".join(t + "\n" for t in tags), fsync=True)
 
 
 def resolve(path: str | Path) -> Path:
@@ -56,9 +94,12 @@ def read_meta(path: str | Path) -> dict:
     """``megannm.json`` of a checkpoint folder (or of the one ``latest`` names)."""
     path = resolve(path)
     try:
-        return json.loads((path / META).read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path / META}: not valid JSON ({e})") from None
+        meta = json.loads((path / META).read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptCheckpoint(f"{path / META}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise CorruptCheckpoint(f"{path / META}: not a checkpoint's metadata (a JSON {type(meta).__name__})")
+    return meta
 
 
 def kind_of(path: str | Path) -> Optional[str]:

@@ -4,8 +4,11 @@ and the metadata file that marks a consolidated folder.
 A checkpoint dir::
 
     latest                 the tag of the newest complete checkpoint (a pointer, replaced atomically)
-    step00000100/          DeepSpeed's files (see below) + rng/rank00000.pt ... + megannm.json (written last)
-    .tmp-step00000200/     a save in progress: invisible to loaders, removed by the next save
+    protected              tags pruning never deletes: the last checkpoint before each detected divergence
+    step00000100/          DeepSpeed's files (see below) + rng/rank00000.pt ... + megannm.json (written last,
+                           with every file's size and crc32)
+    .tmp-step00000200/     a save in progress (or a folder being pruned): invisible to loaders, removed by the
+                           next save
 
 DeepSpeed's files inside a tag: ``mp_rank_XX_model_states.pt`` (the module weights of model-parallel rank XX; under
 a pipeline ``module: None`` and XX = stage * tp + tensor rank), ``zero_pp_rank_D_mp_rank_XX_{model,optim}_states.pt``
@@ -21,6 +24,8 @@ META = "megannm.json"  # megannm's metadata inside a tag; a tag without it is no
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
 RNG_DIR = "rng"
+PROTECTED = "protected"  # beside `latest`: tags kept by the divergence guard, one a line
+FILES_DIR = ".files"  # inside a tag being saved: each rank's file records, merged into megannm.json
 CONSOLIDATED_META = "consolidated.json"  # the metadata (written last) of a consolidated safetensors folder
 
 _TAG = re.compile(r"step\d{8}")

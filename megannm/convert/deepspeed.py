@@ -14,10 +14,12 @@ Reading (``read_deepspeed``), per tensor-parallel rank, then merged with ``resha
   ``*_model_states.pt`` / ``*_optim_states.pt`` of a tag and expects one file per data-parallel rank, so at TP > 1
   (one set of files per ``mp_rank_XX``) it refuses ("Expected 2 of '*_optim_states.pt' ... found 4"); it is
   therefore called once per TP rank on a folder of symlinks to that rank's files only.
-- ZeRO-0 under bf16, and pipelines under bf16: DeepSpeed's BF16_Optimizer keeps its fp32 master in a format
-  ``zero_to_fp32`` does not read (no ``zero_stage`` in it), and ``zero_to_fp32`` cannot parse pipeline model files
-  (``module: None``); the bf16 module weights are used (upcast to fp32: exact as bf16 values, the master's extra
-  bits are lost) and the source records ``weights: ... (bf16)``.
+- ZeRO-1 under bf16/fp16 with fp32 accumulation (the default): DeepSpeed's BF16_Optimizer keeps its fp32 master
+  in a format ``zero_to_fp32`` does not read (no ``zero_stage`` in it); ``_fp32_from_bf16_optimizer`` joins its
+  per-rank partitions by their ``param_slice_mappings``.
+- ZeRO-0 under bf16, and pipelines under bf16: ``zero_to_fp32`` cannot parse pipeline model files (``module:
+  None``); the bf16 module weights are used (upcast to fp32: exact as bf16 values, the master's extra bits are
+  lost) and the source records ``weights: ... (bf16)``.
 - Pipeline (PP > 1): DeepSpeed writes one ``layer_{c:02d}-model_{tp:02d}-model_states.pt`` per chain position c and
   TP rank, names inside the stage; ``megannm.model.pipeline.pipeline_to_canonical`` maps them.
 
@@ -41,7 +43,7 @@ from pathlib import Path
 import torch
 
 from megannm import checkpoint
-from megannm.checkpoint import layer_file, module_state_file
+from megannm.checkpoint import integrity, layer_file, module_state_file
 from megannm.convert import reshard
 from megannm.convert.consolidated import Consolidated, Opened, normalise_args
 from megannm.convert.files import ConvertError
@@ -101,6 +103,39 @@ def _fp32_from_zero(ckpt: Path, tp_rank: int) -> dict:
     return dict(state)
 
 
+def _bf16_optimizer_files(ckpt: Path, tp_rank: int) -> list[Path]:
+    """The data-parallel partitions of DeepSpeed's BF16_Optimizer (bf16/fp16 at ZeRO 1 with fp32 accumulation), in
+    data-parallel rank order: ``bf16_zero_pp_rank_{dp}_mp_rank_{tp:02d}_optim_states.pt``."""
+    files = ckpt.glob(f"bf16_zero_pp_rank_*_mp_rank_{tp_rank:02d}_optim_states.pt")
+    return sorted(files, key=lambda f: int(f.name.split("_")[4]))
+
+
+def _fp32_from_bf16_optimizer(ckpt: Path, tp_rank: int) -> dict:
+    """The fp32 master weights of one tensor rank from BF16_Optimizer's partitions, which ``zero_to_fp32`` does not
+    read (their optimizer state has no ``zero_stage``). Each data-parallel rank's file holds, per parameter group,
+    its flat fp32 partition and where each parameter's fragment lies in it (``param_slice_mappings``); a parameter's
+    fragments joined in rank order are the parameter, shaped as the module file's ``param_shapes`` say."""
+    shapes = {}
+    for group in _torch_load(module_state_file(ckpt, tp_rank)).get("param_shapes") or []:
+        shapes.update(group)
+    pieces: dict = {}
+    for f in _bf16_optimizer_files(ckpt, tp_rank):
+        opt = _torch_load(f).get("optimizer_state_dict") or {}
+        if "single_partition_of_fp32_groups" not in opt:
+            raise ConvertError(f"{f}: not a BF16_Optimizer partition (no single_partition_of_fp32_groups)")
+        for flat, mapping in zip(opt["single_partition_of_fp32_groups"], opt["param_slice_mappings"]):
+            for name, frag in mapping.items():
+                pieces.setdefault(name, []).append(flat.narrow(0, frag.start, frag.numel))
+    out = {}
+    for name, shape in shapes.items():
+        t = torch.cat(pieces.get(name, [])) if name in pieces else None
+        if t is None or t.numel() != torch.Size(shape).numel():
+            raise ConvertError(f"{ckpt}: the BF16_Optimizer partitions of tensor rank {tp_rank} do not hold all of "
+                               f"{name} (expected {torch.Size(shape).numel()} values)")
+        out[name] = t.view(shape).clone()
+    return out
+
+
 def _pipeline_rank_state(ckpt: Path, tp_rank: int) -> tuple[dict, str]:
     """One TP rank's canonical-named state from the pipeline's per-layer files (``layer_{c:02d}-model_{tp:02d}-
     model_states.pt`` holds chain position c's weights under the names inside that stage)."""
@@ -137,7 +172,11 @@ def rank_state(ckpt: Path, meta: dict, tp_rank: int) -> tuple[dict, str, str]:
     if pp > 1:
         state, source = _pipeline_rank_state(ckpt, tp_rank)
         how = "module weights of the pipeline layer files" + (" (bf16)" if precision == "bf16" else "")
-    elif not meta.get("module_only") and (zero == 3 or (precision == "bf16" and zero in (1, 2))):
+    elif not meta.get("module_only") and zero == 1 and _bf16_optimizer_files(ckpt, tp_rank):
+        state = _fp32_from_bf16_optimizer(ckpt, tp_rank)
+        source = str(ckpt / f"bf16_zero_pp_rank_*_mp_rank_{tp_rank:02d}_optim_states.pt")
+        how = "fp32 master from the BF16_Optimizer partitions"
+    elif not meta.get("module_only") and (zero == 3 or (precision != "fp32" and zero in (1, 2))):
         state, source = _fp32_from_zero(ckpt, tp_rank), str(ckpt / f"*_mp_rank_{tp_rank:02d}_*_states.pt")
         how = "fp32 master from the ZeRO partitions (deepspeed.utils.zero_to_fp32)"
     else:
@@ -152,6 +191,7 @@ def open_checkpoint(path: str | Path) -> tuple[Path, dict, Vocab, object]:
     from megannm.model.args import ModelArgs
     ckpt = checkpoint.resolve(path)
     meta = checkpoint.read_meta(ckpt)
+    integrity.verify(ckpt, meta)  # a truncated or flipped file is named, never read silently
     where = str(ckpt / checkpoint.META)
     try:
         vocab = Vocab.from_dict(meta["vocab"], source=where)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import mmap
+import os
 import re
 import struct
 from pathlib import Path
@@ -65,13 +66,22 @@ def save_safetensors(folder: Path, tensors: Mapping[str, torch.Tensor], max_shar
     n = len(shards)
     files = [SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     meta = {"format": "pt", **(metadata or {})}
+    mode = _umask_mode()
     for file, names in zip(files, shards):
         save_file({k: _own(tensors[k]) for k in names}, str(folder / file), metadata=meta)
+        os.chmod(folder / file, mode)  # safetensors creates its files 0600; an export is read by others
     if n > 1:
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         atomic_write_json(folder / INDEX, {"metadata": {"total_size": total},
                                            "weight_map": {k: f for f, names in zip(files, shards) for k in names}})
     return files
+
+
+def _umask_mode() -> int:
+    """The mode ``open()`` gives a new file: 0666 less the process umask (read without changing it for good)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _own(t: torch.Tensor) -> torch.Tensor:

@@ -5,97 +5,80 @@ sample's global index:
 
 1. blending (``packing.blend``) gives global index g to data set d as its k-th sample;
 2. data set d's k-th sample is sample j of its epoch e (each data set counts its own epochs);
-3. epoch e of data set d is a seeded permutation of its documents (frame-local: ``packing.frame_local_order``),
-   caption dropout decided per document, documents longer than a sample cut into pieces, and pieces packed greedily
-   into samples of ``seq_len + 1`` tokens (``pack=False``: one document per sample, truncated or padded).
+3. epoch e of data set d is its sample plan (``plans.py``): a seeded frame-local permutation of its documents,
+   caption dropout decided per document, documents longer than a sample cut into pieces, and pieces packed
+   greedily into samples of ``seq_len + 1`` tokens (``pack=False``: one document per sample, truncated or padded).
+   Plans are built once, kept as .npy files in a cache folder and memory-mapped, so a rank's memory does not grow
+   with the number of documents, and the shard indexes are read lazily, a shard at a time.
 
 Resuming at ``consumed_samples=k`` therefore yields exactly the tail of the full order. For optimizer step s the
 global batch is samples ``[consumed, consumed + GB)``; data-parallel rank r takes the contiguous slice
 ``[r * GB / dp, (r + 1) * GB / dp)`` and splits it into micro-batches in order, so DP=2 x accum 1 and DP=1 x
-accum 2 see the same micro-batches.
+accum 2 see the same micro-batches. With ``balance=True`` the same global batch is instead dealt to the ranks so
+that each gets a similar number of image tokens (``packing.balance``): the same samples, so the same gradient,
+without the rank holding the image-heavy samples becoming the step's straggler; still a pure function of (seed,
+consumed), so resume stays exact.
 
 A batch (``collate``) is a dict of tensors ``input_ids``, ``labels`` (next token), ``loss_mask`` (1 where the label
 is a real target of the same document and the document's own mask trains it), ``position_ids`` (reset at each
 document start) and ``document_ids`` (segment index within the sample; padding is a segment of its own), from
 which the model builds its block-diagonal causal mask.
+
+Within a tensor-parallel group only the group's first rank reads: it builds each micro-batch (on a background
+thread with ``prefetch`` > 0) and broadcasts it over the group, so the other ranks open no data set and hold no plan.
 """
 from __future__ import annotations
 
+import bisect
+import hashlib
+import json
+import queue
+import threading
 import warnings
-from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 
 from megannm.data import packing
+from megannm.data.plans import PlanSpec, PlanStore, data_fingerprint, image_token_counts
 from megannm.data.shards import ShardDataset
+from megannm.fileio import atomic_write_json
 from megannm.vocab import Vocab
 
-_PURPOSE_ORDER, _PURPOSE_CAPTION = 0, 1
-
-
-@dataclass
-class EpochPlan:
-    """One data set's epoch: pieces (document, caption dropped, start, length) grouped into samples."""
-    doc: np.ndarray
-    drop: np.ndarray
-    start: np.ndarray
-    length: np.ndarray
-    bounds: np.ndarray  # sample s = pieces bounds[s]:bounds[s+1]
-
-    @property
-    def num_samples(self) -> int:
-        return len(self.bounds) - 1
+# what a micro-batch holds, for receivers that do not read: name -> dtype (every tensor is [B, seq_len])
+BATCH_DTYPES = {"input_ids": torch.int64, "labels": torch.int64, "loss_mask": torch.float32,
+                "position_ids": torch.int64, "document_ids": torch.int64}
 
 
 class SampleStream:
-    """One data set's infinite sequence of samples, epoch after epoch."""
+    """One data set's infinite sequence of samples, epoch after epoch (its plans: ``store``, in memory if None)."""
 
     def __init__(self, ds: ShardDataset, stream_id: int, seq_len: int, seed: int, pack: bool = True,
-                 caption_dropout: float = 0.0, shuffle: bool = True, window_frames: int = 16):
+                 caption_dropout: float = 0.0, shuffle: bool = True, window_frames: int = 16,
+                 plan_dir: Optional[Path] = None):
         if len(ds) == 0:
             raise ValueError(f"{ds.folder}: data set has no documents")
         self.ds, self.stream_id, self.seq_len, self.seed = ds, stream_id, seq_len, seed
         self.pack, self.caption_dropout = pack, caption_dropout
-        self.shuffle, self.window_frames = shuffle, window_frames
-        self._plans: OrderedDict[int, EpochPlan] = OrderedDict()
+        self.spec = PlanSpec(data_fingerprint(ds.manifest), stream_id, int(seed), int(seq_len), bool(pack),
+                             float(caption_dropout), bool(shuffle), int(window_frames))
+        self.plan_dir = plan_dir
+        self.store = PlanStore(self.spec, ds, plan_dir)
         self._epoch_starts = [0]  # cumulative samples before epoch e (grown lazily)
         self._warned = False
+        self._image_tokens = None
 
-    def plan(self, epoch: int) -> EpochPlan:
-        hit = self._plans.get(epoch)
-        if hit is not None:
-            self._plans.move_to_end(epoch)
-            return hit
-        ds = self.ds
-        if self.shuffle:
-            order = packing.frame_local_order(ds.doc_frames, ds.num_frames,
-                                              packing.rng_for(self.seed, self.stream_id, epoch, _PURPOSE_ORDER),
-                                              self.window_frames)
-        else:
-            order = np.arange(len(ds))
-        drop = packing.caption_drops(ds.caption_lengths, self.caption_dropout,
-                                     packing.rng_for(self.seed, self.stream_id, epoch, _PURPOSE_CAPTION))[order]
-        lengths = ds.doc_lengths[order].astype(np.int64) - np.where(drop, ds.caption_lengths[order], 0)
-        cap = self.seq_len + 1
-        if self.pack:
-            pos, start, length = packing.split_pieces(lengths, self.seq_len)
-            bounds = packing.pack_next_fit(length, cap)
-        else:  # one document per sample, truncated to the sample length
-            pos, start, length = np.arange(len(order)), np.zeros(len(order), np.int64), np.minimum(lengths, cap)
-            cut = int((lengths > cap).sum())
-            if cut and not self._warned:  # truncation silently drops document ends (an image's last codes, <eos>)
-                self._warned = True
-                warnings.warn(f"{ds.folder}: {cut} of {len(lengths)} documents are longer than seq_len + 1 = {cap} "
-                              f"tokens (longest {int(lengths.max())}) and are truncated (pack=False)", stacklevel=2)
-            bounds = np.arange(len(order) + 1)
-        plan = EpochPlan(order[pos], drop[pos], start, length, bounds)
-        self._plans[epoch] = plan
-        if len(self._plans) > 3:
-            self._plans.popitem(last=False)
-        return plan
+    def plan(self, epoch: int):
+        p = self.store.epoch(epoch)
+        cut = p.info.get("truncated", 0)
+        if cut and not self._warned:  # truncation silently drops document ends (an image's last codes, <eos>)
+            self._warned = True
+            warnings.warn(f"{self.ds.folder}: {cut} of {len(self.ds)} documents are longer than seq_len + 1 = "
+                          f"{self.seq_len + 1} tokens (longest {p.info['longest']}) and are truncated (pack=False)",
+                          stacklevel=2)
+        return p
 
     def locate(self, k: int) -> tuple[int, int]:
         """Sample k of this stream -> (epoch, sample within the epoch)."""
@@ -104,22 +87,50 @@ class SampleStream:
         starts = self._epoch_starts
         while starts[-1] <= k:  # epochs differ in sample count (packing), so they are counted, in order, once
             starts.append(starts[-1] + self.plan(len(starts) - 1).num_samples)
-        e = int(np.searchsorted(starts, k, side="right")) - 1
+        e = bisect.bisect_right(starts, k) - 1
         return e, k - starts[e]
+
+    def ensure(self, num_samples: int) -> None:
+        """Have the epochs holding this stream's first ``num_samples`` samples built (in the cache, if any)."""
+        if num_samples <= 0:
+            return
+        if not self.pack:
+            self.store.ensure(range(self.locate(num_samples - 1)[0] + 1))
+            return
+        e = 0
+        while True:  # each epoch's size is known once it is built
+            self.store.ensure([e])
+            if self.locate(num_samples - 1)[0] <= e:
+                return
+            e += 1
 
     def pieces(self, k: int) -> list[tuple[int, bool, int, int]]:
         e, j = self.locate(k)
-        p = self.plan(e)
-        a, b = p.bounds[j], p.bounds[j + 1]
-        return list(zip(p.doc[a:b].tolist(), p.drop[a:b].tolist(), p.start[a:b].tolist(), p.length[a:b].tolist()))
+        return self.plan(e).sample(j)
 
     def read(self, doc: int, drop: bool) -> tuple[np.ndarray, np.ndarray | None]:
         tokens, mask = self.ds.get(doc)
         if drop:  # remove the caption between <bos> and the first <boi>: the image becomes unconditional
-            c = int(self.ds.caption_lengths[doc])
+            c = self.ds.caption_of(doc)
             tokens = np.concatenate([tokens[:1], tokens[1 + c:]])
             mask = None if mask is None else np.concatenate([mask[:1], mask[1 + c:]])
         return tokens, mask
+
+    def image_counts(self):
+        """Per document, its image tokens (counted once over the data set, then cached beside the plans)."""
+        if self._image_tokens is None:
+            self._image_tokens = image_token_counts(self.ds, self.plan_dir)
+        return self._image_tokens
+
+    def image_tokens(self, pieces: list[tuple[int, bool, int, int]]) -> int:
+        """Image tokens of a sample (exact for whole documents, proportional for a piece of a longer one)."""
+        docs = np.array([p[0] for p in pieces], np.int64)
+        counts = self.image_counts().gather(docs).tolist() if len(docs) else []
+        total = 0
+        for (doc, drop, _, n), img in zip(pieces, counts):
+            full = self.ds.length_of(doc) - (self.ds.caption_of(doc) if drop else 0)
+            total += img if n >= full else round(img * n / full)  # a piece of a longer document: its share
+        return total
 
 
 class GlobalOrder:
@@ -139,6 +150,34 @@ class GlobalOrder:
 
     def batch(self, start: int, count: int) -> dict:
         return collate(self.samples(start, count), self.seq_len, self.vocab.pad_id)
+
+    def key(self) -> str:
+        """The whole order's identity: every data set's plan key and the blend weights. A changed weight gives a
+        new order (and a new ``order-<key>.json``) over the same per-data-set plans, which weights do not enter:
+        blending is closed-form (``packing.blend``), so nothing of it needs building."""
+        ident = [[s.spec.key() for s in self.streams], packing._integer_weights(self.weights)]
+        return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:20]
+
+    def ensure(self, num_samples: int) -> None:
+        """Build (once, in the cache) every epoch plan the first ``num_samples`` global samples need, so that no
+        epoch is planned in the middle of a run; record what they are in ``order-<key>.json`` beside the first
+        data set's plans (for people and the offline command; nothing reads it back)."""
+        w = packing._integer_weights(self.weights)
+        need = [packing._first_at_or_after(w, d, num_samples) for d in range(len(self.streams))]
+        for stream, n in zip(self.streams, need):
+            stream.ensure(n)
+        first = self.streams[0].store.dir
+        if first is not None:
+            atomic_write_json(first.parent / f"order-{self.key()}.json", {
+                "weights": self.weights, "num_samples": int(num_samples),
+                "data_sets": [{"path": str(s.ds.folder), "plans": str(s.store.dir), "samples": int(n),
+                               "epochs": s.locate(n - 1)[0] + 1 if n else 0} for s, n in zip(self.streams, need)]})
+
+    def costs(self, samples: list[tuple[SampleStream, list]]) -> tuple[np.ndarray, np.ndarray]:
+        """(image tokens, tokens) of each sample: what balancing deals by."""
+        img = np.array([s.image_tokens(p) for s, p in samples], np.int64)
+        tok = np.array([sum(n for *_, n in p) for _, p in samples], np.int64)
+        return img, tok
 
 
 def collate(samples: list[tuple[SampleStream, list]], seq_len: int, pad_id: int) -> dict:
@@ -197,27 +236,112 @@ def check_batch_sizes(global_batch_size: int, micro_batch_size: int, dp_size: in
         raise ValueError(f"loader: dp_rank {dp_rank} outside 0..{dp_size - 1}")
 
 
+def step_micro_batches(order: GlobalOrder, consumed: int, global_batch_size: int, micro_batch_size: int,
+                       dp_rank: int, dp_size: int, balance: bool = False) -> list[list[tuple[SampleStream, list]]]:
+    """This rank's micro-batches (each a list of (stream, pieces)) of the global batch starting at ``consumed``.
+
+    Unbalanced: the rank's contiguous slice, in order. Balanced: the whole global batch is costed and dealt to the
+    ranks by ``packing.balance`` (each rank's samples then go in global order); every rank computes the same deal."""
+    if not balance or dp_size == 1:
+        return [order.samples(s, n) for s, n in rank_micro_batches(consumed, global_batch_size, micro_batch_size,
+                                                                   dp_rank, dp_size)]
+    check_batch_sizes(global_batch_size, micro_batch_size, dp_size, dp_rank)
+    samples = order.samples(consumed, global_batch_size)
+    img, tok = order.costs(samples)
+    mine = np.flatnonzero(packing.balance(img, tok, dp_size) == dp_rank).tolist()
+    return [[samples[i] for i in mine[m:m + micro_batch_size]] for m in range(0, len(mine), micro_batch_size)]
+
+
 class TrainIterator:
     """Infinite iterator of this rank's micro-batches; ``consumed_samples`` is the first global sample of the
-    global batch the next micro-batch belongs to (what a checkpoint records after a completed step)."""
+    global batch the next micro-batch belongs to (what a checkpoint records after a completed step).
 
-    def __init__(self, order: GlobalOrder, micro_batch_size: int, global_batch_size: int, dp_rank: int,
-                 dp_size: int, consumed_samples: int = 0):
+    ``order`` is None on a rank that does not read: it receives every micro-batch from the first rank of
+    ``tp_group`` (which must then be given). ``prefetch`` > 0: the reader builds up to that many micro-batches
+    ahead on a background thread (started by the first ``next``); the broadcast itself always runs on the calling
+    thread, in program order with the model's own collectives over the same group."""
+
+    def __init__(self, order: Optional[GlobalOrder], micro_batch_size: int, global_batch_size: int, dp_rank: int,
+                 dp_size: int, consumed_samples: int = 0, *, seq_len: Optional[int] = None, prefetch: int = 0,
+                 tp_group=None, balance: bool = False):
         check_batch_sizes(global_batch_size, micro_batch_size, dp_size, dp_rank)
+        if order is None and tp_group is None:
+            raise ValueError("loader: a rank that does not read needs the tensor-parallel group to receive from")
         self.order, self.mbs, self.gbs, self.dp_rank, self.dp_size = (order, micro_batch_size, global_batch_size,
                                                                       dp_rank, dp_size)
+        self.seq_len = order.seq_len if order is not None else int(seq_len)
         self.consumed_samples = int(consumed_samples)
-        self._queue: list[tuple[int, int]] = []
+        self.prefetch, self.tp_group, self.balance = int(prefetch), tp_group, bool(balance)
+        self._per_step = global_batch_size // (micro_batch_size * dp_size)
+        self._left = 0  # micro-batches of the current global batch still to hand out
+        self._made = self._produce(self.consumed_samples) if order is not None else None
+        self._queue: Optional[queue.Queue] = None
+        self._stop = threading.Event()
+
+    def _produce(self, consumed: int):
+        """This rank's micro-batches from global sample ``consumed`` on, forever (the reader's side)."""
+        return _micro_batches(self.order, consumed, self.gbs, self.mbs, self.dp_rank, self.dp_size, self.balance)
+
+    def _read(self) -> dict:
+        if self.prefetch <= 0:
+            return next(self._made)
+        if self._queue is None:  # the thread holds the generator, queue and flag, not the iterator: when the
+            self._queue = queue.Queue(maxsize=self.prefetch)  # iterator goes, __del__ stops the thread
+            threading.Thread(target=_fill, args=(self._made, self._queue, self._stop), name="megannm-prefetch",
+                             daemon=True).start()
+        got = self._queue.get()
+        if isinstance(got, BaseException):
+            raise got
+        return got
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict:
-        if not self._queue:
-            self._queue = rank_micro_batches(self.consumed_samples, self.gbs, self.mbs, self.dp_rank, self.dp_size)
+        if self._left == 0:
+            self._left = self._per_step
             self.consumed_samples += self.gbs
-        start, count = self._queue.pop(0)
-        return self.order.batch(start, count)
+        self._left -= 1
+        batch = self._read() if self.order is not None else None
+        if self.tp_group is not None:
+            from megannm import parallel
+            shapes = {k: ((self.mbs, self.seq_len), dt) for k, dt in BATCH_DTYPES.items()}
+            batch = parallel.broadcast_tensors(batch, shapes, self.tp_group)
+        return batch
+
+    def close(self) -> None:
+        """Stop the prefetching thread (it also stops with the process: it is a daemon)."""
+        self._stop.set()
+
+    def __del__(self):
+        stop = getattr(self, "_stop", None)  # (absent when __init__ refused its arguments)
+        if stop is not None:
+            stop.set()
+
+
+def _micro_batches(order: GlobalOrder, consumed: int, gbs: int, mbs: int, dp_rank: int, dp_size: int,
+                   balance: bool):
+    while True:
+        for samples in step_micro_batches(order, consumed, gbs, mbs, dp_rank, dp_size, balance):
+            yield collate(samples, order.seq_len, order.vocab.pad_id)
+        consumed += gbs
+
+
+def _fill(made, q: queue.Queue, stop: threading.Event) -> None:
+    """The prefetching thread: micro-batches into ``q`` in order until ``stop``; an exception is handed over."""
+    try:
+        for batch in made:
+            while not stop.is_set():
+                try:
+                    q.put(batch, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if stop.is_set():
+                return
+    except BaseException as e:  # raised on the consumer's side, with its own message
+        q.put(e)
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # builders
@@ -230,7 +354,8 @@ def _open(path, vocab, cache_frames: int) -> ShardDataset:
                                                                                                  str(vocab))
             vocab_obj.check_same(path.vocab.fingerprint, here=here, there=str(path.folder / "manifest.json"))
         return path
-    return ShardDataset(Path(path), vocab, cache_frames=cache_frames)
+    return ShardDataset(Path(path), vocab, cache_frames=cache_frames, lazy=True,
+                        index_cache=max(4, cache_frames))
 
 
 def _pairs(datasets) -> list[tuple[object, float]]:
@@ -246,8 +371,11 @@ def _pairs(datasets) -> list[tuple[object, float]]:
 
 
 def build_order(datasets, vocab, seq_len: int, seed: int, pack: bool = True, caption_dropout: float = 0.0,
-                shuffle: bool = True, window_frames: int = 16) -> GlobalOrder:
-    """The global sample order over ``datasets`` ((path | ShardDataset, weight) pairs or DatasetRefs)."""
+                shuffle: bool = True, window_frames: int = 16, plan_dir=None, cache: bool = True) -> GlobalOrder:
+    """The global sample order over ``datasets`` ((path | ShardDataset, weight) pairs or DatasetRefs).
+
+    Plans are cached in ``plan_dir`` (None: a ``plans/`` folder inside each data set's folder); ``cache=False``
+    builds them in memory in this process instead."""
     if not 0 <= caption_dropout < 1:
         raise ValueError(f"loader: caption_dropout must be in [0, 1) (got {caption_dropout})")
     pairs = _pairs(datasets)
@@ -258,20 +386,45 @@ def build_order(datasets, vocab, seq_len: int, seed: int, pack: bool = True, cap
         a, b = opened[0], next(d for d in opened if d.vocab.fingerprint != opened[0].vocab.fingerprint)
         a.vocab.check_same(b.vocab.fingerprint, here=str(a.folder / "manifest.json"),
                            there=str(b.folder / "manifest.json"))
-    streams = [SampleStream(d, i, seq_len, seed, pack, caption_dropout, shuffle, window_frames)
+
+    def where(d: ShardDataset) -> Optional[Path]:
+        if not cache:
+            return None
+        return Path(plan_dir) if plan_dir is not None else d.folder / "plans"
+
+    streams = [SampleStream(d, i, seq_len, seed, pack, caption_dropout, shuffle, window_frames, where(d))
                for i, d in enumerate(opened)]
     return GlobalOrder(streams, [w for _, w in pairs])
 
 
 def build_train_iterator(datasets, vocab, seq_len: int, micro_batch_size: int, global_batch_size: int,
                          dp_rank: int, dp_size: int, seed: int, consumed_samples: int = 0, pack: bool = True,
-                         caption_dropout: float = 0.0) -> TrainIterator:
+                         caption_dropout: float = 0.0, *, plan_dir=None, plan_samples: Optional[int] = None,
+                         prefetch: int = 0, tp_group=None, balance: bool = False) -> TrainIterator:
     """This rank's infinite iterator of micro-batch dicts (see the module docstring for the order).
 
     ``datasets``: (path | ShardDataset, weight) pairs or ``config.DatasetRef``s; ``vocab``: a ``Vocab``, a path to
-    vocab.json, or None (then the data sets only have to agree with each other)."""
-    order = build_order(datasets, vocab, seq_len, seed, pack, caption_dropout)
-    return TrainIterator(order, micro_batch_size, global_batch_size, dp_rank, dp_size, consumed_samples)
+    vocab.json, or None (then the data sets only have to agree with each other). ``plan_dir``: the plan cache
+    (None: inside each data set's folder). ``plan_samples``: build the plans of the first that many global samples
+    now (the run's length), not when the run gets there. ``tp_group``: the rank's tensor-parallel group; only its
+    first rank reads, the others receive. ``prefetch``: micro-batches built ahead on a background thread.
+    ``balance``: deal each global batch to the data-parallel ranks by image tokens."""
+    reader = True
+    if tp_group is not None:
+        from megannm import parallel
+        reader = parallel.group_rank(tp_group) == 0
+        if parallel.group_size(tp_group) == 1:
+            tp_group = None  # nothing to broadcast to
+    order = None
+    if reader:
+        order = build_order(datasets, vocab, seq_len, seed, pack, caption_dropout, plan_dir=plan_dir)
+        if plan_samples:
+            order.ensure(int(plan_samples))
+        if balance:  # balancing weighs samples by image tokens: count them now (once: cached), not at step one
+            for stream in order.streams:
+                stream.image_counts()
+    return TrainIterator(order, micro_batch_size, global_batch_size, dp_rank, dp_size, consumed_samples,
+                         seq_len=seq_len, prefetch=prefetch, tp_group=tp_group, balance=balance)
 
 
 def build_eval_batches(datasets, vocab, seq_len: int, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
@@ -281,14 +434,15 @@ def build_eval_batches(datasets, vocab, seq_len: int, micro_batch_size: int, dp_
     ``datasets``: one path or ShardDataset, or a list of them / (path, weight) pairs (weights are ignored). For
     every data set, micro-batch m goes to rank m % dp_size, and every rank gets the same number of micro-batches
     (missing samples are empty, loss mask all zero), so collective ops stay matched. ``num_batches`` caps the
-    micro-batches per rank and per data set. ``seed`` is accepted for symmetry; the order does not depend on it."""
+    micro-batches per rank and per data set. ``seed`` is accepted for symmetry; the order does not depend on it.
+    The stored order of a validation set is planned in memory (it writes nothing beside the data)."""
     del seed
     check_batch_sizes(micro_batch_size * dp_size, micro_batch_size, dp_size, dp_rank)
     if isinstance(datasets, (str, Path, ShardDataset)):
         datasets = [datasets]
     out = []
     for path, _ in _pairs(datasets):
-        order = build_order([(path, 1.0)], vocab, seq_len, seed=0, pack=pack, shuffle=False)
+        order = build_order([(path, 1.0)], vocab, seq_len, seed=0, pack=pack, shuffle=False, cache=False)
         stream = order.streams[0]
         total = stream.plan(0).num_samples
         per_rank = -(-total // (micro_batch_size * dp_size))

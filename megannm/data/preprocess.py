@@ -1,9 +1,13 @@
-"""JSONL records -> a shard folder (``megannm preprocess``).
+"""Records -> a shard folder (``megannm preprocess``).
 
-Records are cut into fixed-size chunks in file order; worker processes tokenise chunks and the main process writes
-their documents in chunk order (``Pool.imap`` keeps it). The output is therefore byte-identical whatever the number
-of workers. Any bad record aborts the whole run with one line ``file:line: what``, and since the writer works in a
-temporary folder, nothing partial is left behind.
+Records come from a source (``megannm.data.sources``: JSONL, WebDataset tar shards, an Energon data set, Parquet
+files or a saved Hugging Face data set), streamed in a fixed order and cut into fixed-size chunks; worker processes
+tokenise chunks and the main process writes their documents in chunk order (``Pool.imap`` keeps it). The output is
+therefore byte-identical whatever the number of workers. A bad sample (one the source's library cannot read, or
+the tokenizer refuses) is one line naming its file and line, tar and member, or file and row: with ``skip_bad=0``
+it aborts the whole run, and since the writer works in a temporary folder, nothing partial is left behind; with
+``skip_bad=N`` up to N are skipped (each printed, all counted in the manifest's ``bad_samples``), in input order, so
+which ones are skipped does not depend on the workers either.
 """
 from __future__ import annotations
 
@@ -11,12 +15,12 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import re
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from megannm.data.shards import ShardError, ShardWriter
+from megannm.data.shards import ShardError, ShardWriter, token_summary
+from megannm.data.sources import SOURCES, SourceOptions, open_source
 from megannm.data.tokenize import RecordError, Tokenizers, encode_records
 
 CHUNK_RECORDS = 256  # records per worker task: big enough to batch image encoding, small enough to balance
@@ -33,70 +37,92 @@ def _init_worker(tokenizers_dir: str) -> None:
         torch.set_num_threads(1)  # one thread per worker: the workers are the parallelism
 
 
-def _encode_chunk(chunk: tuple[str, list[tuple[int, str]]]) -> list[tuple[np.ndarray, np.ndarray | None]]:
-    source, lines = chunk
-    path = Path(source)
-    records, wheres = [], []
-    for lineno, line in lines:
-        where = f"{path.name}:{lineno}"
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise RecordError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
-        wheres.append(where)
-    docs = encode_records(records, _TOK, path.parent, wheres)
+def _encode(records: list, base: Path, wheres: list[str]) -> list:
     dtype = _TOK.vocab.token_dtype()
-    return [(t.astype(dtype), m) for t, m in docs]  # narrow before pickling back to the parent
+    return [(t.astype(dtype), m) for t, m in encode_records(records, _TOK, base, wheres)]  # narrow before pickling
 
 
-def _chunks(inputs: list[Path], size: int):
-    """(file, [(line number, text)]) chunks, never spanning two files (image paths are relative to their file)."""
-    for path in inputs:
-        lines = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    lines.append((lineno, line))
-                    if len(lines) == size:
-                        yield str(path), lines
-                        lines = []
-        if lines:
-            yield str(path), lines
+def _encode_chunk(chunk: tuple[str | None, list[tuple[str, object, str]]]) -> list[tuple]:
+    """(base folder, [(where, record or JSONL line, source error)]) -> per item ``(where, tokens, mask)``, or
+    ``(where, message)`` for a bad one. A chunk with a bad record is encoded one record at a time to find every
+    bad one, then its good records again as one batch (the same codes as a chunk without the bad ones)."""
+    base, items = chunk
+    out: list = [None] * len(items)
+    good: list[tuple[int, dict, str]] = []
+    for k, (where, record, error) in enumerate(items):
+        if error:
+            out[k] = (where, f"{where}: {error}")
+            continue
+        if isinstance(record, str):
+            try:
+                record = json.loads(record)
+            except json.JSONDecodeError as e:
+                out[k] = (where, f"{where}: not valid JSON ({e.msg}, column {e.colno})")
+                continue
+        good.append((k, record, where))
+    records = [r for _, r, _ in good]
+    folder = Path(base) if base is not None else Path(".")  # (only a path names a file; bytes and arrays are images)
+    try:
+        docs = _encode(records, folder, [w for *_, w in good])
+    except RecordError:
+        keep = []
+        for (k, _, where), record in zip(good, records):
+            try:
+                _encode([record], folder, [where])
+                keep.append((k, record, where))
+            except RecordError as e:  # (an object's address in a library's message would make the manifest vary)
+                out[k] = (where, re.sub(r" at 0x[0-9a-fA-F]+", "", str(e).strip().splitlines()[0]))
+        docs = _encode([r for _, r, _ in keep], folder, [w for *_, w in keep]) if keep else []
+        good = keep
+    for (k, _, where), (tokens, mask) in zip(good, docs):
+        out[k] = (where, tokens, mask)
+    return out
 
 
-def _count_records(path: Path) -> int:
-    with open(path, encoding="utf-8") as f:
-        return sum(1 for line in f if line.strip())
+def _chunks(items, size: int):
+    """(base folder, [(where, record, error)]) chunks of ``size`` items, never spanning two base folders (image
+    paths are relative to their file)."""
+    base, chunk = None, []
+    for item in items:
+        if chunk and item.base_dir != base:
+            yield base, chunk
+            chunk = []
+        base = item.base_dir
+        chunk.append((item.where, item.record, item.error))
+        if len(chunk) == size:
+            yield base, chunk
+            chunk = []
+    if chunk:
+        yield base, chunk
 
 
 def preprocess(inputs, out_dir, tokenizers_dir, workers: int = 1, docs_per_shard: int = 100_000,
-               progress: bool = True, overwrite: bool = False, chunk_records: int = CHUNK_RECORDS) -> dict:
-    """Tokenise JSONL ``inputs`` into a shard folder ``out_dir``; returns its manifest.
+               progress: bool = True, overwrite: bool = False, chunk_records: int = CHUNK_RECORDS, *,
+               source: str | None = None, options: SourceOptions | None = None, skip_bad: int = 0,
+               say=None) -> dict:
+    """Tokenise ``inputs`` (files or folders of one ``source`` kind, None: detected) into a shard folder
+    ``out_dir``; returns its manifest.
 
-    Image paths inside a record are relative to its JSONL file. ``workers`` processes tokenise (1 = in this
-    process); the output does not depend on it."""
+    Image paths inside a JSONL record are relative to its file. ``workers`` processes tokenise (1 = in this
+    process); the output does not depend on it. ``skip_bad``: how many bad samples to skip (each reported
+    through ``say``, default stderr) before the next one aborts the run."""
     global _TOK
-    inputs = [Path(p) for p in ([inputs] if isinstance(inputs, (str, Path)) else inputs)]
-    if not inputs:
-        raise ValueError("preprocess: no input files")
-    for p in inputs:
-        if not p.is_file():
-            raise FileNotFoundError(f"{p}: input file not found")
+    src = open_source(inputs, source, options)
     out_dir, tokenizers_dir = Path(out_dir), Path(tokenizers_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir}: already exists (remove it, or pass --overwrite)")
+    say = say or (lambda line: print(f"megannm preprocess: skipped: {line}", file=sys.stderr))
     tok = Tokenizers.load(tokenizers_dir)
-    counts = [_count_records(p) for p in inputs]
-    metadata = {"sources": [{"file": p.name, "records": n} for p, n in zip(inputs, counts)],
-                "tokenizers_fingerprint": tok.vocab.fingerprint}
+    total = src.count()
+    metadata = {"sources": [], "source_kind": src.kind, "tokenizers_fingerprint": tok.vocab.fingerprint}
 
     from tqdm import tqdm
-    bar = tqdm(total=sum(counts), unit="rec", desc=f"preprocess {out_dir.name}", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(total=total, unit="sample", desc=f"preprocess {out_dir.name}", disable=not progress,
+               dynamic_ncols=True)  # its rate is samples/s
     writer = ShardWriter(out_dir, tok.vocab, docs_per_shard=docs_per_shard, overwrite=overwrite, metadata=metadata)
     pool = None
     try:
-        chunks = _chunks(inputs, chunk_records)
+        chunks = _chunks(src, chunk_records)
         if workers <= 1:
             _TOK = tok
             results = map(_encode_chunk, chunks)
@@ -107,10 +133,25 @@ def preprocess(inputs, out_dir, tokenizers_dir, workers: int = 1, docs_per_shard
             _TOK = tok if method == "fork" else None
             pool = mp.get_context(method).Pool(workers, initializer=_init_worker, initargs=(str(tokenizers_dir),))
             results = pool.imap(_encode_chunk, chunks)  # ordered: the output never depends on scheduling
+        bad: list[str] = []
+        written = 0
         for docs in results:
-            for tokens, mask in docs:
-                writer.add(tokens, mask)
+            for where, *doc in docs:
+                if len(doc) == 1:  # a bad sample: its one-line message
+                    bad.append(doc[0])
+                    if len(bad) > skip_bad:
+                        raise RecordError(doc[0] if not skip_bad else
+                                          f"{doc[0]} (bad sample {len(bad)}, more than --skip-bad {skip_bad})")
+                    say(doc[0])
+                    continue
+                writer.add(doc[0], doc[1], where=where)
+                written += 1
             bar.update(len(docs))
+        if not written:  # an empty data set would only be refused later, by training
+            raise RecordError(f"{', '.join(str(i) for i in inputs)}: no records in the inputs (nothing to write)")
+        # known once everything is read (a streaming source counts as it goes)
+        writer.metadata["sources"] = src.describe()
+        writer.metadata["bad_samples"] = {"skipped": len(bad), "limit": skip_bad, "first": bad[:20]}
         manifest = writer.close()
     except BaseException:
         writer.abort()
@@ -127,10 +168,22 @@ def preprocess(inputs, out_dir, tokenizers_dir, workers: int = 1, docs_per_shard
 def preprocess_main(argv: list[str] | None = None) -> int:
     """``megannm preprocess`` / ``tools/preprocess_data.py``: exit 0, or 2 with one line on bad input."""
     p = argparse.ArgumentParser(prog="megannm preprocess",
-                                description="Tokenise JSONL records (interleaved 'parts' or chat 'messages') into a "
+                                description="Tokenise records (interleaved 'parts' or chat 'messages'; caption pairs "
+                                            "from WebDataset, Energon, Parquet or Hugging Face data sets) into a "
                                             "folder of zstd token shards with a manifest.")
     p.add_argument("--input", "-i", required=True, nargs="+", action="extend", type=Path,
-                   help="JSONL file(s); image paths in records are relative to their file")
+                   help="JSONL file(s) (image paths in records are relative to their file), .tar shards or a "
+                        "folder of them, an Energon data set folder, .parquet file(s), or a saved HF data set")
+    p.add_argument("--source", choices=["auto", *SOURCES], default="auto",
+                   help="kind of input (default: detected from the inputs)")
+    p.add_argument("--image-column", default="image", help="Parquet/HF: column of encoded images (default image)")
+    p.add_argument("--text-column", default="text", help="Parquet/HF: column of texts (default text)")
+    p.add_argument("--image-first", action="store_true",
+                   help="caption pairs as image then text (understanding) instead of text then image")
+    p.add_argument("--split", default="train", help="Energon / HF DatasetDict: the split to read (default train)")
+    p.add_argument("--skip-bad", type=int, default=0, metavar="N",
+                   help="skip up to N bad samples (each reported on one line, counted in the manifest); the next "
+                        "one aborts (default 0: the first aborts)")
     p.add_argument("--output", "-o", required=True, type=Path, help="shard folder to create")
     p.add_argument("--tokenizers", "-t", required=True, type=Path,
                    help="tokenizer bundle folder (text/, image_tokenizer.*, vocab.json)")
@@ -141,8 +194,11 @@ def preprocess_main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     try:
+        options = SourceOptions(image_column=a.image_column, text_column=a.text_column, image_first=a.image_first,
+                                split=a.split)
         m = preprocess(a.input, a.output, a.tokenizers, workers=a.workers, docs_per_shard=a.docs_per_shard,
-                       progress=not a.no_progress and sys.stderr.isatty(), overwrite=a.overwrite)
+                       progress=not a.no_progress and sys.stderr.isatty(), overwrite=a.overwrite,
+                       source=a.source, options=options, skip_bad=a.skip_bad)
     except (RecordError, ShardError, ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
         if os.environ.get("MEGANNM_TRACEBACK") == "1":
             raise
@@ -151,6 +207,7 @@ def preprocess_main(argv: list[str] | None = None) -> int:
         return 2
     print(f"{a.output}: {m['num_docs']} documents, {m['num_tokens']} tokens, {len(m['shards'])} shard(s), "
           f"{sum(s['bytes'] for s in m['shards'])} bytes (vocabulary {m['vocab_fingerprint']})")
+    print("\n".join(token_summary(m)))  # per-document sizes and the seq_len that fits them (shards.py)
     return 0
 
 

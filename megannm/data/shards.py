@@ -14,18 +14,22 @@ document costs one ``pread`` and one ~1 MiB decompression, amortised over every 
 loader reads documents frame-locally and keeps recent frames decompressed).
 
 Safety: a folder is written under a temporary name and renamed when complete, so a partial dataset is never
-visible. The reader checks the index's sha256 and every shard's size when it opens, and each frame's crc32 when it
-reads one; ``verify()`` checks whole-shard sha256. A corrupt or truncated shard is a ``ShardError`` naming the shard
+visible. The reader checks the index's sha256 and every shard's size when it opens (``lazy=True``: when it first
+reads from that shard, so that opening does not grow with the data set), and each frame's crc32 when it reads
+one; ``verify()`` checks whole-shard sha256. A corrupt or truncated shard is a ``ShardError`` naming the shard
 and the document, never a silent short read.
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import io
 import json
 import os
 import shutil
 import zlib
+from array import array
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +121,8 @@ class ShardWriter:
         self._cctx = zstandard.ZstdCompressor(level=level, write_checksum=True)
         self._shards: list[dict] = []
         self._num_docs = self._num_tokens = self._num_masked = 0
+        # per document: its image codes and its other tokens (4 bytes each: the manifest's tokens_per_doc summary)
+        self._image_counts, self._text_counts, self._num_images = array("I"), array("I"), 0
         self._closed = False
         self._open_shard()
 
@@ -203,6 +209,10 @@ class ShardWriter:
                 raise ValueError(f"{where or f'document {self._num_docs}'}: loss mask shape {mask.shape} differs "
                                  f"from tokens {tokens.shape}")
             self._num_masked += 1
+        n_image = int(np.count_nonzero((tokens >= self.vocab.image_start) & (tokens < self.vocab.image_end)))
+        self._image_counts.append(n_image)
+        self._text_counts.append(len(tokens) - n_image)
+        self._num_images += int(np.count_nonzero(tokens == self.vocab.boi_id))
         if self._pending_tokens and self._pending_tokens + len(tokens) > self.frame_tokens:
             self._flush_frame()  # whole documents per frame: a long document gets a frame of its own size
         self._pending.append((tokens, mask))
@@ -223,7 +233,12 @@ class ShardWriter:
             "vocab_fingerprint": self.vocab.fingerprint, "vocab": self.vocab.to_dict(),
             "token_dtype": self.dtype.name,
             "num_docs": self._num_docs, "num_tokens": self._num_tokens, "num_masked_docs": self._num_masked,
-            "shards": self._shards, **self.metadata,
+            "shards": self._shards,
+            # what a recipe's seq_len must hold (check_seq_len): an image's span, and documents' sizes per modality
+            "image_tokens_per_image": int(self.vocab.image_grid), "num_images": self._num_images,
+            "tokens_per_doc": tokens_per_doc(np.frombuffer(self._text_counts, np.uint32),
+                                             np.frombuffer(self._image_counts, np.uint32)),
+            **self.metadata,
         }
         self.vocab.save(self.tmp / "vocab.json")
         # the manifest last: a folder with a manifest is complete (and the rename makes the whole folder appear)
@@ -265,6 +280,53 @@ def _fsync_dir(folder: Path) -> None:
             os.fsync(f.fileno())
 
 
+def _spread(counts: np.ndarray) -> dict:
+    if len(counts) == 0:
+        return {"min": 0, "median": 0, "max": 0}
+    return {"min": int(counts.min()), "median": float(np.median(counts)), "max": int(counts.max())}
+
+
+def tokens_per_doc(text: np.ndarray, image: np.ndarray) -> dict:
+    """min / median / max tokens per document: ``text`` (everything but image codes: text, specials, <boi>/<eoi>),
+    ``image`` (image codes) and ``total``."""
+    total = text.astype(np.int64) + image
+    return {"text": _spread(text), "image": _spread(image), "total": _spread(total)}
+
+
+def seq_len_that_fits(manifest: dict) -> int:
+    """The shortest ``data.seq_len`` that keeps every document of the data set whole in one sample (a sample is
+    ``seq_len + 1`` tokens: inputs and next-token labels)."""
+    return max(1, int(manifest.get("tokens_per_doc", {}).get("total", {}).get("max", 2)) - 1)
+
+
+def check_seq_len(manifest: dict, seq_len: int, source: str) -> None:
+    """One line naming the data set and ``seq_len`` if an image cannot fit in one sample: a longer document is cut
+    into pieces, but an image cut in two trains the model on codes without the start of their picture (and the
+    generator could never produce it). ``source`` names the manifest for the message."""
+    grid = int(manifest.get("image_tokens_per_image") or manifest.get("vocab", {}).get("image_grid", 0))
+    if manifest.get("num_images", 1) and grid and grid + 2 > seq_len + 1:
+        raise ValueError(f"{source}: an image takes {grid + 2} tokens (<boi> + {grid} codes + <eoi>) but data.seq_len "
+                         f"is {seq_len}: set data.seq_len >= {grid + 1}, or use an image tokenizer with fewer tokens "
+                         f"per image")
+
+
+def token_summary(manifest: dict) -> list[str]:
+    """What ``megannm preprocess`` prints after the totals: tokens per document per modality, and the seq_len."""
+    t = manifest.get("tokens_per_doc")
+    if not t:
+        return []
+    f = lambda d: f"{d['min']} / {d['median']:g} / {d['max']}"
+    grid = int(manifest.get("image_tokens_per_image") or 0)
+    lines = [f"  tokens per document (min / median / max): text {f(t['text'])}, image {f(t['image'])}, "
+             f"total {f(t['total'])}"]
+    if manifest.get("num_images"):
+        lines.append(f"  {manifest['num_images']} images of {grid} tokens each ({grid + 2} with <boi> and <eoi>)")
+    fits = seq_len_that_fits(manifest)
+    lines.append(f"  data.seq_len >= {fits} keeps every document whole in one sample (e.g. seq_len: "
+                 f"{-(-fits // 64) * 64}); shorter documents are packed together, longer ones cut into pieces")
+    return lines
+
+
 def write_dataset(out_dir, docs, vocab: Vocab, **kwargs) -> dict:
     """Write an iterable of ``tokens`` or ``(tokens, mask)`` documents; returns the manifest."""
     with ShardWriter(out_dir, vocab, **kwargs) as w:
@@ -284,14 +346,42 @@ def _load_vocab_arg(vocab) -> tuple[Vocab | None, str]:
     return Vocab.load(vocab), str(vocab)
 
 
+class _Index:
+    """The index of a run of documents (one shard, or all of them): per-document fields as plain uint32 arrays with
+    global frame numbers, and their frames. The per-document hot path indexes memoryviews of the arrays: they hand
+    back Python ints ~6x faster than numpy scalar indexing, which matters at a few hundred nanoseconds a document."""
+
+    def __init__(self, docs: np.ndarray, frames: np.ndarray, frame_shard: np.ndarray, first_doc: int,
+                 first_frame: int):
+        self.first_doc, self.first_frame = first_doc, first_frame
+        self.frame, self.offset, self.length, self.mask, self.caption = (
+            np.ascontiguousarray(docs[name]) for name in DOC_DTYPE.names)
+        self.frames, self.frame_shard = frames, frame_shard
+        last = (frames["first_doc"].astype(np.int64) - first_doc + frames["docs"]) - 1
+        self.frame_tokens = (self.offset[last].astype(np.int64) + self.length[last]).tolist()
+        self.mv = tuple(memoryview(a) for a in (self.frame, self.offset, self.length, self.mask))
+
+    @property
+    def nbytes(self) -> int:
+        return 20 * len(self.frame) + self.frames.nbytes + 8 * len(self.frame_tokens)
+
+
 class ShardDataset:
     """Random access to the documents of a dataset folder.
 
     ``vocab`` (a ``Vocab`` or a path to a vocab.json) is checked against the folder's fingerprint. Tokens come back
     as read-only views into a decompressed frame; the last ``cache_frames`` frames stay decompressed (so reading
-    documents frame by frame, or window by window as the loader does, decompresses each frame once)."""
+    documents frame by frame, or window by window as the loader does, decompresses each frame once).
 
-    def __init__(self, folder, vocab: Vocab | str | Path | None = None, cache_frames: int = 64):
+    By default every shard index is read, checked and kept at open (20 bytes a document). ``lazy=True`` reads only
+    the manifest at open: a shard's index is read and checked (sha256, shard size) when one of its documents is
+    first read, and at most ``index_cache`` shard indexes are kept, so opening costs the same for a thousand or
+    a hundred million documents and resident memory does not grow with them (the loader's sample plans already
+    hold what it needs of the whole index). In lazy mode the whole-data-set arrays (``doc_lengths``,
+    ``caption_lengths``, ``doc_frames``) read every index on each call: ``plan_arrays()`` reads them in one pass."""
+
+    def __init__(self, folder, vocab: Vocab | str | Path | None = None, cache_frames: int = 64, lazy: bool = False,
+                 index_cache: int = 8):
         self.folder = Path(folder)
         mpath = self.folder / "manifest.json"
         try:
@@ -313,112 +403,162 @@ class ShardDataset:
         if given is not None:
             given.check_same(m["vocab_fingerprint"], here=source, there=str(mpath))
         self.dtype = np.dtype(m["token_dtype"])
-        self._load_indexes()
+        # where each shard's documents and frames start (global numbering), from the manifest alone
+        self._shard_docs = np.cumsum([0] + [int(s["docs"]) for s in m["shards"]]).tolist()
+        self._shard_frames = np.cumsum([0] + [int(s["frames"]) for s in m["shards"]]).tolist()
+        if self._shard_docs[-1] != m["num_docs"]:
+            raise ShardError(f"{mpath}: says {m['num_docs']} documents, its shards list {self._shard_docs[-1]}")
+        self._n = int(m["num_docs"])
+        self.lazy = bool(lazy)
+        self.index_cache = max(1, int(index_cache))
+        self._indexes: OrderedDict[int, _Index] = OrderedDict()  # lazy: shard -> its index, least recent first
         self._fds: dict[int, int] = {}  # shard -> file descriptor, opened on first read (pread: no shared offset)
         self._dctx = zstandard.ZstdDecompressor()
         self._cache: dict[int, tuple[np.ndarray, bytes]] = {}  # frame -> (tokens, raw payload), insertion order
-        self._n = len(self._doc_length)
-        # the per-document hot path indexes memoryviews of the same arrays: they hand back Python ints ~6x faster
-        # than numpy scalar indexing, which matters at a few hundred nanoseconds per document
-        self._mv = tuple(memoryview(a) for a in (self._doc_frame, self._doc_offset, self._doc_length, self._doc_mask))
         self.cache_frames = max(1, int(cache_frames))
+        if not self.lazy:
+            self._all = self._load_indexes()
+            self._frames, self._mv = self._all.frames, self._all.mv
+        else:
+            self.get = self._get_lazy
 
-    def _load_indexes(self):
-        docs, frames, frame_shard, first_doc = [], [], [], 0
-        for k, s in enumerate(self.manifest["shards"]):
-            ipath, spath = self.folder / s["index"], self.folder / s["file"]
-            try:
-                raw = ipath.read_bytes()
-            except FileNotFoundError:
-                raise ShardError(f"{ipath}: index file missing") from None
-            if hashlib.sha256(raw).hexdigest() != s["index_sha256"]:
-                raise ShardError(f"{ipath}: index checksum mismatch (corrupt or replaced)")
-            buf = io.BytesIO(zstandard.ZstdDecompressor().decompress(raw))
-            d, f = np.load(buf, allow_pickle=False), np.load(buf, allow_pickle=False)
-            try:
-                size = spath.stat().st_size
-            except FileNotFoundError:
-                raise ShardError(f"{spath}: shard file missing (documents {first_doc}-{first_doc + len(d) - 1})"
-                                 ) from None
-            if size != s["bytes"]:
-                end = f["offset"] + f["csize"]
-                bad = int(f["first_doc"][np.argmax(end > size)]) + first_doc if (end > size).any() else first_doc
-                raise ShardError(f"{spath}: truncated or changed size ({size} bytes, manifest says {s['bytes']}): "
-                                 f"document {bad} onwards cannot be read")
-            g = d.copy()
-            g["frame"] += len(frame_shard)  # frame numbers become global over shards
-            docs.append(g)
-            fr = f.copy()
-            fr["first_doc"] += first_doc
-            frames.append(fr)
-            frame_shard.extend([k] * len(f))
-            first_doc += len(d)
-        docs = np.concatenate(docs) if docs else np.empty(0, DOC_DTYPE)
-        # one plain uint32 array per field (20 bytes a document, as in the index): contiguous for fast lookups
-        self._doc_frame, self._doc_offset, self._doc_length, self._doc_mask, self._doc_caption = (
-            np.ascontiguousarray(docs[name]) for name in DOC_DTYPE.names)
-        self._frames = np.concatenate(frames) if frames else np.empty(0, FRAME_DTYPE)
-        self._frame_shard = np.asarray(frame_shard, dtype=np.int64)
-        last = (self._frames["first_doc"] + self._frames["docs"]).astype(np.int64) - 1
-        self._frame_tokens = (self._doc_offset[last].astype(np.int64) + self._doc_length[last]).tolist()
-        if len(self._doc_length) != self.manifest["num_docs"]:
-            raise ShardError(f"{self.folder / 'manifest.json'}: says {self.manifest['num_docs']} documents, the "
-                             f"indexes hold {len(self._doc_length)}")
+    # indexes -------------------------------------------------------------------------------------------------------
+    def _read_index(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Shard k's (documents, frames), numbered globally, after checking the index's sha256 and the shard's size."""
+        s = self.manifest["shards"][k]
+        ipath, spath = self.folder / s["index"], self.folder / s["file"]
+        first_doc = self._shard_docs[k]
+        try:
+            raw = ipath.read_bytes()
+        except FileNotFoundError:
+            raise ShardError(f"{ipath}: index file missing") from None
+        if hashlib.sha256(raw).hexdigest() != s["index_sha256"]:
+            raise ShardError(f"{ipath}: index checksum mismatch (corrupt or replaced)")
+        buf = io.BytesIO(zstandard.ZstdDecompressor().decompress(raw))
+        d, f = np.load(buf, allow_pickle=False), np.load(buf, allow_pickle=False)
+        try:
+            size = spath.stat().st_size
+        except FileNotFoundError:
+            raise ShardError(f"{spath}: shard file missing (documents {first_doc}-{first_doc + len(d) - 1})") from None
+        if size != s["bytes"]:
+            end = f["offset"] + f["csize"]
+            bad = int(f["first_doc"][np.argmax(end > size)]) + first_doc if (end > size).any() else first_doc
+            raise ShardError(f"{spath}: truncated or changed size ({size} bytes, manifest says {s['bytes']}): "
+                             f"document {bad} onwards cannot be read")
+        if len(d) != s["docs"] or len(f) != s["frames"]:
+            raise ShardError(f"{ipath}: holds {len(d)} documents in {len(f)} frames, the manifest says "
+                             f"{s['docs']} in {s['frames']}")
+        d, f = d.copy(), f.copy()
+        d["frame"] += self._shard_frames[k]  # frame numbers become global over shards
+        f["first_doc"] += first_doc
+        return d, f
+
+    def _load_indexes(self) -> _Index:
+        parts = [self._read_index(k) for k in range(len(self.manifest["shards"]))]
+        docs = np.concatenate([d for d, _ in parts]) if parts else np.empty(0, DOC_DTYPE)
+        frames = np.concatenate([f for _, f in parts]) if parts else np.empty(0, FRAME_DTYPE)
+        frame_shard = np.repeat(np.arange(len(parts)), [len(f) for _, f in parts]).astype(np.int64)
+        return _Index(docs, frames, frame_shard, 0, 0)
+
+    def _shard_index(self, k: int) -> _Index:
+        idx = self._indexes.get(k)
+        if idx is None:  # first in, first out (as frames): the loader reads window by window
+            d, f = self._read_index(k)
+            idx = self._indexes[k] = _Index(d, f, np.full(len(f), k, np.int64), self._shard_docs[k],
+                                            self._shard_frames[k])
+            if len(self._indexes) > self.index_cache:
+                del self._indexes[next(iter(self._indexes))]
+        return idx
+
+    def _index_of_doc(self, i: int) -> _Index:
+        return self._all if not self.lazy else self._shard_index(bisect.bisect_right(self._shard_docs, i) - 1)
+
+    def _index_of_frame(self, frame: int) -> _Index:
+        return self._all if not self.lazy else self._shard_index(bisect.bisect_right(self._shard_frames, frame) - 1)
+
+    def plan_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(document lengths, caption lengths, frames) of every document, uint32: what a sample plan is built from
+        (lazy mode: one pass over the indexes, nothing kept)."""
+        if not self.lazy:
+            return self._all.length, self._all.caption, self._all.frame
+        out = [np.empty(self._n, np.uint32) for _ in range(3)]
+        for k in range(len(self.manifest["shards"])):
+            d, _ = self._read_index(k)
+            a, b = self._shard_docs[k], self._shard_docs[k + 1]
+            out[0][a:b], out[1][a:b], out[2][a:b] = d["length"], d["caption"], d["frame"]
+        return out[0], out[1], out[2]
 
     # sizes ---------------------------------------------------------------------------------------------------------
     def __len__(self) -> int:
-        return len(self._doc_length)
+        return self._n
 
     @property
     def doc_lengths(self) -> np.ndarray:
-        return self._doc_length
+        return self.plan_arrays()[0]
 
     @property
     def caption_lengths(self) -> np.ndarray:
         """Per document: tokens caption dropout may remove (see ``caption_length``)."""
-        return self._doc_caption
+        return self.plan_arrays()[1]
 
     @property
     def doc_frames(self) -> np.ndarray:
         """Per document: its frame (global over shards); the loader shuffles frame-locally with it."""
-        return self._doc_frame
+        return self.plan_arrays()[2]
 
     @property
     def num_frames(self) -> int:
-        return len(self._frames)
+        return self._shard_frames[-1]
 
     @property
     def num_tokens(self) -> int:
         return int(self.manifest["num_tokens"])
 
+    def caption_of(self, i: int) -> int:
+        """Document ``i``'s caption length (what caption dropout removes)."""
+        idx = self._index_of_doc(i)
+        return int(idx.caption[i - idx.first_doc])
+
+    def length_of(self, i: int) -> int:
+        """Document ``i``'s length in tokens (from the index: no frame is read)."""
+        idx = self._index_of_doc(i)
+        return int(idx.length[i - idx.first_doc])
+
+    def index_bytes(self) -> int:
+        """Bytes of index this reader holds now (the loader's resident-memory accounting)."""
+        held = [self._all] if not self.lazy else list(self._indexes.values())
+        return sum(x.nbytes for x in held)
+
     # reading -------------------------------------------------------------------------------------------------------
-    def _where(self, frame: int, doc: int) -> str:
-        return f"{self.folder / self.manifest['shards'][self._frame_shard[frame]]['file']}: document {doc}"
+    def _where(self, shard: int, doc: int) -> str:
+        return f"{self.folder / self.manifest['shards'][shard]['file']}: document {doc}"
 
     def _frame(self, frame: int, doc: int):
-        fr = self._frames[frame]
+        idx = self._index_of_frame(frame)
+        local = frame - idx.first_frame
+        fr = idx.frames[local]
         csize, size = int(fr["csize"]), int(fr["size"])
-        shard = int(self._frame_shard[frame])
+        shard = int(idx.frame_shard[local])
         fd = self._fds.get(shard)
         if fd is None:
             try:
                 fd = self._fds[shard] = os.open(self.folder / self.manifest["shards"][shard]["file"], os.O_RDONLY)
             except FileNotFoundError:
-                raise ShardError(f"{self._where(frame, doc)}: shard file missing") from None
+                raise ShardError(f"{self._where(shard, doc)}: shard file missing") from None
         blob = os.pread(fd, csize, int(fr["offset"]))
         if len(blob) != csize:
-            raise ShardError(f"{self._where(frame, doc)}: truncated shard (frame {frame} wants {csize} bytes at "
+            raise ShardError(f"{self._where(shard, doc)}: truncated shard (frame {frame} wants {csize} bytes at "
                              f"{int(fr['offset'])}, got {len(blob)})")
         if zlib.crc32(blob) != int(fr["crc"]):
-            raise ShardError(f"{self._where(frame, doc)}: corrupt shard (crc32 mismatch in frame {frame})")
+            raise ShardError(f"{self._where(shard, doc)}: corrupt shard (crc32 mismatch in frame {frame})")
         try:
             raw = self._dctx.decompress(blob, max_output_size=size)
         except zstandard.ZstdError as e:
-            raise ShardError(f"{self._where(frame, doc)}: corrupt shard (frame {frame}: {e})") from None
+            raise ShardError(f"{self._where(shard, doc)}: corrupt shard (frame {frame}: {e})") from None
         if len(raw) != size:
-            raise ShardError(f"{self._where(frame, doc)}: corrupt shard (frame {frame} is {len(raw)} bytes, "
+            raise ShardError(f"{self._where(shard, doc)}: corrupt shard (frame {frame} is {len(raw)} bytes, "
                              f"index says {size})")
-        tokens = np.frombuffer(raw, self.dtype, self._frame_tokens[frame])
+        tokens = np.frombuffer(raw, self.dtype, idx.frame_tokens[local])
         entry = (tokens, raw)
         self._cache[frame] = entry
         if len(self._cache) > self.cache_frames:  # first in, first out: the loader's order is window-local, so
@@ -437,8 +577,40 @@ class ShardDataset:
         mask = None if m == NO_MASK else np.unpackbits(np.frombuffer(raw, np.uint8, (n + 7) // 8, m), count=n)
         return tokens[off:off + n], mask
 
+    def _get_lazy(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """``get`` in lazy mode (bound over it at open, so that the eager path pays no test for it)."""
+        if not 0 <= i < self._n:
+            raise IndexError(f"{self.folder}: document {i} out of range (0..{self._n - 1})")
+        k = bisect.bisect_right(self._shard_docs, i) - 1
+        idx = self._indexes.get(k) or self._shard_index(k)
+        frames, offsets, lengths, masks = idx.mv
+        j = i - idx.first_doc
+        frame = frames[j]
+        hit = self._cache.get(frame)
+        tokens, raw = hit if hit is not None else self._frame(frame, i)
+        off, n, m = offsets[j], lengths[j], masks[j]
+        mask = None if m == NO_MASK else np.unpackbits(np.frombuffer(raw, np.uint8, (n + 7) // 8, m), count=n)
+        return tokens[off:off + n], mask
+
     def __getitem__(self, i: int):
         return self.get(i)
+
+    def image_token_counts(self) -> np.ndarray:
+        """Per document, how many of its tokens are image codes (uint32): one pass over every frame, vectorised
+        per frame (what modality balancing plans with; the index does not store it)."""
+        out = np.zeros(self._n, np.uint32)
+        lo, hi = self.vocab.image_start, self.vocab.image_end
+        for frame in range(self.num_frames):
+            idx = self._index_of_frame(frame)
+            fr = idx.frames[frame - idx.first_frame]
+            a = int(fr["first_doc"])
+            b = a + int(fr["docs"])
+            tokens, _ = self._frame(frame, a)
+            is_image = ((tokens >= lo) & (tokens < hi)).astype(np.uint32)
+            starts = np.asarray(idx.offset[a - idx.first_doc:b - idx.first_doc], np.int64)
+            out[a:b] = np.add.reduceat(is_image, starts) if len(is_image) else 0  # documents are never empty
+            self._cache.pop(frame, None)  # a pass over everything: keep no frame
+        return out
 
     # checking ------------------------------------------------------------------------------------------------------
     def verify(self, deep: bool = False) -> dict:
@@ -453,7 +625,8 @@ class ShardDataset:
         if deep:
             for frame in range(self.num_frames):
                 self._cache.pop(frame, None)
-                self._frame(frame, int(self._frames[frame]["first_doc"]))
+                idx = self._index_of_frame(frame)
+                self._frame(frame, int(idx.frames[frame - idx.first_frame]["first_doc"]))
         return {"shards": len(self.manifest["shards"]), "docs": len(self), "tokens": self.num_tokens, "deep": deep}
 
     def close(self):
@@ -472,4 +645,5 @@ class ShardDataset:
         return f"ShardDataset({self.folder}, docs={len(self)}, tokens={self.num_tokens})"
 
 
-__all__ = ["ShardWriter", "ShardDataset", "ShardError", "VocabMismatchError", "write_dataset", "caption_length"]
+__all__ = ["ShardWriter", "ShardDataset", "ShardError", "VocabMismatchError", "write_dataset", "caption_length",
+           "check_seq_len", "seq_len_that_fits", "token_summary", "tokens_per_doc"]

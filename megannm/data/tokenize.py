@@ -1,7 +1,8 @@
 """Records -> token documents, and back.
 
 A ``Tokenizers`` bundle is the text tokenizer, the image tokenizer and the unified ``Vocab`` built from both; it is
-saved as one folder (``text/``, ``image_tokenizer.<ext>``, ``vocab.json``) so that preprocessing, training and
+saved as one folder (``text/``, ``image_tokenizer/`` or ``image_tokenizer.npz``, ``vocab.json``; ``megannm tokenizers
+build`` makes one from your records) so that preprocessing, training and
 generation provably use the same ids (the vocab fingerprint covers the text tokenizer's digest and both range sizes).
 
 Two record shapes become documents:
@@ -75,37 +76,44 @@ class Tokenizers:
                 raise VocabMismatchError(f"{folder}: the text tokenizer does not match the vocabulary's text_digest; "
                                          f"build the bundle with Tokenizers.build from a saved tokenizer folder")
         if self.image_path is not None:
-            dst = tmp / ("image_tokenizer" + self.image_path.suffix)
-            (shutil.copytree if self.image_path.is_dir() else shutil.copyfile)(self.image_path, dst)
+            if self.image_path.is_dir():  # a folder kind; a learned one's training state stays where it trained
+                shutil.copytree(self.image_path, tmp / "image_tokenizer",
+                                ignore=shutil.ignore_patterns("train_state.pt", ".*"))
+            else:
+                shutil.copyfile(self.image_path, tmp / "image_tokenizer.npz")
         else:
-            self.image.save(tmp / "image_tokenizer.pt")
+            self.image.save(tmp / self.image.default_name)
         self.vocab.save(tmp / "vocab.json")
         _replace_dir(tmp, folder)
         return folder
 
     @classmethod
-    def load(cls, folder) -> "Tokenizers":
-        """Load a saved bundle and check that ``vocab.json`` still describes the tokenizers beside it."""
+    def load(cls, folder, device=None) -> "Tokenizers":
+        """Load a saved bundle and check that ``vocab.json`` still describes the tokenizers beside it.
+        ``device``: where a model-backed image tokenizer runs (default: the CPU)."""
         from megannm.data.image_tokenizer import load_image_tokenizer
         from megannm.data.text_tokenizer import load_text_tokenizer, text_digest
 
         folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: tokenizers folder not found (make one with `megannm tokenizers "
+                                    f"build`)")
         if not (folder / "vocab.json").exists():
-            raise FileNotFoundError(f"{folder}: not a tokenizers folder (no vocab.json)")
+            raise FileNotFoundError(f"{folder}: not a tokenizers folder (no vocab.json){_what_it_is(folder)}")
         vocab = Vocab.load(folder / "vocab.json")
-        images = sorted(folder.glob("image_tokenizer*"))
-        if not images or not (folder / "text").is_dir():
-            raise FileNotFoundError(f"{folder}: a tokenizers folder needs text/ and image_tokenizer.* beside "
-                                    f"vocab.json")
+        image_path = image_tokenizer_path(folder)
+        if image_path is None or not (folder / "text").is_dir():
+            raise FileNotFoundError(f"{folder}: a tokenizers folder needs text/ and image_tokenizer (a folder or "
+                                    f"image_tokenizer.npz) beside vocab.json")
         text = load_text_tokenizer(folder / "text")
-        image = load_image_tokenizer(images[0])
+        image = load_image_tokenizer(image_path, device=device)
         actual = cls.vocab_for(text, image, text_digest(folder / "text"))
         if actual.fingerprint != vocab.fingerprint:
             raise VocabMismatchError(
                 f"{folder / 'vocab.json'}: fingerprint {vocab.fingerprint} does not match the tokenizers beside it "
                 f"({actual.fingerprint}: text_size {actual.text_size}, image_codes {actual.image_codes}, "
                 f"image_grid {actual.image_grid}); rebuild the bundle")
-        return cls(text, image, vocab, folder / "text", images[0])
+        return cls(text, image, vocab, folder / "text", image_path)
 
     # encoding helpers ---------------------------------------------------------------------------------------------
     def text_ids(self, text: str) -> list[int]:
@@ -115,6 +123,29 @@ class Tokenizers:
     def image_size(self) -> tuple[int, int]:
         s = self.image.image_size
         return (int(s), int(s)) if np.isscalar(s) else (int(s[0]), int(s[1]))
+
+
+def image_tokenizer_path(folder: Path) -> Path | None:
+    """The bundle's image tokenizer: ``image_tokenizer/`` (a folder kind) or ``image_tokenizer.npz`` (a file kind);
+    two of them is an error (which one would the vocabulary describe?)."""
+    found = [p for p in (folder / "image_tokenizer", folder / "image_tokenizer.npz") if p.exists()]
+    if len(found) > 1:
+        raise ValueError(f"{folder}: both image_tokenizer/ and image_tokenizer.npz; keep the one vocab.json was built "
+                         f"from")
+    return found[0] if found else None
+
+
+def _what_it_is(folder: Path) -> str:
+    """A hint for a folder given where a tokenizers bundle was expected."""
+    if (folder / "image_tokenizer.json").exists() or (folder / "config.json").exists():
+        return (f"; it looks like an image tokenizer: make a bundle with `megannm tokenizers build --image-tokenizer "
+                f"{folder} ...`")
+    if (folder / "manifest.json").exists():
+        return "; it looks like a shard folder: pass the tokenizers folder it was made with"
+    if (folder / "tokenizer.json").exists():
+        return (f"; it looks like a text tokenizer: make a bundle with `megannm tokenizers build --text-tokenizer "
+                f"{folder} ...`")
+    return "; make one with `megannm tokenizers build`"
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -131,26 +162,16 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 # records -> documents
 
 
-def load_image(path: Path, size: tuple[int, int], where: str) -> np.ndarray:
-    """An RGB uint8 [H, W, 3] at the tokenizer's size (center-cropped to its aspect, then resized if needed)."""
-    from PIL import Image
+def load_image(path, size: tuple[int, int], where: str, policy: str = "crop") -> np.ndarray:
+    """An RGB uint8 [H, W, 3] at the tokenizer's size, by its resize policy (``image_tokenizer/images.py``: centre
+    crop or pad; greyscale and RGBA converted); ``path`` may also be encoded bytes or a uint8 array. A missing,
+    unreadable or tiny picture is one RecordError line."""
+    from megannm.data.image_tokenizer import ImageError, read_image
 
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            h, w = size
-            if im.size != (w, h):
-                # crop to the target aspect ratio around the centre, then resize: never stretch a picture
-                sw, sh = im.size
-                scale = min(sw / w, sh / h)
-                cw, ch = round(w * scale), round(h * scale)
-                left, top = (sw - cw) // 2, (sh - ch) // 2
-                im = im.crop((left, top, left + cw, top + ch)).resize((w, h), Image.BICUBIC)
-            return np.asarray(im, dtype=np.uint8)
-    except FileNotFoundError:
-        raise RecordError(f"{where}: image file not found: {path}") from None
-    except OSError as e:
-        raise RecordError(f"{where}: image file cannot be read: {path} ({e})") from None
+        return read_image(path, size, policy, where)
+    except ImageError as e:
+        raise RecordError(str(e)) from None
 
 
 class _Doc:
@@ -166,10 +187,14 @@ class _Doc:
         self.train.append(train)
 
 
-def _image_part(doc: _Doc, path, base_dir: Path, images: list, where: str, train: bool, tok: Tokenizers):
-    if not isinstance(path, str) or not path:
-        raise RecordError(f"{where}: an image part needs a file path (got {path!r})")
-    images.append(load_image(base_dir / path, tok.image_size(), where))
+def _image_part(doc: _Doc, image, base_dir: Path, images: list, where: str, train: bool, tok: Tokenizers):
+    """An image part: a file path relative to ``base_dir``, or the picture itself (encoded bytes, a uint8 array),
+    as the WebDataset / Parquet sources give it."""
+    if isinstance(image, str) and image:
+        image = Path(base_dir) / image
+    elif not isinstance(image, (bytes, bytearray, np.ndarray)):
+        raise RecordError(f"{where}: an image part needs a file path (got {image!r})")
+    images.append(load_image(image, tok.image_size(), where, tok.image.resize))
     doc.add([tok.vocab.boi_id], train)
     doc.add(("image", len(images) - 1), train)
     doc.add([tok.vocab.eoi_id], train)
@@ -313,6 +338,6 @@ def decode_tokens(ids, tok: Tokenizers) -> list[dict]:
 
 
 def _image_from_codes(codes: np.ndarray, tok: Tokenizers) -> dict:
-    if len(codes) != tok.image.num_tokens:
+    if len(codes) != tok.image.num_tokens or not tok.image.can_decode:  # incomplete, or an encode-only tokenizer
         return {"image": None, "codes": codes}
     return {"image": np.asarray(tok.image.decode(codes[None]))[0]}

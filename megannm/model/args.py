@@ -22,6 +22,13 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
            "float16": torch.float16, "fp16": torch.float16}
 
 
+def dtype_name(precision: str) -> str:
+    """A recipe's ``precision`` (fp32 | bf16 | fp16) or a torch dtype name -> the torch dtype name ModelArgs keeps."""
+    if precision not in _DTYPES:
+        raise ValueError(f"precision: unknown dtype {precision!r} (expected fp32, bf16 or fp16)")
+    return str(_DTYPES[precision]).removeprefix("torch.")
+
+
 @functools.lru_cache(maxsize=None)
 def _megatron_config(tp: int, pp: int, dtype: str):
     from megatron.core import ModelParallelConfig
@@ -72,7 +79,7 @@ class ModelArgs:
                    z_loss=m.z_loss, norm_reorder=m.norm_reorder, rope_theta=m.rope_theta, eps=m.norm_eps,
                    init_std=m.init_std, max_seq_len=m.max_seq_len,
                    loss_weights=tuple(float(m.loss_weights.get(n, 1.0)) for n in MODALITY_NAMES),
-                   params_dtype={"fp32": "float32", "bf16": "bfloat16"}.get(params_dtype, params_dtype))
+                   params_dtype=dtype_name(params_dtype))
 
     def to_dict(self) -> dict:
         d = asdict(self)

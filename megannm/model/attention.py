@@ -4,17 +4,34 @@ Modality never enters here. Under MoT each modality has its own projections (``m
 to every earlier key of its document whatever the modalities: that is how image tokens read the caption and text
 tokens read the image.
 
-Tensors are ``[batch, heads, seq, head_dim]`` inside, the layout ``F.scaled_dot_product_attention`` takes. On the
-CPU SDPA with a boolean mask is the reference (flex_attention has no backward on the CPU, measured); on a GPU
-the same call picks a fused kernel.
+Tensors are ``[batch, heads, seq, head_dim]`` inside, the layout ``F.scaled_dot_product_attention`` takes. One
+``attend`` function, the backend chosen by where the tensors live and what the mask is:
+
+- CPU: SDPA with a boolean causal + document mask: the reference (flex_attention has no backward on the CPU).
+- GPU, packed rows (several documents per row, no cache): ``flex_attention`` (compiled) with a ``BlockMask`` built
+  from the document ids, so fully masked blocks are skipped and no dense [B, S, S] mask is ever made.
+- GPU otherwise (one document per row; the KV-cached decoding of ``megannm.generate``): SDPA restricted to its fused
+  kernels (flash, memory-efficient, cuDNN); the math kernel, which materialises the scores, is refused.
+
+RoPE tables are computed in fp32 (positions up to max_seq_len exceed bf16's 8 bits of mantissa) and cast to the
+activation dtype for the product, as Hugging Face Llama and Megatron do; SDPA and flex accumulate the softmax in fp32.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
+
+try:  # torch >= 2.5: block-sparse attention for packed documents on a GPU
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except ImportError:  # pragma: no cover - older torch: SDPA everywhere
+    BlockMask = create_block_mask = flex_attention = None
+
+# How often each backend ran in this process ("sdpa-cpu", "sdpa-fused", "flex"): what the GPU check reports.
+BACKENDS_USED: Counter = Counter()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -22,10 +39,11 @@ import torch.nn.functional as F
 
 
 def rotary(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos, sin of shape [B, S, head_dim] for integer positions [B, S] (reset to 0 at every document start)."""
+    """cos, sin of shape [B, S, head_dim] for integer positions [B, S] (reset to 0 at every document start),
+    computed in fp32 whatever the params dtype (as HF does), then cast to ``dtype``, the activations' dtype."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device)
                                 .float() / head_dim))
-    freqs = position_ids[..., None].float() * inv_freq  # computed in fp32 as HF does, whatever the params dtype
+    freqs = position_ids[..., None].float() * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -36,8 +54,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, S, hd]; cos/sin [B, S, hd] (broadcast over heads)."""
-    cos, sin = cos[:, None], sin[:, None]
+    """x [B, H, S, hd]; cos/sin [B, S, hd] (broadcast over heads), in x's dtype: a module cast after it was built
+    (a frozen reference, an engine's bf16 copy) must not promote q and k to fp32 while v stays bf16."""
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
     return x * cos + rotate_half(x) * sin
 
 
@@ -57,6 +76,22 @@ def attention_mask(query_docs: torch.Tensor, key_docs: torch.Tensor, start: int)
     causal = k_idx[None, :] <= q_idx[:, None]  # [S, T]
     same_doc = query_docs[:, :, None] == key_docs[:, None, :]  # [B, S, T]
     return (causal & same_doc)[:, None]
+
+
+def document_block_mask(document_ids: torch.Tensor):
+    """flex_attention's ``BlockMask`` for packed rows [B, S] (no cache): the same rule as ``attention_mask`` (causal
+    by index AND the same document), evaluated per 128 x 128 block so that blocks across documents are skipped."""
+    b, s = document_ids.shape
+
+    def causal_same_document(batch, head, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (document_ids[batch, q_idx] == document_ids[batch, kv_idx])
+
+    return create_block_mask(causal_same_document, b, None, s, s, device=document_ids.device)
+
+
+def use_flex(device: torch.device) -> bool:
+    """flex_attention for packed rows where it has a backward and fused kernels: on a GPU."""
+    return flex_attention is not None and device.type == "cuda"
 
 
 class LayerCache:
@@ -99,12 +134,16 @@ class KVCache:
         self.length += n
 
 
+Mask = Union[torch.Tensor, "BlockMask", None]
+
+
 @dataclass
 class AttentionInputs:
     """What every layer's attention shares within one micro-batch (computed once, not per layer)."""
     cos: torch.Tensor
     sin: torch.Tensor
-    mask: Optional[torch.Tensor]  # bool [B, 1, S, T]; None = plain causal (one document per row, no cache)
+    # bool [B, 1, S, T]; a flex BlockMask for packed rows on a GPU; None = plain causal (one document per row)
+    mask: Mask
     start: int = 0  # cache length before this chunk (0 without a cache)
 
 
@@ -115,15 +154,53 @@ def attention_inputs(position_ids: torch.Tensor, document_ids: torch.Tensor, hea
         if bool((document_ids == document_ids[:, :1]).all()):
             # one document per row: SDPA's causal fast path, no [B, S, S] mask to build or read
             return AttentionInputs(cos, sin, None, 0)
+        if use_flex(document_ids.device):
+            return AttentionInputs(cos, sin, document_block_mask(document_ids), 0)
         return AttentionInputs(cos, sin, attention_mask(document_ids, document_ids, 0), 0)
     start = cache.length
     return AttentionInputs(cos, sin, attention_mask(document_ids, cache.extend(document_ids), start), start)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+_compiled_flex = None
+
+
+def _flex(q, k, v, block_mask) -> torch.Tensor:
+    """flex_attention, compiled on first use (eager flex materialises the scores; compiled, it is a fused kernel)."""
+    global _compiled_flex
+    if q.device.type != "cuda":  # the CPU (tests of the mask): eager, forward only
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _sdpa_fused(q, k, v, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """SDPA on a GPU through its fused kernels only. Grouped-query attention is fused only by the flash kernel
+    (half precision, no mask); elsewhere the key/value heads are repeated first (Hugging Face's ``repeat_kv``
+    order) so that the memory-efficient kernel takes them."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    gqa = q.shape[1] != k.shape[1]
+    if gqa and (mask is not None or q.dtype == torch.float32):
+        rep = q.shape[1] // k.shape[1]
+        k, v, gqa = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), False
+    fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+    with sdpa_kernel(fused):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask) -> torch.Tensor:
     """Softmax attention; q [B, Hq, S, hd], k/v [B, Hkv, T, hd] with Hq a multiple of Hkv (grouped-query:
-    query head h reads key/value head h // (Hq / Hkv), Hugging Face's ``repeat_kv`` order). Returns [B, S, Hq*hd]."""
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                         enable_gqa=q.shape[1] != k.shape[1])
+    query head h reads key/value head h // (Hq / Hkv), Hugging Face's ``repeat_kv`` order). Returns [B, S, Hq*hd].
+    ``mask``: from ``attention_inputs`` (the backend follows from it and the device; see the module docstring)."""
+    if BlockMask is not None and isinstance(mask, BlockMask):
+        BACKENDS_USED["flex"] += 1
+        out = _flex(q, k, v, mask)
+    elif q.is_cuda:
+        BACKENDS_USED["sdpa-fused"] += 1
+        out = _sdpa_fused(q, k, v, mask)
+    else:
+        BACKENDS_USED["sdpa-cpu"] += 1
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                             enable_gqa=q.shape[1] != k.shape[1])
     b, h, s, d = out.shape
     return out.transpose(1, 2).reshape(b, s, h * d)

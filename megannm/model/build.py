@@ -9,8 +9,9 @@ from megannm.model.args import ModelArgs
 
 
 def model_args(recipe, vocab, layout) -> ModelArgs:
-    """The recipe's ``model:`` section at this tensor-parallel size, in the recipe's parameter dtype."""
-    return ModelArgs.from_config(recipe.model, vocab, layout.tp)
+    """The recipe's ``model:`` section at this tensor-parallel size, in the recipe's parameter dtype (the module is
+    built in it, so RoPE tables and caches follow; DeepSpeed's fp32 master copy lives in the optimizer)."""
+    return ModelArgs.from_config(recipe.model, vocab, layout.tp, params_dtype=recipe.precision)
 
 
 def build_model(recipe, vocab, layout, seed: int | None = None):

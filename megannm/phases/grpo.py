@@ -7,7 +7,9 @@ One step of this phase is one rollout followed by several optimizer updates (``P
    (``megannm.generate``; under ZeRO-3 from a gathered copy, ``phases/rl/reference.py``), and scores them with the
    recipe's rewards (``megannm.rewards``, weighted sum).
 2. **Advantages**, group-relative: ``A = (r - mean(group)) / (std(group) + eps)`` (sample std, as TRL;
-   ``scale_rewards: false`` drops the division, as Dr. GRPO); every token of an answer gets its answer's advantage.
+   ``scale_rewards: false`` drops the division, as Dr. GRPO does); every token of an answer gets its answer's
+   advantage. With ``dynamic_sampling`` (DAPO), a group whose rewards are all equal (all right or all wrong: zero
+   advantage, nothing to learn but the KL) is left out of the loss and of its normaliser.
 3. **Fixed log-probs, once per rollout** (no gradient): ``log pi_old`` of the policy before any update (skipped for a
    single update, where pi_old is the current policy, detached) and ``log pi_ref`` of the frozen reference
    (``checkpoint.init_from``, or the policy's own seeded initial weights).
@@ -17,16 +19,27 @@ One step of this phase is one rollout followed by several optimizer updates (``P
        ratio_t = exp(log pi(t) - log pi_old(t))
        pg_t    = -min(ratio_t A, clip(ratio_t, 1 - clip_ratio, 1 + clip_ratio_high) A)
        kl_t    = exp(log pi_ref(t) - log pi(t)) - (log pi_ref(t) - log pi(t)) - 1      (k3, as in GRPO)
-       loss    = sum over the mini-batch's answer tokens of (pg_t + kl_coef kl_t) / N_tokens
+       l_t     = pg_t + kl_coef kl_t
 
-**Token-level normalisation, as DAPO (arXiv 2503.14476)**: N_tokens counts the mini-batch's answer tokens on every
-data-parallel rank (all-reduced once per rollout), so every token weighs the same however long its answer (the GRPO
-paper's per-answer mean gives long answers' tokens less weight; for text -> image, one grid per answer, the two
-coincide). Each micro-batch's sum is scaled by ``accum * dp / N_tokens``: DeepSpeed's division by the accumulation
-steps and its average over ranks leave exactly ``sum / N_tokens``. Log-probs are of the model's own distribution
-over the whole vocabulary at the sampling temperature (``phases/rl/logprobs.py``); the modality constraint and
-classifier-free guidance (off by default) only shape which tokens are sampled. The learning-rate schedule counts
-rollout steps.
+**Normalisation** (``loss_normalisation``), over a mini-batch of G answers o_i on all data-parallel ranks:
+
+- ``token`` (default, DAPO arXiv 2503.14476): ``sum_i sum_t l_t / sum_i |o_i|``: every token weighs the same
+  however long its answer;
+- ``sequence`` (the GRPO paper): ``1/G sum_i 1/|o_i| sum_t l_t``: each answer weighs the same, so a long answer's
+  tokens weigh less (for text -> image, one grid per answer, it equals ``token``);
+- ``dr_grpo`` (Dr. GRPO, arXiv 2503.20783): ``1/G sum_i 1/L sum_t l_t`` with L a constant, the longest answer the
+  sampler allows (``max_new_tokens``, or the image grid): no length bias; advantages are then not divided by the
+  std either (``scale_rewards`` defaults to false and may not be true).
+
+Each answer gets a weight for its tokens and a share of the normaliser (``phases/rl/objective.py``); the shares are
+summed over the data-parallel group once per rollout, and each micro-batch's weighted sum is scaled by
+``accum * dp / normaliser``: DeepSpeed's division by the accumulation steps and its average over ranks leave
+exactly the formula above. Dynamic sampling zeroes a dropped answer's weight and share instead of removing it: every
+update keeps its ``accum`` micro-batches on every rank and every rank runs the same collectives (refilling the batch
+with new prompts would make the rollout's length depend on the rewards, rank by rank). Log-probs are of the model's
+own distribution over the whole vocabulary at the sampling temperature (``phases/rl/logprobs.py``); the modality
+constraint and classifier-free guidance (off by default) only shape which tokens are sampled. The learning-rate
+schedule counts rollout steps.
 """
 from __future__ import annotations
 
@@ -38,48 +51,13 @@ import torch
 
 from megannm import parallel
 from megannm.phases.rl.logprobs import collate, token_logprobs
+from megannm.phases.rl.objective import answer_weights, group_advantages, token_loss
 from megannm.phases.rl.prompts import PromptItem, PromptSource
 from megannm.phases.rl.reference import PolicyCopy, frozen_reference
 from megannm.phases.rl.rollout import Scored, sample_and_score
 from megannm.rewards import Combined
 from megannm.train.phase import Phase, StepContext, StepWork
 from megannm.train.stats import Stats
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# the mathematics (pure tensor functions, tested against hand computations)
-
-
-def group_advantages(rewards: torch.Tensor, eps: float = 1e-4, scale: bool = True) -> torch.Tensor:
-    """rewards [P, G] (P prompts, G answers each) -> advantages [P, G]: (r - group mean) / (group std + eps), with
-    the sample (unbiased) std; ``scale=False`` leaves r - mean."""
-    centred = rewards - rewards.mean(dim=1, keepdim=True)
-    if not scale:
-        return centred
-    return centred / (rewards.std(dim=1, keepdim=True) + eps)
-
-
-def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Per-token KL(pi || pi_ref) estimate k3 = exp(ref - logp) - (ref - logp) - 1 (>= 0, unbiased, GRPO's)."""
-    d = ref_logp - logp
-    return torch.exp(d) - d - 1
-
-
-def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, clip_low: float,
-                      clip_high: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token PPO loss -min(ratio A, clip(ratio, 1 - low, 1 + high) A), the ratio, and where the clip is active
-    (the clipped term is the smaller one, so the token's gradient is zero)."""
-    ratio = torch.exp(logp - old_logp)
-    unclipped = ratio * adv
-    clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * adv
-    return -torch.minimum(unclipped, clipped), ratio, (clipped < unclipped)
-
-
-def token_loss(logp, old_logp, ref_logp, adv, clip_low: float, clip_high: float, kl_coef: float) -> dict:
-    """Every per-token term of the objective (tensors shaped like ``logp``); ``ref_logp`` None = no KL term."""
-    pg, ratio, clipped = clipped_surrogate(logp, old_logp, adv, clip_low, clip_high)
-    kl = k3_kl(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
-    return {"loss": pg + kl_coef * kl, "pg": pg, "kl": kl, "ratio": ratio, "clipped": clipped.float()}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -147,44 +125,80 @@ class GRPOPhase(Phase):
         prompts = self.prompts_for(step)
         items = [it for it in prompts for _ in range(o.group_size)]
         self.engine.eval()
-        scored = sample_and_score(self._policy_for_sampling(), self.tok, items, self.rewards, self.sampling(step),
-                                  o.cfg_scale, o.max_new_tokens)
+        failed = None
+        try:
+            scored = sample_and_score(self._policy_for_sampling(), self.tok, items, self.rewards,
+                                      self.sampling(step), o.cfg_scale, o.max_new_tokens)
+        except Exception as e:  # noqa: BLE001 - e.g. a reward server gone: re-raised below, on every rank
+            failed = e
+        self._agree_on_failure(failed)
         self.engine.train()
         grouped = scored.rewards.view(len(prompts), o.group_size)
-        adv = group_advantages(grouped, o.adv_eps, o.scale_rewards).reshape(-1).float()
+        adv = group_advantages(grouped, o.adv_eps, o.std_scaled).reshape(-1).float()
         stats = Stats(groups=len(prompts), zero_std_groups=(grouped.std(1) == 0).sum(), answers=len(items),
                       reward=scored.rewards.sum(), reward_sq=(grouped ** 2).sum(),
                       answer_tokens=sum(len(a) for a in scored.answers),
                       **{f"reward/{n}": x.sum() for n, x in scored.parts.items()})
+        if o.dynamic_sampling:
+            stats.add("dropped_groups", (~self._kept(scored)).view(len(prompts), o.group_size)[:, 0].sum())
         return scored, adv, stats
+
+    def _agree_on_failure(self, failed: Exception | None) -> None:
+        """One all-reduce over every rank after the rollout, so that a failure on one rank (its reward server
+        died) stops all of them at the same point, before any update, instead of leaving the others waiting in the
+        next collective. The failing rank raises its own error; the others a silent one (it prints)."""
+        flag = torch.tensor([0.0 if failed is None else 1.0], device=parallel.device())
+        parallel.all_reduce(flag, op="max")
+        if failed is not None:
+            raise failed
+        if float(flag) > 0:
+            e = RuntimeError(f"rank {self.layout.rank}: another rank's rollout failed (it says how)")
+            e.silent, e.exit_code = True, 1
+            raise e
+
+    def _kept(self, scored: Scored) -> torch.Tensor:
+        """[n] bool: the answers whose group has some spread of rewards (all, without dynamic sampling)."""
+        g = self.opts.group_size
+        grouped = scored.rewards.view(-1, g)
+        if not self.opts.dynamic_sampling:
+            return torch.ones(grouped.numel(), dtype=torch.bool)
+        return (grouped != grouped[:, :1]).any(dim=1).repeat_interleave(g)
+
+    def _weights(self, scored: Scored) -> tuple[np.ndarray, np.ndarray]:
+        """Every answer's per-token weight and normaliser share (``phases/rl/objective.py``) under the recipe's options."""
+        o = self.opts
+        lengths = np.array([len(a) for a in scored.answers])
+        longest = np.array([self.vocab.image_grid if it.prompt.kind == "image" else o.max_new_tokens
+                            for it in scored.items])
+        return answer_weights(lengths, longest, o.loss_normalisation, self._kept(scored).numpy())
 
     def step_work(self, ctx: StepContext, batches=None) -> StepWork:
         """One rollout, then ppo_epochs x mini_batches updates over it (each ``accum`` micro-batches)."""
         t0 = time.perf_counter()
         scored, adv, stats = self.rollout(ctx.step)
         stats.add("rollout_s", time.perf_counter() - t0)
-        orders, counts = self._passes(scored, ctx.step)
+        weights, shares = self._weights(scored)
+        orders, counts = self._passes(scored, ctx.step, shares)
         old, ref = self._fixed_logprobs(scored, orders[0])
         o, dp, mbs = self.opts, self.layout.dp, self.recipe.data.micro_batch_size
         per_mini = len(scored.answers) // o.mini_batches
         updates = []
         for e, order in enumerate(orders):
             for m in range(o.mini_batches):
-                # DeepSpeed divides by accum and averages over dp: what is left is sum / N_tokens
+                # DeepSpeed divides by accum and averages over dp: what is left is sum / normaliser
                 scale = ctx.accum * dp / float(counts[e, m]) if counts[e, m] > 0 else 0.0
-                updates.append([self._micro_batch(scored, order[s:s + mbs], adv, old, ref, scale)
+                updates.append([self._micro_batch(scored, order[s:s + mbs], adv, old, ref, scale, weights)
                                 for s in range(m * per_mini, (m + 1) * per_mini, mbs)])
         return StepWork(updates, stats)
 
-    def _passes(self, scored: Scored, step: int) -> tuple[list[np.ndarray], torch.Tensor]:
+    def _passes(self, scored: Scored, step: int, shares: np.ndarray) -> tuple[list[np.ndarray], torch.Tensor]:
         """The order of the answers in every pass (the first as sampled, later ones shuffled) and the normaliser of
-        every (pass, mini-batch): its answer tokens summed over the whole data-parallel group."""
+        every (pass, mini-batch): its answers' shares (tokens, or answers) summed over the data-parallel group."""
         o, n = self.opts, len(scored.answers)
         per_mini = n // o.mini_batches
         orders = [np.arange(n)] + [np.random.default_rng([self.recipe.data.seed, step, self.layout.dp_rank, 2, e])
                                    .permutation(n) for e in range(1, o.ppo_epochs)]
-        lengths = np.array([len(a) for a in scored.answers])
-        counts = torch.tensor([[lengths[order[m * per_mini:(m + 1) * per_mini]].sum() for m in range(o.mini_batches)]
+        counts = torch.tensor([[shares[order[m * per_mini:(m + 1) * per_mini]].sum() for m in range(o.mini_batches)]
                                for order in orders], dtype=torch.float64, device=parallel.device())
         parallel.all_reduce(counts, group=self.layout.dp_group)
         return orders, counts.cpu()
@@ -212,9 +226,11 @@ class GRPOPhase(Phase):
                         store[int(i)] = lp[row][b["mask"][row] > 0]
         return old, ref
 
-    def _micro_batch(self, scored: Scored, idx, adv, old: dict, ref: dict, scale: float) -> dict:
+    def _micro_batch(self, scored: Scored, idx, adv, old: dict, ref: dict, scale: float,
+                     weights: np.ndarray) -> dict:
         """A micro-batch of answers with everything its loss needs: advantages, the fixed log-probs laid out like
-        the labels (0 off the answer tokens, where the loss never reads them) and the normalising scale."""
+        the labels (0 off the answer tokens, where the loss never reads them), each answer's per-token weight and
+        the normalising scale."""
         b = collate([scored.items[i].prompt.ids for i in idx], [scored.answers[i] for i in idx], self.vocab.pad_id)
         on = b["mask"] > 0
         b["adv"] = adv[torch.as_tensor(idx)]
@@ -224,6 +240,7 @@ class GRPOPhase(Phase):
                 for row, i in enumerate(idx):
                     full[row][on[row]] = store[int(i)].float().cpu()
                 b[key] = full
+        b["row_weight"] = torch.as_tensor(weights[np.asarray(idx)], dtype=torch.float32)
         b["loss_scale"] = scale
         return b
 
@@ -239,7 +256,8 @@ class GRPOPhase(Phase):
         ref_lp = torch.where(on, batch["ref_logp"], fill) if "ref_logp" in batch else None
         a = batch["adv"].to(logp.device)[:, None].expand_as(logp)
         t = token_loss(logp, old_lp, ref_lp, a, o.clip_ratio, high, o.kl_coef)
-        loss = torch.where(on, t["loss"], 0.0).sum() * batch["loss_scale"]
+        per_row = batch["row_weight"].to(logp.device)[:, None]  # the normalisation's weight of each answer's terms
+        loss = (torch.where(on, t["loss"], 0.0) * per_row).sum() * batch["loss_scale"]
         accum = self.recipe.grad_accum(self.layout.world_size)
         stats = Stats(loss=loss.detach() / (accum * self.layout.dp), tokens=on.sum(),
                       entropy=torch.where(on, entropy, 0.0).sum(),
@@ -258,6 +276,8 @@ class GRPOPhase(Phase):
                "entropy": s.get("entropy", 0.0) / tok, "clip_frac": s.get("clipped", 0.0) / tok,
                "ratio": s.get("ratio", 0.0) / tok, "optimizer_steps": opt_steps,
                "rollout_s": s["rollout_s"] / self.layout.dp}
+        if "dropped_groups" in s:
+            out["dropped_groups"] = s["dropped_groups"] / max(s["groups"], 1.0)
         for k in s:
             if k.startswith("reward/"):
                 out[k] = s[k] / n

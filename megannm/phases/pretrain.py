@@ -28,7 +28,13 @@ class PretrainPhase(Phase):
                                     micro_batch_size=d.micro_batch_size, global_batch_size=d.global_batch_size,
                                     dp_rank=self.layout.dp_rank, dp_size=self.layout.dp, seed=d.seed,
                                     consumed_samples=consumed_samples, pack=d.pack,
-                                    caption_dropout=d.caption_dropout)
+                                    caption_dropout=d.caption_dropout, plan_dir=d.plan_dir,
+                                    plan_samples=self.recipe.schedule.train_steps * d.global_batch_size,
+                                    # with pipeline stages a step's micro-batches go to train_batch as one list:
+                                    # read the next step's during this one (data.prefetch 0: no thread at all)
+                                    prefetch=(max(d.prefetch, self.recipe.grad_accum(self.layout.world_size))
+                                              if d.prefetch and self.layout.pp > 1 else d.prefetch),
+                                    tp_group=self.layout.tp_group, balance=d.balance)
 
     def eval_batches(self) -> list[dict]:
         d = self.recipe.data

@@ -11,7 +11,12 @@ The total reward of a sample is the weighted sum. A name resolves, in this order
 - an installed entry point of the ``megannm.rewards`` group (a package declares
   ``[project.entry-points."megannm.rewards"] my_reward = "my_pkg.verifiers:my_reward"``; megannm's toy world
   registers its checkers this way), imported on first use;
-- ``package.module:function``, imported on first use.
+- ``package.module:function``, imported on first use;
+- an ``http://`` or ``https://`` URL: a reward server (``megannm reward-server``; ``remote.py`` has the wire format
+  and the client's timeout, retries and batch size, set in the URL's ``#fragment``).
+
+A reward may also offer ``score_batch(prompts, samples, truths) -> list[float]`` (a remote one does: one request
+per batch); ``Combined.score_batch`` uses it, and calls the others sample by sample.
 
 What a reward receives:
 
@@ -86,9 +91,12 @@ def available() -> list[str]:
 
 
 def get(name: str) -> RewardFn:
-    """A reward by registered or installed name, or ``package.module:function``."""
+    """A reward by registered or installed name, ``package.module:function``, or a reward server's URL."""
     if name in REGISTRY:
         return REGISTRY[name]
+    if name.startswith(("http://", "https://")):
+        from megannm.rewards.remote import RemoteReward
+        return RemoteReward(name)
     eps = installed()
     if name in eps or ":" in name:
         where = eps[name].value if name in eps else name
@@ -101,7 +109,7 @@ def get(name: str) -> RewardFn:
             raise ValueError(f"rewards: {where!r} is not a function")
         return fn
     raise ValueError(f"rewards: unknown reward {name!r} (registered: {', '.join(available())}; or name a function "
-                     f"as package.module:function)")
+                     f"as package.module:function, or a reward server by its http:// URL)")
 
 
 def weights_of(spec) -> dict[str, float]:
@@ -151,6 +159,22 @@ class Combined:
     def score(self, prompt: Prompt, sample: Sample, truth) -> tuple[float, dict[str, float]]:
         parts = {name: float(fn(prompt, sample, truth)) for name, fn in self.fns.items()}
         return sum(self.weights[n] * v for n, v in parts.items()), parts
+
+    def score_batch(self, prompts: list[Prompt], samples: list[Sample],
+                    truths: list) -> tuple[list[float], dict[str, list[float]]]:
+        """Totals and each reward's values for a batch: a reward with ``score_batch`` (a reward server: one round
+        trip per batch, not per sample) is called once, the others per sample. Nothing is returned unless every
+        reward scored every sample."""
+        parts: dict[str, list[float]] = {}
+        for name, fn in self.fns.items():
+            batch = getattr(fn, "score_batch", None)
+            values = (batch(prompts, samples, truths) if batch is not None
+                      else [fn(p, s, t) for p, s, t in zip(prompts, samples, truths)])
+            if len(values) != len(samples):
+                raise ValueError(f"rewards: {name} gave {len(values)} values for {len(samples)} samples")
+            parts[name] = [float(v) for v in values]
+        totals = [sum(self.weights[n] * parts[n][i] for n in parts) for i in range(len(samples))]
+        return totals, parts
 
     def __call__(self, prompt: Prompt, sample: Sample, truth) -> float:
         return self.score(prompt, sample, truth)[0]

@@ -54,12 +54,13 @@ def build_data(out: Path, n_train: int, n_valid: int, seed: int, workers: int, s
         rng = np.random.default_rng(seed)
         pick = rng.choice(len(paths), size=min(len(paths), 4000), replace=False)
         images = np.stack([np.asarray(Image.open(paths[i]).convert("RGB")) for i in sorted(pick)])
-        staging = out / "tokenizers.build"
-        staging.mkdir(parents=True, exist_ok=True)
-        text_dir = train_text_tokenizer(texts, staging / "text", vocab_size=512)
-        vq = PatchVQ.train(images, codebook_size=2048, seed=seed)
-        vq.save(staging / "image_tokenizer.npz")
-        Tokenizers.build(text_dir, staging / "image_tokenizer.npz").save(tok_dir)
+        import tempfile
+        with tempfile.TemporaryDirectory(dir=out, prefix=".tokenizers.build-") as staging:  # never left behind
+            staging = Path(staging)
+            text_dir = train_text_tokenizer(texts, staging / "text", vocab_size=512)
+            vq = PatchVQ.train(images, codebook_size=2048, seed=seed)
+            vq.save(staging / "image_tokenizer.npz")
+            Tokenizers.build(text_dir, staging / "image_tokenizer.npz").save(tok_dir)
     tok = Tokenizers.load(tok_dir)
     say(f"tokenizers: text {tok.vocab.text_size} ids, image codebook {tok.vocab.image_codes}, vocabulary "
         f"{tok.vocab.size} (fingerprint {tok.vocab.fingerprint}) ({time.time() - t:.1f} s)")

@@ -10,7 +10,9 @@ from megannm.config import Recipe
 
 
 def lr_multiplier(recipe: Recipe):
-    """Linear warm-up to ``lr``, then cosine (or linear, or constant) decay to ``min_lr`` at ``train_steps``."""
+    """Linear warm-up to ``lr``, then cosine (or linear) decay to ``min_lr`` at ``train_steps``, or constant, or
+    warmup-stable-decay: ``lr`` until the last ``decay_steps``, then linear to ``min_lr``. A chain continues its
+    rate across stages by starting a stage at the previous stage's last rate (``recipes/nmm-7b``)."""
     o, s = recipe.optimizer, recipe.schedule
     floor = o.min_lr / o.lr
 
@@ -19,6 +21,12 @@ def lr_multiplier(recipe: Recipe):
             return (step + 1) / s.warmup_steps
         if s.decay == "constant":
             return 1.0
+        if s.decay == "wsd":
+            stable_until = s.train_steps - s.decay_steps
+            if step < stable_until:
+                return 1.0
+            t = min(1.0, (step + 1 - stable_until) / max(1, s.decay_steps))  # the last step reaches min_lr
+            return floor + (1 - floor) * (1 - t)
         span = max(1, s.train_steps - s.warmup_steps)
         t = min(1.0, (step - s.warmup_steps) / span)
         shape = 0.5 * (1 + math.cos(math.pi * t)) if s.decay == "cosine" else 1 - t
@@ -40,26 +48,41 @@ def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
+# ZeRO's gradient-reduction and parameter all-gather buckets, in elements (DeepSpeed's default is 5e8, i.e. 1 GB per
+# bucket in bf16 and more in fp32); Megatron-LM's DDP buckets are 40M. ``megannm plan`` counts them.
+BUCKET_ELEMENTS = int(5e7)
+
+
 def deepspeed_config(recipe: Recipe, layout) -> dict:
     d, p = recipe.data, recipe.parallel
     accum = d.global_batch_size // (d.micro_batch_size * layout.dp)
-    zero = {"stage": p.zero_stage}
+    zero = {"stage": p.zero_stage, "reduce_bucket_size": BUCKET_ELEMENTS, "allgather_bucket_size": BUCKET_ELEMENTS}
     if p.zero_stage == 3:
         # Gather whole layers only when needed; keep small models' prefetch modest on the CPU.
         zero.update({"stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": 5e6,
                      "stage3_max_live_parameters": 1e8, "stage3_gather_16bit_weights_on_model_save": False})
-    return {
+    config = {
         "train_batch_size": d.global_batch_size,
         "train_micro_batch_size_per_gpu": d.micro_batch_size,
         "gradient_accumulation_steps": accum,
         "gradient_clipping": recipe.optimizer.grad_clip,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
+        # bf16/fp16: the module holds 16-bit weights, the optimizer an fp32 master copy (BF16_Optimizer at ZeRO 1,
+        # the ZeRO optimizer's fp32 partitions at 2-3); fp16 gets DeepSpeed's dynamic loss scaler (initial 2^16,
+        # halved on an overflow, which skips the step, doubled after 1000 clean steps).
         "bf16": {"enabled": recipe.precision == "bf16"},
+        "fp16": {"enabled": recipe.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
         "dump_state": False,
     }
+    if recipe.precision != "fp32":
+        # Without it DeepSpeed 0.19 accumulates in the model's dtype: ~1% relative gradient error after 128
+        # bf16 micro-batches (measured against fp32 accumulation).
+        config["data_types"] = {"grad_accum_dtype": p.grad_accum_dtype}  # DeepSpeed's names are the recipe's
+    return config
 
 
 def build_engine(recipe: Recipe, layout, module: torch.nn.Module, pipeline: bool = False):

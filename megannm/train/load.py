@@ -109,4 +109,11 @@ def load_local(engine, args, layout, get_local: Callable[[str], torch.Tensor], s
     opt = getattr(engine, "optimizer", None)
     if opt is not None and hasattr(opt, "refresh_fp32_params"):
         opt.refresh_fp32_params()
+    if engine.bfloat16_enabled() or engine.fp16_enabled():
+        # The refresh copied the 16-bit module weights into the optimizer's fp32 master: give the master the
+        # checkpoint's full precision instead, so a stage boundary rounds nothing (Adam's moments still start fresh:
+        # a warm start, not a resume).
+        from deepspeed.utils import safe_set_full_fp32_param
+        for canonical, _, p in params:
+            safe_set_full_fp32_param(p, get_local(canonical).float())
     return count

@@ -6,6 +6,7 @@ callers never branch on rank.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -40,7 +41,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {"step": step, "split": prefix, "time": round(time.time(), 3)}
-        record.update({k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()})
+        record.update({k: (_json_number(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()})
         self._jsonl.write(json.dumps(record) + "\n")
         if self._tb is not None:
             for k, v in metrics.items():
@@ -72,6 +73,12 @@ class MetricsLogger:
             self._tb.close()
         if self._jsonl is not None:
             self._jsonl.close()
+
+
+def _json_number(v: float):
+    """A float, or "nan" / "inf" / "-inf" as a string: a diverged step's line stays strict JSON (jq, pandas)."""
+    v = float(v)
+    return v if math.isfinite(v) else str(v)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

@@ -3,13 +3,21 @@
 The ``Trainer`` is the one owner of a step. For every phase and layout it asks the phase for the step's work
 (``Phase.step_work``: optimizer updates of ``accum`` micro-batches each), runs forward and backward through the
 DeepSpeed engine (or ``PipelineEngine.train_batch`` with pipeline stages), steps the optimizer once per update and
-the learning-rate schedule once per step, reduces the statistics over the data-parallel group, logs, evaluates,
-saves atomically, and on a preemption signal saves and exits with ``signals.EXIT_PREEMPTED``.
-``megannm.runner.run`` builds it on every rank.
+the learning-rate schedule once per step, reduces the statistics over the data-parallel group, checks the step for
+divergence (``guard``), logs, evaluates and saves atomically. ``megannm.runner.run`` builds it on every rank.
+
+Once per step, one all-reduce (max) over every rank carries what all ranks must agree on: the divergence guard's
+evidence, a stop signal (preemption or Ctrl-C: save and exit with ``signals.EXIT_PREEMPTED`` / ``EXIT_INTERRUPTED``)
+and the wall clock (``schedule.exit_duration_minutes``). Nothing is saved from a bad step; ``guard.max_bad_steps``
+bad steps in a row raise ``guard.Diverged`` (exit code 3).
+
+Nothing is written before the inputs are known good: the data is verified before the model is built, and the run
+folder (``metrics.jsonl``, ``recipe.yaml``, TensorBoard) appears only once the checkpoint and the data are open.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import resource
 import time
 from pathlib import Path
@@ -17,25 +25,57 @@ from typing import Optional
 
 import torch
 
+from megannm import checkpoint as fmt
 from megannm import parallel
 from megannm.config import Recipe, dump_recipe
+from megannm.data import verify
+from megannm.data.shards import ShardError
 from megannm.fileio import atomic_write
 from megannm.model.build import build_model
 from megannm.train import checkpoint, signals
 from megannm.train.engine import build_engine
+from megannm.train.guard import Diverged, Guard
 from megannm.train.logging import MetricsLogger
 from megannm.train.phase import Phase, StepContext
 from megannm.train.stats import Stats
 from megannm.vocab import Vocab
 
 
-def load_vocab(recipe: Recipe) -> Vocab:
-    if recipe.data.vocab:
-        return Vocab.load(recipe.data.vocab)
-    refs = recipe.data.train or recipe.data.valid
-    if not refs:
-        raise ValueError("recipe: data.train: no data set given and no data.vocab to build the model from")
-    return Vocab.load(Path(refs[0].path) / "vocab.json")
+def load_vocab(recipe: Recipe, source: str = "recipe") -> Vocab:
+    """``data.vocab``, or the vocabulary beside the first data set; a missing file is named by its recipe key."""
+    d = recipe.data
+    if d.vocab:
+        if not Path(d.vocab).is_file():
+            raise FileNotFoundError(f"{source}: data.vocab: {d.vocab}: vocabulary file not found")
+        try:
+            return Vocab.load(d.vocab)
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
+            raise ValueError(f"{source}: data.vocab: {d.vocab}: not valid JSON of a vocabulary ({e})") from None
+    sets = verify.datasets(d)
+    if not sets:
+        raise ValueError(f"{source}: data.train: no data set given and no data.vocab to build the model from")
+    key, folder = sets[0]
+    verify.read_manifest(key, folder, source)  # a missing folder is named as such, not as a missing vocab.json
+    return Vocab.load(folder / "vocab.json")
+
+
+def verify_data(recipe: Recipe, layout, vocab: Vocab, source: str = "recipe") -> None:
+    """The recipe's data sets checked before anything is built (``megannm.data.verify``, by ``data.verify``), every
+    rank reading its share; one all-reduce makes every rank raise for the same problem, which rank 0 prints."""
+    found = verify.check_manifests(recipe.data, vocab, source)
+    units, mode = verify.plan(found, recipe.data.verify, layout.world_size)
+    failed = verify.first_problem(units, mode, layout.rank, layout.world_size)
+    t = torch.tensor([float(len(units) - failed[0]) if failed else 0.0], device=parallel.device())
+    parallel.all_reduce(t, op="max")  # the max picks the first failing unit in plan order
+    if float(t) == 0:
+        return
+    i = len(units) - int(t)
+    if layout.rank == 0:
+        raise ShardError(f"{source}: {units[i].key}: "
+                         f"{failed[1] if failed and failed[0] == i else verify.check_unit(units[i], mode)}")
+    e = ShardError(f"{source}: {units[i].key}: {units[i].path}: failed verification (rank 0 says how)")
+    e.silent = True
+    raise e
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -64,6 +104,7 @@ class Trainer:
         if layout.pp > 1 and not phase.pipeline:  # (the recipe schema refuses this first; a phase built by hand)
             raise ValueError(f"recipe: parallel.pipeline_parallel: phase {phase.name} cannot run with pipeline "
                              f"stages (got pipeline_parallel={layout.pp}, expected 1)")
+        verify_data(recipe, layout, vocab, source)  # before the engine: a bad shard costs seconds, not a build
         self.args, module = build_model(recipe, vocab, layout)
         self.flops_per_token = float(module.flops_per_token(recipe.data.seq_len))
         self.engine = build_engine(recipe, layout, module, pipeline=layout.pp > 1)
@@ -74,31 +115,83 @@ class Trainer:
         self.step = 0
         self.consumed_samples = 0
         self.accum = recipe.grad_accum(layout.world_size)
+        self.guard = Guard(recipe.guard, layout.rank, layout.world_size, loss_scaled=recipe.precision == "fp16")
+        # A checkpoint saved at step s holds the weights that step s + 1 runs on: it is known good only once a
+        # good step has run on it. Pruning spares the newest known-good one; a divergence names it.
+        self.last_checkpoint: Optional[Path] = None  # the newest checkpoint of this run's weights (saved or resumed)
+        self.good_checkpoint: Optional[Path] = None  # the newest one whose weights have passed a good step
 
     # metadata -----------------------------------------------------------------------------------------------------
     def meta(self) -> dict:
         return {"recipe": self.recipe.model_dump(mode="json"), "recipe_source": self.source,
                 "model_args": self.args.to_dict(), "vocab": self.vocab.to_dict(), "layout": self.layout.to_dict(),
                 "zero_stage": self.recipe.parallel.zero_stage, "consumed_samples": self.consumed_samples,
-                "phase": self.recipe.phase.kind, "data_seed": self.recipe.data.seed}
+                "phase": self.recipe.phase.kind, "data_seed": self.recipe.data.seed, "guard": self.guard.state()}
 
     def save(self) -> Path:
-        return checkpoint.save(self.engine, self.ckpt_dir, self.step, self.meta(), self.layout,
-                               keep_last=self.recipe.checkpoint.keep_last,
-                               client_state={"step": self.step, "consumed_samples": self.consumed_samples})
+        self._check_weights()
+        good = self.good_checkpoint
+        self.last_checkpoint = checkpoint.save(self.engine, self.ckpt_dir, self.step, self.meta(), self.layout,
+                                               keep_last=self.recipe.checkpoint.keep_last,
+                                               client_state={"step": self.step,
+                                                             "consumed_samples": self.consumed_samples},
+                                               spare=good.name if good is not None else None)
+        return self.last_checkpoint
 
-    def restore(self, resume: bool) -> Optional[str]:
-        """Resume from ``latest`` (exact: optimizer, schedule, data position, RNG) or start from ``init_from``."""
-        found = checkpoint.resume(self.engine, self.ckpt_dir, self.args, self.layout, self.vocab) if resume else None
+    def _check_weights(self) -> None:
+        """No checkpoint of weights that are not finite. The guard's gradient check cannot see a bad update under
+        ZeRO-0 (DeepSpeed computes no norm there) until the next step's loss; a save may come first. One pass over
+        this rank's parameters (its partitions under ZeRO-3) and one all-reduce, on saves only."""
+        local = [getattr(p, "ds_tensor", p).isfinite().all() for p in self.engine.module.parameters()]
+        finite = torch.stack(local).all().to(self.device) if local else torch.tensor(True, device=self.device)
+        t = (~finite).double().reshape(1) * float(self.layout.world_size - self.layout.rank)
+        parallel.all_reduce(t, op="max")
+        if float(t):
+            self._diverged(f"non-finite weights on rank {self.layout.world_size - int(t)}, so nothing was saved")
+
+    def _diverged(self, why: Optional[str] = None):
+        """Stop every rank; ``latest`` goes back to the newest known-good checkpoint, so that a plain ``--resume``
+        (or a requeue) continues from weights that trained well, not from those the first bad step ran on."""
+        good, suspect = self.good_checkpoint, self.last_checkpoint
+        if self.layout.rank == 0 and good is not None and good != suspect:
+            fmt.write_latest(self.ckpt_dir, good.name)
+        e = Diverged(self.guard.stop_message(self.step, good, suspect, why))
+        e.silent = self.layout.rank != 0  # every rank stops; one prints
+        raise e
+
+    def restore(self, resume: bool) -> list[tuple[str, str]]:
+        """Resume from ``latest`` (exact: optimizer, schedule, data position, RNG) or start from ``init_from``;
+        returns (event, detail) notes for the log."""
+        c = self.recipe.checkpoint
+        found = (checkpoint.resume(self.engine, self.ckpt_dir, self.args, self.layout, self.vocab,
+                                   fallback=c.fallback) if resume else None)
         if found is not None:
-            path, meta = found
+            path, meta, skipped = found
             self.step, self.consumed_samples = int(meta["step"]), int(meta["consumed_samples"])
-            return f"resumed from {path} at step {self.step}"
-        init = self.recipe.checkpoint.init_from
-        if init:
+            self.guard.load_state(meta.get("guard"))
+            self.last_checkpoint = path
+            changed = self._recipe_learning_rate()
+            return [("fallback", f"skipped {s}") for s in skipped] + [
+                ("resumed", f"resumed from {path} at step {self.step}")] + ([("schedule", changed)] if changed else [])
+        if c.init_from:
             from megannm.train.load import init_from
-            return init_from(self.engine, self.args, self.layout, self.vocab, init)
-        return None
+            return [("initialised", init_from(self.engine, self.args, self.layout, self.vocab, c.init_from))]
+        return []
+
+    def _recipe_learning_rate(self) -> Optional[str]:
+        """After a resume, the recipe's ``optimizer.lr`` rather than the one saved in the schedule's state (a run
+        resumed after a divergence usually lowers it, and DeepSpeed would restore the old one without a word); the
+        schedule keeps its position. Returns a note for the log when they differed."""
+        sched = getattr(self.engine, "lr_scheduler", None)
+        lr = self.recipe.optimizer.lr
+        if not hasattr(sched, "lr_lambdas") or all(b == lr for b in sched.base_lrs):
+            return None
+        saved = sched.base_lrs[0]
+        sched.base_lrs = [lr] * len(sched.base_lrs)
+        for group, f in zip(sched.optimizer.param_groups, sched.lr_lambdas):
+            group["lr"] = lr * f(sched.last_epoch)
+        sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
+        return f"optimizer.lr is {lr:g} in the recipe and {saved:g} in the checkpoint: the recipe's applies"
 
     # steps --------------------------------------------------------------------------------------------------------
     def _update(self, micro_batches: list[dict]) -> Stats:
@@ -117,15 +210,25 @@ class Trainer:
             sums += stats
         return sums
 
-    def train_step(self, batches) -> dict:
+    def train_step(self, batches) -> tuple[dict, list]:
+        """One step: (the phase's logged values, this rank's guard evidence for the step's all-reduce)."""
         self.engine.train()
         ctx = StepContext(engine=self.engine, model_args=self.args, step=self.step, accum=self.accum)
         work = self.phase.step_work(ctx, batches)
         sums = work.stats
+        grad_norms = []
         with one_schedule_step(self.engine, len(work.updates)):
             for update in work.updates:
                 sums += self._update(update)
-        return self.phase.summarize(sums.reduce(self.layout.dp_group))
+                grad_norms.append(self.engine.get_global_grad_norm())  # a device tensor: no host sync here
+        evidence = self.guard.evidence(sums, grad_norms)  # this rank's own sums, before the reduction mixes them
+        return self.phase.summarize(sums.reduce(self.layout.dp_group)), evidence
+
+    def _agree(self, values: list) -> list[float]:
+        """The step's one all-reduce (max) over every rank and its one copy to the host."""
+        t = torch.stack([torch.as_tensor(v, dtype=torch.float64).reshape(()).to(self.device) for v in values])
+        parallel.all_reduce(t, op="max")
+        return t.cpu().tolist()
 
     @torch.no_grad()
     def evaluate(self, batches: list[dict]) -> dict:
@@ -142,68 +245,88 @@ class Trainer:
             self.engine.train()
         return self.phase.summarize(sums.reduce(self.layout.dp_group))
 
-    def _should_exit(self, started: float) -> bool:
-        """Megatron's --exit-interval / --exit-duration-in-mins; the wall-time test agrees across ranks."""
+    def _should_exit(self, elapsed: float) -> bool:
+        """Megatron's --exit-interval / --exit-duration-in-mins (``elapsed``: the slowest rank's, agreed)."""
         s = self.recipe.schedule
         if s.exit_interval and self.step % s.exit_interval == 0:
             return True
-        if s.exit_duration_minutes:
-            t = torch.tensor([time.time() - started], device=self.device)
-            parallel.all_reduce(t, op="max")
-            return float(t) >= 60 * s.exit_duration_minutes
-        return False
+        return bool(s.exit_duration_minutes) and elapsed >= 60 * s.exit_duration_minutes
 
     def run(self, resume: bool = False) -> dict:
         r = self.recipe
-        signals.install()
-        note = self.restore(resume)
-        is_log_rank = self.layout.rank == 0
-        logger = MetricsLogger(self.run_dir, enabled=is_log_rank, tensorboard=r.logging.tensorboard,
-                               progress_bar=r.logging.progress_bar, total_steps=r.schedule.train_steps,
-                               initial_step=self.step, description=r.name)
-        logger.event(self.step, "start", layout=self.layout.describe(), zero=r.parallel.zero_stage,
-                     params=sum(p.numel() for p in self.engine.module.parameters()))
-        if note:
-            logger.event(self.step, note.split(" from ")[0], detail=note)
-        if is_log_rank:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write(self.run_dir / "recipe.yaml", dump_recipe(r))
-        batches = self.phase.train_batches(self.consumed_samples)
-        eval_batches = self.phase.eval_batches()
+        with signals.installed():
+            notes = self.restore(resume)
+            batches = self.phase.train_batches(self.consumed_samples)
+            eval_batches = self.phase.eval_batches()
+            # the inputs are open and checked: only now does the run folder get its files
+            logger = MetricsLogger(self.run_dir, enabled=self.layout.rank == 0, tensorboard=r.logging.tensorboard,
+                                   progress_bar=r.logging.progress_bar, total_steps=r.schedule.train_steps,
+                                   initial_step=self.step, description=r.name)
+            try:
+                if self.layout.rank == 0:
+                    atomic_write(self.run_dir / "recipe.yaml", dump_recipe(r))
+                logger.event(self.step, "start", layout=self.layout.describe(), zero=r.parallel.zero_stage,
+                             params=sum(p.numel() for p in self.engine.module.parameters()))
+                for what, detail in notes:
+                    logger.event(self.step, what, detail=detail)
+                return self._steps(logger, batches, eval_batches)
+            finally:
+                logger.close()
+
+    def _steps(self, logger: MetricsLogger, batches, eval_batches: list[dict]) -> dict:
+        r = self.recipe
         tokens_per_step = r.data.global_batch_size * r.data.seq_len
         last: dict = {}
         exit_code = 0
         started = time.time()
         while self.step < r.schedule.train_steps:
             t0 = time.perf_counter()
-            stats = self.train_step(batches)
+            skipped = self.engine.skipped_steps
+            stats, evidence = self.train_step(batches)
             dt = time.perf_counter() - t0
             self.step += 1
             self.consumed_samples += r.data.global_batch_size
+            request, elapsed, *agreed = self._agree([signals.code(), time.time() - started, *evidence])
+            verdict = self.guard.judge(self.step, agreed, stats.get("loss"))
             tps = tokens_per_step / dt
             tflops = self.flops_per_token * tps / 1e12
             stats.update(lr=self.engine.get_lr()[0], tokens_per_s=tps, step_time_s=dt, tflops=tflops,
                          mfu=tflops / (r.logging.peak_tflops * self.layout.world_size),
-                         consumed_samples=self.consumed_samples,
+                         consumed_samples=self.consumed_samples, bad_steps=self.guard.bad_steps,
+                         skipped_steps=self.engine.skipped_steps,  # DeepSpeed's: overflow skips included
                          max_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
-            gn = self.engine.get_global_grad_norm()
-            if gn is not None:
-                stats["grad_norm"] = float(gn)
+            if verdict.grad_norm is not None:
+                stats["grad_norm"] = verdict.grad_norm
+            if not verdict.bad:  # this step ran on the newest checkpoint's weights and they trained well
+                self.good_checkpoint = self.last_checkpoint
             last = stats
             logger.advance()
-            if self.step % r.logging.interval == 0 or self.step == r.schedule.train_steps:
+            final = self.step == r.schedule.train_steps
+            if self.step % r.logging.interval == 0 or final or verdict.bad:
                 logger.log(self.step, stats)
+            if verdict.bad:
+                self._bad_step(logger, verdict, self.engine.skipped_steps - skipped)
+                if verdict.stop or final:  # the run may not end on a bad step: nothing would be left to save
+                    logger.event(self.step, "diverged", last_good=str(self.good_checkpoint))
+                    self._diverged(None if verdict.stop else f"the last step was bad ({verdict.reason})")
+                if request:  # stop as asked, but keep the bad state out of the checkpoints
+                    exit_code = signals.exit_code(request)
+                    logger.event(self.step, "preempted" if exit_code == signals.EXIT_PREEMPTED else "interrupted",
+                                 signal=signals.received(), saved=None,
+                                 resume_from=str(self.good_checkpoint or self.last_checkpoint))
+                    break
+                continue
             if r.logging.eval_interval and self.step % r.logging.eval_interval == 0 and eval_batches:
                 logger.log(self.step, self.evaluate(eval_batches), prefix="eval")
-            final = self.step == r.schedule.train_steps
-            if not final and self._should_exit(started):
+            if not final and self._should_exit(elapsed):
                 path = self.save()
                 logger.event(self.step, "exit", reason="exit_interval/exit_duration", saved=str(path))
                 break
-            if signals.preempted():
+            if request:
                 path = self.save()
-                logger.event(self.step, "preempted", signal=signals.received(), saved=str(path))
-                exit_code = signals.EXIT_PREEMPTED
+                exit_code = signals.exit_code(request)
+                logger.event(self.step, "preempted" if exit_code == signals.EXIT_PREEMPTED else "interrupted",
+                             signal=signals.received(), saved=str(path))
                 break
             if final or (r.checkpoint.save_interval and self.step % r.checkpoint.save_interval == 0):
                 path = self.save()
@@ -212,7 +335,13 @@ class Trainer:
                                                      and self.step % r.logging.eval_interval == 0):
             logger.log(self.step, self.evaluate(eval_batches), prefix="eval")
         logger.event(self.step, "done" if exit_code == 0 else "exit", code=exit_code)
-        logger.close()
         last["exit_code"] = exit_code
         return last
 
+    def _bad_step(self, logger: MetricsLogger, verdict, skipped: int) -> None:
+        """Log a bad step; at the first of a streak, keep the last checkpoint saved before it from pruning for good,
+        whatever keep_last says (the newest known-good one is spared by every prune anyway)."""
+        logger.event(self.step, "bad_step", reason=verdict.reason, streak=f"{verdict.streak}/"
+                     f"{self.recipe.guard.max_bad_steps or 'inf'}", skipped_by_deepspeed=skipped)
+        if verdict.streak == 1 and self.layout.rank == 0 and self.last_checkpoint is not None:
+            fmt.protect(self.ckpt_dir, self.last_checkpoint.name)

@@ -90,6 +90,72 @@ def empty_modality(zero, tp):
         (OUT / f"empty_z{zero}_tp{tp}.json").write_text(json.dumps({"losses": losses, "checksums": checksum}))
 
 
+def guard_case(kind):
+    """The cross-rank parts of the guard and of saving/loading, on this launch's ranks (2): rank 1 ALONE meets the
+    fault (a NaN loss, a preemption signal, a full disk, a corrupt shard, a corrupt checkpoint file), and every rank
+    must stop at the same step with the same verdict. Each rank writes OUT/guard_<kind>.rank<R>.json."""
+    import os
+    import shutil
+    import signal
+
+    from megannm.checkpoint import integrity
+    from megannm.train.loop import load_vocab, verify_data
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    name = f"guard_{kind}"
+    r = recipe(name, steps=6, world=world, save_interval=1)
+    layout = parallel.init_parallel(1, 1)
+    out = {"rank": layout.rank}
+    try:
+        if kind == "shard":  # rank 1's share (the smaller valid shard) has a flipped byte
+            bad = OUT / "guard_shard_data"
+            if layout.rank == 0:
+                shutil.copytree(DATA / "valid_seen", bad, dirs_exist_ok=True)
+                f = bad / "shard-00000.zst"
+                b = bytearray(f.read_bytes())
+                b[len(b) // 2] ^= 0xFF
+                f.write_bytes(bytes(b))
+            torch.distributed.barrier()
+            r = recipe(name, world=world, data__valid=[{"path": str(bad)}])
+            verify_data(r, layout, load_vocab(r), source=name)
+        elif kind == "resume":  # an optimizer file in rank 1's share of the checks is corrupt
+            src = OUT / "guard_nan" / "checkpoints"
+            dst = OUT / name / "checkpoints"
+            if layout.rank == 0:
+                shutil.copytree(src, dst, dirs_exist_ok=True)
+                names = json.loads((dst / "step00000001" / "megannm.json").read_text())["files"]
+                f = dst / "step00000001" / next(n for n in integrity.share(names, 1, 2) if "optim" in n)
+                b = bytearray(f.read_bytes())
+                b[len(b) // 2] ^= 0xFF
+                f.write_bytes(bytes(b))
+            torch.distributed.barrier()
+            build_trainer(r, layout, source=name).run(resume=True)
+        else:
+            trainer = build_trainer(r, layout, source=name)
+            loss = trainer.phase.loss
+
+            def faulty(model, batch):  # rank 1 only, from its second step
+                value, stats = loss(model, batch)
+                if layout.rank == 1 and trainer.step >= 1:
+                    if kind == "nan":
+                        value, stats.sums["loss"] = value * float("nan"), stats.sums["loss"] * float("nan")
+                    elif kind == "signal" and trainer.step == 1:
+                        signal.raise_signal(signal.SIGUSR1)
+                    elif kind == "enospc":
+                        os.environ["MEGANNM_FAULT"] = "save_mid:2:enospc"
+                return value, stats
+
+            trainer.phase.loss = faulty
+            out["exit_code"] = trainer.run()["exit_code"]
+            out["step"] = trainer.step
+    except (ValueError, RuntimeError) as e:
+        out.update(error=type(e).__name__, message=str(e), silent=getattr(e, "silent", False))
+    os.environ.pop("MEGANNM_FAULT", None)
+    ck = OUT / name / "checkpoints"
+    out["tags"] = sorted(p.name for p in ck.iterdir()) if ck.exists() else []
+    (OUT / f"{name}.rank{layout.rank}.json").write_text(json.dumps(out))
+    torch.distributed.barrier()
+
+
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
     world = int(__import__("os").environ.get("WORLD_SIZE", 1))
@@ -114,6 +180,8 @@ def main():
             train(recipe("resumed", steps=6, world=world, zero=int(arg or 1), schedule__exit_interval=3))
             lay = train(recipe("resumed", steps=6, world=world, zero=int(arg or 1)), resume=True)
             dump("resumed", lay)
+        elif kind == "guard":  # guard:nan / guard:signal / guard:enospc / guard:shard / guard:resume (after nan)
+            guard_case(arg)
         elif kind == "empty":  # empty:0..3 (ZeRO stage) under the current world, TP from WORLD: empty:3@2
             zero, _, tp = arg.partition("@")
             empty_modality(int(zero), int(tp or 1))

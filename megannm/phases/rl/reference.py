@@ -9,8 +9,9 @@ from megannm.model.build import build_model
 
 def frozen_reference(recipe, layout, vocab, args):
     """The frozen reference: a plain ``NMMModel`` from ``checkpoint.init_from`` at this TP size, or (without one)
-    rebuilt from the recipe's seed, i.e. the policy's own initial weights; in the engine's dtype (equal to the
-    policy at the start, half the memory in bf16), on the device. No gradient ever reaches it."""
+    rebuilt from the recipe's seed, i.e. the policy's own initial weights; in the policy's dtype (``args``: equal
+    to the policy at the start, half the memory in bf16), on this rank's device, where the batches it scores live.
+    No gradient ever reaches it."""
     from megannm import parallel
     with torch.random.fork_rng(devices=[]):
         if recipe.checkpoint.init_from:
@@ -18,9 +19,7 @@ def frozen_reference(recipe, layout, vocab, args):
             model, _ = load_model(recipe.checkpoint.init_from, layout, vocab=vocab)
         else:
             _, model = build_model(recipe, vocab, layout)
-    if recipe.precision == "bf16":
-        model.to(torch.bfloat16)
-    model.to(parallel.device()).requires_grad_(False)
+    model.to(device=parallel.device(), dtype=args.torch_dtype).requires_grad_(False)
     return model.eval()
 
 

@@ -42,11 +42,7 @@ def sample_and_score(model, tok, items: list[PromptItem], combined: Combined, sa
         ended = [bool(answers[i]) and answers[i][-1] in stops for i in idx] if kind == "text" else None
         for i, s in zip(idx, make_samples(tok, rows, kind, ended) if idx else []):
             samples[i] = s
-    totals, parts = [], {n: [] for n in combined.names}
-    for it, s in zip(items, samples):
-        total, each = combined.score(it.prompt, s, it.truth)
-        totals.append(total)
-        for n, x in each.items():
-            parts[n].append(x)
+    # one call per reward for the whole rollout: a reward server answers a batch per round trip
+    totals, parts = combined.score_batch([it.prompt for it in items], samples, [it.truth for it in items])
     return Scored(items, answers, torch.tensor(totals, dtype=torch.float64),
                   {n: torch.tensor(x, dtype=torch.float64) for n, x in parts.items()})

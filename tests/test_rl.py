@@ -146,6 +146,27 @@ def test_left_padded_decoding_matches_decoding_by_length(layout, tok):
 # the phase's gradient
 
 
+def first_update(trainer):
+    """One GRPO step through the real Trainer, watched: the initial weights, the rollout, the gradient of the first
+    optimizer update (every micro-batch of it accumulated), the logged values and the engine.step calls."""
+    eng, phase = trainer.engine, trainer.phase
+    init = {n: p.detach().clone() for n, p in eng.module.named_parameters()}
+    rollouts, grads = [], {}
+    rollout = phase.rollout
+    phase.rollout = lambda step: rollouts.append(rollout(step)) or rollouts[-1]
+    step, calls = eng.step, [0]
+
+    def snapshot_then_step(*a, **k):
+        calls[0] += 1
+        if calls[0] == trainer.accum:
+            grads.update({n: p.grad.detach().clone() for n, p in eng.module.named_parameters()})
+        return step(*a, **k)
+
+    eng.step = snapshot_then_step
+    stats, _ = trainer.train_step(iter(()))  # (logged values, guard evidence)
+    return init, rollouts[0], grads, stats, calls[0]
+
+
 def test_first_step_gradient_is_the_advantage_weighted_policy_gradient(toy_data, layout, tmp_path):
     """Ratio 1 (first optimisation step) and reference = policy (no init_from: the seeded initial weights): the
     clipped, KL-penalised objective's gradient must be -(1/N) sum_i A_i sum_t grad log pi(t), N the answer tokens of
@@ -155,25 +176,10 @@ def test_first_step_gradient_is_the_advantage_weighted_policy_gradient(toy_data,
     r = rl_cases.recipe(tmp_path, str(toy_data["tokenizers"]), "grad", steps=1, micro=4, prompts_per_step=2,
                         group_size=4, ppo_epochs=2, mini_batches=1, kl_coef=0.5, max_new_tokens=4)
     trainer = build_trainer(r, layout, source="grad")
-    eng, phase = trainer.engine, trainer.phase
     assert trainer.accum == 2
-    init = {n: p.detach().clone() for n, p in eng.module.named_parameters()}
-    rollouts, grads = [], {}
-    rollout = phase.rollout
-    phase.rollout = lambda step: rollouts.append(rollout(step)) or rollouts[-1]
-    step, calls = eng.step, [0]
+    init, (scored, adv, _), grads, stats, calls = first_update(trainer)
+    assert stats["optimizer_steps"] == 2 and calls == 4
 
-    def snapshot_then_step(*a, **k):
-        calls[0] += 1
-        if calls[0] == trainer.accum:  # the first optimizer step: every micro-batch's gradient accumulated
-            grads.update({n: p.grad.detach().clone() for n, p in eng.module.named_parameters()})
-        return step(*a, **k)
-
-    eng.step = snapshot_then_step
-    stats, _ = trainer.train_step(iter(()))  # (logged values, guard evidence)
-    assert stats["optimizer_steps"] == 2 and calls[0] == 4
-
-    scored, adv, _ = rollouts[0]
     assert adv.abs().sum() > 0
     _, model = build_model(r, trainer.vocab, layout)
     model.load_state_dict(init)
@@ -210,24 +216,9 @@ def test_each_loss_normalisation_gives_the_hand_computed_gradient(toy_data, layo
                         rewards=["half_constant"], loss_normalisation=mode, dynamic_sampling=dynamic)
     assert r.phase.options.std_scaled == (mode != "dr_grpo")
     trainer = build_trainer(r, layout, source="norm")
-    eng, phase = trainer.engine, trainer.phase
-    init = {n: p.detach().clone() for n, p in eng.module.named_parameters()}
-    rollouts, grads = [], {}
-    rollout = phase.rollout
-    phase.rollout = lambda step: rollouts.append(rollout(step)) or rollouts[-1]
-    step, calls = eng.step, [0]
+    init, (scored, adv, _), grads, stats, calls = first_update(trainer)
+    assert calls == 2 * trainer.accum
 
-    def snapshot_then_step(*a, **k):
-        calls[0] += 1
-        if calls[0] == trainer.accum:
-            grads.update({n: p.grad.detach().clone() for n, p in eng.module.named_parameters()})
-        return step(*a, **k)
-
-    eng.step = snapshot_then_step
-    stats, _ = trainer.train_step(iter(()))
-    assert calls[0] == 2 * trainer.accum
-
-    scored, adv, _ = rollouts[0]
     grouped = scored.rewards.view(-1, g)
     if mode == "dr_grpo":
         assert adv.tolist() == pytest.approx((grouped - grouped.mean(1, keepdim=True)).reshape(-1).tolist(), abs=1e-6)

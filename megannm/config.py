@@ -179,8 +179,13 @@ class GRPOOptions(_Options):
     temperature: float = Field(1.0, gt=0)
     top_k: int = Field(0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    cfg_scale: float = Field(1.0, ge=0, description="Classifier-free guidance for image answers (1 = off).")
+    cfg_scale: float = Field(1.0, ge=0, description="Classifier-free guidance for image answers: only 1 (off); "
+                                                     "the log-probs GRPO trains on are the conditional model's, "
+                                                     "so guided samples would be off-policy.")
     max_new_tokens: int = Field(32, gt=0, description="Longest text answer.")
+    rollout_batch_size: Optional[int] = Field(None, gt=0, description="Most answers decoding together in a "
+                                                                      "rollout (one KV cache); None = all of the "
+                                                                      "rank's prompts x group_size at once.")
 
     @property
     def std_scaled(self) -> bool:
@@ -449,6 +454,11 @@ def check_recipe(r: Recipe, world_size: Optional[int] = None,
             errs.append(("phase.options.prompts_per_step", f"prompts_per_step x group_size answers must fill "
                          f"mini_batches optimizer steps of data.global_batch_size (got {o.prompts_per_step} x "
                          f"{o.group_size} = {answers}, expected {o.mini_batches} x {gbs} = {o.mini_batches * gbs})"))
+        if o.cfg_scale != 1.0:
+            # policy, old and reference log-probs are the conditional model's: a guided sample's ratio and KL would
+            # describe a distribution it was not drawn from
+            errs.append(("phase.options.cfg_scale", f"GRPO samples on-policy, without classifier-free guidance (got "
+                         f"cfg_scale={o.cfg_scale:g}, expected 1; guidance is for megannm generate/evaluate/score)"))
         if o.loss_normalisation == "dr_grpo" and o.scale_rewards:
             errs.append(("phase.options.scale_rewards", "Dr. GRPO does not divide advantages by the group's std (got "
                          "scale_rewards=true with loss_normalisation=dr_grpo, expected false or unset)"))

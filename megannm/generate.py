@@ -6,9 +6,11 @@
   ``logits = uncond + scale * (cond - uncond)``, the unconditional prompt being ``<bos> <boi>`` (the training recipe
   drops captions with ``data.caption_dropout``, so the model knows that prompt).
 
-Prompts of different lengths are decoded in buckets of equal length (exact, no left-padding masks). At TP > 1 every
-tensor-parallel rank computes the same gathered logits; the sampled token is broadcast from the group's first rank so
-that ranks never diverge.
+Prompts of different lengths are decoded in buckets of equal length (exact, no left-padding masks), or with
+``pad=True`` together, left-padded; one batch may mix image and text answers (an RL rollout decodes all of a rank's
+prompts in one loop over one KV cache: per-row allowed ids, lengths and stops; finished rows leave the batch). At
+TP > 1 every tensor-parallel rank computes the same gathered logits; the sampled token is broadcast from the group's
+first rank so that ranks never diverge.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 
 from megannm import parallel
+from megannm.model.attention import KVCache, LayerCache
 from megannm.fileio import atomic_write, atomic_write_json
 from megannm.vocab import Vocab
 
@@ -86,90 +89,187 @@ def _same_on_tp_ranks(ids: torch.Tensor, tp_group) -> torch.Tensor:
     return parallel.broadcast(ids, tp_group)
 
 
+# A left-padded batch prefills in groups of similar prompt lengths, each group padded to at most this factor of its
+# shortest prompt: a rollout's short captions do not compute an image prompt's length of padding.
+_PREFILL_PAD = 1.25
+
+
+def _prompt_groups(lengths: list[int]) -> list[tuple[int, int]]:
+    """Consecutive row ranges [r0, r1) whose prompt lengths stay within ``_PREFILL_PAD`` of each other."""
+    groups, r0 = [], 0
+    lo = hi = lengths[0] if lengths else 0
+    for r, n in enumerate(lengths):
+        lo, hi = min(lo, n), max(hi, n)
+        if hi > _PREFILL_PAD * lo and r > r0:
+            groups.append((r0, r))
+            r0, lo, hi = r, n, n
+    return groups + [(r0, len(lengths))] if lengths else groups
+
+
+# Prompt tokens per prefill forward: the forward returns logits at every prompt position (gathered over the
+# vocabulary), so a rollout of all of a rank's prompts prefills in slices of rows to bound that tensor.
+PREFILL_TOKENS = 8192
+
+
+def _prefill_slices(lengths: list[int]) -> list[tuple[int, int]]:
+    """``_prompt_groups`` cut into row ranges of at most ``PREFILL_TOKENS`` padded prompt tokens each."""
+    out = []
+    for r0, r1 in _prompt_groups(lengths):
+        rows = max(1, PREFILL_TOKENS // max(lengths[r0:r1]))
+        out += [(a, min(a + rows, r1)) for a in range(r0, r1, rows)]
+    return out
+
+
+def _rows_view(cache: KVCache, r0: int, r1: int, offset: int) -> KVCache:
+    """Rows [r0, r1) of ``cache`` from position ``offset`` on, as a cache of their own whose tensors are views:
+    a prompt group prefills there, right-aligned, and its keys and values land in the one cache."""
+    view = KVCache.__new__(KVCache)
+    view.layers = []
+    for layer in cache.layers:
+        part = LayerCache.__new__(LayerCache)
+        part.k, part.v = layer.k[r0:r1, :, offset:], layer.v[r0:r1, :, offset:]
+        view.layers.append(part)
+    view.docs, view.max_len, view.length = cache.docs[r0:r1, offset:], cache.max_len - offset, 0
+    return view
+
+
 class _Stream:
     """One batch of prompts decoding with its own KV cache: equal lengths, or left-padded to equal length with
     ``lengths`` given (the padding is a document of its own, so no prompt or answer token ever attends to it, and
-    every row's positions start at 0 at its first real token)."""
+    every row's positions start at 0 at its first real token; the prompts prefill in groups of similar lengths,
+    ``_prompt_groups``). ``keep`` drops finished rows from the batch."""
 
     def __init__(self, model, prompts: torch.Tensor, max_new: int, lengths: Optional[torch.Tensor] = None):
         self.model = model
         b, n = prompts.shape
         self.cache = model.new_cache(b, n + max_new)
-        idx = torch.arange(n, device=prompts.device).expand(b, n)
         if lengths is None:
-            pos, docs, self.docs = idx, None, None
+            idx = torch.arange(n, device=prompts.device).expand(b, n)
+            self.docs = None
             self.pos = torch.full((b,), n, dtype=torch.long, device=prompts.device)
-        else:
-            start = (n - lengths)[:, None]
+            self.logits = model(prompts, position_ids=idx, document_ids=None, cache=self.cache)[:, -1].float()
+            return
+        self.docs = torch.ones(b, 1, dtype=torch.long, device=prompts.device)
+        self.pos = lengths.clone()
+        last = []
+        for r0, r1 in _prefill_slices(lengths.tolist()):
+            width = int(lengths[r0:r1].max())
+            idx = torch.arange(width, device=prompts.device).expand(r1 - r0, width)
+            start = (width - lengths[r0:r1])[:, None]
             pos, docs = (idx - start).clamp(min=0), (idx >= start).long()
-            self.docs = torch.ones(b, 1, dtype=torch.long, device=prompts.device)
-            self.pos = lengths.clone()
-        self.logits = model(prompts, position_ids=pos, document_ids=docs, cache=self.cache)[:, -1].float()
+            view = _rows_view(self.cache, r0, r1, n - width)  # positions before it: document 0, never attended
+            last.append(model(prompts[r0:r1, n - width:], position_ids=pos, document_ids=docs, cache=view)[:, -1])
+        self.cache.advance(n)
+        self.logits = torch.cat(last).float()
 
     def feed(self, ids: torch.Tensor) -> None:
         self.logits = self.model(ids[:, None], position_ids=self.pos[:, None], document_ids=self.docs,
                                  cache=self.cache)[:, -1].float()
         self.pos = self.pos + 1
 
+    def keep(self, rows: torch.Tensor) -> None:
+        """Only ``rows`` (indices into the batch) decode on: every later step's attention reads their cache only.
+        (One copy of the kept rows' keys and values; the cache's batch is implicit in its tensors.)"""
+        for layer in self.cache.layers:
+            layer.k, layer.v = layer.k[rows], layer.v[rows]
+        self.cache.docs = self.cache.docs[rows]
+        self.pos, self.logits = self.pos[rows], self.logits[rows]
+        if self.docs is not None:
+            self.docs = self.docs[rows]
+
+
+# Drop finished rows once a quarter of the batch is done: each drop copies the kept rows' cache once, and the rows
+# left (a rollout's image answers, long after its short captions ended) stop paying for the finished ones.
+_COMPACT_WHEN_DONE = 0.25
+
 
 @torch.no_grad()
-def _decode_bucket(model, vocab: Vocab, prompts: torch.Tensor, kind: str, max_new: int, cfg: SamplingConfig,
+def _decode_bucket(model, vocab: Vocab, prompts: torch.Tensor, kind, max_new: int, cfg: SamplingConfig,
                    cfg_scale: float, generator, stop_ids: tuple = (), keep_stop: bool = False,
                    lengths: Optional[torch.Tensor] = None) -> list[list[int]]:
+    """Decode one batch in one loop over one KV cache. ``kind``: "text", "image", or one of them per row (a mixed
+    batch: each row has its own allowed ids, its own length (an image row exactly ``vocab.image_grid`` codes, a
+    text row up to ``max_new`` tokens or its stop token) and its own end). The loop ends when every row is done."""
     dev = prompts.device
     b = prompts.shape[0]
-    cond = _Stream(model, prompts, max_new, lengths)
+    kinds = [kind] * b if isinstance(kind, str) else list(kind)
+    is_image = torch.tensor([k == "image" for k in kinds], dtype=torch.bool, device=dev)
+    limit = torch.where(is_image, vocab.image_grid or 0, max_new).to(torch.long)
+    steps = int(limit.max())
+    cond = _Stream(model, prompts, steps, lengths)
+    # the unconditional stream (classifier-free guidance) decodes the image rows only
+    guided = cfg_scale != 1.0 and bool(is_image.any())
     uncond = None
-    if kind == "image" and cfg_scale != 1.0:
-        uncond = _Stream(model, torch.tensor([[vocab.bos_id, vocab.boi_id]], device=dev).expand(b, 2), max_new)
+    if guided:
+        n_img = int(is_image.sum())
+        uncond = _Stream(model, torch.tensor([[vocab.bos_id, vocab.boi_id]], device=dev).expand(n_img, 2), steps)
     vsize = cond.logits.shape[-1]
-    allowed = _allowed_mask(vocab, vsize, kind, dev)
     stops = torch.tensor([vocab.eos_id, *stop_ids], device=dev)
-    if kind == "text":
-        allowed[stops] = True  # e.g. <|end|>: a chat answer ends its turn
-    out = torch.empty(b, 0, dtype=torch.long, device=dev)
-    done = torch.zeros(b, dtype=torch.bool, device=dev)
-    for _ in range(max_new):
+    text_allowed = _allowed_mask(vocab, vsize, "text", dev)
+    text_allowed[stops] = True  # e.g. <|end|>: a chat answer ends its turn
+    allowed_by_kind = torch.stack([text_allowed, _allowed_mask(vocab, vsize, "image", dev)])  # [2, V]
+    out = torch.full((b, steps), vocab.eos_id, dtype=torch.long, device=dev)
+    rows = torch.arange(b, device=dev)  # the original row of every row still in the batch
+    done = torch.zeros(b, dtype=torch.bool, device=dev)  # of the rows in the batch
+    tp_group = model.layout.tp_group
+    for t in range(steps):
+        img = is_image[rows]
         logits = cond.logits
         if uncond is not None:
-            logits = uncond.logits + cfg_scale * (cond.logits - uncond.logits)
-        logits = logits.masked_fill(~allowed, float("-inf"))
-        ids = _same_on_tp_ranks(pick(logits, cfg, generator), model.layout.tp_group)
-        if kind == "text":
-            ids = torch.where(done, torch.full_like(ids, vocab.eos_id), ids)
-            done |= torch.isin(ids, stops)
-        out = torch.cat([out, ids[:, None]], 1)
-        if kind == "text" and bool(done.all()):
+            at = img.nonzero().squeeze(-1)  # the uncond stream holds the batch's image rows, in batch order
+            u = uncond.logits
+            logits = logits.index_copy(0, at, u + cfg_scale * (logits[at] - u))
+        logits = logits.masked_fill(~allowed_by_kind[img.long()], float("-inf"))
+        ids = _same_on_tp_ranks(pick(logits, cfg, generator), tp_group)
+        ids = torch.where(done, torch.full_like(ids, vocab.eos_id), ids)  # a finished row's filler, never read
+        out[rows, t] = ids
+        done |= (~img & torch.isin(ids, stops)) | (t + 1 >= limit[rows])
+        n_done = int(done.sum())  # the same on every tensor-parallel rank: computed from the broadcast ids
+        if n_done == len(rows):
             break
         cond.feed(ids)
         if uncond is not None:
-            uncond.feed(ids)
-    rows = out.tolist()
-    if kind == "text":
-        stop = set(stops.tolist())
-        ends = [next((k + int(keep_stop) for k, t in enumerate(r) if t in stop), len(r)) for r in rows]
-        rows = [r[:e] for r, e in zip(rows, ends)]
-    return rows
+            uncond.feed(ids[img])
+        if n_done >= _COMPACT_WHEN_DONE * len(rows):
+            live = (~done).nonzero().squeeze(-1)
+            cond.keep(live)
+            if uncond is not None:
+                uncond.keep((~done[img]).nonzero().squeeze(-1))
+            rows, done = rows[live], done[live]
+    result = []
+    stop = set(stops.tolist())
+    for r, k, n in zip(out.tolist(), kinds, limit.tolist()):
+        r = r[:n]
+        if k == "text":
+            r = r[:next((j + int(keep_stop) for j, x in enumerate(r) if x in stop), len(r))]
+        result.append(r)
+    return result
 
 
 @torch.no_grad()
-def generate(model, vocab: Vocab, prompts: list[list[int]], kind: str, max_new_tokens: int = 0,
+def generate(model, vocab: Vocab, prompts: list[list[int]], kind, max_new_tokens: int = 0,
              sampling: SamplingConfig = SamplingConfig(), cfg_scale: float = 1.0, batch_size: int = 64,
              device=None, stop_ids: tuple = (), keep_stop: bool = False, pad: bool = False) -> list[list[int]]:
-    """Continue every prompt with a span of ``kind`` ("text" or "image"). Image spans are exactly
-    ``vocab.image_grid`` codes (unified ids); text spans stop at ``<eos>`` or any of ``stop_ids`` (e.g.
-    ``<|end|>`` for a chat answer; not returned unless ``keep_stop``: RL trains the decision to stop) or
-    ``max_new_tokens``. ``pad``: decode prompts of different lengths together, left-padded (a document mask keeps
-    the padding out of attention), instead of one bucket per length: far fewer decoding steps for RL rollouts.
-    ``model``: an ``NMMModel``, whose ``layout`` names the tensor-parallel group that samples together."""
-    if kind not in ("text", "image"):
-        raise ValueError(f"generate: kind must be text or image (got {kind!r})")
-    if kind == "image":
-        if not vocab.image_grid:
-            raise ValueError("generate: the vocabulary does not record the image grid size (vocab.image_grid)")
-        max_new_tokens = vocab.image_grid
-    elif max_new_tokens <= 0:
+    """Continue every prompt with a span of ``kind`` ("text" or "image", or a list of one of them per prompt: image
+    and text answers decoding together). Image spans are exactly ``vocab.image_grid`` codes (unified ids); text
+    spans stop at ``<eos>`` or any of ``stop_ids`` (e.g. ``<|end|>`` for a chat answer; not returned unless
+    ``keep_stop``: RL trains the decision to stop) or ``max_new_tokens``. ``pad``: decode prompts of different
+    lengths together, left-padded (a document mask keeps the padding out of attention), instead of one bucket per
+    length: far fewer decoding steps for RL rollouts. ``batch_size``: the most rows decoding together (the KV
+    cache's memory). ``model``: an ``NMMModel``, whose ``layout`` names the tensor-parallel group that samples
+    together."""
+    kinds = [kind] * len(prompts) if isinstance(kind, str) else list(kind)
+    if len(kinds) != len(prompts):
+        raise ValueError(f"generate: {len(kinds)} kinds for {len(prompts)} prompts")
+    bad = next((k for k in kinds if k not in ("text", "image")), None)
+    if bad is not None or (isinstance(kind, str) and kind not in ("text", "image")):
+        raise ValueError(f"generate: kind must be text or image (got {bad if bad is not None else kind!r})")
+    if "image" in kinds and not vocab.image_grid:
+        raise ValueError("generate: the vocabulary does not record the image grid size (vocab.image_grid)")
+    if "text" in kinds and max_new_tokens <= 0:
         raise ValueError(f"generate: max_new_tokens must be positive for text (got {max_new_tokens})")
+    if batch_size <= 0:
+        raise ValueError(f"generate: batch_size must be positive (got {batch_size})")
     device = device or next(model.parameters()).device
     # on the logits' device: torch.multinomial refuses a CPU generator for GPU probabilities
     generator = torch.Generator(device=device).manual_seed(sampling.seed) if not sampling.greedy else None
@@ -188,8 +288,8 @@ def generate(model, vocab: Vocab, prompts: list[list[int]], kind: str, max_new_t
             t = torch.full((len(chunk), n), vocab.pad_id, dtype=torch.long, device=device)
             for r, i in enumerate(chunk):
                 t[r, n - len(prompts[i]):] = torch.tensor(prompts[i], dtype=torch.long, device=device)
-            rows = _decode_bucket(model, vocab, t, kind, max_new_tokens, sampling, cfg_scale, generator,
-                                  tuple(stop_ids), keep_stop, lengths if pad else None)
+            rows = _decode_bucket(model, vocab, t, [kinds[i] for i in chunk], max_new_tokens, sampling, cfg_scale,
+                                  generator, tuple(stop_ids), keep_stop, lengths if pad else None)
             for i, row in zip(chunk, rows):
                 results[i] = row
     model.train(was_training)

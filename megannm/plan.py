@@ -249,10 +249,12 @@ def make_plan(recipe: Recipe, world_size: int, device: str = "h100", vocab=None,
     kind = recipe.phase.kind
     with_reference = kind == "dpo" or (kind == "grpo" and recipe.phase.options.kl_coef > 0)
     rollout_cache = 0.0
-    if kind == "grpo":  # generate()'s KV cache: up to 64 answers decoding together, each up to max_seq_len long
-        o = recipe.phase.options
-        rows = min(64, o.prompts_per_step // dp * o.group_size)
+    if kind == "grpo":  # the rollout: rollout_batch_size answers (default all of the rank's) decoding together,
+        from megannm.generate import PREFILL_TOKENS  # each up to max_seq_len in the KV cache, plus one prefill
+        o = recipe.phase.options  # chunk's fp32 logits
+        rows = o.rollout_batch_size or o.prompts_per_step // dp * o.group_size
         rollout_cache = rows * args.max_seq_len * args.layers * 2 * (args.kv_heads // tp) * args.head_dim * e
+        rollout_cache += PREFILL_TOKENS * args.padded_vocab_size // tp * 4
     cpu_mask = 0.0 if dev.whole_buckets else 5 * d.seq_len  # CPU SDPA: the bool document mask and its float copy
     stages = []
     for s, params in enumerate(int(x) for x in per_stage):

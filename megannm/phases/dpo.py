@@ -5,8 +5,9 @@
 with sequence log-probs summed over the answer tokens only (the prompt is context, never scored), from the head's
 vocab-parallel logits (``phases/rl/logprobs.py``: TP-safe). The loss is the mean over the pairs of the global batch
 (``data.global_batch_size`` counts pairs; a micro-batch of ``data.micro_batch_size`` pairs holds 2 x that many
-sequences, chosen first). The reference is a plain frozen ``NMMModel`` from ``checkpoint.init_from`` (or, without
-one, the policy's seeded initial weights: ``phases/rl/reference.py``); its log-probs are computed per micro-batch
+sequences, chosen first). The reference is a plain frozen ``NMMModel`` holding the policy's starting weights in the
+training dtype (copied from the live policy when the run starts, read from this rank's slice of
+``checkpoint.init_from`` after a resume: ``phases/rl/reference.py``); its log-probs are computed per micro-batch
 without gradient. Logged: the loss, reward accuracy (the fraction of pairs whose implicit reward
 ``beta * (log pi - log pi_ref)`` ranks the chosen answer first), the mean margin and both implicit rewards.
 
@@ -55,11 +56,24 @@ class DPOPhase(Phase):
         self._perm_epoch, self._perm = None, None
 
     def attach(self, engine, model_args) -> None:
-        self.reference = frozen_reference(self.recipe, self.layout, self.vocab, model_args)
+        self.engine, self.model_args = engine, model_args
+
+    def _ensure_reference(self, fresh: bool = False) -> None:
+        """The frozen reference, once: a copy of the live policy when ``fresh`` (no step made yet), else this rank's
+        slice of ``checkpoint.init_from`` (``phases/rl/reference.py``)."""
+        if self.reference is None:
+            self.reference = frozen_reference(self.recipe, self.layout, self.vocab, self.model_args, self.engine,
+                                              fresh=fresh)
 
     def train_batches(self, consumed_samples: int):
-        """This rank's micro-batches of pairs, in a global order that is a pure function of (seed, epoch): a step
-        takes the next ``global_batch_size`` pairs, rank r the r-th slice of them; resumable from the count."""
+        """This rank's micro-batches of pairs (see ``_batches``). The Trainer asks for them once, on every rank,
+        after loading the weights and before the first step: the moment to take the reference."""
+        self._ensure_reference(fresh=consumed_samples == 0)
+        return self._batches(consumed_samples)
+
+    def _batches(self, consumed_samples: int):
+        """In a global order that is a pure function of (seed, epoch): a step takes the next ``global_batch_size``
+        pairs, rank r the r-th slice of them; resumable from the count."""
         d, lay = self.recipe.data, self.layout
         per_rank = d.global_batch_size // lay.dp
         k = consumed_samples
@@ -83,6 +97,7 @@ class DPOPhase(Phase):
         """Mean DPO loss over this micro-batch's pairs (chosen rows first, then rejected) and its sums."""
         m = batch["input_ids"].shape[0] // 2
         logp = sequence_logprobs(model, batch)
+        self._ensure_reference()  # (a loss asked for without train_batches: read, never copied mid-step)
         with torch.no_grad():
             ref = sequence_logprobs(self.reference, batch)
         loss, rc, rr = dpo_loss(logp[:m], logp[m:], ref[:m], ref[m:], self.opts.beta)

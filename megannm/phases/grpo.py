@@ -4,15 +4,17 @@ One step of this phase is one rollout followed by several optimizer updates (``P
 
 1. **Rollout.** Each data-parallel rank samples ``group_size`` answers to each of its ``prompts_per_step / dp``
    prompts (any prompt source, ``phases/rl/prompts.py``) from the current policy, modality-constrained
-   (``megannm.generate``; under ZeRO-3 from a gathered copy, ``phases/rl/reference.py``), and scores them with the
-   recipe's rewards (``megannm.rewards``, weighted sum).
+   (``megannm.generate``; under ZeRO-3 from a gathered copy, ``phases/rl/reference.py``): image and text answers of
+   all the rank's prompts decode together in one loop over one KV cache (``rollout_batch_size`` caps the rows),
+   and are scored with the recipe's rewards (``megannm.rewards``, weighted sum).
 2. **Advantages**, group-relative: ``A = (r - mean(group)) / (std(group) + eps)`` (sample std, as TRL;
    ``scale_rewards: false`` drops the division, as Dr. GRPO does); every token of an answer gets its answer's
    advantage. With ``dynamic_sampling`` (DAPO), a group whose rewards are all equal (all right or all wrong: zero
    advantage, nothing to learn but the KL) is left out of the loss and of its normaliser.
 3. **Fixed log-probs, once per rollout** (no gradient): ``log pi_old`` of the policy before any update (skipped for a
-   single update, where pi_old is the current policy, detached) and ``log pi_ref`` of the frozen reference
-   (``checkpoint.init_from``, or the policy's own seeded initial weights).
+   single update, where pi_old is the current policy, detached) and ``log pi_ref`` of the frozen reference (the
+   policy's starting weights in the training dtype: copied from the live policy at step 0, or after a resume read
+   from this rank's slice of ``checkpoint.init_from``).
 4. **Updates**: ``ppo_epochs`` passes in ``mini_batches`` mini-batches each (reshuffled after the first pass), which
    the Trainer runs like any other phase's; per answer token t::
 
@@ -38,7 +40,9 @@ exactly the formula above. Dynamic sampling zeroes a dropped answer's weight and
 update keeps its ``accum`` micro-batches on every rank and every rank runs the same collectives (refilling the batch
 with new prompts would make the rollout's length depend on the rewards, rank by rank). Log-probs are of the model's
 own distribution over the whole vocabulary at the sampling temperature (``phases/rl/logprobs.py``); the modality
-constraint and classifier-free guidance (off by default) only shape which tokens are sampled. The learning-rate
+constraint only shapes which tokens are sampled. Classifier-free guidance is refused (``cfg_scale`` must be 1): the
+samples would come from the guided distribution while every log-prob above is the conditional model's, so the
+first update's ratio would not be 1 and neither ratio nor KL would describe the sampling policy. The learning-rate
 schedule counts rollout steps.
 """
 from __future__ import annotations
@@ -93,8 +97,14 @@ class GRPOPhase(Phase):
 
     def attach(self, engine, model_args) -> None:
         self.engine, self.model_args = engine, model_args
-        if self.opts.kl_coef > 0:
-            self.reference = frozen_reference(self.recipe, self.layout, self.vocab, model_args)
+
+    def _ensure_reference(self, step: int) -> None:
+        """The frozen reference, once, before the first rollout (the engine then holds its starting or resumed
+        weights): at step 0 a copy of the live policy, after a resume this rank's slice of ``init_from``
+        (``phases/rl/reference.py``)."""
+        if self.opts.kl_coef > 0 and self.reference is None:
+            self.reference = frozen_reference(self.recipe, self.layout, self.vocab, self.model_args, self.engine,
+                                              fresh=step == 0)
 
     # the rollout --------------------------------------------------------------------------------------------------
     def prompts_for(self, step: int) -> list[PromptItem]:
@@ -128,7 +138,7 @@ class GRPOPhase(Phase):
         failed = None
         try:
             scored = sample_and_score(self._policy_for_sampling(), self.tok, items, self.rewards,
-                                      self.sampling(step), o.cfg_scale, o.max_new_tokens)
+                                      self.sampling(step), o.cfg_scale, o.max_new_tokens, o.rollout_batch_size)
         except Exception as e:  # noqa: BLE001 - e.g. a reward server gone: re-raised below, on every rank
             failed = e
         self._agree_on_failure(failed)
@@ -174,6 +184,7 @@ class GRPOPhase(Phase):
 
     def step_work(self, ctx: StepContext, batches=None) -> StepWork:
         """One rollout, then ppo_epochs x mini_batches updates over it (each ``accum`` micro-batches)."""
+        self._ensure_reference(ctx.step)
         t0 = time.perf_counter()
         scored, adv, stats = self.rollout(ctx.step)
         stats.add("rollout_s", time.perf_counter() - t0)

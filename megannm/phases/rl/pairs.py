@@ -14,6 +14,7 @@ from pathlib import Path
 from megannm.fileio import atomic_write, atomic_write_json
 from megannm.phases.rl.prompts import PromptSource
 from megannm.phases.rl.rollout import sample_and_score
+from megannm.phases.rl.score import OFFLINE_BATCH
 from megannm.rewards import Combined, parse_weights
 
 PAIRS, MANIFEST = "pairs.jsonl", "manifest.json"
@@ -46,7 +47,8 @@ def build_pairs(model, tok, items, combined: Combined, sampling, cfg_scale: floa
                 max_new_tokens: int = 32) -> tuple[list[dict], int]:
     """Two sampled answers per prompt item, ranked by the verifier; ties dropped. Returns (pairs, ties)."""
     doubled = [it for it in items for _ in range(2)]
-    s = sample_and_score(model, tok, doubled, combined, sampling, cfg_scale, max_new_tokens)
+    s = sample_and_score(model, tok, doubled, combined, sampling, cfg_scale, max_new_tokens,
+                         batch_size=OFFLINE_BATCH)
     pairs, ties = [], 0
     for k, it in enumerate(items):
         a, b = 2 * k, 2 * k + 1

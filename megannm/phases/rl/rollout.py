@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -19,20 +20,16 @@ class Scored:
 
 
 def sample_and_score(model, tok, items: list[PromptItem], combined: Combined, sampling, cfg_scale: float = 1.0,
-                     max_new_tokens: int = 32) -> Scored:
-    """Generate one answer per item (text and image answers each in one ``generate`` call) and score each."""
+                     max_new_tokens: int = 32, batch_size: Optional[int] = None) -> Scored:
+    """Generate one answer per item and score each. Image and text answers decode together, left-padded, in ONE
+    loop over one KV cache (``megannm.generate``: per-row allowed ids, lengths and stops), ``batch_size`` rows at a
+    time (None: all of them; a cap bounds the cache's memory)."""
     from megannm.generate import generate
     v = tok.vocab
     end = v.special("<|end|>")
-    answers: list = [None] * len(items)
-    for kind in ("image", "text"):
-        idx = [i for i, it in enumerate(items) if it.prompt.kind == kind]
-        if not idx:
-            continue
-        rows = generate(model, v, [items[i].prompt.ids for i in idx], kind, max_new_tokens=max_new_tokens,
-                        sampling=sampling, cfg_scale=cfg_scale, stop_ids=(end,), keep_stop=True, pad=True)
-        for i, r in zip(idx, rows):
-            answers[i] = r
+    answers = generate(model, v, [it.prompt.ids for it in items], [it.prompt.kind for it in items],
+                       max_new_tokens=max_new_tokens, sampling=sampling, cfg_scale=cfg_scale,
+                       batch_size=batch_size or max(len(items), 1), stop_ids=(end,), keep_stop=True, pad=True)
     stops = {v.eos_id, end}
     samples = [None] * len(items)
     for kind in ("image", "text"):

@@ -18,13 +18,18 @@ import torch
 
 from megannm.rewards import Combined, parse_weights
 
+# answers decoding together in the offline commands (hundreds of prompts): image and text rows mixed, the KV
+# cache's memory as in generate's default batch
+OFFLINE_BATCH = 64
+
 
 def score_model(model, tok, items, combined: Combined, sampling, cfg_scale: float = 1.0, max_new_tokens: int = 32,
                 samples: int = 1):
     """Rewards [n * samples] of ``samples`` answers per prompt and each reward's values."""
     from megannm.phases.rl.rollout import sample_and_score
     repeated = [it for it in items for _ in range(samples)]
-    return sample_and_score(model, tok, repeated, combined, sampling, cfg_scale, max_new_tokens)
+    return sample_and_score(model, tok, repeated, combined, sampling, cfg_scale, max_new_tokens,
+                            batch_size=OFFLINE_BATCH)
 
 
 def summary(scored) -> dict:

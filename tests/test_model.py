@@ -331,3 +331,125 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     assert g0.keys() == g1.keys() and sum(float(g.abs().sum()) for g in g0.values()) > 0
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the fused projections against plain torch on the canonical (separate) weights
+
+
+def reference_logits(w: dict, args, ids, position_ids, document_ids):
+    """The model written out in plain torch from canonical weights (``fused.to_canonical``): separate q/k/v and
+    gate/up, every token computed with every weight set and its own kept (``torch.where``), no routing."""
+    def norm(x, weight):
+        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + args.eps))
+
+    def per_set(fn):  # fn(m) for each weight set, each token taking its modality's result
+        outs = [fn(m) for m in range(args.n_sets)]
+        if args.n_sets == 1:
+            return outs[0]
+        image = (modality == 1).view(b, s, *[1] * (outs[0].ndim - 2))
+        return torch.where(image, outs[1], outs[0])
+
+    def rope(x):  # [B, H, S, hd], Hugging Face's rotate_half
+        inv = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2).float() / hd))
+        f = position_ids[..., None].float() * inv
+        cos, sin = torch.cat([f, f], -1).cos()[:, None], torch.cat([f, f], -1).sin()[:, None]
+        x1, x2 = x.chunk(2, -1)
+        return x * cos + torch.cat([-x2, x1], -1) * sin
+
+    b, s = ids.shape
+    hd, hq, hkv = args.head_dim, args.heads, args.kv_heads
+    modality = ((ids >= args.image_start) & (ids < args.image_end)).long()
+    allowed = torch.tril(torch.ones(s, s, dtype=torch.bool)) & (document_ids[:, :, None] == document_ids[:, None])
+    h = w["embedding.embed_tokens.weight"][ids]
+    for i in range(args.layers):
+        p = f"layers.{i}."
+        x = per_set(lambda m: norm(h, w[f"{p}attn.norm.{m}.weight"]))
+        q = per_set(lambda m: norm((x @ w[f"{p}attn.q_proj.{m}.weight"].T).view(b, s, hq, hd),
+                                   w[f"{p}attn.q_norm.{m}.weight"])).transpose(1, 2)
+        k = per_set(lambda m: norm((x @ w[f"{p}attn.k_proj.{m}.weight"].T).view(b, s, hkv, hd),
+                                   w[f"{p}attn.k_norm.{m}.weight"])).transpose(1, 2)
+        v = per_set(lambda m: (x @ w[f"{p}attn.v_proj.{m}.weight"].T).view(b, s, hkv, hd)).transpose(1, 2)
+        k, v = k.repeat_interleave(hq // hkv, 1), v.repeat_interleave(hq // hkv, 1)
+        scores = (rope(q) @ rope(k).transpose(-1, -2)) / hd ** 0.5
+        out = (scores.masked_fill(~allowed[:, None], float("-inf")).softmax(-1) @ v).transpose(1, 2).flatten(2)
+        h = h + per_set(lambda m: out @ w[f"{p}attn.o_proj.{m}.weight"].T)
+        x = per_set(lambda m: norm(h, w[f"{p}ffn.norm.{m}.weight"]))
+        h = h + per_set(lambda m: (F.silu(x @ w[f"{p}ffn.gate_proj.{m}.weight"].T) * (x @ w[f"{p}ffn.up_proj.{m}.weight"].T))
+                        @ w[f"{p}ffn.down_proj.{m}.weight"].T)
+    h = per_set(lambda m: norm(h, w[f"head.norm.{m}.weight"]))
+    return (h @ w["head.output.weight"].T)[..., :args.vocab_size]
+
+
+@pytest.mark.parametrize("mot", [True, False])
+def test_fused_projections_equal_separate_weights_in_plain_torch(mot):
+    """Logits and every gradient of the model (one q/k/v GEMM and one gate/up GEMM per weight set) equal plain torch
+    on the separate canonical weights, packed documents and both modalities included."""
+    from megannm.model import fused
+    model = make(mot=mot, seed=3)
+    args = model.args
+    assert {n.split(".")[3] for n, _ in model.named_parameters() if n.startswith("layers.0.attn.")} >= {"qkv_proj"}
+    assert not any(part in n for n, _ in model.named_parameters() for part in ("q_proj", "k_proj", "gate_proj"))
+    with torch.no_grad():  # QK-norm and norm weights away from 1, so that a misplaced one shows
+        for n, p in model.named_parameters():
+            if p.ndim == 1:
+                p.add_(0.2 * torch.randn_like(p))
+    gen = torch.Generator().manual_seed(13)
+    ids = mixed_ids(gen, b=3)
+    docs = torch.tensor([[0] * 10 + [1] * 9, [0] * 19, [0] * 4 + [1] * 15])
+    pos = torch.cat([torch.arange(10), torch.arange(9)]).repeat(3, 1)
+    logits = model(ids, position_ids=pos, document_ids=docs)
+    target = torch.randn(logits.shape, generator=gen)
+    (logits * target).sum().backward()
+
+    weights = {n: t.detach().clone().requires_grad_() for n, t in
+               fused.to_canonical(dict(model.named_parameters()), args, 1).items()}
+    ref = reference_logits(weights, args, ids, pos, docs)
+    (ref * target).sum().backward()
+    torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
+    grads = fused.to_canonical({n: p.grad for n, p in model.named_parameters()}, args, 1)
+    assert grads.keys() == weights.keys()
+    for n, wt in weights.items():
+        torch.testing.assert_close(grads[n], wt.grad, rtol=1e-4, atol=1e-5, msg=n)
+    assert all(float(g.abs().sum()) > 0 for n, g in grads.items() if "embed" not in n and "output" not in n)
+
+
+def test_rms_norm_equals_the_written_out_form():
+    """RMSNorm through torch.nn.functional.rms_norm equals the fp32 formula it replaced (HF Llama's)."""
+    from megannm.model.mot import RMSNorm
+    gen = torch.Generator().manual_seed(14)
+    for dtype in (torch.float32, torch.bfloat16):
+        norm = RMSNorm(32, 1e-5, dtype)
+        with torch.no_grad():
+            norm.weight.copy_(1 + torch.randn(32, generator=gen))
+        x = (3 * torch.randn(5, 7, 32, generator=gen)).to(dtype).requires_grad_()
+        y = norm(x)
+        xf = x.float()
+        ref = norm.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+        assert y.dtype == ref.dtype == dtype
+        torch.testing.assert_close(y, ref, rtol=0, atol=1e-6 if dtype == torch.float32 else 0)
+
+
+def test_a_stage_chain_prepares_routing_and_mask_once_per_micro_batch(monkeypatch):
+    """Blocks of one pipeline stage see only the activation tuple: the first computes the routing and mask, the
+    later ones and the head reuse them; new tensors (the next micro-batch, the next stage) get their own."""
+    from megannm.model import mot
+    model = make(mot=True)
+    calls = []
+    real = mot.prepare
+    monkeypatch.setattr(mot, "prepare", lambda *a, **k: calls.append(1) or real(*a, **k))
+    routes = []
+    real_route = mot.route
+    import megannm.model.transformer as transformer
+    monkeypatch.setattr(transformer, "route", lambda *a, **k: routes.append(1) or real_route(*a, **k))
+    gen = torch.Generator().manual_seed(15)
+    ids = mixed_ids(gen)
+    expected = model(ids, parallel_logits=True)
+    got = stage_logits(model, ids)
+    assert len(calls) == 1 and not routes  # 2 blocks and the head, one prepare
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    x = model.embedding(ids)
+    y = model.layers[0](x)
+    x[1].copy_(1 - x[1])  # the same tensor refilled in place (a receive buffer): never the old routing
+    model.layers[1](y)
+    assert len(calls) == 3

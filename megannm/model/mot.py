@@ -42,11 +42,69 @@ except Exception:  # apex absent (never `pip install apex`: that PyPI name is an
 # routing
 
 
+class _Permute(torch.autograd.Function):
+    """rows = x[index] for a permutation ``index`` whose inverse is known: the backward is the inverse gather.
+    (``index_select``'s own backward holds for any index, so it zero-fills a gradient and scatter-adds into it.)"""
+
+    @staticmethod
+    def forward(ctx, x, index, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inverse, = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+class _Split(torch.autograd.Function):
+    """x [N, ...] in sequence order -> its rows grouped by modality, one slice per modality (one gather); the
+    backward writes each slice's gradient back to its rows (every row written once: no zero-fill)."""
+
+    @staticmethod
+    def forward(ctx, x, order, counts):
+        ctx.save_for_backward(order)
+        ctx.counts = counts
+        return tuple(x.index_select(0, order).split(counts))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        order, = ctx.saved_tensors
+        return _scatter_rows(grads, order, ctx.counts), None, None
+
+
+class _Merge(torch.autograd.Function):
+    """Inverse of ``_Split``: one slice per modality -> [N, ...] in sequence order (each slice written to its rows,
+    no concatenation first); the backward is one gather."""
+
+    @staticmethod
+    def forward(ctx, order, counts, *parts):
+        ctx.save_for_backward(order)
+        ctx.counts = counts
+        return _scatter_rows(parts, order, counts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        order, = ctx.saved_tensors
+        return (None, None, *grad.index_select(0, order).split(ctx.counts))
+
+
+def _scatter_rows(parts, order, counts) -> torch.Tensor:
+    """out[order[i]] = concatenation(parts)[i], without the concatenation."""
+    out = parts[0].new_empty((order.numel(), *parts[0].shape[1:]))
+    start = 0
+    for n, part in zip(counts, parts):
+        out.index_copy_(0, order[start:start + n], part)
+        start += n
+    return out
+
+
 @dataclass
 class Routing:
     """A micro-batch's tokens grouped by modality (stable: order within a modality is kept).
 
-    ``order`` is None for the dense twin: one set, nothing to permute.
+    ``order`` is None for the dense twin: one set, nothing to permute. The permutations have autograd functions of
+    their own (``_Permute``, ``_Split``, ``_Merge``): each direction is one gather or one row write, both ways.
     """
     order: Optional[torch.Tensor]  # [N] flat token index of each sorted position
     inverse: Optional[torch.Tensor]  # [N] sorted position of each flat token
@@ -54,11 +112,11 @@ class Routing:
 
     def sort(self, x: torch.Tensor) -> torch.Tensor:
         """[N, ...] in sequence order -> the same rows grouped by modality (one gather)."""
-        return x if self.order is None else x.index_select(0, self.order)
+        return x if self.order is None else _Permute.apply(x, self.order, self.inverse)
 
     def unsort(self, x: torch.Tensor) -> torch.Tensor:
         """Inverse of ``sort`` (one gather)."""
-        return x if self.order is None else x.index_select(0, self.inverse)
+        return x if self.order is None else _Permute.apply(x, self.inverse, self.order)
 
     def parts(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Sorted [N, ...] -> one contiguous [n_m, ...] view per modality (no copy)."""
@@ -70,12 +128,12 @@ class Routing:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def split(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """[N, ...] in sequence order -> one contiguous [n_m, ...] slice per modality."""
-        return self.parts(self.sort(x))
+        """[N, ...] in sequence order -> one contiguous [n_m, ...] slice per modality (``parts(sort(x))``)."""
+        return [x] if self.order is None else list(_Split.apply(x, self.order, self.counts))
 
     def merge(self, parts: list[torch.Tensor]) -> torch.Tensor:
-        """Inverse of ``split``: per-modality slices -> [N, ...] in sequence order."""
-        return self.unsort(self.join(parts))
+        """Inverse of ``split``: per-modality slices -> [N, ...] in sequence order (``unsort(join(parts))``)."""
+        return parts[0] if self.order is None else _Merge.apply(self.order, self.counts, *parts)
 
 
 def route(modality: torch.Tensor, n_sets: int) -> Routing:
@@ -105,6 +163,41 @@ def prepare(args: "ModelArgs", modality, position_ids, document_ids, cache: Opti
                                     cache))
 
 
+# The attribute of a micro-batch's modality tensor that carries its Context from one pipeline block to the next.
+_ATTACHED = "_megannm_context"
+
+
+def _key(args: "ModelArgs", ids: tuple) -> tuple:
+    # _version counts in-place writes: a buffer refilled with the next micro-batch (a pipeline's receive buffer)
+    # is the same object with a new version, so it never meets the previous micro-batch's context.
+    return (args, *(t._version for t in ids))
+
+
+def attached_context(args: "ModelArgs", modality, position_ids, document_ids) -> Optional[Context]:
+    """The Context ``stage_context`` attached to these very tensors, unchanged since, for a model of these args;
+    None otherwise."""
+    found = getattr(modality, _ATTACHED, None)
+    if found is None:
+        return None
+    key, ids, ctx = found
+    same = all(a is b for a, b in zip(ids, (modality, position_ids, document_ids)))
+    return ctx if same and key == _key(args, ids) else None
+
+
+def stage_context(args: "ModelArgs", modality, position_ids, document_ids) -> Context:
+    """``prepare`` once per micro-batch per pipeline stage. A stage's blocks see only the activation tuple, but
+    DeepSpeed hands every block of a stage the same modality / position / document tensors (each returns them
+    untouched), so the first block's Context (routing with its host sync, mask, RoPE tables) is attached to the
+    modality tensor and the later blocks (and the head) take it from there. It lives and dies with the micro-batch's
+    tensors; the next stage receives new tensors and prepares its own."""
+    ctx = attached_context(args, modality, position_ids, document_ids)
+    if ctx is None:
+        ids = (modality, position_ids, document_ids)
+        ctx = prepare(args, *ids)
+        setattr(modality, _ATTACHED, (_key(args, ids), ids, ctx))
+    return ctx
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # building blocks
 
@@ -130,10 +223,12 @@ class RMSNorm(nn.Module):
             w = copy_to_tensor_model_parallel_region(w, group=self.tp_group)
         if _apex_rms_norm is not None and x.is_cuda and x.numel():
             return _apex_rms_norm(x, w, w.shape, self.eps)
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return w * x.to(dtype)
+        # torch's rms_norm (one fused kernel on a GPU; on the CPU fewer temporaries than the written-out form, and
+        # bitwise equal to it, tests/test_model.py). fp32 all through: the weight folds into the call. Otherwise
+        # normalise in fp32 and scale after casting back, Hugging Face Llama's order.
+        if x.dtype == w.dtype == torch.float32:
+            return F.rms_norm(x, w.shape, w, self.eps)
+        return w * F.rms_norm(x.float(), w.shape, eps=self.eps).to(x.dtype)
 
 
 class _WeightsOnly:
@@ -168,6 +263,33 @@ def column(args: "ModelArgs", layout: "Layout", n_in: int, n_out: int,
     return ColumnLinear(n_in, n_out, config=args.megatron_config(layout.tp, layout.pp),
                         init_method=init or args.init_method(), bias=False, gather_output=False,
                         tp_group=layout.tp_group)
+
+
+def _drawn_later(weight: torch.Tensor) -> torch.Tensor:
+    """An init_method that leaves the weight as allocated: ``fused_columns`` writes every row afterwards."""
+    return weight
+
+
+def fused_columns(args: "ModelArgs", layout: "Layout", n_in: int, parts: tuple[int, ...]) -> PerModality:
+    """One column-parallel linear per weight set computing several projections of the same input in ONE GEMM
+    (q, k, v or gate, up; ``parts``: their full output sizes). This rank's weight stacks its own rows of each part
+    (``megannm.model.fused``), so it is no slice of one full fused weight, and a fused master split by rows would
+    hand rank 0 q-and-k rows. Each part is therefore drawn as its own full master on every rank, in the order
+    separate layers would draw them (part by part, then weight set by weight set; megatron-core's CPU
+    initialisation, ``ModelParallelConfig.use_cpu_initialization``), and this rank keeps its contiguous rows: the
+    same weights at every TP size, and the same as separate q/k/v (gate/up) layers built from the same seed."""
+    layers = PerModality(args.n_sets, lambda: column(args, layout, n_in, sum(parts), init=_drawn_later))
+    init, tp, rank = args.init_method(), layout.tp, layout.tp_rank
+    start = 0
+    with torch.no_grad():
+        for size in parts:
+            rows = size // tp
+            for layer in layers:
+                master = torch.empty(size, n_in, dtype=torch.float32)
+                init(master)
+                layer.weight[start:start + rows].copy_(master[rank * rows:(rank + 1) * rows].to(args.torch_dtype))
+            start += rows
+    return layers
 
 
 def row(args: "ModelArgs", layout: "Layout", n_in: int, n_out: int) -> RowLinear:
@@ -207,9 +329,9 @@ class Attention(nn.Module):
         self.heads, self.kv_heads = args.heads // tp, args.kv_heads // tp  # this rank's
         self.norm_reorder = args.norm_reorder
         self.norm = PerModality(n, lambda: RMSNorm(d, args.eps, args.torch_dtype))
-        self.q_proj = PerModality(n, lambda: column(args, layout, d, args.heads * hd))
-        self.k_proj = PerModality(n, lambda: column(args, layout, d, args.kv_heads * hd))
-        self.v_proj = PerModality(n, lambda: column(args, layout, d, args.kv_heads * hd))
+        # q, k and v in one GEMM (``fused_columns``; canonical names stay q_proj/k_proj/v_proj: ``fused.py``)
+        self.qkv_proj = fused_columns(args, layout, d, (args.heads * hd, args.kv_heads * hd, args.kv_heads * hd))
+        self.qkv_sizes = [self.heads * hd, self.kv_heads * hd, self.kv_heads * hd]  # this rank's columns of each
         self.o_proj = PerModality(n, lambda: row(args, layout, args.heads * hd, d))
         self.qk_norm = args.qk_norm
         if args.qk_norm:  # over head_dim, before RoPE (as Qwen3 and the MoT reference code): local to a TP rank
@@ -218,11 +340,13 @@ class Attention(nn.Module):
             self.k_norm = PerModality(n, lambda: RMSNorm(hd, args.eps, args.torch_dtype, tp_group=shared))
 
     def qkv(self, m: int, x: torch.Tensor) -> torch.Tensor:
-        """Modality m's projections of its slice x [n, D] -> [n, (Hq + 2 Hkv) * hd]."""
-        q, k, v = self.q_proj[m](x), self.k_proj[m](x), self.v_proj[m](x)
-        if self.qk_norm:
-            q = self.q_norm[m](q.view(-1, self.heads, self.head_dim)).flatten(1)
-            k = self.k_norm[m](k.view(-1, self.kv_heads, self.head_dim)).flatten(1)
+        """Modality m's projections of its slice x [n, D] -> [n, (Hq + 2 Hkv) * hd] (q, k, v side by side)."""
+        qkv = self.qkv_proj[m](x)
+        if not self.qk_norm:
+            return qkv
+        q, k, v = qkv.split(self.qkv_sizes, dim=-1)  # the norms apply to q and k after the split
+        q = self.q_norm[m](q.unflatten(-1, (self.heads, self.head_dim))).flatten(1)
+        k = self.k_norm[m](k.unflatten(-1, (self.kv_heads, self.head_dim))).flatten(1)
         return torch.cat([q, k, v], dim=-1)
 
     def forward(self, hs: torch.Tensor, routing: Routing, attn: AttentionInputs, shape: tuple[int, int],
@@ -233,34 +357,35 @@ class Attention(nn.Module):
         parts = routing.parts(hs)
         if not self.norm_reorder:
             parts = self.norm(parts)
-        qkv = routing.unsort(routing.join([self.qkv(m, p) for m, p in enumerate(parts)]))
+        qkv = routing.merge([self.qkv(m, p) for m, p in enumerate(parts)])
         qkv = qkv.view(b, s, self.heads + 2 * self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k, v = qkv.split([self.heads, self.kv_heads, self.kv_heads], dim=1)
-        q, k = apply_rotary(q, attn.cos, attn.sin), apply_rotary(k, attn.cos, attn.sin)
+        qk = apply_rotary(qkv[:, :self.heads + self.kv_heads], attn.cos, attn.sin)  # q and k heads at once
+        q, k = qk.split([self.heads, self.kv_heads], dim=1)
+        v = qkv[:, self.heads + self.kv_heads:]
         if cache is not None:
             k, v = cache.store(k, v, attn.start)
         out = attend(q, k, v, attn.mask)  # [B, S, Hq * hd]: every modality attends to every earlier token
-        parts = self.o_proj(routing.parts(routing.sort(out.reshape(b * s, -1))))
+        parts = self.o_proj(routing.split(out.reshape(b * s, -1)))
         if self.norm_reorder:
             parts = self.norm(parts)
         return routing.join(parts)
 
 
 class FeedForward(nn.Module):
-    """Per-modality norm and SwiGLU FFN, down(silu(gate(x)) * up(x)) (gate/up split by rows over TP, down by
-    columns, so the product needs no communication until down's all-reduce)."""
+    """Per-modality norm and SwiGLU FFN, down(silu(gate(x)) * up(x)) (gate and up one fused GEMM, split by rows
+    over TP, down by columns, so the product needs no communication until down's all-reduce)."""
 
     def __init__(self, args: "ModelArgs", layout: "Layout"):
         super().__init__()
         n, d, f = args.n_sets, args.hidden, args.ffn
         self.norm_reorder = args.norm_reorder
         self.norm = PerModality(n, lambda: RMSNorm(d, args.eps, args.torch_dtype))
-        self.gate_proj = PerModality(n, lambda: column(args, layout, d, f))
-        self.up_proj = PerModality(n, lambda: column(args, layout, d, f))
+        self.gate_up_proj = fused_columns(args, layout, d, (f, f))  # gate and up in one GEMM (``fused.py``)
         self.down_proj = PerModality(n, lambda: row(args, layout, f, d))
 
     def swiglu(self, m: int, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj[m](F.silu(self.gate_proj[m](x)) * self.up_proj[m](x))
+        gate, up = self.gate_up_proj[m](x).chunk(2, dim=-1)  # this rank's ffn/tp columns of each
+        return self.down_proj[m](F.silu(gate) * up)
 
     def forward(self, hs: torch.Tensor, routing: Routing) -> torch.Tensor:
         """hs: [N, D] grouped by modality; a token-wise sub-layer never needs sequence order."""
@@ -281,8 +406,9 @@ class Block(nn.Module):
     """One transformer block, MoT or dense per ``args.mot``; a pipeline stage in its own right.
 
     Takes and returns the activation tuple ``(hidden [B,S,D], modality [B,S], position_ids [B,S], document_ids
-    [B,S])``. ``ctx`` (routing, mask, RoPE) is computed once per micro-batch by ``NMMModel``; a pipeline stage, which
-    only sees the tuple, recomputes it from the tuple (a sort and a comparison: cheap next to the block).
+    [B,S])``. ``ctx`` (routing, mask, RoPE) is computed once per micro-batch by ``NMMModel``; in a pipeline stage,
+    which only sees the tuple, the stage's first block computes it from the tuple and the later ones reuse it
+    (``stage_context``).
     """
 
     def __init__(self, args: "ModelArgs", layout: "Layout", layer_number: int = 0):
@@ -294,7 +420,7 @@ class Block(nn.Module):
     def forward(self, x: tuple, ctx: Optional[Context] = None, cache: Optional[LayerCache] = None) -> tuple:
         h, modality, position_ids, document_ids = x
         if ctx is None:
-            ctx = prepare(self.args, modality, position_ids, document_ids)
+            ctx = stage_context(self.args, modality, position_ids, document_ids)
         b, s, d = h.shape
         hs = self.run_sorted(ctx.routing.sort(h.reshape(b * s, d)), ctx, (b, s), cache)
         return ctx.routing.unsort(hs).view(b, s, d), modality, position_ids, document_ids

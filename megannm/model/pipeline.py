@@ -6,7 +6,8 @@
 No adapters: ``EmbeddingStage`` takes the micro-batch's ``(input_ids, position_ids, document_ids)`` tuple, every
 ``Block`` takes and returns ``(hidden, modality, position_ids, document_ids)`` (three int64 tensors after the float
 one: DeepSpeed sends no gradient for them, and there is no bool mask to keep last: each stage rebuilds routing and
-mask from the ids), and ``HeadStage`` returns the vocab-parallel logits that ``lm_loss`` turns into the loss with
+mask from the ids, once per micro-batch: its first block builds them and its later blocks and the head reuse them,
+``mot.stage_context``), and ``HeadStage`` returns the vocab-parallel logits that ``lm_loss`` turns into the loss with
 megatron-core's ``vocab_parallel_cross_entropy``.
 
 Weights: chain position c is built under the seed ``base + c`` (``transformer.seeded``), exactly as ``NMMModel``
@@ -16,10 +17,11 @@ torch seed; tensor-parallel slicing is megatron-core's, from the same CPU master
 Parameter names: DeepSpeed registers position c as the submodule ``"c"``, so the pipeline's state dict reads
 ``{c}.{name inside the stage}`` and DeepSpeed's checkpoint writes position c to ``layer_{c:02d}-model_{tp:02d}-
 model_states.pt`` with the names inside the stage. ``pipeline_to_canonical`` / ``canonical_to_pipeline`` map both
-onto ``NMMModel``'s canonical names (``transformer.py``'s docstring):
+onto ``NMMModel``'s names (``transformer.py``'s docstring; the fused projections then go through
+``megannm.model.fused`` like NMMModel's own):
 
     0.embed_tokens.weight          <->  embedding.embed_tokens.weight
-    {1+i}.attn.q_proj.{m}.weight   <->  layers.{i}.attn.q_proj.{m}.weight          (every name inside a Block)
+    {1+i}.attn.qkv_proj.{m}.weight <->  layers.{i}.attn.qkv_proj.{m}.weight        (every name inside a Block)
     {N+1}.norm.{m}.weight          <->  head.norm.{m}.weight
     {N+1}.output.weight            <->  head.output.weight
 

@@ -4,11 +4,12 @@ Each stage takes and returns a tuple of tensors ``(hidden [B,S,D], modality [B,S
 document_ids [B,S])`` (the head returns vocab-parallel logits), so the pipeline wraps these same classes as
 DeepSpeed ``LayerSpec``s and ``NMMModel`` is only their composition for runs without a pipeline.
 
-State-dict names (canonical; ``m`` = weight set: 0 text, 1 image under MoT; only 0 for the dense twin)::
+Canonical names (consolidated folders, resharding, the Hugging Face export; ``m`` = weight set: 0 text, 1 image
+under MoT; only 0 for the dense twin)::
 
     embedding.embed_tokens.weight              [V_pad, D]          Llama: model.embed_tokens.weight
     layers.{i}.attn.norm.{m}.weight            [D]                 input_layernorm (output norm if norm_reorder)
-    layers.{i}.attn.{q,k,v}_proj.{m}.weight    [H*hd | Hkv*hd, D]  self_attn.{q,k,v}_proj (separate, not fused)
+    layers.{i}.attn.{q,k,v}_proj.{m}.weight    [H*hd | Hkv*hd, D]  self_attn.{q,k,v}_proj
     layers.{i}.attn.{q,k}_norm.{m}.weight      [hd]                (qk_norm) over head_dim before RoPE, as Qwen3
     layers.{i}.attn.o_proj.{m}.weight          [D, H*hd]           self_attn.o_proj
     layers.{i}.ffn.norm.{m}.weight             [D]                 post_attention_layernorm
@@ -16,10 +17,15 @@ State-dict names (canonical; ``m`` = weight set: 0 text, 1 image under MoT; only
     head.norm.{m}.weight                       [D]                 model.norm
     head.output.weight                         [V_pad, D]          lm_head.weight (untied)
 
-Tensor-parallel shards are all contiguous (no fused or strided weights): embedding, head, q/k/v and gate/up are
-split along dim 0 (rank r holds rows [r*n/tp, (r+1)*n/tp): whole heads, in Hugging Face head order); o_proj and
-down_proj along dim 1; norms are replicated. Rows >= vocab_size of the embedding and head are TP padding: zero at
-init and never part of a softmax. RoPE is Hugging Face Llama's ``rotate_half`` form.
+The module itself computes q, k, v in ONE GEMM and gate, up in one more: its state dict has
+``layers.{i}.attn.qkv_proj.{m}.weight`` and ``layers.{i}.ffn.gate_up_proj.{m}.weight`` in their place, each stacking
+this rank's rows of its parts (``megannm.model.fused``: the one adapter between the two namings, applied wherever
+a rank's weights become canonical names and back). Every other name is the same in both.
+
+Tensor-parallel shards of the canonical tensors are all contiguous (no strided weights): embedding, head, q/k/v
+and gate/up are split along dim 0 (rank r holds rows [r*n/tp, (r+1)*n/tp): whole heads, in Hugging Face head
+order); o_proj and down_proj along dim 1; norms are replicated. Rows >= vocab_size of the embedding and head are TP
+padding: zero at init and never part of a softmax. RoPE is Hugging Face Llama's ``rotate_half`` form.
 """
 from __future__ import annotations
 
@@ -35,7 +41,7 @@ from megannm.model import flops, vocab_parallel
 from megannm.model.args import ModelArgs
 from megannm.model.attention import KVCache
 from megannm.model.embedding import EmbeddingStage, modality_of_ids
-from megannm.model.mot import Block, PerModality, RMSNorm, column, prepare, route
+from megannm.model.mot import Block, PerModality, RMSNorm, attached_context, column, prepare, route
 from megannm.parallel import Layout
 from megannm.vocab import MODALITY_NAMES
 
@@ -52,13 +58,15 @@ class HeadStage(nn.Module):
 
     def forward(self, x: tuple, routing=None) -> torch.Tensor:
         h, modality = x[0], x[1]
-        routing = routing if routing is not None else route(modality, self.args.n_sets)
+        if routing is None:  # the stage's blocks' routing when they ran on these tensors (mot.stage_context)
+            ctx = attached_context(self.args, *x[1:4]) if len(x) >= 4 else None
+            routing = ctx.routing if ctx is not None else route(modality, self.args.n_sets)
         b, s, d = h.shape
         return self.from_sorted(routing.sort(h.reshape(b * s, d)), routing, (b, s))
 
     def from_sorted(self, hs: torch.Tensor, routing, shape: tuple[int, int]) -> torch.Tensor:
         """Per-modality norm on the modality-grouped stream, back to sequence order, then the shared output layer."""
-        h = routing.unsort(routing.join(self.norm(routing.parts(hs))))
+        h = routing.merge(self.norm(routing.parts(hs)))
         return self.output(h.view(*shape, -1))
 
 

@@ -85,13 +85,24 @@ def deepspeed_config(recipe: Recipe, layout) -> dict:
     return config
 
 
+def adamw(groups: list[dict], o) -> torch.optim.AdamW:
+    """torch's AdamW with its fused kernel (one kernel per tensor for the whole update, on the CPU and GPUs) where
+    every parameter lives on a device that has one; torch's default implementation otherwise. The same update
+    either way (to float rounding): DeepSpeed hands it the fp32 master copies under bf16/fp16 (BF16_Optimizer, the
+    ZeRO partitions), so the update runs in fp32 whatever the module's dtype."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    supported = set(_get_fused_kernels_supported_devices())
+    fused = all(p.device.type in supported and p.is_floating_point() for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused or None)
+
+
 def build_engine(recipe: Recipe, layout, module: torch.nn.Module, pipeline: bool = False):
-    """``deepspeed.initialize`` over ``module`` with a torch AdamW (DeepSpeed's own Adam would JIT-build a C++ op)."""
+    """``deepspeed.initialize`` over ``module`` with a torch AdamW (``adamw``; DeepSpeed's own Adam would JIT-build a
+    C++ op)."""
     import deepspeed
 
     o = recipe.optimizer
-    optimizer = torch.optim.AdamW(param_groups(module, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
-                                  eps=o.eps)
+    optimizer = adamw(param_groups(module, o.weight_decay), o)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(recipe))
     # A PipelineModule carries its own grid (built in Megatron's order by parallel.pipeline_topology); without a
     # pipeline, ZeRO needs megatron-core's groups under DeepSpeed's names.

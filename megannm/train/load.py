@@ -14,6 +14,7 @@ import torch
 
 from megannm import checkpoint as fmt
 from megannm.convert import reshard
+from megannm.model import fused
 
 
 def init_from(engine, args, layout, vocab, source: str | Path) -> str:
@@ -69,7 +70,9 @@ def load_module_only(engine, path: str | Path, layout) -> dict:
 
 
 def engine_parameters(engine, layout) -> list[tuple[str, str, torch.nn.Parameter]]:
-    """(canonical name, module name, parameter) for every parameter this rank's engine module holds."""
+    """(canonical module name, module name, parameter) for every parameter this rank's engine module holds. The
+    first is ``NMMModel``'s name (the pipeline's chain positions mapped back); a fused projection keeps it
+    (``...qkv_proj.{m}.weight``), whose canonical parts ``fused.canonical_parts`` lists."""
     names = list(engine.module.named_parameters())
     if layout.pp == 1:
         return [(n, n, p) for n, p in names]
@@ -83,10 +86,18 @@ def engine_parameters(engine, layout) -> list[tuple[str, str, torch.nn.Parameter
     return out
 
 
+def _module_tensor(name: str, get_local: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    """The rank-local tensor of module parameter ``name`` from canonical rank-local tensors: a fused projection's
+    parts stacked in its layout (``fused.from_canonical``), any other parameter as it is."""
+    parts = fused.canonical_parts(name) or [name]
+    return fused.from_canonical({part: get_local(part) for part in parts})[name]
+
+
 @torch.no_grad()
 def load_local(engine, args, layout, get_local: Callable[[str], torch.Tensor], source: str) -> int:
     """Copy this rank's slices (``get_local(canonical_name)``) into the engine's module at any ZeRO stage; returns
-    the number of elements copied.
+    the number of elements copied. ``get_local`` is asked for canonical names only (``q_proj``, ``k_proj``, ...);
+    the fused projections' module tensors are assembled from them here.
 
     ZeRO-3: each parameter is gathered, written on data-parallel rank 0 and re-partitioned on exit
     (``deepspeed.zero.GatheredParameters(modifier_rank=0)``). ZeRO-1/2/3 and bf16 keep an fp32 master copy in the
@@ -94,15 +105,17 @@ def load_local(engine, args, layout, get_local: Callable[[str], torch.Tensor], s
     import deepspeed
     params = engine_parameters(engine, layout)
     if layout.pp == 1:
-        reshard.check_names((c for c, _, _ in params), reshard.canonical_shapes(args),
-                            f"{source} -> the recipe's model")
+        reshard.check_names((part for c, _, _ in params for part in fused.canonical_parts(c) or [c]),
+                            reshard.canonical_shapes(args), f"{source} -> the recipe's model")
     count = 0
     for canonical, name, p in params:
-        t = get_local(canonical)
+        t = _module_tensor(canonical, get_local)
         shape = tuple(getattr(p, "ds_shape", p.shape))
         if tuple(t.shape) != shape:
-            raise fmt.CheckpointError(f"{source}: parameter {canonical} gives shape {list(t.shape)} for tensor rank "
-                                      f"{layout.tp_rank}, the engine's {name} has {list(shape)}")
+            parts = fused.canonical_parts(canonical)
+            what = f"parameters {', '.join(parts)} give" if parts else f"parameter {canonical} gives"
+            raise fmt.CheckpointError(f"{source}: {what} shape {list(t.shape)} for tensor rank {layout.tp_rank}, "
+                                      f"the engine's {name} has {list(shape)}")
         with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=hasattr(p, "ds_id")):
             p.data.copy_(t)
         count += t.numel()
@@ -115,5 +128,5 @@ def load_local(engine, args, layout, get_local: Callable[[str], torch.Tensor], s
         # a warm start, not a resume).
         from deepspeed.utils import safe_set_full_fp32_param
         for canonical, _, p in params:
-            safe_set_full_fp32_param(p, get_local(canonical).float())
+            safe_set_full_fp32_param(p, _module_tensor(canonical, get_local).float())
     return count

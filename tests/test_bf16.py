@@ -107,7 +107,8 @@ def test_bf16_checkpoint_converts_exactly(runs, tmp_path):
     for name, t in state.items():
         assert t.dtype == torch.float32
         assert torch.equal(t, master[name][:t.shape[0]]), name  # vocabulary padding rows are not exported
-    assert "BF16_Optimizer" in json.loads((out / "consolidated.json").read_text())["source"]["weights"]
+    assert "fp32 master from the optimizer partitions" in json.loads(
+        (out / "consolidated.json").read_text())["source"]["weights"]
 
 
 def test_a_stage_starts_from_a_bf16_checkpoint(runs):

@@ -6,7 +6,10 @@ Two launches (tests/scripts/convert_cases.py) save, convert and train from real 
   loader and DeepSpeed's own), resume from a written folder, and train a model imported from a Hugging Face LLM;
 - 4 ranks: save at TP 2 x PP 2 (ZeRO-1) and TP 2 x DP 2 (ZeRO-3), and start a TP 2 x PP 2 run from the consolidated.
 Everything else runs in this process (one world of one) or, for the remote-code export, in a subprocess in which
-megannm cannot be imported.
+megannm cannot be imported. Streaming is checked in fresh processes: which files a conversion opens (an audit hook:
+module weights never open the optimizer partitions), how much anonymous memory it adds (a few of the largest
+tensors, not the model), and our own readers of the fp32 master (BF16_Optimizer, ZeRO-2, ZeRO-3) against the
+engine's master and DeepSpeed's zero_to_fp32; fused (qkv_proj / gate_up_proj) and separate module names read alike.
 """
 import json
 import shutil
@@ -121,7 +124,9 @@ def random_consolidated(vocab, seed=0, **model):
     cfg = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=64, max_seq_len=64)
     args = ModelArgs.from_config(ModelConfig(**{**cfg, **model}), vocab, tp=1)
     torch.manual_seed(seed)
-    state = {k: v.detach().clone() for k, v in NMMModel(args, parallel.init_parallel(1, 1)).state_dict().items()}
+    from megannm.model import fused
+    module = NMMModel(args, parallel.init_parallel(1, 1)).state_dict()
+    state = {k: v.detach().clone() for k, v in fused.to_canonical(module, args, 1).items()}
     for k in state:
         if "norm" in k:
             state[k] += 0.1 * torch.randn_like(state[k])
@@ -176,13 +181,31 @@ def assert_generated(out, model, prompt, n, vocab):
 # DeepSpeed <-> consolidated
 
 
-@pytest.mark.parametrize("name, how", [("src", "zero_to_fp32"), ("tp2dp2z3", "zero_to_fp32"),
+def live_canonical(live: dict, args, tp: int) -> dict:
+    """The live weights (the module's names, TP ranks joined along each parameter's partition dim) under canonical
+    names: a joined fused weight is its ranks' [q; k; v] blocks one after the other, so each rank's block is
+    split into its parts (``fused.to_canonical``) and the parts joined across ranks."""
+    from megannm.model import fused
+    out = {}
+    for name, t in live.items():
+        parts = fused.canonical_parts(name)
+        if parts is None:
+            out[name] = t
+            continue
+        ranks = [fused.to_canonical({name: block}, args, tp) for block in t.chunk(tp, dim=0)]
+        out.update({p: torch.cat([r[p] for r in ranks]) for p in parts})
+    return out
+
+
+@pytest.mark.parametrize("name, how", [("src", "fp32 master from the optimizer partitions"),
+                                       ("tp2dp2z3", "fp32 master from the optimizer partitions"),
                                        ("tp2pp2z1", "pipeline layer files")])
 def test_deepspeed_to_consolidated_equals_the_live_weights(runs, name, how):
-    from megannm.convert.deepspeed import read_deepspeed
+    from megannm.convert.deepspeed import open_checkpoint, read_deepspeed
     c = read_deepspeed(runs / name / "checkpoints")
     assert how in c.source["weights"]
-    assert_same_state(c.state, torch.load(runs / f"{name}.live.pt"))
+    _, meta, _, args = open_checkpoint(runs / name / "checkpoints")
+    assert_same_state(c.state, live_canonical(torch.load(runs / f"{name}.live.pt"), args, meta["layout"]["tp"]))
 
 
 @pytest.mark.parametrize("name", ["tp2pp2z1", "tp2dp2z3"])
@@ -198,9 +221,10 @@ def test_round_trip_through_tp1_pp1_is_identical(runs, tmp_path, name):
     write_deepspeed(c, tmp_path / "tp2pp2", tp=2, pp=2)
     assert_same_state(read_deepspeed(tmp_path / "tp2pp2").state, c.state)
     # and the TP=1 model built from the written folder holds exactly those tensors (plus zero padding rows)
+    from megannm.model import fused
     model, meta = load_model(tmp_path / "tp1", parallel.init_parallel(1, 1))
     assert meta["module_only"] and meta["layout"]["tp"] == 1
-    for k, v in model.state_dict().items():
+    for k, v in fused.to_canonical(model.state_dict(), model.args, 1).items():
         assert torch.equal(v[:c.state[k].shape[0]], c.state[k]) and not v[c.state[k].shape[0]:].any(), k
 
 
@@ -422,3 +446,299 @@ def test_tool_script_replaces_an_output_only_with_overwrite(runs, tmp_path, caps
     assert out.returncode == 0, out.stderr[-2000:]
     assert "megannm_mot" in out.stdout
     assert (dst / "model.safetensors").exists() and not (dst / "old").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# streaming: which files are opened, how much memory, which dtype, fused names
+
+
+def trained(toy_data, out, precision, zero):
+    """A real run in this process (2 steps, TP 1, world of one, ZeRO ``zero``), saved; with the engine's own fp32
+    master (DeepSpeed's accessor) and module weights under canonical names, as the ground truth."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from megannm import parallel
+    from megannm.config import recipe_from_dict
+    from megannm.model import fused
+    from megannm.runner import build_trainer
+    from megannm.toy.selfcheck import phase_recipe
+    data = {"shards": toy_data["shards"], "tokenizers": toy_data["tokenizers"]}
+    r = recipe_from_dict(phase_recipe("pretrain", data, out, name="run", precision=precision, steps=2, world=1,
+                                      zero=zero, model__mot=True), source=str(out), world_size=1)
+    trainer = build_trainer(r, parallel.init_parallel(1, 1), source=str(out))
+    trainer.run()
+    named = list(trainer.engine.module.named_parameters())
+    master = {n: safe_get_full_fp32_param(p).detach().clone() for n, p in named}
+    module = {n: p.detach().clone() for n, p in named}
+    vocab = trainer.args.vocab_size
+
+    def canonical(state):
+        state = fused.to_canonical(state, trainer.args, 1)
+        return {k: (v[:vocab] if k in ("embedding.embed_tokens.weight", "head.output.weight") else v)
+                for k, v in state.items()}
+    return {"ckpt": out / "run" / "checkpoints", "master": canonical(master), "module": canonical(module)}
+
+
+@pytest.fixture(scope="module")
+def bf16_run(toy_data, tmp_path_factory):
+    """bf16 at ZeRO-1 (DeepSpeed's BF16_Optimizer: bf16 module weights, fp32 master in the optimizer partitions)."""
+    return trained(toy_data, tmp_path_factory.mktemp("bf16run"), "bf16", 1)
+
+
+def test_zero2_master_reader_gives_the_engines_master(toy_data, tmp_path):
+    """fp32 at ZeRO-2 (DeepSpeed's ZeRO optimizer: fp32 partitions + param_slice_mappings): --weights master reads
+    exactly the engine's master, which ZeRO-2 also copies into the module files (what auto reads)."""
+    from megannm.convert.deepspeed import read_deepspeed
+    run = trained(toy_data, tmp_path, "fp32", 2)
+    master = read_deepspeed(run["ckpt"], weights="master")
+    assert "fp32 master" in master.source["weights"]
+    assert_same_state(dict(master.state), run["master"])
+    module = read_deepspeed(run["ckpt"])
+    assert "optimizer partitions not opened" in module.source["weights"]
+    assert_same_state(dict(module.state), run["module"])
+    assert_same_state(run["module"], run["master"])
+
+
+OPENS = r"""
+import json, sys, warnings
+warnings.filterwarnings("ignore")
+opened = []
+sys.addaudithook(lambda event, args: opened.append(str(args[0])) if event == "open" and args and
+                 isinstance(args[0], str) else None)
+from megannm.convert.cli import main
+report = []
+for argv in json.loads(sys.argv[1]):
+    del opened[:]
+    code = main(argv)
+    report.append({"code": code, "opened": sorted(set(p for p in opened if p.endswith(".pt")))})
+print(json.dumps(report))
+"""
+
+
+def test_module_weights_never_open_the_optimizer_partitions(bf16_run, tmp_path):
+    """--to hf of a bf16 run defaults to bf16 from the module files (exact: the module's bf16 copy is the fp32
+    master rounded); --to consolidated defaults to fp32, the master, from the optimizer partitions. Every file
+    Python opens is recorded by an audit hook in a fresh process."""
+    from safetensors.torch import load_file
+    ckpt = bf16_run["ckpt"]
+    runs_ = [[str(ckpt), str(tmp_path / "hf"), "--to", "hf"],
+             [str(ckpt), str(tmp_path / "c32"), "--to", "consolidated"],
+             [str(ckpt), str(tmp_path / "up"), "--to", "consolidated", "--weights", "module"]]
+    proc = subprocess.run([sys.executable, "-c", OPENS, json.dumps(runs_)], cwd=dist.REPO, env=dist.base_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    hf, c32, up = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert hf["code"] == c32["code"] == up["code"] == 0
+    optim = [p for p in hf["opened"] + up["opened"] if p.endswith("_optim_states.pt")]
+    assert not optim and any(p.endswith("mp_rank_00_model_states.pt") for p in hf["opened"]), hf
+    assert any(p.endswith("_optim_states.pt") for p in c32["opened"]), c32
+    log = [line for line in proc.stdout.splitlines() if line.startswith("megannm convert: weights:")]
+    assert len(log) == 3 and "optimizer partitions not opened" in log[0] and "fp32 master" in log[1], log
+
+    master, module = bf16_run["master"], bf16_run["module"]
+    assert any(not torch.equal(m, m.bfloat16().float()) for m in master.values())  # the master has more bits
+    from megannm.convert.hf import hf_name
+    got = load_file(tmp_path / "hf" / "model.safetensors")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
+    for name in master:
+        t = got[hf_name(name, per_set=True)]
+        assert t.dtype == torch.bfloat16 and torch.equal(t, module[name]) and torch.equal(t, master[name].bfloat16())
+    c32 = {k: v for f in (tmp_path / "c32").glob("*.safetensors") for k, v in load_file(f).items()}
+    up = {k: v for f in (tmp_path / "up").glob("*.safetensors") for k, v in load_file(f).items()}
+    for name in master:
+        assert c32[name].dtype == torch.float32 and torch.equal(c32[name], master[name]), name
+        assert torch.equal(up[name], module[name].float()), name
+
+
+MEMORY = r"""
+import json, sys, threading, time, warnings
+warnings.filterwarnings("ignore")
+from pathlib import Path
+import torch
+from megannm import parallel
+from megannm.convert import consolidated, reshard
+from megannm.convert.consolidated import Consolidated, normalise_args
+from megannm.convert.deepspeed import read_deepspeed, write_deepspeed
+from megannm.convert.hf import export_hf
+from megannm.model.args import ModelArgs
+from megannm.vocab import DEFAULT_SPECIALS, Vocab
+
+def anon():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+
+class Peak:
+    def __enter__(self):
+        self.base, self.peak, self.run = anon(), anon(), True
+        self.t = threading.Thread(target=self.sample, daemon=True)
+        self.t.start()
+        return self
+    def sample(self):
+        while self.run:
+            self.peak = max(self.peak, anon())
+            time.sleep(0.001)
+    def __exit__(self, *exc):
+        self.run = False
+        self.t.join()
+        self.growth = max(self.peak, anon()) - self.base
+
+out = Path(sys.argv[1])
+parallel.init_parallel(1, 1)
+vocab = Vocab(text_size=400, image_codes=256 - len(DEFAULT_SPECIALS), image_grid=16)
+args = ModelArgs(hidden=128, layers=40, heads=4, kv_heads=4, ffn=256, vocab_size=vocab.size,
+                 padded_vocab_size=vocab.padded_size(1), image_start=vocab.image_start, image_end=vocab.image_end,
+                 mot=True, qk_norm=True, max_seq_len=64)
+g = torch.Generator().manual_seed(0)
+state = {k: torch.randn(s, generator=g) for k, s in reshard.canonical_shapes(args).items()}
+c = Consolidated(state, normalise_args(args, vocab), vocab, {"kind": "test"})
+write_deepspeed(c, out / "tp2", tp=2)
+consolidated.write(c, out / "c")
+largest = max(t.numel() * t.element_size() for t in state.values())
+model = sum(t.numel() * t.element_size() for t in state.values())
+del state, c
+report = {"largest": largest, "model": model}
+with Peak() as p:
+    consolidated.write(read_deepspeed(out / "tp2"), out / "merged")
+report["deepspeed tp2 -> consolidated"] = p.growth
+with Peak() as p:
+    export_hf(consolidated.read(out / "c"), out / "hf", dtype=torch.bfloat16)
+report["consolidated -> hf bf16"] = p.growth
+with Peak() as p:
+    write_deepspeed(consolidated.read(out / "c"), out / "tp2b", tp=2)
+report["consolidated -> deepspeed tp2"] = p.growth
+print(json.dumps(report))
+"""
+
+
+def test_peak_memory_of_a_conversion_is_a_few_tensors(tmp_path):
+    """A model of ~50 MB whose largest tensor is ~0.3 MB: the anonymous memory a conversion adds (RssAnon sampled
+    every millisecond in a fresh process) stays a few largest tensors (k = 24 plus 4 MB of interpreter noise),
+    far from the model (a whole-model conversion adds at least its size)."""
+    proc = subprocess.run([sys.executable, "-c", MEMORY, str(tmp_path)], cwd=dist.REPO, env=dist.base_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    largest, model = r.pop("largest"), r.pop("model")
+    assert model > 100 * largest
+    for name, growth in r.items():
+        assert growth < 24 * largest + 4 * 2 ** 20 < model / 3, (name, growth, largest, model)
+
+
+def test_fused_and_separate_module_names_read_the_same(toy_vocab, tmp_path):
+    """A DeepSpeed checkpoint whose module files name q/k/v and gate/up separately (before the model fused them)
+    and one whose files hold the fused qkv_proj / gate_up_proj (each rank's [q; k; v] rows, built here with
+    ``fused.from_canonical``) read to the same canonical weights, at TP 2 and under a pipeline, and both load
+    into the model."""
+    from megannm import parallel
+    from megannm.convert.deepspeed import load_model, read_deepspeed, write_deepspeed
+    from megannm.model import fused
+    c = random_consolidated(toy_vocab, mot=True, qk_norm=True)
+    write_deepspeed(c, tmp_path / "separate", tp=2, fuse=False)
+    shutil.copytree(tmp_path / "separate", tmp_path / "fused")
+    for r in range(2):
+        f = tmp_path / "fused" / "step00000000" / f"mp_rank_{r:02d}_model_states.pt"
+        sd = torch.load(f, weights_only=False)
+        assert "layers.0.attn.q_proj.1.weight" in sd["module"]
+        sd["module"] = fused.from_canonical(sd["module"])
+        torch.save(sd, f)
+    from megannm import checkpoint
+    from megannm.checkpoint import integrity
+    tag = tmp_path / "fused" / "step00000000"
+    meta = checkpoint.read_meta(tag)  # the rewritten files' records (their crc32 is checked when they are read)
+    meta["files"] = integrity.record(tag, [n for n in integrity.top_files(tag) if n != checkpoint.META])
+    checkpoint.write_meta(tag, meta)
+    written = torch.load(tmp_path / "fused" / "step00000000" / "mp_rank_01_model_states.pt", weights_only=False)
+    write_deepspeed(c, tmp_path / "by_writer", tp=2, fuse=True)
+    ours = torch.load(tmp_path / "by_writer" / "step00000000" / "mp_rank_01_model_states.pt", weights_only=False)
+    assert list(ours["module"]) == list(written["module"]) and "layers.1.ffn.gate_up_proj.0.weight" in ours["module"]
+    assert all(torch.equal(ours["module"][k], written["module"][k]) for k in ours["module"])
+    for kind in ("separate", "fused", "by_writer"):
+        assert_same_state(read_deepspeed(tmp_path / kind).state, c.state)
+        model, _ = load_model(tmp_path / kind, parallel.init_parallel(1, 1))
+        got = fused.to_canonical(model.state_dict(), model.args, 1)
+        for k, v in c.state.items():
+            assert torch.equal(got[k][:v.shape[0]], v), (kind, k)
+    for fuse in (False, True):
+        write_deepspeed(c, tmp_path / f"pp{fuse}", tp=2, pp=2, fuse=fuse)
+        layer = torch.load(tmp_path / f"pp{fuse}" / "step00000000" / "layer_01-model_00-model_states.pt")
+        assert ("attn.qkv_proj.0.weight" in layer) == fuse
+        assert_same_state(read_deepspeed(tmp_path / f"pp{fuse}").state, c.state)
+
+
+def test_dtype_bf16_round_trip(toy_vocab, tmp_path, capsys):
+    """--dtype bf16 through every writer: the consolidated folder, a DeepSpeed TP 2 checkpoint and a Hugging Face
+    export (stock transformers loads it in bf16) all hold exactly the fp32 weights rounded to bf16."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from megannm.convert import consolidated
+    from megannm.convert.deepspeed import read_deepspeed
+    from megannm.convert.hf import hf_name
+    c = random_consolidated(toy_vocab, mot=False, qk_norm=False)
+    consolidated.write(c, tmp_path / "c32")
+    want = {k: v.bfloat16() for k, v in c.state.items()}
+    assert _convert(capsys, tmp_path / "c32", tmp_path / "c16", "--to", "consolidated", "--dtype", "bf16")[0] == 0
+    assert consolidated.read_meta(tmp_path / "c16")["dtype"] == "bfloat16"
+    with safe_open(str(tmp_path / "c16" / "model.safetensors"), "pt") as f:
+        assert_same_state({k: f.get_tensor(k) for k in f.keys()}, want)
+    assert _convert(capsys, tmp_path / "c16", tmp_path / "ds", "--to", "deepspeed", "--tp", "2", "--dtype",
+                    "bf16")[0] == 0
+    assert_same_state(read_deepspeed(tmp_path / "ds", dtype=torch.bfloat16).state, want)
+    assert _convert(capsys, tmp_path / "ds", tmp_path / "hf", "--to", "hf", "--dtype", "bf16")[0] == 0
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert hf.dtype == torch.bfloat16
+    params = dict(hf.named_parameters())
+    for k, v in want.items():
+        assert torch.equal(params[hf_name(k, per_set=False)].detach(), v), k
+    # and back up: fp32 again from the bf16 folder is the bf16 values, exactly
+    assert _convert(capsys, tmp_path / "c16", tmp_path / "up", "--to", "consolidated", "--dtype", "fp32")[0] == 0
+    assert_same_state(dict(consolidated.read(tmp_path / "up").state), {k: v.float() for k, v in want.items()})
+
+
+def test_zero3_master_reader_agrees_with_deepspeeds_zero_to_fp32(runs, tmp_path):
+    """Our lazy ZeRO-3 reader against DeepSpeed's own ``zero_to_fp32`` on one tensor rank of a TP 2 x DP 2 run
+    (a folder of links to that rank's files: zero_to_fp32 expects one TP rank)."""
+    import os
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from megannm import checkpoint
+    from megannm.convert.deepspeed import open_checkpoint, rank_state
+    from megannm.model import fused
+    ckpt, meta, _, args = open_checkpoint(runs / "tp2dp2z3" / "checkpoints")
+    for r in range(2):
+        tag = tmp_path / f"r{r}" / ckpt.name
+        tag.mkdir(parents=True)
+        for p in checkpoint.zero_files(ckpt, r):
+            os.symlink(p.resolve(), tag / p.name)
+        theirs = fused.to_canonical(get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=ckpt.name), args, 2)
+        ours, source, how = rank_state(ckpt, meta, r)
+        assert "fp32 master" in how and "optim_states" in source
+        assert_same_state(dict(ours), {k: v for k, v in theirs.items() if not k.endswith("_extra_state")})
+
+
+def test_a_flipped_byte_is_named_only_in_the_files_a_conversion_reads(bf16_run, tmp_path, capsys):
+    """The crc32 records of megannm.json are checked for the files a conversion reads (while it reads them: the
+    output is renamed into place only once they agree): a flipped byte in the module file stops --to hf with one
+    line naming it and no output; the same byte flipped in an optimizer partition, which --to hf never opens,
+    changes nothing."""
+    from safetensors.torch import load_file
+    from megannm import checkpoint
+    tag = checkpoint.resolve(bf16_run["ckpt"])
+    for victim, fails in (("mp_rank_00_model_states.pt", True), ("bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                                                  False)):
+        src = tmp_path / victim / "checkpoints"
+        shutil.copytree(bf16_run["ckpt"], src)
+        path = src / tag.name / victim
+        data = bytearray(path.read_bytes())
+        data[len(data) * 2 // 3] ^= 0x10
+        path.write_bytes(bytes(data))
+        code, msg = _convert(capsys, src, tmp_path / victim / "hf", "--to", "hf")
+        if fails:
+            assert code == 2 and victim in msg and "corrupt (crc32" in msg, msg
+            assert not (tmp_path / victim / "hf").exists() and not list((tmp_path / victim).glob(".hf.tmp-*"))
+        else:
+            assert code == 0, msg
+            got = load_file(tmp_path / victim / "hf" / "model.safetensors")
+            assert torch.equal(got["lm_head.weight"], bf16_run["module"]["head.output.weight"])

@@ -741,6 +741,22 @@ def _(b):
             ["step00000004/mp_rank_00_model_states.pt"])
 
 
+@row("convert-master-without-optimizer-files", 2)
+def _(b):
+    _, ck = b.trained()  # a module-only checkpoint (written by convert) has no optimizer files
+    assert b.cli("convert", ck, b.tmp / "c", "--to", "consolidated")[0] == 0
+    assert b.cli("convert", b.tmp / "c", b.tmp / "ds", "--to", "deepspeed")[0] == 0
+    return (*b.cli("convert", b.tmp / "ds", b.tmp / "out", "--to", "consolidated", "--weights", "master"),
+            ["ds/step00000004", "no optimizer partitions", "--weights module"])
+
+
+@row("convert-weights-of-a-consolidated-source", 2)
+def _(b):
+    _, ck = b.trained()
+    assert b.cli("convert", ck, b.tmp / "c", "--to", "consolidated")[0] == 0
+    return (*b.cli("convert", b.tmp / "c", b.tmp / "out", "--to", "hf", "--weights", "module"), ["c", "--weights"])
+
+
 @row("convert-tokenizers-of-another-vocabulary", 2)
 def _(b):
     _, ck = b.trained()

@@ -4,6 +4,9 @@ SRC is recognised by what it holds: ``consolidated.json`` (the consolidated hub)
 pointer (a megannm DeepSpeed checkpoint of any TP x PP x ZeRO layout), or ``config.json`` (a Hugging Face LLM, which
 only converts ``--to consolidated``). Every route passes through the consolidated form (in memory unless it is the
 target).
+
+Conversion streams: tensors are read (memory-mapped), joined from their TP shards and cast one at a time, the next
+few prepared in threads while one is written, so memory stays a few tensors, not the model.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import warnings
 from pathlib import Path
 
 from megannm import checkpoint
-from megannm.convert.files import DEFAULT_SHARD_SIZE, ConvertError, parse_size
+from megannm.convert.files import DEFAULT_SHARD_SIZE, DTYPES, THREADS, ConvertError, parse_size
 
 TARGETS = ("consolidated", "deepspeed", "hf")
 
@@ -41,12 +44,34 @@ def source_kind(src: Path) -> str:
                        f"{checkpoint.LATEST} or config.json)")
 
 
-def load_source(src: Path, kind: str):
+def default_dtype(src: Path, kind: str, target: str) -> str | None:
+    """--dtype when not given (None: as the source stores it).
+
+    A Hugging Face export is written in the run's precision (the recipe recorded in the checkpoint: bf16 for a bf16
+    run, which a DeepSpeed source gives exactly from its module files, optimizer partitions unread). The forms
+    training starts from (consolidated, deepspeed) keep full precision: fp32 from a DeepSpeed source (the master,
+    so that a stage boundary rounds nothing), the stored dtype from a consolidated one (upcasting adds nothing)."""
+    if target != "hf":
+        return "fp32" if kind == "deepspeed" else None
     if kind == "consolidated":
+        from megannm.convert.consolidated import read_meta
+        recipe = read_meta(src).get("recipe") or {}
+    else:
+        recipe = checkpoint.read_meta(src).get("recipe") or {}
+    precision = recipe.get("precision", "fp32")
+    return precision if precision in DTYPES else "fp32"
+
+
+def load_source(src: Path, kind: str, weights: str = "auto", dtype: str | None = "fp32", threads: int = THREADS):
+    """The source as a ``Consolidated`` whose tensors are read one at a time when written (nothing loaded yet)."""
+    if kind == "consolidated":
+        if weights != "auto":
+            raise ConvertError(f"{src}: --weights chooses between a DeepSpeed checkpoint's module files and its "
+                               f"optimizer partitions (a consolidated folder has one set of weights)")
         from megannm.convert.consolidated import read
         return read(src)
     from megannm.convert.deepspeed import read_deepspeed
-    return read_deepspeed(src)
+    return read_deepspeed(src, weights=weights, dtype=DTYPES[dtype or "fp32"], threads=threads)
 
 
 def describe(c) -> str:
@@ -69,6 +94,22 @@ def main(argv: list[str]) -> int:
     p.add_argument("--to", required=True, choices=TARGETS)
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel size of a --to deepspeed output (default 1)")
     p.add_argument("--pp", type=int, default=None, help="pipeline size of a --to deepspeed output (default 1)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+                   help="dtype of the written weights (default: --to hf in the run's precision recorded in the "
+                        "checkpoint, e.g. bf16 for a bf16 run; --to consolidated/deepspeed full precision, what a "
+                        "next stage starts from: fp32 from a DeepSpeed checkpoint, as stored from a consolidated "
+                        "folder)")
+    p.add_argument("--weights", choices=("auto", "module", "master"), default="auto",
+                   help="DeepSpeed source: 'module' reads the module files only (what the engine computes with: "
+                        "fp32 under fp32, a bf16 copy under bf16, placeholders under ZeRO-3); 'master' the fp32 "
+                        "master from the optimizer partitions (memory-mapped: only the master's bytes are used, a "
+                        "third of those files beside the Adam moments, but the whole files are read once for their "
+                        "crc32 check: ~6x the bytes of bf16 module files); "
+                        "'auto' (default) reads the "
+                        "partitions only where the module files cannot give --dtype exactly (ZeRO-3; bf16/fp16 "
+                        "ZeRO-1/2 with --dtype fp32). The choice and its cost are printed in one line")
+    p.add_argument("--threads", type=int, default=THREADS,
+                   help=f"tensors read, merged and cast ahead of the one being written (default {THREADS})")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     p.add_argument("--max-shard-size", default=str(DEFAULT_SHARD_SIZE),
                    help="safetensors file size above which weights are split into shards + index (e.g. 500MB)")
@@ -106,7 +147,11 @@ def main(argv: list[str]) -> int:
         print(f"{out}: consolidated {'dense' if a.dense else 'MoT'} model from {src} (init_from: {out})")
         return 0
 
-    c = load_source(src, kind)
+    dtype = a.dtype or default_dtype(src, kind, a.to)
+    c = load_source(src, kind, a.weights, dtype, a.threads)
+    if kind == "deepspeed":  # progress on stdout: stderr holds only the one error line
+        print(f"megannm convert: weights: {c.source.get('weights')}; writing {dtype}")
+    cast = DTYPES[dtype] if dtype else None
     if a.tokenizers is not None:
         c.tokenizers = a.tokenizers
     if a.to == "consolidated":
@@ -115,13 +160,15 @@ def main(argv: list[str]) -> int:
             c.vocab.check_same(Tokenizers.load(c.tokenizers).vocab.fingerprint, str(src),
                                str(Path(c.tokenizers) / "vocab.json"))
         from megannm.convert.consolidated import write
-        out = write(c, dst, overwrite=a.overwrite, max_shard_size=shard)
+        out = write(c, dst, overwrite=a.overwrite, max_shard_size=shard, dtype=cast, threads=a.threads)
     elif a.to == "deepspeed":
         from megannm.convert.deepspeed import write_deepspeed
-        out = write_deepspeed(c, dst, tp=a.tp or 1, pp=a.pp or 1, overwrite=a.overwrite)
+        out = write_deepspeed(c, dst, tp=a.tp or 1, pp=a.pp or 1, overwrite=a.overwrite, dtype=cast,
+                              threads=a.threads)
     else:
         from megannm.convert.hf import architecture, export_hf
-        out = export_hf(c, dst, tokenizers=c.tokenizers, overwrite=a.overwrite, max_shard_size=shard)
+        out = export_hf(c, dst, tokenizers=c.tokenizers, overwrite=a.overwrite, max_shard_size=shard, dtype=cast,
+                        threads=a.threads)
         if c.tokenizers is None:
             print("megannm convert: note: no tokenizer exported (pass --tokenizers DIR)", file=sys.stderr)
         print(f"{out}: Hugging Face {architecture(c.args)} from {src} ({describe(c)})")

@@ -19,13 +19,14 @@ import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 
 from megannm.checkpoint import CONSOLIDATED_META as META
 from megannm.convert import reshard
-from megannm.convert.files import DEFAULT_SHARD_SIZE, ConvertError, SafetensorsReader, save_safetensors
+from megannm.convert.files import (DEFAULT_SHARD_SIZE, THREADS, ConvertError, LazyState, SafetensorsReader,
+                                   save_safetensors, specs_of, tensor_bytes, verify)
 from megannm.fileio import atomic_output, atomic_write_json
 from megannm.vocab import Vocab
 
@@ -36,8 +37,9 @@ TOKENIZERS = "tokenizers"
 
 @dataclass
 class Consolidated:
-    """A whole model in canonical form, in memory: full tensors plus what gives them meaning."""
-    state: dict  # canonical name -> full tensor (unpadded vocabulary rows)
+    """A whole model in canonical form: full tensors (in memory, or a ``LazyState`` that reads them one at a time
+    from their files) plus what gives them meaning."""
+    state: Mapping  # canonical name -> full tensor (unpadded vocabulary rows)
     args: object  # ModelArgs, padded_vocab_size normalised to TP = 1
     vocab: Vocab
     source: dict = field(default_factory=dict)  # where it came from (kind, path, layout, zero_stage, step, ...)
@@ -60,30 +62,36 @@ def normalise_args(model_args: dict | object, vocab: Vocab, tp: int = 1):
     return dataclasses.replace(args, padded_vocab_size=vocab.padded_size(tp))
 
 
-def num_bytes(state: dict) -> int:
-    return sum(t.numel() * t.element_size() for t in state.values())
+def num_bytes(state: Mapping) -> int:
+    return sum(tensor_bytes(shape, dtype) for shape, dtype in specs_of(state).values())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # writing and reading
 
 
-def write(c: Consolidated, dst: str | Path, overwrite: bool = False,
-          max_shard_size: int = DEFAULT_SHARD_SIZE) -> Path:
-    """Write ``c`` as a consolidated folder at ``dst`` (temporary folder + rename)."""
-    reshard.check_shapes(c.state, reshard.canonical_shapes(c.args), "consolidated state")
-    state = {k: c.state[k] for k in reshard.canonical_shapes(c.args)}  # canonical order
-    dtypes = sorted({str(t.dtype).replace("torch.", "") for t in state.values()})
+def write(c: Consolidated, dst: str | Path, overwrite: bool = False, max_shard_size: int = DEFAULT_SHARD_SIZE,
+          dtype: Optional[torch.dtype] = None, threads: int = THREADS) -> Path:
+    """Write ``c`` as a consolidated folder at ``dst`` (temporary folder + rename), tensor by tensor in canonical
+    order; ``dtype`` casts the floating-point weights (default: as they come)."""
+    canonical = reshard.canonical_shapes(c.args)
+    specs = specs_of(c.state)
+    reshard.check_shape_map({k: s for k, (s, _) in specs.items()}, canonical, "consolidated state")
+    specs = {k: (specs[k][0], dtype if dtype is not None and specs[k][1].is_floating_point else specs[k][1])
+             for k in canonical}  # canonical order
+    dtypes = sorted({str(dt).replace("torch.", "") for _, dt in specs.values()})
     dst = Path(dst)
     with atomic_output(dst, overwrite) as tmp:
-        files = save_safetensors(tmp, state, max_shard_size, metadata={"vocab_fingerprint": c.vocab.fingerprint})
+        files = save_safetensors(tmp, c.state, max_shard_size, metadata={"vocab_fingerprint": c.vocab.fingerprint},
+                                 specs=specs, dtype=dtype, threads=threads)
         if c.tokenizers is not None:
             shutil.copytree(c.tokenizers, tmp / TOKENIZERS)
         atomic_write_json(tmp / META, {
             "format": FORMAT, "version": VERSION, "model_args": c.args.to_dict(), "vocab": c.vocab.to_dict(),
             "source": c.source, "dtype": dtypes[0] if len(dtypes) == 1 else dtypes, "files": files,
-            "total_size": num_bytes(state), "num_params": sum(t.numel() for t in state.values()),
-            "recipe": c.recipe})
+            "total_size": sum(tensor_bytes(*s) for s in specs.values()),
+            "num_params": sum(torch.Size(s).numel() for s, _ in specs.values()), "recipe": c.recipe})
+        verify(c.state)
     return dst
 
 
@@ -145,7 +153,8 @@ class Opened:
         return self.reader.get_rows(name, dim, rank * n, (rank + 1) * n)
 
     def load(self) -> Consolidated:
-        state = {name: self.full(name) for name in self.shapes}
+        """The whole folder as a ``Consolidated`` whose state reads each tensor (memory-mapped) when asked for."""
+        state = LazyState({name: self.reader.spec(name) for name in self.shapes}, self.full)
         tok = self.folder / TOKENIZERS
         return Consolidated(state, self.args, self.vocab, dict(self.meta.get("source") or {}),
                             self.meta.get("recipe"), tok if tok.is_dir() else None)

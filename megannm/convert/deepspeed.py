@@ -4,28 +4,25 @@
 ``megannm.train.load`` also uses to load a checkpoint module-only into a live engine. File names are
 ``megannm.checkpoint``'s.
 
-Reading (``read_deepspeed``), per tensor-parallel rank, then merged with ``reshard.merge_states``:
+Reading streams: every file is memory-mapped (``torch.load(mmap=True)``) and read once, each canonical tensor is
+joined from its TP ranks' slices when a writer asks for it, and the module's names become canonical ones through the
+fused-projection adapter (``megannm.model.fused``: ``qkv_proj`` -> q/k/v, ``gate_up_proj`` -> gate/up) wherever a
+rank's module-named weights are read. Which weights (``choose_weights``, ``--weights``):
 
-- ZeRO 0-2, fp32: the module weights in ``mp_rank_XX_model_states.pt`` are the trained fp32 weights themselves
-  (ZeRO-1/2 copy the updated fp32 partitions back into the module after every step).
-- ZeRO-3 (and ZeRO-1/2 under bf16): the module files hold empty placeholders (or bf16 copies); the fp32 master
-  weights are gathered from the ``*_optim_states.pt`` partitions by DeepSpeed's own
-  ``deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint``. That function globs every
-  ``*_model_states.pt`` / ``*_optim_states.pt`` of a tag and expects one file per data-parallel rank, so at TP > 1
-  (one set of files per ``mp_rank_XX``) it refuses ("Expected 2 of '*_optim_states.pt' ... found 4"); it is
-  therefore called once per TP rank on a folder of symlinks to that rank's files only.
-- ZeRO-1 under bf16/fp16 with fp32 accumulation (the default): DeepSpeed's BF16_Optimizer keeps its fp32 master
-  in a format ``zero_to_fp32`` does not read (no ``zero_stage`` in it); ``_fp32_from_bf16_optimizer`` joins its
-  per-rank partitions by their ``param_slice_mappings``.
-- ZeRO-0 under bf16, and pipelines under bf16: ``zero_to_fp32`` cannot parse pipeline model files (``module:
-  None``); the bf16 module weights are used (upcast to fp32: exact as bf16 values, the master's extra bits are
-  lost) and the source records ``weights: ... (bf16)``.
-- Pipeline (PP > 1): DeepSpeed writes one ``layer_{c:02d}-model_{tp:02d}-model_states.pt`` per chain position c and
-  TP rank, names inside the stage; ``megannm.model.pipeline.pipeline_to_canonical`` maps them.
+- ``module``: the module files (``mp_rank_XX_model_states.pt``; under a pipeline the layer files
+  ``layer_{c:02d}-model_{tp:02d}-model_states.pt``, names inside the stage, mapped by
+  ``megannm.model.pipeline.pipeline_to_canonical``). Under fp32 ZeRO 0-2 these are the trained fp32 weights
+  themselves; under bf16 they are the 16-bit copy the engine computes with (the fp32 master rounded to bf16, so a
+  bf16 export from them is exact). The optimizer partitions are never opened.
+- ``master``: the fp32 master weights in the optimizer partitions (``zero.py``: ZeRO-1/2 and BF16_Optimizer
+  fragments, ZeRO-3 flat groups), memory-mapped so that only the master's bytes are read, never the Adam moments.
+  Needed under ZeRO-3 (the module files hold placeholders) and for fp32 weights of a bf16/fp16 run.
+- ``auto`` (default): ``master`` only where ``module`` cannot give the requested dtype exactly.
 
 Writing (``write_deepspeed``): a DeepSpeed checkpoint dir (``latest`` + ``step<N>/``) at any TP x PP holding the
-module weights only, in DeepSpeed's own file layout (``mp_rank_XX_model_states.pt``; under a pipeline the layer
-files plus one ``mp_rank_XX`` file per stage and TP rank with ``module: None``), any data-parallel size. Its
+module weights only, under the names the model uses (fused where it fuses), in DeepSpeed's own file layout
+(``mp_rank_XX_model_states.pt``; under a pipeline the layer files plus one ``mp_rank_XX`` file per stage and TP rank
+with ``module: None``), any data-parallel size; each file is filled one tensor at a time (``_save_streamed``). Its
 ``megannm.json`` marks it ``module_only``: ``init_from`` (``megannm.train.load``) loads the weights at any ZeRO stage
 with a fresh optimizer and schedule; ``--resume`` also continues the step count, the data position and the
 learning-rate schedule from the source's step, with fresh Adam moments (the optimizer state does not survive the
@@ -33,112 +30,191 @@ consolidated form).
 """
 from __future__ import annotations
 
-import contextlib
-import io
+import json
+import mmap
 import os
-import tempfile
+import zlib
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Mapping, Optional
 
 import torch
 
 from megannm import checkpoint
 from megannm.checkpoint import integrity, layer_file, module_state_file
-from megannm.convert import reshard
+from megannm.convert import reshard, zero
 from megannm.convert.consolidated import Consolidated, Opened, normalise_args
-from megannm.convert.files import ConvertError
+from megannm.convert.files import THREADS, ConvertError, LazyState, Prefetch, specs_of, verify
 from megannm.fileio import atomic_output
 from megannm.vocab import Vocab
 
+WEIGHTS = ("auto", "module", "master")  # --weights
+_PRECISION = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-def _torch_load(path: Path):
-    try:  # memory-mapped: tensors are read from the page cache as they are used, not copied up front
+
+def _records(folder: Path) -> dict:
+    """The size and crc32 records of a tag's files (``megannm.json``), {} when it has none."""
+    try:
+        return (json.loads((folder / checkpoint.META).read_text()).get("files") or {})
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return {}
+
+
+_VERIFIER: Optional[ThreadPoolExecutor] = None
+
+
+def _crc32_mapped(path: Path) -> int:
+    """``integrity.crc32`` through a read-only memory map: the file's pages pass through the page cache the
+    conversion reads too, and no buffer is allocated (a checker thread adds no memory)."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if not size:
+            return 0
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            view, c = memoryview(mm), 0
+            try:
+                for start in range(0, size, 1 << 24):
+                    c = zlib.crc32(view[start:start + (1 << 24)], c)
+            finally:
+                view.release()
+    return c
+
+
+def _check_file(path: Path, records: dict) -> None:
+    """One file against its record in megannm.json (the messages of ``integrity.check``)."""
+    from megannm.checkpoint.folders import CorruptCheckpoint
+    want = records[path.name]
+    size = path.stat().st_size
+    if size != want["bytes"]:
+        raise CorruptCheckpoint(f"{path}: truncated or changed ({size} bytes, {checkpoint.META} recorded "
+                                f"{want['bytes']})")
+    got = _crc32_mapped(path)
+    if got != want["crc32"]:
+        raise CorruptCheckpoint(f"{path}: corrupt (crc32 {got:08x}, {checkpoint.META} recorded {want['crc32']:08x})")
+
+
+def _torch_load(path: Path, checks: Optional[list] = None):
+    """A DeepSpeed file, checked against its crc32 record (a flipped or truncated file is named, never used
+    silently), memory-mapped: its tensors are read from the page cache as they are used, not copied up front, and
+    those never used (the Adam moments beside the fp32 master) are never read at all.
+
+    With ``checks`` (a conversion that renames its output into place only after ``LazyState.verify``), the crc32
+    runs in a background thread while the conversion reads the same pages, and its future is appended there;
+    without, it runs first."""
+    global _VERIFIER
+    path = Path(path)
+    if not path.exists():
+        raise ConvertError(f"{path}: missing file")
+    records = _records(path.parent)
+    if path.name in records:
+        if checks is None:
+            _check_file(path, records)
+        else:
+            if _VERIFIER is None:
+                _VERIFIER = ThreadPoolExecutor(THREADS, thread_name_prefix="megannm-verify")
+            checks.append(_VERIFIER.submit(_check_file, path, records))
+    try:
         return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except FileNotFoundError:
-        raise ConvertError(f"{path}: missing file") from None
     except Exception as e:  # truncated or not a torch file
         raise ConvertError(f"{path}: cannot read ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
 
-def read_module_state(ckpt: Path, tp_rank: int) -> dict:
+def read_module_state(ckpt: Path, tp_rank: int, checks: Optional[list] = None) -> dict:
+    """One model-parallel rank's module weights as the module names them (memory-mapped, checked against its crc32
+    record; nothing else is opened). ``checks``: see ``_torch_load``."""
     path = module_state_file(ckpt, tp_rank)
     if not path.exists():
         raise ConvertError(f"{ckpt}: no module weights for tensor rank {tp_rank} ({path.name} missing)")
-    state = _torch_load(path)
+    state = _torch_load(path, checks)
     if not isinstance(state, dict) or not isinstance(state.get("module"), dict):
         raise ConvertError(f"{path}: no module weights in it (key 'module')")
     return state["module"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# reading
+# reading: which weights
 
 
-def _fp32_from_zero(ckpt: Path, tp_rank: int) -> dict:
-    """DeepSpeed's own fp32 gathering over the data-parallel partitions of ONE tensor-parallel rank."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    mine = checkpoint.zero_files(ckpt, tp_rank)
-    if not any(p.name.endswith("_optim_states.pt") for p in mine):
-        raise ConvertError(f"{ckpt}: no *_mp_rank_{tp_rank:02d}_optim_states.pt (the fp32 weights of tensor rank "
-                           f"{tp_rank} live in the ZeRO optimizer partitions)")
-    with tempfile.TemporaryDirectory(prefix="megannm-zero-") as tmp:
-        tag = Path(tmp) / ckpt.name
-        tag.mkdir()
-        for p in mine:
-            os.symlink(p.resolve(), tag / p.name)
-        quiet = io.StringIO()
-        old = os.environ.get("TQDM_DISABLE")
-        os.environ["TQDM_DISABLE"] = "1"
-        try:
-            with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
-                state = get_fp32_state_dict_from_zero_checkpoint(tmp, tag=ckpt.name)
-        except (ValueError, FileNotFoundError, KeyError) as e:
-            raise ConvertError(f"{ckpt}: DeepSpeed's zero_to_fp32 failed for tensor rank {tp_rank}: "
-                               f"{str(e).splitlines()[0]}") from None
-        finally:
-            if old is None:
-                os.environ.pop("TQDM_DISABLE", None)
-            else:
-                os.environ["TQDM_DISABLE"] = old
-    return dict(state)
+def _optimizer_files(ckpt: Path, tp_rank: int) -> list[Path]:
+    """One tensor rank's optimizer partitions (ZeRO or BF16_Optimizer), in data-parallel rank order."""
+    files = [p for p in ckpt.glob(f"*zero_pp_rank_*_mp_rank_{tp_rank:02d}_optim_states.pt")]
+    return sorted(files, key=lambda f: int(f.name.split("zero_pp_rank_")[1].split("_")[0]))
 
 
-def _bf16_optimizer_files(ckpt: Path, tp_rank: int) -> list[Path]:
-    """The data-parallel partitions of DeepSpeed's BF16_Optimizer (bf16/fp16 at ZeRO 1 with fp32 accumulation), in
-    data-parallel rank order: ``bf16_zero_pp_rank_{dp}_mp_rank_{tp:02d}_optim_states.pt``."""
-    files = ckpt.glob(f"bf16_zero_pp_rank_*_mp_rank_{tp_rank:02d}_optim_states.pt")
-    return sorted(files, key=lambda f: int(f.name.split("_")[4]))
+def _gb(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
 
 
-def _fp32_from_bf16_optimizer(ckpt: Path, tp_rank: int) -> dict:
-    """The fp32 master weights of one tensor rank from BF16_Optimizer's partitions, which ``zero_to_fp32`` does not
-    read (their optimizer state has no ``zero_stage``). Each data-parallel rank's file holds, per parameter group,
-    its flat fp32 partition and where each parameter's fragment lies in it (``param_slice_mappings``); a parameter's
-    fragments joined in rank order are the parameter, shaped as the module file's ``param_shapes`` say."""
-    shapes = {}
-    for group in _torch_load(module_state_file(ckpt, tp_rank)).get("param_shapes") or []:
-        shapes.update(group)
-    pieces: dict = {}
-    for f in _bf16_optimizer_files(ckpt, tp_rank):
-        opt = _torch_load(f).get("optimizer_state_dict") or {}
-        if "single_partition_of_fp32_groups" not in opt:
-            raise ConvertError(f"{f}: not a BF16_Optimizer partition (no single_partition_of_fp32_groups)")
-        for flat, mapping in zip(opt["single_partition_of_fp32_groups"], opt["param_slice_mappings"]):
-            for name, frag in mapping.items():
-                pieces.setdefault(name, []).append(flat.narrow(0, frag.start, frag.numel))
-    out = {}
-    for name, shape in shapes.items():
-        t = torch.cat(pieces.get(name, [])) if name in pieces else None
-        if t is None or t.numel() != torch.Size(shape).numel():
-            raise ConvertError(f"{ckpt}: the BF16_Optimizer partitions of tensor rank {tp_rank} do not hold all of "
-                               f"{name} (expected {torch.Size(shape).numel()} values)")
-        out[name] = t.view(shape).clone()
-    return out
+def choose_weights(ckpt: Path, meta: dict, weights: str = "auto", dtype: torch.dtype = torch.float32) -> str:
+    """``module`` (the module files: what the engine computes with) or ``master`` (the fp32 master weights in the
+    optimizer partitions), for ``--weights`` and the output ``dtype``; one line naming the checkpoint when the
+    choice cannot be read from it.
+
+    ``auto`` reads the optimizer partitions only when the module files cannot give ``dtype`` exactly: under ZeRO-3
+    (placeholders), and under bf16/fp16 ZeRO-1/2 when ``dtype`` is not the run's precision (the module's 16-bit
+    copy is the master rounded to it, so ``--dtype bf16`` of a bf16 run is exact from the module files)."""
+    if weights not in WEIGHTS:
+        raise ConvertError(f"--weights: {weights!r} is not one of {', '.join(WEIGHTS)}")
+    layout = meta.get("layout") or {}
+    pp, zero_stage = int(layout.get("pp") or 1), meta.get("zero_stage")
+    precision = (meta.get("recipe") or {}).get("precision", "fp32")
+    has_master = not meta.get("module_only") and bool(_optimizer_files(ckpt, 0))
+    if pp > 1:
+        if weights == "master":
+            raise ConvertError(f"{ckpt}: --weights master is not read from pipeline checkpoints (their layer files "
+                               f"hold the module weights); use --weights module")
+        return "module"
+    if zero_stage == 3 and not meta.get("module_only"):
+        if weights == "module":
+            raise ConvertError(f"{ckpt}: ZeRO-3 module files hold placeholders, the weights are in the optimizer "
+                               f"partitions (--weights master, the default)")
+        return "master"
+    if weights == "master" and not has_master:
+        raise ConvertError(f"{ckpt}: no optimizer partitions (*_optim_states.pt) to read master weights from (use "
+                           f"--weights module)")
+    if weights != "auto":
+        return weights
+    exact = precision == "fp32" or dtype == _PRECISION.get(precision)
+    return "master" if has_master and not exact else "module"
 
 
-def _pipeline_rank_state(ckpt: Path, tp_rank: int) -> tuple[dict, str]:
+def describe_weights(ckpt: Path, meta: dict, choice: str) -> str:
+    """What ``choice`` reads and what it costs, for the one log line of a conversion."""
+    layout = meta.get("layout") or {}
+    tp, pp = int(layout.get("tp") or 1), int(layout.get("pp") or 1)
+    precision = (meta.get("recipe") or {}).get("precision", "fp32")
+    optim = sum(p.stat().st_size for r in range(tp) for p in _optimizer_files(ckpt, r)) if pp == 1 else 0
+    if choice == "master":
+        return (f"fp32 master from the optimizer partitions ({_gb(optim)} of *_optim_states.pt, memory-mapped: the "
+                f"master's bytes are used, the Adam moments only pass through the files' crc32 check)")
+    where = "pipeline layer files" if pp > 1 else "module files"
+    note = f"{precision} module weights" if precision != "fp32" else "module weights (the fp32 weights themselves)"
+    if pp > 1 and precision != "fp32":
+        note += " (a pipeline's fp32 master is not read: upcast, its extra bits are lost)"
+    skip = f"; optimizer partitions not opened ({_gb(optim)}: --weights master reads the fp32 master)" if optim \
+        else ""
+    return f"{note} of the {where}{skip}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# reading: one tensor rank
+
+
+def _module_rank_state(ckpt: Path, tp_rank: int, args, tp: int, checks: Optional[list]) -> tuple[dict, str]:
+    from megannm.model import fused
+    path = module_state_file(ckpt, tp_rank)
+    state = {k: v for k, v in read_module_state(ckpt, tp_rank, checks).items() if not k.endswith("._extra_state")}
+    try:
+        return fused.to_canonical(state, args, tp), str(path)
+    except ValueError as e:
+        raise ConvertError(f"{path}: {e}") from None
+
+
+def _pipeline_rank_state(ckpt: Path, tp_rank: int, args, tp: int, checks: Optional[list]) -> tuple[dict, str]:
     """One TP rank's canonical-named state from the pipeline's per-layer files (``layer_{c:02d}-model_{tp:02d}-
     model_states.pt`` holds chain position c's weights under the names inside that stage)."""
+    from megannm.model import fused
     from megannm.model.pipeline import pipeline_to_canonical
     pattern = checkpoint.layer_pattern(tp_rank)
     files = sorted(ckpt.glob(pattern))
@@ -147,51 +223,90 @@ def _pipeline_rank_state(ckpt: Path, tp_rank: int) -> tuple[dict, str]:
     out = {}
     for f in files:
         position = checkpoint.layer_position(f)
-        state = _torch_load(f)
+        state = _torch_load(f, checks)
         if not isinstance(state, dict):
             raise ConvertError(f"{f}: not a layer state dict")
+        named = {}
         for name, t in state.items():
             if name.endswith("._extra_state"):
                 continue
             try:
-                canonical = pipeline_to_canonical(name, position)
+                named[pipeline_to_canonical(name, position)] = t
             except ValueError as e:
                 raise ConvertError(f"{f}: unexpected parameter {name} ({e})") from None
+        try:
+            named = fused.to_canonical(named, args, tp)
+        except ValueError as e:
+            raise ConvertError(f"{f}: {e}") from None
+        for canonical, t in named.items():
             if canonical in out:
                 raise ConvertError(f"{f}: parameter {canonical} also came from another layer file")
             out[canonical] = t
     return out, str(ckpt / pattern)
 
 
-def rank_state(ckpt: Path, meta: dict, tp_rank: int) -> tuple[dict, str, str]:
+def _master_rank_state(ckpt: Path, tp_rank: int, args, tp: int,
+                       checks: Optional[list]) -> tuple[zero.MasterWeights, str]:
+    files = _optimizer_files(ckpt, tp_rank)
+    if not files:
+        raise ConvertError(f"{ckpt}: no *_mp_rank_{tp_rank:02d}_optim_states.pt (the fp32 weights of tensor rank "
+                           f"{tp_rank} live in the optimizer partitions)")
+    source = str(ckpt / f"*zero_pp_rank_*_mp_rank_{tp_rank:02d}_optim_states.pt")
+    zero3 = not files[0].name.startswith("bf16_") and (ckpt / f"zero_pp_rank_0_mp_rank_{tp_rank:02d}_model_states.pt"
+                                                        ).exists()
+    model_file = ckpt / f"zero_pp_rank_0_mp_rank_{tp_rank:02d}_model_states.pt" if zero3 \
+        else module_state_file(ckpt, tp_rank)
+    shapes: dict = {}
+    load = lambda f: _torch_load(f, checks)  # noqa: E731
+    for group in load(model_file).get("param_shapes") or []:
+        shapes.update({k: tuple(v) for k, v in group.items()})
+    if not shapes:
+        raise ConvertError(f"{model_file}: no param_shapes (the parameter layout of the optimizer partitions)")
+    pieces = zero.zero3_partitions(files, load, shapes) if zero3 else zero.sliced_partitions(files, load)
+    return zero.MasterWeights(pieces, shapes, args, tp, source), source
+
+
+def rank_state(ckpt: Path, meta: dict, tp_rank: int, weights: str = "auto", dtype: torch.dtype = torch.float32,
+               checks: Optional[list] = None) -> tuple[Mapping, str, str]:
     """One tensor-parallel rank's weights (all pipeline stages) under canonical names, TP-sliced and padded as saved:
-    (state, source files, how they were read)."""
+    (state, source files, how they were read). The state is lazy: memory-mapped module tensors, or master weights
+    copied out of the optimizer partitions one tensor at a time as they are asked for. ``weights`` and ``dtype``:
+    see ``choose_weights`` (the default gives exact fp32 weights, reading the master where it must); ``checks``: see
+    ``_torch_load`` (default: every file is checked before it is used)."""
+    from megannm.model.args import ModelArgs
+    args = ModelArgs.from_dict(meta["model_args"])
     layout = meta.get("layout") or {}
-    pp, zero = int(layout.get("pp") or 1), meta.get("zero_stage")
-    precision = (meta.get("recipe") or {}).get("precision", "fp32")
+    tp, pp = int(layout.get("tp") or 1), int(layout.get("pp") or 1)
+    choice = choose_weights(ckpt, meta, weights, dtype)
     if pp > 1:
-        state, source = _pipeline_rank_state(ckpt, tp_rank)
-        how = "module weights of the pipeline layer files" + (" (bf16)" if precision == "bf16" else "")
-    elif not meta.get("module_only") and zero == 1 and _bf16_optimizer_files(ckpt, tp_rank):
-        state = _fp32_from_bf16_optimizer(ckpt, tp_rank)
-        source = str(ckpt / f"bf16_zero_pp_rank_*_mp_rank_{tp_rank:02d}_optim_states.pt")
-        how = "fp32 master from the BF16_Optimizer partitions"
-    elif not meta.get("module_only") and (zero == 3 or (precision != "fp32" and zero in (1, 2))):
-        state, source = _fp32_from_zero(ckpt, tp_rank), str(ckpt / f"*_mp_rank_{tp_rank:02d}_*_states.pt")
-        how = "fp32 master from the ZeRO partitions (deepspeed.utils.zero_to_fp32)"
+        state, source = _pipeline_rank_state(ckpt, tp_rank, args, tp, checks)
+    elif choice == "master":
+        state, source = _master_rank_state(ckpt, tp_rank, args, tp, checks)
     else:
-        state, source = read_module_state(ckpt, tp_rank), str(module_state_file(ckpt, tp_rank))
-        how = "module weights" + (" (bf16)" if precision == "bf16" else "")
+        state, source = _module_rank_state(ckpt, tp_rank, args, tp, checks)
     # megatron-core layers may add `_extra_state` entries (for Transformer Engine): not weights
-    return {k: v for k, v in state.items() if not k.endswith("._extra_state")}, source, how
+    if not isinstance(state, LazyState):
+        state = {k: v for k, v in state.items() if not k.endswith("._extra_state")}
+    return state, source, describe_weights(ckpt, meta, choice)
 
 
 def open_checkpoint(path: str | Path) -> tuple[Path, dict, Vocab, object]:
-    """(checkpoint folder, its ``megannm.json``, Vocab, ModelArgs as saved) of a folder or a dir with ``latest``."""
+    """(checkpoint folder, its ``megannm.json``, Vocab, ModelArgs as saved) of a folder or a dir with ``latest``.
+
+    Every recorded file's size is checked now (a truncated file is named before any work); each file's crc32 when
+    a reader opens it, so the files a conversion does not need (the optimizer partitions, mostly) are never read."""
+    from megannm.checkpoint.folders import CorruptCheckpoint
     from megannm.model.args import ModelArgs
     ckpt = checkpoint.resolve(path)
     meta = checkpoint.read_meta(ckpt)
-    integrity.verify(ckpt, meta)  # a truncated or flipped file is named, never read silently
+    for name, want in sorted((meta.get("files") or {}).items()):
+        try:
+            size = (ckpt / name).stat().st_size
+        except FileNotFoundError:
+            raise CorruptCheckpoint(f"{ckpt / name}: missing (listed in {ckpt / checkpoint.META})") from None
+        if size != want.get("bytes"):
+            raise CorruptCheckpoint(f"{ckpt / name}: truncated or changed ({size} bytes, {checkpoint.META} recorded "
+                                    f"{want.get('bytes')})")
     where = str(ckpt / checkpoint.META)
     try:
         vocab = Vocab.from_dict(meta["vocab"], source=where)
@@ -203,19 +318,24 @@ def open_checkpoint(path: str | Path) -> tuple[Path, dict, Vocab, object]:
     return ckpt, meta, vocab, args
 
 
-def read_deepspeed(path: str | Path) -> Consolidated:
-    """A megannm DeepSpeed checkpoint (folder, or a checkpoint dir with ``latest``) at any layout -> canonical form."""
+def read_deepspeed(path: str | Path, weights: str = "auto", dtype: torch.dtype = torch.float32,
+                   threads: int = THREADS) -> Consolidated:
+    """A megannm DeepSpeed checkpoint (folder, or a checkpoint dir with ``latest``) at any layout -> canonical form,
+    lazily: the ranks' files are opened (memory-mapped, checked against their records, in parallel) now, and each
+    canonical tensor is joined from its TP slices and cast to ``dtype`` when it is asked for. The files' crc32
+    checks run meanwhile: call ``state.verify()`` before trusting (or publishing) what was read; the writers here
+    do."""
     ckpt, meta, vocab, args = open_checkpoint(path)
     layout = meta.get("layout") or {}
-    parts, sources, how = [], [], ""
-    for r in range(int(layout.get("tp") or 1)):
-        state, source, how = rank_state(ckpt, meta, r)
-        parts.append(state)
-        sources.append(source)
-    state = reshard.merge_states(parts, args, sources)
-    state = {k: (v.float() if v.dtype != torch.float32 and v.is_floating_point() else v) for k, v in state.items()}
+    tp = int(layout.get("tp") or 1)
+    checks: list = []  # the files' crc32, running while the conversion reads them (see LazyState.verify)
+    with ThreadPoolExecutor(max(1, min(threads, tp))) as pool:
+        ranks = list(pool.map(lambda r: rank_state(ckpt, meta, r, weights, dtype, checks), range(tp)))
+    state = reshard.merge_states([s for s, _, _ in ranks], args, [src for _, src, _ in ranks], dtype)
+    state.checks.extend(checks)
     source = {"kind": "deepspeed", "path": str(ckpt.resolve()), "layout": layout, "zero_stage": meta.get("zero_stage"),
-              "precision": (meta.get("recipe") or {}).get("precision", "fp32"), "weights": how,
+              "precision": (meta.get("recipe") or {}).get("precision", "fp32"), "weights": ranks[0][2],
+              "dtype": str(dtype).replace("torch.", ""),
               "step": meta.get("step"), "consumed_samples": meta.get("consumed_samples")}
     return Consolidated(state, normalise_args(args, vocab), vocab, source, meta.get("recipe"))
 
@@ -234,48 +354,123 @@ def _module_file(module: dict, tp: int, dp: int, step: int, consumed: int) -> di
             "ds_version": deepspeed.__version__, "step": step, "consumed_samples": consumed}
 
 
-def write_deepspeed(c: Consolidated, dst: str | Path, tp: int = 1, pp: int = 1, overwrite: bool = False) -> Path:
-    """A module-only DeepSpeed checkpoint dir (``latest`` + ``step<N>/``) at TP x PP from the canonical form."""
+def _rank_groups(names: list[str], fuse: bool) -> list[tuple[str, list[str]]]:
+    """The module names of one file in order, each with the canonical names it is made of (itself, or a fused
+    weight's parts in stacking order)."""
+    from megannm.model import fused
+    out, seen = [], set()
+    for name in names:
+        module = fused.module_name(name) if fuse else name
+        if module not in seen:
+            seen.add(module)
+            out.append((module, fused.canonical_parts(module) if module != name else [name]))
+    return out
+
+
+def _write_rank(c: Consolidated, path: Path, names: list[str], tp: int, rank: int, padded: int,
+                dtype: Optional[torch.dtype], fuse: bool, threads: int, wrap, scratch: Path) -> None:
+    """One rank's file of a module-only checkpoint: its slice of every canonical name in ``names`` (read, sliced,
+    cast, a fused weight's parts stacked), each copied straight into its place in a buffer backed by a scratch file
+    in ``scratch`` (page cache the kernel can write back, never the process's anonymous memory; one buffer per
+    dtype, as torch.save wants), ``threads`` tensors at a time; then ``_save_streamed(wrap(module-named dict))``."""
+    specs = specs_of(c.state)
+    local = reshard.local_shapes(c.args, tp, padded)
+    out_dtype = {n: dtype if dtype is not None and dt.is_floating_point else dt for n, (_, dt) in specs.items()}
+    groups = _rank_groups(names, fuse)
+    layout: dict[torch.dtype, list] = {}  # dtype -> [(module, parts, shape, element offset)]
+    sizes: dict[torch.dtype, int] = {}
+    for module, parts in groups:
+        dt = out_dtype[parts[0]]
+        shape = (sum(local[p][0] for p in parts), *local[parts[0]][1:])
+        offset = sizes.get(dt, 0)
+        layout.setdefault(dt, []).append((module, parts, shape, offset))
+        n = 1
+        for d in shape:
+            n *= d
+        sizes[dt] = offset + -(-max(n, 1) // 16) * 16  # 16-element aligned
+    views: dict[str, torch.Tensor] = {}
+    for i, (dt, entries) in enumerate(layout.items()):
+        size = torch.empty((), dtype=dt).element_size()
+        storage = torch.UntypedStorage.from_file(str(scratch / f".scratch-{path.name}-{i}"), shared=True,
+                                                 nbytes=sizes[dt] * size)
+        for module, parts, shape, offset in entries:
+            views[module] = torch.empty(0, dtype=dt).set_(storage, offset, shape)
+    targets = {}  # canonical name -> the rows of its module tensor it fills
+    for module, parts in groups:
+        start = 0
+        for name in parts:
+            rows = local[name][0]
+            targets[name] = views[module] if len(parts) == 1 else views[module][start:start + rows]
+            start += rows
+
+    def produce(name: str) -> None:
+        targets[name].copy_(reshard.shard_tensor(name, c.state[name], tp, rank, padded))
+
+    order = [name for _, parts in groups for name in parts]
+    with torch.no_grad(), Prefetch(produce, order, threads) as ready:
+        for name in order:
+            ready(name)
+    _save_streamed(wrap(OrderedDict((module, views[module]) for module, _ in groups)), path)
+    for i in range(len(layout)):
+        (scratch / f".scratch-{path.name}-{i}").unlink()
+
+
+def _save_streamed(obj, path: Path) -> None:
+    """``torch.save`` without the zip records' crc32 (a second pass over every byte: megannm.json records the file's
+    own crc32 after it is written)."""
+    previous = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save(obj, path)
+    finally:
+        torch.serialization.set_crc32_options(previous)
+
+
+def write_deepspeed(c: Consolidated, dst: str | Path, tp: int = 1, pp: int = 1, overwrite: bool = False,
+                    dtype: Optional[torch.dtype] = None, threads: int = THREADS,
+                    fuse: bool = True) -> Path:
+    """A module-only DeepSpeed checkpoint dir (``latest`` + ``step<N>/``) at TP x PP from the canonical form, one
+    tensor at a time. ``dtype`` casts the weights (default: as they come); ``fuse`` writes fused q/k/v and gate/up
+    names, the names the model's modules (and DeepSpeed's own ``load_checkpoint``) expect; ``fuse=False`` writes
+    the separate canonical names (checkpoints saved before the fusion)."""
     padded = c.vocab.padded_size(tp)
     reshard.check_divisible(c.args, tp, pp, padded, where=f"{dst}")
+    specs = specs_of(c.state)
+    reshard.check_shape_map({k: s for k, (s, _) in specs.items()}, reshard.canonical_shapes(c.args),
+                            "consolidated state")
     args = normalise_args(c.args, c.vocab, tp)
     step, consumed = c.step, c.consumed_samples
     tag = checkpoint.tag_for(step)
     dst = Path(dst)
+    names = list(reshard.canonical_shapes(c.args))
     with atomic_output(dst, overwrite) as tmp:
         folder = tmp / tag
         folder.mkdir()
         if pp > 1:
-            _write_pipeline(c, folder, args, tp, pp, padded, step, consumed)
+            from megannm.model.pipeline import canonical_to_pipeline
+            positions: dict[int, list[str]] = {}
+            for name in names:
+                positions.setdefault(canonical_to_pipeline(name, args.layers)[0], []).append(name)
+            for r in range(tp):
+                for position, group in sorted(positions.items()):
+                    inner = lambda sd: OrderedDict(  # noqa: E731 (names inside the stage)
+                        (canonical_to_pipeline(k, args.layers)[1], v) for k, v in sd.items())
+                    _write_rank(c, layer_file(folder, position, r), group, tp, r, padded, dtype, fuse, threads,
+                                inner, tmp)
+            for mp_rank in range(tp * pp):
+                torch.save(_module_file(None, tp * pp, 1, step, consumed), module_state_file(folder, mp_rank))
         else:
             for r in range(tp):
-                local = OrderedDict((k, reshard.shard_tensor(k, v, tp, r, padded).clone())
-                                    for k, v in c.state.items())
-                torch.save(_module_file(local, tp, 1, step, consumed), module_state_file(folder, r))
+                _write_rank(c, module_state_file(folder, r), names, tp, r, padded, dtype, fuse, threads,
+                            lambda sd: _module_file(sd, tp, 1, step, consumed), tmp)
         meta = {"recipe": c.recipe, "recipe_source": None, "model_args": args.to_dict(), "vocab": c.vocab.to_dict(),
                 "layout": {"world_size": None, "tp": tp, "pp": pp, "dp": None}, "zero_stage": None,
                 "module_only": True, "consumed_samples": consumed, "step": step, "tag": tag,
-                "converted_from": c.source}
+                "converted_from": c.source, "files": integrity.record(folder, integrity.top_files(folder))}
         checkpoint.write_meta(folder, meta)
         checkpoint.write_latest(tmp, tag)
+        verify(c.state)
     return dst
-
-
-def _write_pipeline(c, folder, args, tp, pp, padded, step, consumed) -> None:
-    """DeepSpeed's pipeline layout: one file per chain position and TP rank (names inside the stage), plus one
-    ``mp_rank_XX_model_states.pt`` per (stage, TP rank) with ``module: None`` (XX = stage * tp + tp_rank)."""
-    from megannm.model.pipeline import canonical_to_pipeline
-    positions: dict[int, dict] = {}
-    for name in c.state:
-        position, inner = canonical_to_pipeline(name, args.layers)
-        positions.setdefault(position, {})[inner] = name
-    for r in range(tp):
-        for position, names in sorted(positions.items()):
-            sd = OrderedDict((inner, reshard.shard_tensor(name, c.state[name], tp, r, padded).clone())
-                             for inner, name in names.items())
-            torch.save(sd, layer_file(folder, position, r))
-    for mp_rank in range(tp * pp):
-        torch.save(_module_file(None, tp * pp, 1, step, consumed), module_state_file(folder, mp_rank))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -286,10 +481,12 @@ def load_model(path: str | Path, layout, vocab: Vocab | None = None):
     """Model (eval mode) + metadata from a DeepSpeed checkpoint of ANY layout, or from a consolidated folder, at
     this process's tensor-parallel size (pipeline size 1).
 
-    A checkpoint saved at this TP size with exact fp32 module weights (ZeRO 0-2, pipeline 1) loads its own file
-    directly; every other layout goes through the canonical form in memory."""
+    A checkpoint saved at this TP size with exact fp32 module weights (ZeRO 0-2, pipeline 1) reads its own rank's
+    module file; every other layout is joined tensor by tensor from the canonical form. Weights are copied into the
+    model one parameter at a time (fused parameters from their canonical parts)."""
+    from megannm.model import fused
     from megannm.model.transformer import NMMModel
-    path = Path(path)
+    path, c = Path(path), None
     if layout.pp != 1:
         raise ConvertError(f"load_model: runs at pipeline size 1 (got pp={layout.pp})")
     if checkpoint.kind_of(path) == "consolidated":
@@ -309,7 +506,7 @@ def load_model(path: str | Path, layout, vocab: Vocab | None = None):
         if direct:
             from megannm.model.args import ModelArgs
             args = ModelArgs.from_dict(meta["model_args"])
-            state = read_module_state(ckpt, layout.tp_rank)
+            state, _, _ = rank_state(ckpt, meta, layout.tp_rank, weights="module")
             get = state.__getitem__
         else:
             c = read_deepspeed(ckpt)
@@ -321,16 +518,25 @@ def load_model(path: str | Path, layout, vocab: Vocab | None = None):
     reshard.check_divisible(args, layout.tp, 1, args.padded_vocab_size, where=where)
     model = NMMModel(args, layout)
     expected = reshard.local_shapes(args, layout.tp, args.padded_vocab_size)
-    state = {}
-    for name in expected:
-        try:
-            state[name] = get(name)
-        except KeyError:
-            raise ConvertError(f"{where}: missing parameter {name}") from None
-    reshard.check_shapes(state, expected, where)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
-        raise ConvertError(f"{where}: {what}")
+    own = model.state_dict(keep_vars=True)
+    wanted = {p for m in own for p in (fused.canonical_parts(m) or [m])}
+    if wanted != set(expected):
+        extra = sorted(wanted - set(expected)) or sorted(set(expected) - wanted)
+        raise ConvertError(f"{where}: the model's parameters and the checkpoint's differ ({extra[0]})")
+    with torch.no_grad():
+        for module, target in own.items():
+            pieces = []
+            for name in fused.canonical_parts(module) or [module]:
+                try:
+                    t = get(name)
+                except KeyError:
+                    raise ConvertError(f"{where}: missing parameter {name}") from None
+                if tuple(t.shape) != tuple(expected[name]):
+                    raise ConvertError(f"{where}: parameter {name} has shape {list(t.shape)}, expected "
+                                       f"{list(expected[name])}")
+                pieces.append(t)
+            target.copy_(torch.cat(pieces) if len(pieces) > 1 else pieces[0])
+    if c is not None:
+        verify(c.state)
     model.eval()
     return model, meta

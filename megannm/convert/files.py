@@ -4,6 +4,11 @@ Every output folder is built with ``megannm.fileio.atomic_output`` (a hidden tem
 renamed into place at the end): an interrupted conversion leaves no half-written folder under the real name, and an
 existing destination is replaced only with ``overwrite``.
 
+Conversions stream: a state is a ``LazyState`` (every tensor's shape and dtype known up front, each tensor read,
+joined or cast only when asked for), and ``save_safetensors`` lays out the headers from the shapes, then writes the
+tensors one at a time with our own writer of the format (``write_safetensors_file``), the next few prepared in
+threads meanwhile.
+
 A safetensors folder is Hugging Face's layout: ``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` plus
 ``model.safetensors.index.json`` (``{"metadata": {"total_size": N}, "weight_map": {name: file}}``) once the tensors
 exceed ``max_shard_size`` bytes.
@@ -15,8 +20,9 @@ import mmap
 import os
 import re
 import struct
+import threading
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
@@ -26,6 +32,7 @@ from megannm.fileio import atomic_write_json
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 DEFAULT_SHARD_SIZE = 5 * 2 ** 30  # Hugging Face's default: 5 GB per file
+THREADS = min(4, os.cpu_count() or 1)  # tensors prepared ahead of the one being written (--threads)
 
 
 class ConvertError(CheckpointError):
@@ -46,18 +53,77 @@ def parse_size(text: str | int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# lazy states
+
+
+class LazyState(Mapping):
+    """name -> tensor, each read (or merged from its TP shards, or cast) only when asked for and never kept: what a
+    conversion streams through. ``specs`` gives every (shape, dtype) up front, so that writers can lay out their
+    files before reading anything."""
+
+    def __init__(self, specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]], get: Callable[[str], torch.Tensor],
+                 checks: list | None = None, rows: Callable[[str], list[torch.Tensor]] | None = None):
+        self.specs = {k: (tuple(shape), dtype) for k, (shape, dtype) in specs.items()}
+        self._get = get
+        self._rows = rows
+        self.checks = list(checks or [])  # futures of the source files' integrity checks, running meanwhile
+
+    def row_blocks(self, name: str) -> list[torch.Tensor]:
+        """The tensor as blocks of rows that, stacked along dim 0, are it (a writer writes them one after the
+        other): TP shards split along dim 0 are never joined in memory. Default: the tensor itself."""
+        return self._rows(name) if self._rows is not None else [self[name]]
+
+    def verify(self) -> None:
+        """Wait for the source files' integrity checks; raises the first problem (one line naming the file). Every
+        writer calls it before its output is renamed into place, so a corrupt source never yields an output."""
+        for check in self.checks:
+            check.result()
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.specs:
+            raise KeyError(name)
+        return self._get(name)
+
+    def __iter__(self):
+        return iter(self.specs)
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def __contains__(self, name) -> bool:
+        return name in self.specs
+
+
+def row_blocks(state: Mapping, name: str) -> list[torch.Tensor]:
+    """``LazyState.row_blocks`` of a state that may be lazy."""
+    return state.row_blocks(name) if isinstance(state, LazyState) else [state[name]]
+
+
+def verify(state: Mapping) -> None:
+    """``LazyState.verify`` of a state that may be lazy (a plain dict has nothing pending)."""
+    if isinstance(state, LazyState):
+        state.verify()
+
+
+def specs_of(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """name -> (shape, dtype) of a state, lazy or not, without reading a lazy one."""
+    if isinstance(state, LazyState):
+        return dict(state.specs)
+    return {k: (tuple(t.shape), t.dtype) for k, t in state.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # safetensors folders
 
 
-def save_safetensors(folder: Path, tensors: Mapping[str, torch.Tensor], max_shard_size: int = DEFAULT_SHARD_SIZE,
-                     metadata: dict | None = None) -> list[str]:
-    """Write ``tensors`` (in their order) as one file or as shards plus an index; returns the file names."""
-    from safetensors.torch import save_file
-
+def shard_plan(specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+               max_shard_size: int = DEFAULT_SHARD_SIZE) -> list[tuple[str, list[str]]]:
+    """(file name, tensor names) of each safetensors file for tensors of these (shape, dtype), in their order: a new
+    file starts where the next tensor would pass ``max_shard_size`` bytes (Hugging Face's rule)."""
     shards: list[list[str]] = [[]]
     size = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
+    for name, (shape, dtype) in specs.items():
+        nbytes = tensor_bytes(shape, dtype)
         if shards[-1] and size + nbytes > max_shard_size:
             shards.append([])
             size = 0
@@ -65,16 +131,130 @@ def save_safetensors(folder: Path, tensors: Mapping[str, torch.Tensor], max_shar
         size += nbytes
     n = len(shards)
     files = [SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    return list(zip(files, shards))
+
+
+def save_safetensors(folder: Path, tensors: Mapping[str, torch.Tensor], max_shard_size: int = DEFAULT_SHARD_SIZE,
+                     metadata: dict | None = None, specs: Mapping[str, tuple] | None = None,
+                     dtype: torch.dtype | None = None, threads: int = 1) -> list[str]:
+    """Write ``tensors`` (in their order) as one file or as shards plus an index, ONE TENSOR AT A TIME; returns the
+    file names.
+
+    ``tensors`` may be lazy (a mapping that reads or merges a tensor when it is asked for): the headers are built
+    from ``specs`` (name -> (shape, dtype), default: each tensor's own), so no tensor is touched before its turn,
+    and with ``threads`` > 1 the next tensors are prepared while one is written (at most ``threads + 1`` in
+    memory). ``dtype`` casts floating-point tensors on the way out."""
+    if specs is None:
+        specs = {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()}
+    specs = {k: (tuple(shape), _out_dtype(dt, dtype)) for k, (shape, dt) in specs.items()}
+    plan = shard_plan(specs, max_shard_size)
     meta = {"format": "pt", **(metadata or {})}
     mode = _umask_mode()
-    for file, names in zip(files, shards):
-        save_file({k: _own(tensors[k]) for k in names}, str(folder / file), metadata=meta)
-        os.chmod(folder / file, mode)  # safetensors creates its files 0600; an export is read by others
-    if n > 1:
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        atomic_write_json(folder / INDEX, {"metadata": {"total_size": total},
-                                           "weight_map": {k: f for f, names in zip(files, shards) for k in names}})
-    return files
+
+    def produce(name: str) -> list[torch.Tensor]:
+        want = specs[name][1]
+        return [t.to(want) if t.dtype != want else t for t in row_blocks(tensors, name)]
+
+    with Prefetch(produce, [k for _, names in plan for k in names], threads) as ready:
+        for file, names in plan:
+            write_safetensors_file(folder / file, {k: specs[k] for k in names}, ready, meta)
+            os.chmod(folder / file, mode)  # as open() would create it: an export is read by others
+    if len(plan) > 1:
+        atomic_write_json(folder / INDEX, {"metadata": {"total_size": sum(tensor_bytes(*s) for s in specs.values())},
+                                           "weight_map": {k: f for f, names in plan for k in names}})
+    return [f for f, _ in plan]
+
+
+def write_safetensors_file(path: Path, specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]], next_tensor,
+                           metadata: dict | None = None) -> None:
+    """One safetensors file written tensor by tensor from its format: an 8-byte little-endian header length, a JSON
+    header (per tensor its dtype, shape and byte range ``data_offsets`` relative to the end of the header, plus
+    ``__metadata__``; padded with spaces to a multiple of 8 so that every tensor is aligned), then the raw
+    little-endian bytes in header order. ``next_tensor(name)`` gives each tensor in turn, as a tensor or as blocks
+    of its rows (``LazyState.row_blocks``); shape and dtype must be the header's. Written to a temporary name
+    beside ``path`` and renamed."""
+    header: dict = {"__metadata__": {str(k): str(v) for k, v in (metadata or {}).items()}} if metadata else {}
+    offset = 0
+    for name, (shape, dtype) in specs.items():
+        n = tensor_bytes(shape, dtype)
+        header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for name, (shape, dtype) in specs.items():
+                blocks = next_tensor(name)
+                blocks = [blocks] if isinstance(blocks, torch.Tensor) else blocks
+                rows = sum(b.shape[0] for b in blocks) if shape else None
+                if any(b.dtype != dtype or tuple(b.shape[1:]) != tuple(shape[1:]) or b.dim() != len(shape)
+                       for b in blocks) or (shape and rows != shape[0]) or (not shape and len(blocks) != 1):
+                    got = [list(b.shape) for b in blocks]
+                    raise ConvertError(f"{path}: parameter {name} came as {got} {blocks[0].dtype}, the header "
+                                       f"says {list(shape)} {dtype}")
+                for b in blocks:
+                    if b.numel():
+                        f.write(memoryview(b.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+                del blocks
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class Prefetch:
+    """``produce(name)`` for each name in order, up to ``threads`` of them ahead of the consumer, in a thread pool
+    (reading, merging and casting release the GIL). ``self(name)`` returns the next one and must be called in
+    order; with ``threads`` <= 1 everything runs in the caller's thread."""
+
+    def __init__(self, produce, names: list[str], threads: int):
+        self.produce, self.names, self.threads = produce, list(names), max(0, int(threads))
+        self.pending: list = []
+        self.i = 0
+
+    def __enter__(self):
+        if self.threads > 1:
+            from concurrent.futures import ThreadPoolExecutor
+            self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="megannm-convert")
+            self._fill()
+        return self
+
+    def _fill(self) -> None:
+        while len(self.pending) < self.threads and self.i + len(self.pending) < len(self.names):
+            name = self.names[self.i + len(self.pending)]
+            self.pending.append((name, self.pool.submit(self.produce, name)))
+
+    def __call__(self, name: str) -> torch.Tensor:
+        if self.threads <= 1:
+            return self.produce(name)
+        want, future = self.pending.pop(0)
+        if want != name:
+            raise RuntimeError(f"tensors asked out of order: {name} (expected {want})")
+        self.i += 1
+        t = future.result()
+        self._fill()
+        return t
+
+    def __exit__(self, *exc):
+        if self.threads > 1:
+            for _, f in self.pending:
+                f.cancel()
+            self.pool.shutdown(wait=True)
+        return False
+
+
+def _out_dtype(dtype: torch.dtype, cast: torch.dtype | None) -> torch.dtype:
+    return cast if cast is not None and dtype.is_floating_point else dtype
+
+
+def tensor_bytes(shape, dtype: torch.dtype) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n * torch.empty((), dtype=dtype).element_size()
 
 
 def _umask_mode() -> int:
@@ -82,12 +262,6 @@ def _umask_mode() -> int:
     umask = os.umask(0o022)
     os.umask(umask)
     return 0o666 & ~umask
-
-
-def _own(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous tensor owning exactly its bytes (safetensors refuses views into a larger or shared storage)."""
-    t = t.detach().contiguous()
-    return t.clone() if t.untyped_storage().nbytes() != t.numel() * t.element_size() else t
 
 
 def weight_map(folder: str | Path) -> dict[str, str]:
@@ -109,6 +283,16 @@ def weight_map(folder: str | Path) -> dict[str, str]:
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --dtype
+
+
+def read_header(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """name -> (shape, dtype) of one safetensors file, from its header alone."""
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+    return {k: (tuple(v["shape"]), _DTYPES[v["dtype"]]) for k, v in header.items() if k != "__metadata__"}
 
 
 def mapped_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -138,11 +322,17 @@ class SafetensorsReader:
         self.map = weight_map(self.folder)
         self._open: dict[str, object] = {}
         self._mapped: dict[str, dict] = {}
+        self._headers: dict[str, dict] = {}
+        self._lock = threading.Lock()  # conversions read tensors from several threads
 
     def keys(self) -> list[str]:
         return list(self.map)
 
     def _handle(self, name: str):
+        with self._lock:
+            return self._handle_locked(name)
+
+    def _handle_locked(self, name: str):
         from safetensors import safe_open
         file = self.map.get(name)
         if file is None:
@@ -155,14 +345,26 @@ class SafetensorsReader:
         return self._open[file], file
 
     def shape(self, name: str) -> tuple[int, ...]:
-        f, _ = self._handle(name)
-        return tuple(f.get_slice(name).get_shape())
+        return self.spec(name)[0]
+
+    def spec(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """(shape, dtype) from the file's header; no tensor is read."""
+        _, file = self._handle(name)
+        with self._lock:
+            if file not in self._headers:
+                self._headers[file] = read_header(self.folder / file)
+        try:
+            return self._headers[file][name]
+        except KeyError:
+            raise ConvertError(f"{self.folder / file}: missing parameter {name} (the index names this file)") \
+                from None
 
     def get(self, name: str) -> torch.Tensor:
         """The whole tensor, memory-mapped (see ``mapped_tensors``)."""
         _, file = self._handle(name)
-        if file not in self._mapped:
-            self._mapped[file] = mapped_tensors(self.folder / file)
+        with self._lock:
+            if file not in self._mapped:
+                self._mapped[file] = mapped_tensors(self.folder / file)
         try:
             return self._mapped[file][name]
         except KeyError:  # the index names a file that does not hold the key
@@ -179,3 +381,4 @@ class SafetensorsReader:
     def close(self) -> None:
         self._open.clear()
         self._mapped.clear()
+        self._headers.clear()

@@ -34,7 +34,8 @@ import torch
 
 from megannm.convert import reshard
 from megannm.convert.consolidated import Consolidated, normalise_args, write
-from megannm.convert.files import DEFAULT_SHARD_SIZE, INDEX, SINGLE, ConvertError, SafetensorsReader, save_safetensors
+from megannm.convert.files import (DEFAULT_SHARD_SIZE, INDEX, SINGLE, THREADS, ConvertError, LazyState,
+                                   SafetensorsReader, row_blocks, save_safetensors, specs_of, verify)
 from megannm.convert.hf_modeling import FILES as REMOTE_FILES, HERE as REMOTE_DIR
 from megannm.fileio import atomic_output, atomic_write_json
 
@@ -146,21 +147,32 @@ def export_tokenizer(bundle: Path, vocab, out: Path) -> None:
 
 
 def export_hf(c: Consolidated, dst: str | Path, tokenizers: Optional[Path] = None, overwrite: bool = False,
-              max_shard_size: int = DEFAULT_SHARD_SIZE) -> Path:
-    """A Hugging Face folder (config, weights, generation config, tokenizer) from the canonical form."""
+              max_shard_size: int = DEFAULT_SHARD_SIZE, dtype: Optional[torch.dtype] = None,
+              threads: int = THREADS) -> Path:
+    """A Hugging Face folder (config, weights, generation config, tokenizer) from the canonical form, the weights
+    written one tensor at a time (renamed, cast to ``dtype`` when given; config.json records the dtype written)."""
     args, vocab = c.args, c.vocab
     arch = architecture(args)
     per_set = arch == "megannm_mot"
-    reshard.check_shapes(c.state, reshard.canonical_shapes(args), "consolidated state")
-    state = {hf_name(k, per_set): v for k, v in c.state.items()}
+    specs = specs_of(c.state)
+    reshard.check_shape_map({k: s for k, (s, _) in specs.items()}, reshard.canonical_shapes(args),
+                            "consolidated state")
+    names = {hf_name(k, per_set): k for k in reshard.canonical_shapes(args)}
+    out_specs = {h: (specs[k][0], dtype if dtype is not None and specs[k][1].is_floating_point else specs[k][1])
+                 for h, k in names.items()}
+    state = LazyState(out_specs, lambda h: c.state[names[h]], rows=lambda h: row_blocks(c.state, names[h]))
+    written = {dt for _, dt in out_specs.values() if dt.is_floating_point}
+    torch_dtype = str(written.pop() if len(written) == 1 else torch.float32).replace("torch.", "")
     tokenizers = tokenizers or c.tokenizers
     dst = Path(dst)
     with atomic_output(dst, overwrite) as tmp:
-        atomic_write_json(tmp / "config.json", hf_config(args, vocab))
+        cfg = hf_config(args, vocab)
+        cfg["dtype"] = cfg["torch_dtype"] = torch_dtype  # what from_pretrained loads as by default
+        atomic_write_json(tmp / "config.json", cfg)
         if per_set:
             for f in REMOTE_FILES:
                 shutil.copyfile(REMOTE_DIR / f, tmp / f)
-        save_safetensors(tmp, state, max_shard_size)
+        save_safetensors(tmp, state, max_shard_size, specs=out_specs, dtype=dtype, threads=threads)
         atomic_write_json(tmp / "generation_config.json", {**_special_ids(vocab), "_from_model_config": True})
         if tokenizers is not None:
             export_tokenizer(Path(tokenizers), vocab, tmp)
@@ -168,6 +180,7 @@ def export_hf(c: Consolidated, dst: str | Path, tokenizers: Optional[Path] = Non
                                               "model_args": args.to_dict(), "source": c.source,
                                               "image_token": IMAGE_TOKEN.format("{code}"),
                                               "tokenizer": tokenizers is not None})
+        verify(c.state)
     return dst
 
 
@@ -266,19 +279,24 @@ def import_hf(src: str | Path, dst: str | Path, image_tokenizer: str | Path, mot
         reshard.check_names(names - {k for k in names if k.endswith("rotary_emb.inv_freq")}, expected, str(where))
         gen = torch.Generator().manual_seed(seed)
         n_new = vocab.size - vocab.text_size
-        state = {}
-        for name, shape in reshard.canonical_shapes(args).items():
+        shapes = reshard.canonical_shapes(args)
+
+        def build(name: str) -> torch.Tensor:  # one at a time, in canonical order (the noise's order; an
+            # error leaves no output: the folder is renamed into place only at the end)
             hf = "model.embed_tokens.weight" if name == "head.output.weight" and tied else hf_name(name, False)
             t = get(hf).float()
             if name in reshard.VOCAB_PARAMS:
                 t = t[:vocab.text_size]
                 t = torch.cat([t, _new_rows(t, n_new, gen, noise)])
-            if tuple(t.shape) != tuple(shape):
-                raise ConvertError(f"{where}: parameter {hf} has shape {list(t.shape)}, expected {list(shape)}")
-            state[name] = t.clone()
+            if tuple(t.shape) != tuple(shapes[name]):
+                raise ConvertError(f"{where}: parameter {hf} has shape {list(t.shape)}, expected "
+                                   f"{list(shapes[name])}")
+            return t
+
+        state = LazyState({k: (v, torch.float32) for k, v in shapes.items()}, build)
         c = Consolidated(state, normalise_args(args, vocab), vocab,
                          {"kind": "huggingface", "path": str(src.resolve()), "model_type": cfg["model_type"],
                           "llm_vocab_rows": rows, "new_rows": f"mean of the LLM's rows + {noise} x row std x N(0,1), "
                           f"seed {seed}", "modality_init": "every weight set copies the LLM's" if mot else "dense"},
                          tokenizers=Path(tmp) / "tokenizers")
-        return write(c, dst, overwrite=overwrite, max_shard_size=max_shard_size)
+        return write(c, dst, overwrite=overwrite, max_shard_size=max_shard_size, threads=1)

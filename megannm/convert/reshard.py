@@ -13,7 +13,7 @@ from typing import Iterable, Mapping, Optional
 
 import torch
 
-from megannm.convert.files import ConvertError
+from megannm.convert.files import ConvertError, LazyState, specs_of
 
 VOCAB_PARAMS = ("embedding.embed_tokens.weight", "head.output.weight")
 _ROW = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # split along dim 0 (ColumnParallelLinear)
@@ -96,11 +96,15 @@ def check_names(found: Iterable[str], expected: Iterable[str], source: str) -> N
 
 
 def check_shapes(state: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple], source: str) -> None:
-    check_names(state.keys(), shapes.keys(), source)
+    check_shape_map({k: s for k, (s, _) in specs_of(state).items()}, shapes, source)
+
+
+def check_shape_map(found: Mapping[str, tuple], shapes: Mapping[str, tuple], source: str) -> None:
+    """``check_shapes`` on shapes alone (a lazy state's, read from headers: no tensor is read)."""
+    check_names(found.keys(), shapes.keys(), source)
     for name, shape in shapes.items():
-        if tuple(state[name].shape) != tuple(shape):
-            raise ConvertError(f"{source}: parameter {name} has shape {list(state[name].shape)}, expected "
-                               f"{list(shape)}")
+        if tuple(found[name]) != tuple(shape):
+            raise ConvertError(f"{source}: parameter {name} has shape {list(found[name])}, expected {list(shape)}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -118,22 +122,49 @@ def shard_tensor(name: str, full: torch.Tensor, tp: int, rank: int, padded_vocab
     return full.chunk(tp, dim=dim)[rank]
 
 
-def merge_states(parts: list[Mapping[str, torch.Tensor]], args, sources: list[str]) -> dict[str, torch.Tensor]:
-    """TP ranks' local states (index = TP rank) -> the canonical full state (padding rows dropped).
+def merge_states(parts: list[Mapping[str, torch.Tensor]], args, sources: list[str],
+                 dtype: Optional[torch.dtype] = None) -> LazyState:
+    """TP ranks' local states (index = TP rank) -> the canonical full state (padding rows dropped), lazily: each
+    canonical tensor is joined from its ranks' slices when it is asked for (one tensor in memory at a time) and
+    cast to ``dtype`` when given.
 
-    Each part is checked against the local shapes first, so an error names the rank's file and the parameter."""
+    Each part is checked against the local shapes first (from shapes alone), so an error names the rank's file and
+    the parameter."""
     tp = len(parts)
-    padded = parts[0]["embedding.embed_tokens.weight"].shape[0] * tp if "embedding.embed_tokens.weight" in parts[0] \
-        else None
+    embed = "embedding.embed_tokens.weight"
+    shapes = [{k: s for k, (s, _) in specs_of(p).items()} for p in parts]
+    padded = shapes[0][embed][0] * tp if embed in shapes[0] else None
     if padded is not None and padded < args.vocab_size:
-        raise ConvertError(f"{sources[0]}: parameter embedding.embed_tokens.weight has {padded // tp} rows per "
-                           f"rank x {tp} ranks, fewer than the vocabulary's {args.vocab_size} ids")
+        raise ConvertError(f"{sources[0]}: parameter {embed} has {padded // tp} rows per rank x {tp} ranks, fewer "
+                           f"than the vocabulary's {args.vocab_size} ids")
     expected = local_shapes(args, tp, padded or args.vocab_size)
-    for part, source in zip(parts, sources):
-        check_shapes(part, expected, source)
-    out = {}
-    for name in canonical_shapes(args):
+    for found, source in zip(shapes, sources):
+        check_shape_map(found, expected, source)
+    first = specs_of(parts[0])
+    specs = {}
+    for name, shape in canonical_shapes(args).items():
+        dt = first[name][1]
+        specs[name] = (shape, dtype if dtype is not None and dt.is_floating_point else dt)
+
+    def get(name: str) -> torch.Tensor:
         dim = split_dim(name)
-        t = parts[0][name] if dim is None or tp == 1 else torch.cat([p[name] for p in parts], dim=dim)
-        out[name] = t[:args.vocab_size] if name in VOCAB_PARAMS else t
-    return out
+        if dim is None or tp == 1:
+            t = parts[0][name]
+        else:
+            t = torch.cat([p[name].to(specs[name][1]) for p in parts], dim=dim)
+        t = t[:args.vocab_size] if name in VOCAB_PARAMS else t
+        return t.to(specs[name][1])
+
+    def rows(name: str) -> list[torch.Tensor]:  # dim-0 shards as they are: written one after the other
+        if split_dim(name) != 0 or tp == 1:
+            return [get(name)]
+        blocks, left = [], args.vocab_size if name in VOCAB_PARAMS else None
+        for p in parts:
+            t = p[name]
+            if left is not None:
+                t, left = t[:left], left - min(left, t.shape[0])
+            if t.shape[0]:
+                blocks.append(t)
+        return blocks
+
+    return LazyState(specs, get, [c for p in parts if isinstance(p, LazyState) for c in p.checks], rows)

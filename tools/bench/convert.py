@@ -1,11 +1,17 @@
-"""Conversion throughput: DeepSpeed -> consolidated and consolidated -> Hugging Face vs a plain copy of the same bytes.
+"""Conversion throughput and memory: each conversion vs the median of plain copies of the same bytes.
 
-A MoT model of a few hundred MB (fp32) is saved by a real DeepSpeed engine (ZeRO-0, TP 1), then each conversion runs
-once through the library (the same code as ``megannm convert``) and is timed against ``shutil.copyfile`` of its input
-file on the same disk, in the same temporary folder. Throughput counts the weight bytes converted; a ratio of 1.0
-means the conversion is as fast as copying its input.
+A MoT model of a few hundred MB (fp32) is saved by a real DeepSpeed engine (ZeRO-0, TP 1); a TP 2 checkpoint and a
+consolidated folder are made from it. Then each conversion (the library calls ``megannm convert`` makes) runs
+``--rounds`` times, each time in a FRESH subprocess that times only the conversion call and samples its own
+anonymous memory (``RssAnon`` of /proc/self/status, every millisecond, minus its value just before the call: the
+memory the conversion itself allocates; memory-mapped input and page cache are not in it). Between the runs the
+parent copies the conversion's input files (``shutil.copyfile``, same disk, same folder), so copies and conversions
+interleave and see the same disk and load; the baseline is the MEDIAN copy time (copy speed varies several-fold
+within a run on a shared machine). ratio = median copy time / median conversion time of the same input bytes:
+1.0 means as fast as copying the input; the goal is >= 0.8. Peak memory is printed beside the largest tensor and
+the model (goal: a few largest tensors, not the model).
 
-    python tools/bench/convert.py [--hidden 768 --layers 6 --ffn 2048 --vocab 32768 --tmp DIR]
+    python tools/bench/convert.py [--hidden 768 --layers 6 --ffn 2048 --vocab 32768 --rounds 3 --tmp DIR]
 """
 from __future__ import annotations
 
@@ -13,31 +19,83 @@ import argparse
 import json
 import os
 import shutil
+import statistics
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
 
+CONVERSIONS = {  # name -> (source folder, JSON key)
+    "deepspeed tp1 -> consolidated": ("ds", "deepspeed_to_consolidated"),
+    "consolidated -> hf": ("consolidated", "consolidated_to_hf"),
+    "deepspeed tp2 -> consolidated": ("ds_tp2", "deepspeed_tp2_to_consolidated"),
+    "consolidated -> deepspeed tp2": ("consolidated", "consolidated_to_deepspeed_tp2"),
+}
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--hidden", type=int, default=768)
-    p.add_argument("--layers", type=int, default=6)
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--ffn", type=int, default=2048)
-    p.add_argument("--vocab", type=int, default=32768, help="total ids (text + image codes + specials)")
-    p.add_argument("--tmp", default=None, help="folder for the files (default: the system's temporary folder)")
-    a = p.parse_args()
-    warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
 
+def rss_anon() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def convert_once(name: str, src: Path, dst: Path) -> dict:
+    """One conversion in this (fresh) process: its wall time and the peak anonymous memory it added. What it
+    imports on first use (DeepSpeed, the model's modules) is imported before the clock starts: a fixed cost of a
+    few seconds per command, not throughput."""
+    import deepspeed  # noqa: F401
+    import safetensors.torch  # noqa: F401
+
+    import megannm.model.args  # noqa: F401
+    import megannm.model.pipeline  # noqa: F401
+    from megannm.convert import consolidated
+    from megannm.convert.deepspeed import read_deepspeed, write_deepspeed
+    from megannm.convert.hf import export_hf
+    run = {"deepspeed tp1 -> consolidated": lambda: consolidated.write(read_deepspeed(src), dst),
+           "consolidated -> hf": lambda: export_hf(consolidated.read(src), dst),
+           "deepspeed tp2 -> consolidated": lambda: consolidated.write(read_deepspeed(src), dst),
+           "consolidated -> deepspeed tp2": lambda: write_deepspeed(consolidated.read(src), dst, tp=2)}[name]
+    base = peak = rss_anon()
+    done = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, rss_anon())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    t = time.perf_counter()
+    run()
+    seconds = time.perf_counter() - t
+    done.set()
+    sampler.join()
+    return {"seconds": seconds, "peak_anon": max(peak, rss_anon()) - base}
+
+
+def input_files(name: str, src: Path) -> list[Path]:
+    """The files a conversion reads (what the copy baseline copies)."""
+    if name.startswith("deepspeed"):
+        from megannm import checkpoint
+        return sorted(checkpoint.resolve(src).glob("mp_rank_*_model_states.pt"))
+    return sorted(src.glob("*.safetensors"))
+
+
+def build_sources(a, work: Path) -> dict:
+    """A real DeepSpeed ZeRO-0 checkpoint of the model, its consolidated folder and a TP 2 checkpoint."""
     import torch
+
     from megannm import parallel
     from megannm.config import recipe_from_dict
     from megannm.convert import consolidated
     from megannm.convert.deepspeed import read_deepspeed, write_deepspeed
-    from megannm.convert.hf import export_hf
     from megannm.model.transformer import ModelArgs, NMMModel
-    from megannm import checkpoint
     from megannm.train.checkpoint import save
     from megannm.train.engine import build_engine
     from megannm.vocab import DEFAULT_SPECIALS, Vocab
@@ -53,67 +111,91 @@ def main() -> None:
     args = ModelArgs.from_config(r.model, vocab, 1)
     torch.manual_seed(0)
     engine = build_engine(r, layout, NMMModel(args, layout))
+    meta = {"model_args": args.to_dict(), "vocab": vocab.to_dict(), "layout": layout.to_dict(), "zero_stage": 0,
+            "recipe": r.model_dump(mode="json"), "consumed_samples": 0}
+    save(engine, work / "ds", 0, meta, layout)
+    sizes = [p.numel() * p.element_size() for p in engine.module.parameters()]
+    del engine
+    consolidated.write(read_deepspeed(work / "ds"), work / "consolidated")
+    write_deepspeed(consolidated.read(work / "consolidated"), work / "ds_tp2", tp=2)
+    parallel.shutdown()
+    from megannm.model import flops
+    return {"model_bytes": sum(sizes), "largest_bytes": max(sizes), "params": int(flops.num_params(args)),
+            "vocab": vocab.size}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--hidden", type=int, default=768)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--ffn", type=int, default=2048)
+    p.add_argument("--vocab", type=int, default=32768, help="total ids (text + image codes + specials)")
+    p.add_argument("--rounds", type=int, default=3, help="runs of each conversion (each between two copies)")
+    p.add_argument("--tmp", default=None, help="folder for the files (default: the system's temporary folder)")
+    p.add_argument("--one", nargs=3, metavar=("NAME", "SRC", "DST"), help=argparse.SUPPRESS)  # the child's mode
+    a = p.parse_args()
+    warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
+    if a.one:
+        print(json.dumps(convert_once(a.one[0], Path(a.one[1]), Path(a.one[2]))))
+        return
+
     work = Path(tempfile.mkdtemp(prefix="megannm-bench-convert-", dir=a.tmp))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[2]),
+                                                        os.environ.get("PYTHONPATH", "")]))
     rows = []
-
-    def timed(fn):
-        t = time.perf_counter()
-        out = fn()
-        return out, time.perf_counter() - t
-
-    def copy_time(src: Path) -> float:
-        _, dt = timed(lambda: shutil.copyfile(src, work / "copy.bin"))
-        (work / "copy.bin").unlink()
-        return dt
-
     try:
-        meta = {"model_args": args.to_dict(), "vocab": vocab.to_dict(), "layout": layout.to_dict(), "zero_stage": 0,
-                "recipe": r.model_dump(mode="json"), "consumed_samples": 0}
-        ckpt = save(engine, work / "ds", 0, meta, layout)
-        weights = sum(p.numel() * p.element_size() for p in engine.module.parameters())
-        ds_file = ckpt / "mp_rank_00_model_states.pt"
+        info = build_sources(a, work)
 
-        # DeepSpeed (TP 1, ZeRO-0, as saved by the engine) -> consolidated
-        base = copy_time(ds_file)
-        c, dt = timed(lambda: consolidated.write(read_deepspeed(ckpt), work / "consolidated"))
-        rows.append(("deepspeed tp1 -> consolidated", ds_file.stat().st_size, base, weights, dt))
-        # consolidated -> Hugging Face (MoT: remote-code class)
-        cons_file = work / "consolidated" / "model.safetensors"
-        base = copy_time(cons_file)
-        _, dt = timed(lambda: export_hf(consolidated.read(work / "consolidated"), work / "hf"))
-        rows.append(("consolidated -> hf", cons_file.stat().st_size, base, weights, dt))
-        # re-sharding: consolidated -> DeepSpeed TP 2 -> consolidated (the merge path of TP checkpoints)
-        write_deepspeed(consolidated.read(work / "consolidated"), work / "ds_tp2", tp=2)
-        tp2 = checkpoint.resolve(work / "ds_tp2")
-        base = sum(copy_time(f) for f in sorted(tp2.glob("mp_rank_*_model_states.pt")))
-        size = sum(f.stat().st_size for f in tp2.glob("mp_rank_*_model_states.pt"))
-        _, dt = timed(lambda: consolidated.write(read_deepspeed(tp2), work / "consolidated_tp2"))
-        rows.append(("deepspeed tp2 -> consolidated", size, base, weights, dt))
+        def copy(files: list[Path]) -> float:
+            t = time.perf_counter()
+            for i, f in enumerate(files):
+                shutil.copyfile(f, work / f"copy{i}.bin")
+            dt = time.perf_counter() - t
+            for i in range(len(files)):
+                (work / f"copy{i}.bin").unlink()
+            return dt
+
+        for name, (src, _) in CONVERSIONS.items():
+            files = input_files(name, work / src)
+            nbytes = sum(f.stat().st_size for f in files)
+            copies, runs = [copy(files)], []  # a copy first: the input is in the page cache for both from here on
+            for _ in range(a.rounds):
+                out = subprocess.run([sys.executable, __file__, "--one", name, str(work / src), str(work / "out")],
+                                     env=env, capture_output=True, text=True)
+                if out.returncode:
+                    raise SystemExit(f"{name}: the conversion failed:\n{out.stderr[-3000:]}")
+                runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+                shutil.rmtree(work / "out")
+                copies.append(copy(files))
+            rows.append((name, nbytes, statistics.median(copies), min(copies), max(copies),
+                         statistics.median(r["seconds"] for r in runs), max(r["peak_anon"] for r in runs)))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        parallel.shutdown()
 
-    gb = 1e9
-    print(f"model: MoT hidden {a.hidden}, layers {a.layers}, heads {a.heads}, ffn {a.ffn}, vocab {vocab.size}: "
-          f"{args_params(args):,} parameters, {weights / 1e6:.0f} MB fp32; files in {work.parent} (one run)")
-    print(f"{'conversion':32s} {'input MB':>9s} {'copy GB/s':>10s} {'convert GB/s':>13s} {'ratio':>6s}")
-    result = {"bench": "convert", "baseline": "plain file copy (shutil.copyfile of the conversion's input, same disk)"}
-    keys = {"deepspeed tp1 -> consolidated": "deepspeed_to_consolidated_vs_copy",
-            "consolidated -> hf": "consolidated_to_hf_vs_copy",
-            "deepspeed tp2 -> consolidated": "deepspeed_tp2_to_consolidated_vs_copy"}
-    for name, size, base, nbytes, dt in rows:
-        copy_gbs, conv_gbs = size / base / gb, nbytes / dt / gb
-        print(f"{name:32s} {size / 1e6:9.0f} {copy_gbs:10.2f} {conv_gbs:13.2f} {conv_gbs / copy_gbs:6.2f}")
-        result[keys[name]] = round(conv_gbs / copy_gbs, 3)
-        result[keys[name].replace("_vs_copy", "_gb_per_s")] = round(conv_gbs, 3)
-    result["copy_gb_per_s"] = round(rows[0][1] / rows[0][2] / gb, 3)
-    result["model_mb"] = round(weights / 1e6)
+    mb = 1e6
+    print(f"model: MoT hidden {a.hidden}, layers {a.layers}, heads {a.heads}, ffn {a.ffn}, vocab {info['vocab']}: "
+          f"{info['params']:,} parameters, {info['model_bytes'] / mb:.0f} MB fp32, largest tensor "
+          f"{info['largest_bytes'] / mb:.0f} MB; {a.rounds} runs per conversion, each in a fresh process, between "
+          f"copies of its input (files in {work.parent})")
+    print(f"{'conversion':32s} {'input MB':>9s} {'copy GB/s med (min-max)':>24s} {'convert GB/s':>13s} "
+          f"{'ratio':>6s} {'peak RssAnon MB':>16s} {'/ largest':>10s}")
+    result = {"bench": "convert", "baseline": "median of plain copies (shutil.copyfile) of the conversion's input "
+                                              "files, interleaved with the conversions; memory: peak RssAnon growth "
+                                              "of the conversion in a fresh process"}
+    for name, nbytes, copy_med, copy_min, copy_max, conv, peak in rows:
+        key = CONVERSIONS[name][1]
+        ratio = copy_med / conv
+        spread = f"{nbytes / copy_med / 1e9:.2f} ({nbytes / copy_max / 1e9:.2f}-{nbytes / copy_min / 1e9:.2f})"
+        print(f"{name:32s} {nbytes / mb:9.0f} {spread:>24s} {nbytes / conv / 1e9:13.2f} {ratio:6.2f} "
+              f"{peak / mb:16.1f} {peak / info['largest_bytes']:10.2f}")
+        result[f"{key}_vs_copy"] = round(ratio, 3)
+        result[f"{key}_gb_per_s"] = round(nbytes / conv / 1e9, 3)
+        result[f"{key}_peak_mb"] = round(peak / mb, 1)
+    result["copy_gb_per_s_median"] = round(rows[0][1] / rows[0][2] / 1e9, 3)
+    result["model_mb"] = round(info["model_bytes"] / mb)
+    result["largest_tensor_mb"] = round(info["largest_bytes"] / mb, 1)
     print(json.dumps(result))
-
-
-def args_params(args) -> int:
-    from megannm.model import flops
-    return int(flops.num_params(args))
 
 
 if __name__ == "__main__":

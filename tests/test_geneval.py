@@ -231,7 +231,8 @@ def test_evaluate_prints_the_table_and_perfect_drawings_score_one(scene_tok, tmp
     args = ModelArgs.from_config(ModelConfig(hidden_size=32, num_layers=2, num_heads=4, ffn_hidden_size=64,
                                              max_seq_len=160), tok.vocab, tp=1)
     torch.manual_seed(0)
-    state = NMMModel(args, parallel.init_parallel(1, 1)).state_dict()
+    from megannm.model import fused
+    state = fused.to_canonical(NMMModel(args, parallel.init_parallel(1, 1)).state_dict(), args, 1)
     for k in ("embedding.embed_tokens.weight", "head.output.weight"):  # the canonical form: unpadded rows
         state[k] = state[k][:tok.vocab.size].clone()
     consolidated.write(consolidated.Consolidated(state, consolidated.normalise_args(args, tok.vocab), tok.vocab,
@@ -260,3 +261,32 @@ def test_evaluate_prints_the_table_and_perfect_drawings_score_one(scene_tok, tmp
     for key in ("generation", "understanding"):
         assert all(x == 1.0 for split in ("seen", "heldout") for x in best[key][split].values()), best[key]
     assert "overall" in geneval.format_geneval(best)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the headline's chain (`megannm demo --benchmark toy-geneval`)
+
+
+def test_the_demo_chain_validates_and_refuses_a_stage_from_a_later_one(tmp_path):
+    from megannm.config import load_recipe
+    from megannm.phases import check_phase
+    from megannm.toy import demo
+    stages = demo.load_chain(demo.GENEVAL_CHAIN)
+    assert [s["name"] for s in stages] == ["pretrain", "sft", "grpo", "dpo"]
+    assert stages[2]["from"] == stages[3]["from"] == stages[3]["pairs"]["from"] == "sft"  # RL side by side from SFT
+    kinds = []
+    for s in stages:
+        recipe = load_recipe(s["recipe"], ["data.vocab=x/vocab.json"], world_size=1)
+        check_phase(recipe, str(s["recipe"]))
+        kinds.append(recipe.phase.kind)
+    assert kinds == ["pretrain", "sft", "grpo", "dpo"]
+    grpo = load_recipe(stages[2]["recipe"], world_size=1).phase.options
+    assert grpo.prompts == "toy_geneval" and grpo.rewards == {"toy_geneval": 1.0} and grpo.prompt_split == "seen"
+    assert stages[3]["pairs"]["prompts"] == "toy_geneval" and stages[3]["pairs"]["rewards"] == "toy_geneval"
+    bad = tmp_path / "chain.yaml"
+    bad.write_text("stages:\n  - {name: a, recipe: x.yaml, from: b}\n  - {name: b, recipe: y.yaml}\n")
+    with pytest.raises(ValueError, match=r"chain.yaml: stages\[0\] \(a\): from: 'b' is not an earlier stage"):
+        demo.load_chain(bad)
+    bad.write_text("stages:\n  - {name: a, recipe: x.yaml, form: b}\n")
+    with pytest.raises(ValueError, match=r"stages\[0\]: unknown key\(s\) form"):
+        demo.load_chain(bad)

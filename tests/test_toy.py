@@ -172,6 +172,43 @@ def test_dataset_counts(tmp_path):
     assert summary["images"] == 2200
 
 
+def test_scene_records_are_seen_items_whose_texts_say_what_the_pixels_show(tmp_path):
+    """The compositional benchmark's training data (``megannm demo --benchmark toy-geneval``): every record of the
+    training file is a seen prompt and its truth scene, or a scene and a seen question with the right answer, read
+    back from the written PNG alone; the chat form holds the same kinds of items."""
+    from collections import Counter
+    from megannm.toy import geneval, scenes
+    summary = toy.write_toy_dataset(tmp_path, n_train=150, n_valid=5, seed=0, make=geneval.training_records)
+    assert summary["train"]["image_to_text"] == round(150 * 0.35) and summary["images"] == 160
+    asked = Counter()
+    for line in (tmp_path / "train.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        (text,) = [p["text"] for p in r["parts"] if "text" in p]
+        (rel,) = [p["image"] for p in r["parts"] if "image" in p]
+        found = scenes.read_scene(np.asarray(Image.open(tmp_path / rel).convert("RGB")))
+        drawn = tuple(scenes.Shape(**s) for s in r["scene"])
+        assert sorted((f.kind, f.colour) for f in found) == sorted((s.kind, s.colour) for s in drawn)
+        assert not geneval.colour_pair_leaks(drawn)  # no held-out colour pair, named or not
+        if "spec" in r:  # caption first: the prompt as the benchmark asks it, and a drawing that satisfies it
+            spec = geneval.Spec.from_dict(r["spec"])
+            assert "text" in r["parts"][0] and text == spec.text() and not geneval.is_heldout(spec)
+            assert geneval.satisfied(spec, found)
+            asked[spec.category] += 1
+        else:  # picture first: a seen question, and the answer the pixels give
+            q = geneval.Question(**r["question"])
+            assert "image" in r["parts"][0] and text == f"{q.question} {q.answer}"
+            if q.task == "count":
+                kind = next(k for k, p in geneval.PLURAL.items() if f" {p} " in q.question)
+                assert q.answer == geneval.NUMBERS[sum(f.kind == kind for f in found)]
+                assert (toy.KINDS.index(kind) + geneval.NUMBERS.index(q.answer)) % 3  # seen
+            if q.task == "list":
+                assert geneval.parse_list(q.answer) == Counter((f.colour, f.kind) for f in found)
+            asked[q.task] += 1
+    assert set(asked) == {*geneval.CATEGORIES, *geneval.TASKS}
+    chat = geneval.chat_records(20, np.random.default_rng(1))
+    assert all(r["messages"][-1]["role"] == "assistant" and ("spec" in r) != ("question" in r) for r in chat)
+
+
 # --- the toy as a package the core finds by name ------------------------------------------------------------------
 CORE = ("model", "data", "train", "phases", "convert", "checkpoint", "rewards", "generate.py", "evaluate.py",
         "parallel.py", "config.py", "vocab.py", "fileio.py")

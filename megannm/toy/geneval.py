@@ -392,6 +392,87 @@ def _question_items(tok, items: list[tuple[Scene, Question]]) -> list[PromptItem
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Training data: the benchmark's own items of one split, both directions
+# ---------------------------------------------------------------------------------------------------------------
+DRAW_REQUEST = "draw {}"  # the chat form of a drawing prompt (SFT); plain records use the prompt itself
+
+
+def colour_pair_leaks(scene: Scene) -> bool:
+    """Whether two shapes of different kinds form a held-out color_attr pair. A seen two_object, position or counting
+    prompt leaves colours unnamed, and a question's scene is random; drawn at random they could show (and a relation
+    question name) "a red circle and a blue square" of a held-out pair, so seen training scenes are redrawn until
+    they do not. (Stricter, no held-out prompt of any category satisfied anywhere in the pixels, would keep only 5%
+    of four-shape scenes; the benchmark's seen/held-out rules are per prompt and question.)"""
+    return any(a.kind != b.kind and _pair_heldout(Obj(a.kind, a.colour), Obj(b.kind, b.colour))
+               for i, a in enumerate(scene) for b in scene[i + 1:])
+
+
+def question_example(rng: np.random.Generator, split: str) -> tuple[Scene, Question]:
+    """A question item for training: ``sample_questions``' own draw of the split, and for seen, redrawn while its
+    scene holds a held-out colour pair (a relation question names two coloured shapes; the pixels show them all)."""
+    for _ in range(100):
+        (scene, q), = sample_questions(1, rng, split)
+        if split != "seen" or not colour_pair_leaks(scene):
+            return scene, q
+    raise RuntimeError(f"toy-geneval: no clean {split} question scene in 100 draws")
+
+
+def drawing_example(spec: Spec, rng: np.random.Generator, split: str) -> Scene:
+    """The truth scene of a prompt for training (seen: no held-out colour pair among unnamed colours; bounded)."""
+    for _ in range(100):
+        scene = truth_scene(spec, rng)
+        if split != "seen" or not colour_pair_leaks(scene):
+            return scene
+    raise RuntimeError(f"toy-geneval: no clean truth scene for {spec.text()!r} in 100 draws")
+
+
+def training_records(n: int, rng: np.random.Generator, split: str = "seen", image_to_text_fraction: float = 0.35,
+                     chat: bool = False) -> list[dict]:
+    """``n`` records for ``world.write_toy_dataset(make=...)`` from the benchmark's own items of ``split``: exactly
+    ``round(n * image_to_text_fraction)`` put a scene first with one of its questions and the answer
+    (``question_example``: count, list (the scene described), relation), the others a prompt of the six
+    categories (``sample_specs``, its text as the benchmark asks it) first and its truth scene. ``chat``: the same
+    items as conversations for SFT (the user asks, "draw ..." or the scene and the question; the assistant answers).
+    Each record keeps its ``scene`` and its ``spec`` or ``question`` for reading."""
+    first = np.zeros(n, bool)
+    first[rng.permutation(n)[:round(n * image_to_text_fraction)]] = True
+    specs = iter(sample_specs(int(n - first.sum()), rng, split))
+    out = []
+    for understanding in first:
+        if understanding:
+            scene, q = question_example(rng, split)
+            img = scenes.render(scene)
+            if chat:
+                messages = [{"role": "user", "content": [{"type": "image", "image": img},
+                                                         {"type": "text", "text": q.question}]},
+                            {"role": "assistant", "content": [{"type": "text", "text": q.answer}]}]
+                record = {"messages": messages}
+            else:
+                record = {"parts": [{"image": img}, {"text": f"{q.question} {q.answer}"}]}
+            record["question"] = q.as_dict()
+        else:
+            spec = next(specs)
+            scene = drawing_example(spec, rng, split)
+            img = scenes.render(scene)
+            if chat:
+                record = {"messages": [{"role": "user", "content": [{"type": "text",
+                                                                      "text": DRAW_REQUEST.format(spec.text())}]},
+                                       {"role": "assistant", "content": [{"type": "image", "image": img}]}]}
+            else:
+                record = {"parts": [{"text": spec.text()}, {"image": img}]}
+            record["spec"] = spec.as_dict()
+        record["scene"] = [s.as_dict() for s in scene]
+        out.append(record)
+    return out
+
+
+def chat_records(n: int, rng: np.random.Generator, split: str = "seen", image_to_text_fraction: float = 0.35
+                 ) -> list[dict]:
+    """``training_records`` as conversations (SFT)."""
+    return training_records(n, rng, split, image_to_text_fraction, chat=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The benchmark
 # ---------------------------------------------------------------------------------------------------------------
 Draw = Callable[[list[PromptItem]], np.ndarray]  # prompts -> uint8 pictures [n, S, S, 3]

@@ -332,14 +332,57 @@ def png_bytes(img: np.ndarray, cache: dict[bytes, bytes]) -> bytes:
     return cache[key]
 
 
-def write_toy_dataset(out_dir, n_train: int, n_valid: int, seed: int, image_to_text_fraction: float = 0.35) -> dict:
+def attr_records(n: int, rng: np.random.Generator, split: str, image_to_text_fraction: float) -> list[dict]:
+    """``n`` records of one split for ``write_toy_dataset``: exactly ``round(n * image_to_text_fraction)`` of them put
+    the picture first (understanding), the others the caption first (generation); pictures as uint8 arrays."""
+    examples = _examples(n, rng, split)
+    image_first = np.zeros(n, bool)
+    image_first[rng.permutation(n)[:round(n * image_to_text_fraction)]] = True
+    return [{"parts": [{"image": img}, {"text": text}] if first else [{"text": text}, {"image": img}],
+             "attrs": attrs.as_dict()} for (attrs, img, text), first in zip(examples, image_first)]
+
+
+def image_first(record: dict) -> bool:
+    """Whether a record asks for text about a picture (understanding): its first part is a picture, or (chat) its
+    last assistant turn is text."""
+    if "parts" in record:
+        return "image" in record["parts"][0]
+    answer = [m for m in record["messages"] if m["role"] == "assistant"][-1]["content"]
+    return all(p["type"] == "text" for p in answer)
+
+
+def _store_images(record: dict, out_dir: Path, counter: list, pngs: dict, digits: int) -> dict:
+    """The record with every in-memory picture (a uint8 array, in ``parts`` or in chat ``messages``) written as a PNG
+    under ``out_dir/images`` and replaced by its path relative to ``out_dir``."""
+    def stored(img) -> str:
+        rel = f"images/{counter[0]:0{digits}d}.png"
+        counter[0] += 1
+        atomic_write(out_dir / rel, png_bytes(img, pngs))
+        return rel
+
+    out = dict(record)
+    if "parts" in record:
+        out["parts"] = [{"image": stored(p["image"])} if isinstance(p.get("image"), np.ndarray) else p
+                        for p in record["parts"]]
+    if "messages" in record:
+        out["messages"] = [{**m, "content": [{**p, "image": stored(p["image"])}
+                                             if isinstance(p.get("image"), np.ndarray) else p for p in m["content"]]}
+                           for m in record["messages"]]
+    return out
+
+
+def write_toy_dataset(out_dir, n_train: int, n_valid: int, seed: int, image_to_text_fraction: float = 0.35,
+                      make=attr_records) -> dict:
     """Write the toy world as interleaved JSONL records plus PNG images.
 
     ``out_dir/train.jsonl`` holds seen combinations only; ``valid_seen.jsonl`` and ``valid_heldout.jsonl`` hold
     ``n_valid`` records each. A record is ``{"parts": [{"text": ...}, {"image": "images/000123.png"}],
     "attrs": {...}}`` with image paths relative to ``out_dir``. Exactly ``round(n * image_to_text_fraction)``
     records of each file put the image first (understanding); the others put the caption first (generation).
-    Everything is a pure function of ``seed``. Returns a summary (counts, paths, seconds).
+    ``make(n, rng, split, image_to_text_fraction) -> records`` (pictures as uint8 arrays, in ``parts`` or chat
+    ``messages``) draws another world's records: the default is the single-shape world (``attr_records``), the
+    compositional scenes are ``geneval.training_records``. Everything is a pure function of ``seed``. Returns a
+    summary (counts, paths, seconds).
     """
     if not 0.0 <= image_to_text_fraction <= 1.0:
         raise ValueError(f"toy: image_to_text_fraction must be in [0, 1], got {image_to_text_fraction}")
@@ -350,22 +393,15 @@ def write_toy_dataset(out_dir, n_train: int, n_valid: int, seed: int, image_to_t
     rngs = np.random.default_rng(seed).spawn(len(plan))  # one independent stream per file: sizes don't interact
     digits = max(6, len(str(n_train + 2 * n_valid)))
     summary: dict = {"out_dir": str(out_dir), "seed": seed, "image_to_text_fraction": image_to_text_fraction}
-    counter, pngs = 0, {}
+    counter, pngs = [0], {}
     for (name, n, split), rng in zip(plan, rngs):
-        examples = _examples(n, rng, split)
-        image_first = np.zeros(n, bool)
-        image_first[rng.permutation(n)[:round(n * image_to_text_fraction)]] = True
-        records = []
-        for (attrs, img, text), first in zip(examples, image_first):
-            rel = f"images/{counter:0{digits}d}.png"
-            counter += 1
-            atomic_write(out_dir / rel, png_bytes(img, pngs))
-            parts = [{"image": rel}, {"text": text}] if first else [{"text": text}, {"image": rel}]
-            records.append({"parts": parts, "attrs": attrs.as_dict()})
+        records = [_store_images(r, out_dir, counter, pngs, digits)
+                   for r in make(n, rng, split, image_to_text_fraction)]
         path = out_dir / f"{name}.jsonl"
         atomic_write(path, "".join(json.dumps(r) + "\n" for r in records).encode())
+        first = sum(image_first(r) for r in records)
         summary[name] = {"path": str(path), "records": n, "split": split,
-                         "image_to_text": int(image_first.sum()), "text_to_image": int(n - image_first.sum())}
-    summary["images"] = counter
+                         "image_to_text": first, "text_to_image": n - first}
+    summary["images"] = counter[0]
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     return summary

@@ -1,10 +1,12 @@
 """Batched rollouts and the frozen reference: one decoding loop for image and text answers together equals decoding
 every prompt alone; GRPO refuses guidance (its log-probs are the conditional model's); the reference is the
 policy's starting weights in the training dtype, and reading it from a checkpoint opens this rank's slice only."""
+import json
 import sys
 from types import SimpleNamespace
 
 import numpy as np
+
 import pytest
 import torch
 
@@ -69,7 +71,7 @@ def test_batched_rollout_equals_one_by_one_greedy_decoding(layout, tok, monkeypa
         together = generate(model, tok.vocab, prompts, kinds, max_new, stop_ids=stops, keep_stop=True, pad=True,
                             batch_size=batch_size)
         assert together == alone, batch_size
-    monkeypatch.setattr(generate_module, "_PREFILL_TOKENS", 80)  # an image prompt's rows prefill one at a time
+    monkeypatch.setattr(generate_module, "PREFILL_TOKENS", 80)  # an image prompt's rows prefill one at a time
     assert generate(model, tok.vocab, prompts, kinds, max_new, stop_ids=stops, keep_stop=True, pad=True) == alone
     # classifier-free guidance (generate / evaluate): the unconditional stream follows the image rows of the batch
     guided = generate(model, tok.vocab, prompts, kinds, max_new, cfg_scale=2.0, pad=True)
@@ -155,7 +157,7 @@ def _write_checkpoints(tok, layout, tmp_path):
 def test_reference_reads_only_this_ranks_slice(layout, tok, tmp_path):
     """Rank 1 of TP=2: from a DeepSpeed checkpoint it opens its own mp_rank_01 module file and nothing of rank 0
     nor any optimizer partition; from a consolidated folder it gets the same slice; refusals say what to do."""
-    from megannm.checkpoint import CheckpointError
+    from megannm.checkpoint import CheckpointError, integrity
     from megannm.convert import reshard
     from megannm.convert.consolidated import normalise_args
     from megannm.model.fused import canonical_parts
@@ -194,6 +196,9 @@ def test_reference_reads_only_this_ranks_slice(layout, tok, tmp_path):
     module = torch.load(tag / "mp_rank_01_model_states.pt", weights_only=False)
     module["module"] = {k: torch.empty(0, dtype=v.dtype) for k, v in module["module"].items()}  # ZeRO-3's
     torch.save(module, tag / "mp_rank_01_model_states.pt")
+    meta = json.loads((tag / "megannm.json").read_text())  # as ZeRO-3 would have recorded it
+    meta["files"].update(integrity.record(tag, ["mp_rank_01_model_states.pt"]))
+    (tag / "megannm.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match=r"mp_rank_01_model_states.pt: holds no weights .* empty placeholder, "
                                               r"as ZeRO-3 saves them\): convert it"):
         reference_state(tmp_path / "ds", args, rank1, tok.vocab, names)

@@ -61,9 +61,9 @@ def make_server(name: str, host: str = "127.0.0.1", port: int = 0, log=None) -> 
             except Exception as e:  # noqa: BLE001 - the reward's own failure, reported to the caller in one line
                 msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
                 return self._answer(500, {"error": f"reward {name}: {type(e).__name__}: {msg}"})
-            self._answer(200, {"rewards": rewards})
-            if log is not None:
+            if log is not None:  # before the answer: a client that reads the log after it finds the line
                 log(f"scored {len(rewards)} samples in {time.perf_counter() - t0:.3f} s")
+            self._answer(200, {"rewards": rewards})
 
         def log_message(self, format, *args):  # noqa: A002 - one line per batch (above), not per request
             pass

@@ -391,8 +391,9 @@ def _write_rank(c: Consolidated, path: Path, names: list[str], tp: int, rank: in
     views: dict[str, torch.Tensor] = {}
     for i, (dt, entries) in enumerate(layout.items()):
         size = torch.empty((), dtype=dt).element_size()
-        storage = torch.UntypedStorage.from_file(str(scratch / f".scratch-{path.name}-{i}"), shared=True,
-                                                 nbytes=sizes[dt] * size)
+        backing = scratch / f".scratch-{path.name}-{i}"
+        storage = torch.UntypedStorage.from_file(str(backing), shared=True, nbytes=sizes[dt] * size)
+        backing.unlink()  # the mapping keeps it alive; nothing of it survives the process
         for module, parts, shape, offset in entries:
             views[module] = torch.empty(0, dtype=dt).set_(storage, offset, shape)
     targets = {}  # canonical name -> the rows of its module tensor it fills
@@ -411,8 +412,6 @@ def _write_rank(c: Consolidated, path: Path, names: list[str], tp: int, rank: in
         for name in order:
             ready(name)
     _save_streamed(wrap(OrderedDict((module, views[module]) for module, _ in groups)), path)
-    for i in range(len(layout)):
-        (scratch / f".scratch-{path.name}-{i}").unlink()
 
 
 def _save_streamed(obj, path: Path) -> None:

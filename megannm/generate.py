@@ -25,7 +25,6 @@ import numpy as np
 import torch
 
 from megannm import parallel
-from megannm.model.attention import KVCache, LayerCache
 from megannm.fileio import atomic_write, atomic_write_json
 from megannm.vocab import Vocab
 
@@ -120,19 +119,6 @@ def _prefill_slices(lengths: list[int]) -> list[tuple[int, int]]:
     return out
 
 
-def _rows_view(cache: KVCache, r0: int, r1: int, offset: int) -> KVCache:
-    """Rows [r0, r1) of ``cache`` from position ``offset`` on, as a cache of their own whose tensors are views:
-    a prompt group prefills there, right-aligned, and its keys and values land in the one cache."""
-    view = KVCache.__new__(KVCache)
-    view.layers = []
-    for layer in cache.layers:
-        part = LayerCache.__new__(LayerCache)
-        part.k, part.v = layer.k[r0:r1, :, offset:], layer.v[r0:r1, :, offset:]
-        view.layers.append(part)
-    view.docs, view.max_len, view.length = cache.docs[r0:r1, offset:], cache.max_len - offset, 0
-    return view
-
-
 class _Stream:
     """One batch of prompts decoding with its own KV cache: equal lengths, or left-padded to equal length with
     ``lengths`` given (the padding is a document of its own, so no prompt or answer token ever attends to it, and
@@ -157,7 +143,7 @@ class _Stream:
             idx = torch.arange(width, device=prompts.device).expand(r1 - r0, width)
             start = (width - lengths[r0:r1])[:, None]
             pos, docs = (idx - start).clamp(min=0), (idx >= start).long()
-            view = _rows_view(self.cache, r0, r1, n - width)  # positions before it: document 0, never attended
+            view = self.cache.rows_view(r0, r1, n - width)  # positions before it: document 0, never attended
             last.append(model(prompts[r0:r1, n - width:], position_ids=pos, document_ids=docs, cache=view)[:, -1])
         self.cache.advance(n)
         self.logits = torch.cat(last).float()
@@ -170,9 +156,7 @@ class _Stream:
     def keep(self, rows: torch.Tensor) -> None:
         """Only ``rows`` (indices into the batch) decode on: every later step's attention reads their cache only.
         (One copy of the kept rows' keys and values; the cache's batch is implicit in its tensors.)"""
-        for layer in self.cache.layers:
-            layer.k, layer.v = layer.k[rows], layer.v[rows]
-        self.cache.docs = self.cache.docs[rows]
+        self.cache.keep_rows(rows)
         self.pos, self.logits = self.pos[rows], self.logits[rows]
         if self.docs is not None:
             self.docs = self.docs[rows]

@@ -133,6 +133,24 @@ class KVCache:
     def advance(self, n: int) -> None:
         self.length += n
 
+    def rows_view(self, r0: int, r1: int, offset: int) -> "KVCache":
+        """Rows [r0, r1) from position ``offset`` on, as an empty cache whose tensors are views of this one's: a
+        group of left-padded prompts prefills there, right-aligned, and its keys and values land in this cache."""
+        view = KVCache.__new__(KVCache)
+        view.layers = []
+        for layer in self.layers:
+            part = LayerCache.__new__(LayerCache)
+            part.k, part.v = layer.k[r0:r1, :, offset:], layer.v[r0:r1, :, offset:]
+            view.layers.append(part)
+        view.docs, view.max_len, view.length = self.docs[r0:r1, offset:], self.max_len - offset, 0
+        return view
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Only ``rows`` (batch indices) stay: one copy of their keys and values (finished rows leave a batch)."""
+        for layer in self.layers:
+            layer.k, layer.v = layer.k[rows], layer.v[rows]
+        self.docs = self.docs[rows]
+
 
 Mask = Union[torch.Tensor, "BlockMask", None]
 

@@ -15,3 +15,21 @@ def toy_data(tmp_path_factory):
     from megannm.toy.demo import build_data
     out = tmp_path_factory.mktemp("toy")
     return build_data(out, n_train=400, n_valid=40, seed=0, workers=1, say=lambda *a: None)
+
+
+@pytest.fixture(scope="module")
+def toy_tok(toy_data):
+    """The toy data set's tokenizer bundle."""
+    from megannm.data.tokenize import Tokenizers
+    return Tokenizers.load(toy_data["tokenizers"])
+
+
+@pytest.fixture(scope="module")
+def one_thread_world():
+    """A world of one; one thread: tiny models gain nothing from two, and lose a lot on a busy machine."""
+    import torch
+    from megannm.parallel import init_parallel
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield init_parallel(1, 1)
+    torch.set_num_threads(threads)

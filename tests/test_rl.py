@@ -20,19 +20,13 @@ SCRIPT = "tests/scripts/rl_cases.py"
 
 
 @pytest.fixture(scope="module")
-def layout():
-    """A world of one; one thread: these tiny models gain nothing from two, and lose a lot on a busy machine."""
-    from megannm.parallel import init_parallel
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield init_parallel(1, 1)
-    torch.set_num_threads(threads)
+def layout(one_thread_world):
+    return one_thread_world
 
 
 @pytest.fixture(scope="module")
-def tok(toy_data):
-    from megannm.data.tokenize import Tokenizers
-    return Tokenizers.load(toy_data["tokenizers"])
+def tok(toy_tok):
+    return toy_tok
 
 
 def metrics(run_dir):

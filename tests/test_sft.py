@@ -30,9 +30,8 @@ def parallel_state():
 
 
 @pytest.fixture(scope="module")
-def tok(toy_data):
-    from megannm.data.tokenize import Tokenizers
-    return Tokenizers.load(toy_data["tokenizers"])
+def tok(toy_tok):
+    return toy_tok
 
 
 def recipe(toy_data, out, name="sft", **over):

@@ -18,15 +18,16 @@ def toy_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def toy_tok(toy_data):
-    """The toy data set's tokenizer bundle."""
+def tok(toy_data):
+    """The toy data set's tokenizer bundle (a module may define its own ``tok``)."""
     from megannm.data.tokenize import Tokenizers
     return Tokenizers.load(toy_data["tokenizers"])
 
 
 @pytest.fixture(scope="module")
-def one_thread_world():
-    """A world of one; one thread: tiny models gain nothing from two, and lose a lot on a busy machine."""
+def layout():
+    """A world of one; one thread: tiny models gain nothing from two, and lose a lot on a busy machine (a module
+    may define its own ``layout``)."""
     import torch
     from megannm.parallel import init_parallel
     threads = torch.get_num_threads()

@@ -19,16 +19,6 @@ from tests.scripts import rl_cases
 SCRIPT = "tests/scripts/rl_cases.py"
 
 
-@pytest.fixture(scope="module")
-def layout(one_thread_world):
-    return one_thread_world
-
-
-@pytest.fixture(scope="module")
-def tok(toy_tok):
-    return toy_tok
-
-
 def metrics(run_dir):
     from megannm.train.logging import read_metrics
     return [m for m in read_metrics(run_dir) if m.get("split") == "train"]

@@ -13,16 +13,6 @@ import torch
 from tests.scripts import rl_cases
 
 
-@pytest.fixture(scope="module")
-def layout(one_thread_world):
-    return one_thread_world
-
-
-@pytest.fixture(scope="module")
-def tok(toy_tok):
-    return toy_tok
-
-
 def tiny_model(tok, layout, seed=1, **model):
     from megannm.config import ModelConfig
     from megannm.model.transformer import ModelArgs, NMMModel

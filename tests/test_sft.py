@@ -29,11 +29,6 @@ def parallel_state():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def tok(toy_tok):
-    return toy_tok
-
-
 def recipe(toy_data, out, name="sft", **over):
     from megannm.config import recipe_from_dict
     shards = toy_data["shards"]

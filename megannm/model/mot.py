@@ -19,14 +19,14 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 
 # megatron-core 0.16's linear autograd function warns on every call that its tp_group argument is None even when the
 # layer was built with an explicit group (ours are: ``column``/``row`` below); one message per matmul floods logs.
 warnings.filterwarnings("ignore", message=".*tp_group is None.*", category=DeprecationWarning)
-from megannm.model.attention import AttentionInputs, KVCache, LayerCache, apply_rotary, attend, attention_inputs
+from megannm.model import kernels
+from megannm.model.attention import AttentionInputs, KVCache, LayerCache, attend, attention_inputs
 
 if TYPE_CHECKING:
     from megannm.model.args import ModelArgs
@@ -40,21 +40,6 @@ except Exception:  # apex absent (never `pip install apex`: that PyPI name is an
 
 # ---------------------------------------------------------------------------------------------------------------------
 # routing
-
-
-class _Permute(torch.autograd.Function):
-    """rows = x[index] for a permutation ``index`` whose inverse is known: the backward is the inverse gather.
-    (``index_select``'s own backward holds for any index, so it zero-fills a gradient and scatter-adds into it.)"""
-
-    @staticmethod
-    def forward(ctx, x, index, inverse):
-        ctx.save_for_backward(inverse)
-        return x.index_select(0, index)
-
-    @staticmethod
-    def backward(ctx, grad):
-        inverse, = ctx.saved_tensors
-        return grad.index_select(0, inverse), None, None
 
 
 class _Split(torch.autograd.Function):
@@ -104,35 +89,17 @@ class Routing:
     """A micro-batch's tokens grouped by modality (stable: order within a modality is kept).
 
     ``order`` is None for the dense twin: one set, nothing to permute. The permutations have autograd functions of
-    their own (``_Permute``, ``_Split``, ``_Merge``): each direction is one gather or one row write, both ways.
+    their own (``_Split``, ``_Merge``): each direction is one gather or one row write, both ways.
     """
     order: Optional[torch.Tensor]  # [N] flat token index of each sorted position
-    inverse: Optional[torch.Tensor]  # [N] sorted position of each flat token
     counts: list[int]  # tokens per modality (0 allowed)
 
-    def sort(self, x: torch.Tensor) -> torch.Tensor:
-        """[N, ...] in sequence order -> the same rows grouped by modality (one gather)."""
-        return x if self.order is None else _Permute.apply(x, self.order, self.inverse)
-
-    def unsort(self, x: torch.Tensor) -> torch.Tensor:
-        """Inverse of ``sort`` (one gather)."""
-        return x if self.order is None else _Permute.apply(x, self.inverse, self.order)
-
-    def parts(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Sorted [N, ...] -> one contiguous [n_m, ...] view per modality (no copy)."""
-        return [x] if self.order is None else list(x.split(self.counts))
-
-    @staticmethod
-    def join(parts: list[torch.Tensor]) -> torch.Tensor:
-        """Per-modality slices -> sorted [N, ...]."""
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
-
     def split(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """[N, ...] in sequence order -> one contiguous [n_m, ...] slice per modality (``parts(sort(x))``)."""
+        """[N, ...] in sequence order -> one [n_m, ...] tensor per modality (one gather)."""
         return [x] if self.order is None else list(_Split.apply(x, self.order, self.counts))
 
     def merge(self, parts: list[torch.Tensor]) -> torch.Tensor:
-        """Inverse of ``split``: per-modality slices -> [N, ...] in sequence order (``unsort(join(parts))``)."""
+        """Inverse of ``split``: per-modality slices -> [N, ...] in sequence order (one row write)."""
         return parts[0] if self.order is None else _Merge.apply(self.order, self.counts, *parts)
 
 
@@ -140,14 +107,12 @@ def route(modality: torch.Tensor, n_sets: int) -> Routing:
     """Routing for a [B, S] tensor of modality ids; ``n_sets`` = 1 collapses it (dense twin)."""
     flat = modality.reshape(-1)
     if n_sets == 1:
-        return Routing(None, None, [flat.numel()])
+        return Routing(None, [flat.numel()])
     order = torch.sort(flat, stable=True).indices
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)
     counts = torch.bincount(flat, minlength=n_sets).tolist()  # the one host sync: slice sizes
     if len(counts) != n_sets:
         raise ValueError(f"modality ids must be < {n_sets} (got a maximum of {len(counts) - 1})")
-    return Routing(order, inverse, counts)
+    return Routing(order, counts)
 
 
 @dataclass
@@ -223,12 +188,9 @@ class RMSNorm(nn.Module):
             w = copy_to_tensor_model_parallel_region(w, group=self.tp_group)
         if _apex_rms_norm is not None and x.is_cuda and x.numel():
             return _apex_rms_norm(x, w, w.shape, self.eps)
-        # torch's rms_norm (one fused kernel on a GPU; on the CPU fewer temporaries than the written-out form, and
-        # bitwise equal to it, tests/test_model.py). fp32 all through: the weight folds into the call. Otherwise
-        # normalise in fp32 and scale after casting back, Hugging Face Llama's order.
-        if x.dtype == w.dtype == torch.float32:
-            return F.rms_norm(x, w.shape, w, self.eps)
-        return w * F.rms_norm(x.float(), w.shape, eps=self.eps).to(x.dtype)
+        # one autograd function with a closed-form backward (``kernels.rms_norm``): fp32 normalisation, cast to the
+        # activations' dtype before the weight (Hugging Face Llama's order; in fp32 the weight folds in)
+        return kernels.rms_norm(x, w, self.eps)
 
 
 class _WeightsOnly:
@@ -349,26 +311,22 @@ class Attention(nn.Module):
         k = self.k_norm[m](k.unflatten(-1, (self.kv_heads, self.head_dim))).flatten(1)
         return torch.cat([q, k, v], dim=-1)
 
-    def forward(self, hs: torch.Tensor, routing: Routing, attn: AttentionInputs, shape: tuple[int, int],
-                cache: Optional[LayerCache] = None) -> torch.Tensor:
-        """hs: the micro-batch's [N, D] tokens grouped by modality (``Routing.sort``); returns the same layout.
+    def forward(self, parts: list[torch.Tensor], routing: Routing, attn: AttentionInputs, shape: tuple[int, int],
+                cache: Optional[LayerCache] = None) -> list[torch.Tensor]:
+        """parts: the micro-batch's tokens of each modality ([n_m, D], ``Routing.split``); returns the same layout.
         Only the attention itself needs sequence order: q/k/v are put in it, the output taken back out."""
         b, s = shape
-        parts = routing.parts(hs)
         if not self.norm_reorder:
             parts = self.norm(parts)
         qkv = routing.merge([self.qkv(m, p) for m, p in enumerate(parts)])
-        qkv = qkv.view(b, s, self.heads + 2 * self.kv_heads, self.head_dim).transpose(1, 2)
-        qk = apply_rotary(qkv[:, :self.heads + self.kv_heads], attn.cos, attn.sin)  # q and k heads at once
-        q, k = qk.split([self.heads, self.kv_heads], dim=1)
-        v = qkv[:, self.heads + self.kv_heads:]
+        # RoPE on q and k straight from the fused output; the backward writes one gradient for all three
+        q, k, v = kernels.rotary_qkv(qkv.view(b, s, self.heads + 2 * self.kv_heads, self.head_dim), attn.cos,
+                                     attn.sin, self.heads, self.kv_heads)
         if cache is not None:
             k, v = cache.store(k, v, attn.start)
         out = attend(q, k, v, attn.mask)  # [B, S, Hq * hd]: every modality attends to every earlier token
         parts = self.o_proj(routing.split(out.reshape(b * s, -1)))
-        if self.norm_reorder:
-            parts = self.norm(parts)
-        return routing.join(parts)
+        return self.norm(parts) if self.norm_reorder else parts
 
 
 class FeedForward(nn.Module):
@@ -384,18 +342,15 @@ class FeedForward(nn.Module):
         self.down_proj = PerModality(n, lambda: row(args, layout, f, d))
 
     def swiglu(self, m: int, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj[m](x).chunk(2, dim=-1)  # this rank's ffn/tp columns of each
-        return self.down_proj[m](F.silu(gate) * up)
+        # [gate | up]: this rank's ffn/tp columns of each; one autograd function (``kernels.swiglu``)
+        return self.down_proj[m](kernels.swiglu(self.gate_up_proj[m](x)))
 
-    def forward(self, hs: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """hs: [N, D] grouped by modality; a token-wise sub-layer never needs sequence order."""
-        parts = routing.parts(hs)
+    def forward(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """parts: [n_m, D] per modality; a token-wise sub-layer never needs sequence order."""
         if not self.norm_reorder:
             parts = self.norm(parts)
         parts = [self.swiglu(m, p) for m, p in enumerate(parts)]
-        if self.norm_reorder:
-            parts = self.norm(parts)
-        return routing.join(parts)
+        return self.norm(parts) if self.norm_reorder else parts
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -422,13 +377,14 @@ class Block(nn.Module):
         if ctx is None:
             ctx = stage_context(self.args, modality, position_ids, document_ids)
         b, s, d = h.shape
-        hs = self.run_sorted(ctx.routing.sort(h.reshape(b * s, d)), ctx, (b, s), cache)
-        return ctx.routing.unsort(hs).view(b, s, d), modality, position_ids, document_ids
+        parts = self.run_split(ctx.routing.split(h.reshape(b * s, d)), ctx, (b, s), cache)
+        return ctx.routing.merge(parts).view(b, s, d), modality, position_ids, document_ids
 
-    def run_sorted(self, hs: torch.Tensor, ctx: Context, shape: tuple[int, int],
-                   cache: Optional[LayerCache] = None) -> torch.Tensor:
-        """The block on the residual stream kept grouped by modality ([N, D], ``Routing.sort``): the model sorts
-        once per micro-batch instead of gathering around every sub-layer."""
-        hs = hs + self.attn(hs, ctx.routing, ctx.attn, shape, cache)  # per-modality QKV, ONE global attention
-        hs = hs + self.ffn(hs, ctx.routing)  # per-modality norm + SwiGLU
-        return hs
+    def run_split(self, parts: list[torch.Tensor], ctx: Context, shape: tuple[int, int],
+                  cache: Optional[LayerCache] = None) -> list[torch.Tensor]:
+        """The block on the residual stream kept split by modality (one [n_m, D] tensor per weight set,
+        ``Routing.split``): the model splits once per micro-batch instead of gathering around every sub-layer, and
+        no sub-layer output is ever concatenated (or its gradient split and re-concatenated)."""
+        attn = self.attn(parts, ctx.routing, ctx.attn, shape, cache)  # per-modality QKV, ONE global attention
+        parts = [h + a for h, a in zip(parts, attn)]
+        return [h + f for h, f in zip(parts, self.ffn(parts))]  # per-modality norm + SwiGLU

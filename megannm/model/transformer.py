@@ -62,11 +62,11 @@ class HeadStage(nn.Module):
             ctx = attached_context(self.args, *x[1:4]) if len(x) >= 4 else None
             routing = ctx.routing if ctx is not None else route(modality, self.args.n_sets)
         b, s, d = h.shape
-        return self.from_sorted(routing.sort(h.reshape(b * s, d)), routing, (b, s))
+        return self.from_split(routing.split(h.reshape(b * s, d)), routing, (b, s))
 
-    def from_sorted(self, hs: torch.Tensor, routing, shape: tuple[int, int]) -> torch.Tensor:
-        """Per-modality norm on the modality-grouped stream, back to sequence order, then the shared output layer."""
-        h = routing.merge(self.norm(routing.parts(hs)))
+    def from_split(self, parts: list[torch.Tensor], routing, shape: tuple[int, int]) -> torch.Tensor:
+        """Per-modality norm on the stream split by modality, back to sequence order, then the shared output layer."""
+        h = routing.merge(self.norm(parts))
         return self.output(h.view(*shape, -1))
 
 
@@ -77,7 +77,8 @@ class HeadStage(nn.Module):
 def lm_loss(logits_parallel: torch.Tensor, labels: torch.Tensor, loss_mask: Optional[torch.Tensor],
             args: ModelArgs, layout: Layout):
     """Next-token loss of one micro-batch from vocab-parallel logits [B, S, V_pad/tp]; ``labels`` are the target ids
-    (already shifted), ``loss_mask`` 1 where a target counts (None = everywhere).
+    (already shifted), ``loss_mask`` 1 where a target counts (None = everywhere). ``logits_parallel`` is consumed:
+    fp32 logits are overwritten by the cross entropy.
 
         loss = sum_t w[modality(label_t)] * CE_t * mask_t / sum_t mask_t  +  z_loss * sum_t lse_t^2 mask_t / sum_t mask_t
 
@@ -89,7 +90,8 @@ def lm_loss(logits_parallel: torch.Tensor, labels: torch.Tensor, loss_mask: Opti
     Returns (loss, stats) with stats = text_loss, image_loss (unweighted mean CE over that modality's targets),
     text_tokens, image_tokens (counts) and z_loss (the added term), all detached 0-d tensors.
     """
-    logits = vocab_parallel.mask_padding(logits_parallel, args.vocab_size, layout.tp_rank)
+    # the head's output serves the loss only: used in place (``consume``) rather than copied
+    logits = vocab_parallel.mask_padding(logits_parallel, args.vocab_size, layout.tp_rank, consume=True)
     if loss_mask is None:
         loss_mask = torch.ones_like(labels)
     mask = loss_mask.float()
@@ -169,16 +171,16 @@ class NMMModel(nn.Module):
         x = self.embedding(input_ids, position_ids, document_ids)
         ctx = prepare(self.args, *x[1:], cache=cache)  # routing, mask, RoPE: once per micro-batch
         b, s, d = x[0].shape
-        hs = ctx.routing.sort(x[0].reshape(b * s, d))  # grouped by modality until the head
+        parts = ctx.routing.split(x[0].reshape(b * s, d))  # split by modality until the head
         recompute = self.checkpoint_activations and self.training and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.layers):
             if recompute:
-                hs = checkpoint(block.run_sorted, hs, ctx, (b, s), use_reentrant=False)
+                parts = checkpoint(block.run_split, parts, ctx, (b, s), use_reentrant=False)
             else:
-                hs = block.run_sorted(hs, ctx, (b, s), cache.layers[i] if cache is not None else None)
+                parts = block.run_split(parts, ctx, (b, s), cache.layers[i] if cache is not None else None)
         if cache is not None:
             cache.advance(input_ids.shape[1])
-        logits = self.head.from_sorted(hs, ctx.routing, (b, s))
+        logits = self.head.from_split(parts, ctx.routing, (b, s))
         if parallel_logits:
             return logits
         if labels is None:

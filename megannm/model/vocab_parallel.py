@@ -22,16 +22,18 @@ from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_para
 from megannm import parallel
 
 
-def mask_padding(logits: torch.Tensor, vocab_size: int, tp_rank: int) -> torch.Tensor:
-    """fp32 logits with the TP padding rows at the lowest float: a NEW tensor always (the cross entropy below works
-    in place), so the caller's logits stay intact. The same loss whatever the padding, i.e. whatever the TP size."""
+def mask_padding(logits: torch.Tensor, vocab_size: int, tp_rank: int, consume: bool = False) -> torch.Tensor:
+    """fp32 logits with the TP padding rows at the lowest float: a NEW tensor (the cross entropy below works in
+    place), so the caller's logits stay intact; ``consume``: the caller needs them no more (the training loss on the
+    head's output), and fp32 logits without padding are used as they are, saving a copy of the largest activation.
+    The same loss whatever the padding, i.e. whatever the TP size."""
     v_local = logits.shape[-1]
     offset = tp_rank * v_local
     out = logits.float()
     if offset + v_local > vocab_size:
         ids = torch.arange(v_local, device=logits.device) + offset
         return out.masked_fill(ids >= vocab_size, torch.finfo(torch.float32).min)
-    return out.clone() if out is logits else out
+    return out.clone() if out is logits and not consume else out
 
 
 def cross_entropy(masked: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

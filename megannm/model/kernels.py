@@ -1,0 +1,153 @@
+"""The block's element-wise steps, each ONE autograd function with a hand-written backward: RoPE on the fused
+q/k/v GEMM output, SwiGLU on the fused gate/up output, and RMSNorm.
+
+Why: written as plain tensor expressions, autograd keeps every intermediate and runs one kernel per node both ways.
+Measured on the training step (``tools/bench/step.py``'s shape, 2 CPU threads) the written-out forms spent more time
+on concatenations, zero-filled slice gradients and their sums than on the arithmetic: RoPE's ``rotate_half`` is a
+negation and a concatenation forward and a split and a concatenation backward, the q/k/v (gate/up) split is a
+zero-filled gradient per part plus their sum (or a concatenation), and RMSNorm's composite backward takes about a
+dozen passes. Here each step reads its input once or twice, writes its output into one buffer, and the backward
+writes the gradient of the fused GEMM output into ONE tensor in place, part by part.
+
+They are torch code (any device, any dtype: the same arithmetic on a GPU; NVIDIA apex's fused RMSNorm is still
+preferred there when installed, ``mot.RMSNorm``) and equal the written-out forms to rounding: tests/test_model.py
+checks logits and every gradient against a plain-torch reference of the whole model, and tests/test_kernels.py each
+function against its formula, forward and backward, in fp32 and bf16.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["rotary_qkv", "swiglu", "rms_norm"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# RoPE on the fused projection
+
+
+def _rotate_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> None:
+    """out = x * cos + sign * rotate_half(x) * sin over the last dimension (halves x1, x2; Hugging Face Llama's form),
+    with cos/sin the half tables: out1 = x1 c - s x2 sign, out2 = x2 c + s x1 sign. sign -1 is the transpose
+    (the backward). Four kernels over half the data each, no temporaries."""
+    half = x.shape[-1] // 2
+    x1, x2, o1, o2 = x[..., :half], x[..., half:], out[..., :half], out[..., half:]
+    torch.mul(x1, cos, out=o1)
+    o1.addcmul_(x2, sin, value=-sign)
+    torch.mul(x2, cos, out=o2)
+    o2.addcmul_(x1, sin, value=sign)
+
+
+class _RotaryQKV(torch.autograd.Function):
+    """qkv [B, S, Hq + 2 Hkv, hd] (the fused GEMM's output in sequence order) -> q [B, Hq, S, hd] and k [B, Hkv, S, hd]
+    rotated, v [B, Hkv, S, hd] a view of the input; cos/sin [B, S, 1, hd / 2] in the activations' dtype."""
+
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, heads: int, kv_heads: int):
+        ctx.save_for_backward(cos, sin)
+        ctx.heads, ctx.kv_heads = heads, kv_heads
+        n_qk = heads + kv_heads
+        qk = qkv.new_empty(qkv.shape[:2] + (n_qk, qkv.shape[-1]))
+        _rotate_into(qk, qkv[:, :, :n_qk], cos, sin, 1.0)
+        qk = qk.transpose(1, 2)  # [B, H, S, hd] views; SDPA reads any strides
+        return qk[:, :heads], qk[:, heads:], qkv[:, :, n_qk:].transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        cos, sin = ctx.saved_tensors
+        h, hkv = ctx.heads, ctx.kv_heads
+        ref = next(g for g in (dq, dk, dv) if g is not None)
+        b, s, hd = ref.shape[0], ref.shape[2], ref.shape[3]
+        grad = ref.new_empty(b, s, h + 2 * hkv, hd)
+        for g, lo, hi, rotated in ((dq, 0, h, True), (dk, h, h + hkv, True), (dv, h + hkv, h + 2 * hkv, False)):
+            part = grad[:, :, lo:hi]
+            if g is None:
+                part.zero_()
+            elif rotated:
+                _rotate_into(part, g.transpose(1, 2), cos, sin, -1.0)
+            else:
+                part.copy_(g.transpose(1, 2))
+        return grad, None, None, None, None
+
+
+def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int):
+    """RoPE on the queries and keys of a fused projection: ``qkv`` [B, S, Hq + 2 Hkv, hd]; ``cos``/``sin``
+    [B, S, hd] as ``attention.rotary`` makes them (both halves equal). Returns q, k, v as [B, H, S, hd]."""
+    half = qkv.shape[-1] // 2
+    cos, sin = cos[..., None, :half].to(qkv.dtype), sin[..., None, :half].to(qkv.dtype)
+    return _RotaryQKV.apply(qkv, cos, sin, heads, kv_heads)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SwiGLU on the fused gate/up projection
+
+
+class _SwiGLU(torch.autograd.Function):
+    """[N, 2F] = [gate | up] -> silu(gate) * up [N, F]; the backward writes d gate and d up into one [N, 2F]
+    gradient (no concatenation). Keeps what the written-out form keeps (the input and silu(gate)): recomputing
+    silu in the backward was measured slower than the memory it saves."""
+
+    @staticmethod
+    def forward(ctx, gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        act = F.silu(gate)
+        ctx.save_for_backward(gate_up, act)
+        return act * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate_up, act = ctx.saved_tensors
+        gate, up = gate_up.chunk(2, dim=-1)
+        out = torch.empty_like(gate_up)
+        d_gate, d_up = out.chunk(2, dim=-1)
+        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=d_gate)  # grad * up * silu'(gate)
+        torch.mul(grad, act, out=d_up)
+        return out
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for ``gate_up`` = [gate | up] along the last dimension (one GEMM's output)."""
+    return _SwiGLU.apply(gate_up)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# RMSNorm
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """t in fp32 at least (half-precision activations are normalised in fp32; fp64 stays fp64)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+class _RMSNorm(torch.autograd.Function):
+    """y = w * (x * rstd), rstd = rsqrt(mean(x^2) + eps), normalised in fp32 and cast to x's dtype before the weight
+    (Hugging Face Llama's order; in fp32 the weight folds into the product). The mean square is one reduction pass
+    (``vector_norm``). Backward, closed form in fp32, with t = dy * xhat:
+    dw = sum over tokens of t;  dx = rstd * (dy * w - xhat * (t @ w) / D)   [mean(dy w xhat) = (t @ w) / D]
+    i.e. five passes over [N, D] and one matrix-vector product (the composite form takes about a dozen)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        xf = _wide(x)
+        d = x.shape[-1]
+        rstd = torch.linalg.vector_norm(xf, 2, dim=-1, keepdim=True).pow_(2).div_(d).add_(eps).rsqrt_()
+        ctx.save_for_backward(x, weight, rstd)
+        if xf is x and weight.dtype == x.dtype:
+            return torch.mul(x, rstd).mul_(weight)
+        return weight * (xf * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        d = x.shape[-1]
+        xhat = _wide(x) * rstd
+        t = _wide(dy) * xhat
+        d_weight = t.reshape(-1, d).sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        mean_gx = torch.mv(t.reshape(-1, d), _wide(weight)).div_(d).view(rstd.shape)
+        dx = _wide(dy * weight).addcmul_(xhat, mean_gx, value=-1).mul_(rstd)
+        return dx.to(x.dtype), d_weight, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of ``x`` over its last dimension with ``weight`` [D]."""
+    return _RMSNorm.apply(x, weight, eps)

@@ -1,0 +1,81 @@
+"""The hand-written element-wise autograd functions equal their written-out formulas, forward and backward."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megannm.model import kernels
+from megannm.model.attention import apply_rotary, rotary
+
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+       torch.float64: dict(rtol=1e-12, atol=1e-12)}
+
+
+def _grads(fn, inputs, weight):
+    inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*inputs)
+    outs = out if isinstance(out, tuple) else (out,)
+    loss = sum((o.float() * w).sum() for o, w in zip(outs, weight))
+    loss.backward()
+    return outs, [t.grad for t in inputs]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_qkv_equals_rotate_half_on_split_heads(dtype):
+    g = torch.Generator().manual_seed(0)
+    b, s, h, hkv, hd = 2, 7, 4, 2, 8
+    qkv = torch.randn(b, s, h + 2 * hkv, hd, generator=g).to(dtype)
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2], [5, 6, 7, 8, 9, 10, 11]])
+    cos, sin = rotary(pos, hd, 10000.0, torch.float32)
+    weight = [torch.randn(b, n, s, hd, generator=g) for n in (h, hkv, hkv)]
+
+    def written_out(x):
+        t = x.transpose(1, 2)
+        return apply_rotary(t[:, :h], cos, sin), apply_rotary(t[:, h:h + hkv], cos, sin), t[:, h + hkv:]
+
+    got, (dgot,) = _grads(lambda x: kernels.rotary_qkv(x, cos, sin, h, hkv), [qkv], weight)
+    ref, (dref,) = _grads(written_out, [qkv], weight)
+    for a, r in zip(got, ref):
+        assert a.shape == r.shape and a.dtype == dtype
+        torch.testing.assert_close(a, r, **TOL[dtype])
+    torch.testing.assert_close(dgot, dref, **TOL[dtype])
+    # a gradient for v alone (q and k unused) still fills q and k with zeros
+    x = qkv.detach().clone().requires_grad_()
+    kernels.rotary_qkv(x, cos, sin, h, hkv)[2].float().sum().backward()
+    assert float(x.grad[:, :, :h + hkv].abs().sum()) == 0 and bool((x.grad[:, :, h + hkv:] == 1).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_equals_silu_gate_times_up(dtype):
+    g = torch.Generator().manual_seed(1)
+    x = (2 * torch.randn(9, 12, generator=g)).to(dtype)
+    w = [torch.randn(9, 6, generator=g)]
+    got, (dgot,) = _grads(kernels.swiglu, [x], w)
+    ref, (dref,) = _grads(lambda t: F.silu(t[:, :6]) * t[:, 6:], [x], w)
+    torch.testing.assert_close(got[0], ref[0], **TOL[dtype])
+    torch.testing.assert_close(dgot, dref, **TOL[dtype])
+    assert kernels.swiglu(torch.zeros(0, 12, dtype=dtype)).shape == (0, 6)
+
+
+@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                             (torch.bfloat16, torch.float32), (torch.float64, torch.float64)])
+def test_rms_norm_forward_and_backward_equal_the_formula(x_dtype, w_dtype):
+    g = torch.Generator().manual_seed(2)
+    x = (3 * torch.randn(4, 5, 16, generator=g)).to(x_dtype)
+    weight = (1 + torch.randn(16, generator=g)).to(w_dtype)
+    up = [torch.randn(4, 5, 16, generator=g)]
+
+    def formula(t, w):
+        tf = t.float() if t.dtype != torch.float64 else t
+        return w * (tf * torch.rsqrt(tf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(t.dtype)
+
+    got, (dx, dw) = _grads(lambda t, w: kernels.rms_norm(t, w, 1e-5), [x, weight], up)
+    ref, (rx, rw) = _grads(formula, [x, weight], up)
+    assert got[0].dtype == ref[0].dtype and dx.dtype == x_dtype and dw.dtype == w_dtype
+    tol = TOL[torch.bfloat16 if torch.bfloat16 in (x_dtype, w_dtype) else x_dtype]
+    torch.testing.assert_close(got[0], ref[0], **tol)
+    torch.testing.assert_close(dx, rx, **tol)
+    torch.testing.assert_close(dw, rw, **tol)
+    # float64: the closed-form backward is exact, the check autograd itself can make
+    if x_dtype == torch.float64:
+        assert torch.autograd.gradcheck(lambda t, w: kernels.rms_norm(t, w, 1e-5),
+                                        (x[:2, :2].clone().requires_grad_(), weight.clone().requires_grad_()))

@@ -98,7 +98,7 @@ def runs(toy_data, llm, tmp_path_factory):
     dist.run([SCRIPT, str(out), shards,
               "save:src:2:1:3:mot",
               "convert:src/checkpoints:c_src:--to:consolidated",
-              f"convert:c_src:ds_tp1:--to:deepspeed",
+              "convert:c_src:ds_tp1:--to:deepspeed",
               "convert:c_src:ds_tp2:--to:deepspeed:--tp:2",
               "convert:c_src:ds_resume:--to:deepspeed:--tp:2",
               "init:ref:2:1:3:mot:src/checkpoints",  # the source's own layout, from its own DeepSpeed files
@@ -742,3 +742,162 @@ def test_a_flipped_byte_is_named_only_in_the_files_a_conversion_reads(bf16_run, 
             assert code == 0, msg
             got = load_file(tmp_path / victim / "hf" / "model.safetensors")
             assert torch.equal(got["lm_head.weight"], bf16_run["module"]["head.output.weight"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the file-to-file writers (convert/filebytes.py, convert/torchzip.py)
+
+
+def _mapped_source(tmp_path, tensors: dict) -> dict:
+    """``tensors`` written as a safetensors file and read back as views of its mapping (what conversions copy
+    file to file), with the mapping held in the returned dict's ``"__keep__"``."""
+    from safetensors.torch import save_file
+
+    from megannm.convert.files import mapped_tensors
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_path / "src.safetensors")
+    keep: list = []
+    out = mapped_tensors(tmp_path / "src.safetensors", keep)
+    out["__keep__"] = keep
+    return out
+
+
+@pytest.mark.parametrize("zip64", [False, True])
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_torch_zip_writer_round_trips_exactly(tmp_path, monkeypatch, zip64, kernel_copy):
+    """``torchzip.write`` (no torch.save): every record's bytes exact whether they come file to file
+    (copy_file_range, or the mapped-pages fallback), as strided rows (pwritev), as a dim-1 ``Cat`` or from memory;
+    the file loads with torch.load (plain, mmap=True, weights_only=True) and with our mapped reader, its records are
+    64-byte aligned, zip64 fields (forced here at every size) load the same, and the crc32 it returns is the file's."""
+    import collections
+    import zipfile
+    import zlib
+
+    from megannm.convert import filebytes, torchzip
+    if zip64:
+        monkeypatch.setattr(torchzip, "ZIP64_LIMIT", 0)
+    if not kernel_copy:
+        monkeypatch.setattr(filebytes, "_COPY_FILE_RANGE", False)
+    g = torch.Generator().manual_seed(0)
+    src = _mapped_source(tmp_path, {"a": torch.randn(6, 5, generator=g), "b": torch.randn(4, 6, generator=g),
+                                    "c": torch.randn(4, 3, generator=g), "h": torch.randn(7, generator=g).bfloat16()})
+    want = collections.OrderedDict([
+        ("whole", [src["a"]]),  # a mapped tensor: copied by the kernel
+        ("rows", [src["a"][1:3], torch.zeros(2, 5)]),  # a mapped row range, then computed rows
+        ("columns", [src["b"][:, 2:5]]),  # a strided view: pwritev of its rows
+        ("cat", [filebytes.Cat([src["b"][:, :2], src["c"]], 1)]),  # dim-1 interleave
+        ("bf16", [src["h"]]), ("ints", [torch.arange(5)]), ("empty", [torch.zeros(0, 3)]),
+        ("cast", [src["c"].to(torch.bfloat16)]),
+    ])
+    assert filebytes.extent(src["a"]) is not None and filebytes.extent(src["b"][:, 2:5]) is None
+    expected = {k: torch.cat([b.join() if isinstance(b, filebytes.Cat) else b for b in v], dim=0)
+                for k, v in want.items()}
+    planned = collections.OrderedDict((k, torchzip.Planned(t.shape, t.dtype, str(i)))
+                                      for i, (k, t) in enumerate(expected.items()))
+    keys = {p.key: k for k, p in planned.items()}
+    obj = {"module": planned, "names": set(), "step": 7, "nothing": None}
+    path = tmp_path / "mp_rank_00_model_states.pt"
+    crc = torchzip.write(path, obj, lambda p: want[keys[p.key]])
+    assert crc == zlib.crc32(path.read_bytes())
+    assert not list(tmp_path.glob(".*.tmp-*"))
+    loads = [torch.load(path, weights_only=False), torch.load(path, weights_only=False, mmap=True),
+             torch.load(path, weights_only=True), torchzip.load(path)]
+    for got in loads:
+        assert got["names"] == set() and got["step"] == 7 and got["nothing"] is None
+        assert list(got["module"]) == list(expected)
+        for k, t in expected.items():
+            assert got["module"][k].dtype == t.dtype and torch.equal(got["module"][k], t), k
+    _, records = torchzip._records(filebytes.MappedFile(path))
+    assert all(start % torchzip.ALIGN == 0 for name, (start, _) in records.items() if name.startswith("data/"))
+    with zipfile.ZipFile(path) as z:  # a well-formed archive for other zip readers too
+        assert {i.filename.split("/", 1)[1] for i in z.infolist()} >= {"data.pkl", "byteorder", "version", "data/0"}
+
+
+def test_torch_zip_reader_reads_what_torch_save_wrote(tmp_path):
+    """``torchzip.load`` (one mapping per file, the reader of every DeepSpeed file) gives what torch.load gives for a
+    torch.save'd object: shared storages stay shared, views keep their offsets and strides, every dtype; contiguous
+    tensors are traced to their bytes in the file (``filebytes.extent``), so writers copy them file to file."""
+    from megannm.convert import filebytes, torchzip
+    base = torch.randn(8, 6)
+    obj = {"base": base, "rows": base[2:5], "t": base.t(), "bf16": torch.randn(3, 4).bfloat16(),
+           "bool": torch.tensor([True, False]), "empty": torch.zeros(0, 2), "scalar": torch.tensor(3.5),
+           "param": torch.nn.Parameter(torch.ones(2)), "meta": {"a": [1, 2], "s": {3}}}
+    torch.save(obj, tmp_path / "f.pt")
+    keep: list = []
+    got = torchzip.load(tmp_path / "f.pt", keep)
+    ref = torch.load(tmp_path / "f.pt", weights_only=False)
+    assert got["meta"] == ref["meta"] and isinstance(got["param"], torch.nn.Parameter)
+    for k in obj:
+        if k != "meta":
+            assert got[k].dtype == ref[k].dtype and got[k].stride() == ref[k].stride() and torch.equal(got[k], ref[k])
+    assert got["rows"].untyped_storage().data_ptr() == got["base"].untyped_storage().data_ptr()
+    where, offset = filebytes.extent(got["rows"])
+    assert where is keep[0] and bytes(where.bytes[offset:offset + 18 * 4].numpy()) == base[2:5].numpy().tobytes()
+    (tmp_path / "old.pt").write_bytes(b"not a zip")
+    with pytest.raises(torchzip.NotTorchZip):
+        torchzip.load(tmp_path / "old.pt")
+
+
+def test_a_failed_write_leaves_no_file(tmp_path):
+    """An error while a file is written (a part that fails, or parts that do not add up to the record) leaves
+    neither the file nor its temporary name."""
+    from megannm.convert import torchzip
+
+    def failing(p):
+        raise RuntimeError("boom")
+
+    obj = {"w": torchzip.Planned((4, 4), torch.float32, "0")}
+    with pytest.raises(RuntimeError, match="boom"):
+        torchzip.write(tmp_path / "a.pt", obj, failing)
+    with pytest.raises(ValueError, match="needs 64 bytes"):
+        torchzip.write(tmp_path / "b.pt", obj, lambda p: [torch.zeros(3, 4)])
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("libdeflate", [True, False])
+def test_crc32_is_zlibs(monkeypatch, libdeflate):
+    """``filebytes.crc32`` (libdeflate's where the system has it, zlib's otherwise) gives zlib's values, continued
+    from a previous value as zlib continues."""
+    import zlib
+
+    from megannm.convert import filebytes
+    if not libdeflate:
+        monkeypatch.setattr(filebytes, "_LIBDEFLATE", None)
+    data = torch.randint(0, 256, (1 << 20,), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    raw = data.numpy().tobytes()
+    assert filebytes.crc32(data) == zlib.crc32(raw)
+    assert filebytes.crc32(data[1000:], filebytes.crc32(data[:1000])) == zlib.crc32(raw)
+    assert filebytes.crc32(data[:0], 5) == 5
+
+
+def test_conversions_copy_tensor_bytes_file_to_file(toy_vocab, tmp_path, monkeypatch):
+    """What makes a conversion run at copy speed: consolidated -> DeepSpeed TP 2 -> consolidated -> Hugging Face
+    move every tensor that lies contiguously in its input with copy_file_range (all but the dim-1 TP slices and
+    merges, which go as rows with pwritev; the vocabulary padding is written from memory), and the results are
+    exact."""
+    import os
+
+    from safetensors.torch import load_file
+
+    from megannm.convert import consolidated, reshard
+    from megannm.convert.deepspeed import read_deepspeed, write_deepspeed
+    from megannm.convert.hf import export_hf, hf_name
+    c = random_consolidated(toy_vocab, mot=True, qk_norm=True)
+    consolidated.write(c, tmp_path / "c")
+    copied = []
+    real = os.copy_file_range
+    monkeypatch.setattr(os, "copy_file_range", lambda *a: copied.append(real(*a)) or copied[-1])
+    nbytes = {k: v.numel() * v.element_size() for k, v in c.state.items()}
+    dim1 = sum(n for k, n in nbytes.items() if reshard.split_dim(k) == 1)
+    replicated = sum(n for k, n in nbytes.items() if reshard.split_dim(k) is None)  # the norms: in both rank files
+    total = sum(nbytes.values())
+    for convert, kernel_copied in (
+            (lambda: write_deepspeed(consolidated.read(tmp_path / "c"), tmp_path / "ds", tp=2),
+             total - dim1 + replicated),
+            (lambda: consolidated.write(read_deepspeed(tmp_path / "ds"), tmp_path / "back"), total - dim1),
+            (lambda: export_hf(consolidated.read(tmp_path / "back"), tmp_path / "hf"), total)):
+        copied.clear()
+        convert()
+        assert sum(copied) == kernel_copied, (sum(copied), kernel_copied, total)
+    assert_same_state(load_file(tmp_path / "back" / "model.safetensors"), c.state)
+    hf = load_file(tmp_path / "hf" / "model.safetensors")
+    assert all(torch.equal(hf[hf_name(k, per_set=True)], v) for k, v in c.state.items())

@@ -4,10 +4,11 @@
 ``megannm.train.load`` also uses to load a checkpoint module-only into a live engine. File names are
 ``megannm.checkpoint``'s.
 
-Reading streams: every file is memory-mapped (``torch.load(mmap=True)``) and read once, each canonical tensor is
-joined from its TP ranks' slices when a writer asks for it, and the module's names become canonical ones through the
-fused-projection adapter (``megannm.model.fused``: ``qkv_proj`` -> q/k/v, ``gate_up_proj`` -> gate/up) wherever a
-rank's module-named weights are read. Which weights (``choose_weights``, ``--weights``):
+Reading streams: every file is memory-mapped (``torchzip.load``, as ``torch.load(mmap=True)``) and read once, each
+canonical tensor is joined from its TP ranks' slices when a writer asks for it (written from where they lie, never
+joined in memory), and the module's names become canonical ones through the fused-projection adapter
+(``megannm.model.fused``: ``qkv_proj`` -> q/k/v, ``gate_up_proj`` -> gate/up) wherever a rank's module-named
+weights are read. Which weights (``choose_weights``, ``--weights``):
 
 - ``module``: the module files (``mp_rank_XX_model_states.pt``; under a pipeline the layer files
   ``layer_{c:02d}-model_{tp:02d}-model_states.pt``, names inside the stage, mapped by
@@ -22,7 +23,8 @@ rank's module-named weights are read. Which weights (``choose_weights``, ``--wei
 Writing (``write_deepspeed``): a DeepSpeed checkpoint dir (``latest`` + ``step<N>/``) at any TP x PP holding the
 module weights only, under the names the model uses (fused where it fuses), in DeepSpeed's own file layout
 (``mp_rank_XX_model_states.pt``; under a pipeline the layer files plus one ``mp_rank_XX`` file per stage and TP rank
-with ``module: None``), any data-parallel size; each file is filled one tensor at a time (``_save_streamed``). Its
+with ``module: None``), any data-parallel size; each file is written in torch's format by ``torchzip.write``, one
+tensor at a time from where it lies in the input (``_write_rank``), its crc32 computed behind the writes. Its
 ``megannm.json`` marks it ``module_only``: ``init_from`` (``megannm.train.load``) loads the weights at any ZeRO stage
 with a fresh optimizer and schedule; ``--resume`` also continues the step count, the data position and the
 learning-rate schedule from the source's step, with fresh Adam moments (the optimizer state does not survive the
@@ -31,9 +33,6 @@ consolidated form).
 from __future__ import annotations
 
 import json
-import mmap
-import os
-import zlib
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -43,7 +42,7 @@ import torch
 
 from megannm import checkpoint
 from megannm.checkpoint import integrity, layer_file, module_state_file
-from megannm.convert import reshard, zero
+from megannm.convert import filebytes, reshard, torchzip, zero
 from megannm.convert.consolidated import Consolidated, Opened, normalise_args
 from megannm.convert.files import THREADS, ConvertError, LazyState, Prefetch, specs_of, verify
 from megannm.fileio import atomic_output
@@ -64,40 +63,27 @@ def _records(folder: Path) -> dict:
 _VERIFIER: Optional[ThreadPoolExecutor] = None
 
 
-def _crc32_mapped(path: Path) -> int:
-    """``integrity.crc32`` through a read-only memory map: the file's pages pass through the page cache the
-    conversion reads too, and no buffer is allocated (a checker thread adds no memory)."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if not size:
-            return 0
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            view, c = memoryview(mm), 0
-            try:
-                for start in range(0, size, 1 << 24):
-                    c = zlib.crc32(view[start:start + (1 << 24)], c)
-            finally:
-                view.release()
-    return c
-
-
-def _check_file(path: Path, records: dict) -> None:
-    """One file against its record in megannm.json (the messages of ``integrity.check``)."""
+def _check_file(path: Path, records: dict, mapped: Optional[filebytes.MappedFile] = None) -> None:
+    """One file against its record in megannm.json (the messages of ``integrity.check``); its crc32 over the mapping
+    the conversion reads too (``mapped``, else a new one): the pages pass through the page cache once, and a checker
+    thread allocates nothing."""
     from megannm.checkpoint.folders import CorruptCheckpoint
     want = records[path.name]
     size = path.stat().st_size
     if size != want["bytes"]:
         raise CorruptCheckpoint(f"{path}: truncated or changed ({size} bytes, {checkpoint.META} recorded "
                                 f"{want['bytes']})")
-    got = _crc32_mapped(path)
+    got = filebytes.crc32((mapped or filebytes.MappedFile(path)).bytes)
     if got != want["crc32"]:
         raise CorruptCheckpoint(f"{path}: corrupt (crc32 {got:08x}, {checkpoint.META} recorded {want['crc32']:08x})")
 
 
-def _torch_load(path: Path, checks: Optional[list] = None):
+def _torch_load(path: Path, checks: Optional[list] = None, keep: Optional[list] = None):
     """A DeepSpeed file, checked against its crc32 record (a flipped or truncated file is named, never used
-    silently), memory-mapped: its tensors are read from the page cache as they are used, not copied up front, and
-    those never used (the Adam moments beside the fp32 master) are never read at all.
+    silently), memory-mapped (``torchzip.load``: one mapping per file, whose tensors writers copy file to file):
+    its tensors are read from the page cache as they are used, not copied up front, and those never used (the Adam
+    moments beside the fp32 master) are never read at all. ``keep`` (a list) receives the file's mapping, for a
+    state that should stay traceable to it (see ``filebytes.MappedFile``).
 
     With ``checks`` (a conversion that renames its output into place only after ``LazyState.verify``), the crc32
     runs in a background thread while the conversion reads the same pages, and its future is appended there;
@@ -107,26 +93,37 @@ def _torch_load(path: Path, checks: Optional[list] = None):
     if not path.exists():
         raise ConvertError(f"{path}: missing file")
     records = _records(path.parent)
+    mapped: list = []
+    try:
+        try:
+            obj = torchzip.load(path, mapped)
+        except torchzip.NotTorchZip:  # a legacy or compressed torch file: torch's own reader
+            obj = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:  # truncated or not a torch file
+        if path.name in records:  # a damaged file is named as such, not as unreadable
+            _check_file(path, records)
+        raise ConvertError(f"{path}: cannot read ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     if path.name in records:
         if checks is None:
-            _check_file(path, records)
+            _check_file(path, records, *mapped)
         else:
-            if _VERIFIER is None:
-                _VERIFIER = ThreadPoolExecutor(THREADS, thread_name_prefix="megannm-verify")
-            checks.append(_VERIFIER.submit(_check_file, path, records))
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as e:  # truncated or not a torch file
-        raise ConvertError(f"{path}: cannot read ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+            if _VERIFIER is None:  # one thread keeps up with the copies at libdeflate's speed, and leaves the
+                # conversion its core; zlib's crc32 needs more
+                _VERIFIER = ThreadPoolExecutor(1 if filebytes.FAST_CRC32 else THREADS,
+                                               thread_name_prefix="megannm-verify")
+            checks.append(_VERIFIER.submit(_check_file, path, records, *mapped))
+    if keep is not None:
+        keep.extend(mapped)
+    return obj
 
 
-def read_module_state(ckpt: Path, tp_rank: int, checks: Optional[list] = None) -> dict:
+def read_module_state(ckpt: Path, tp_rank: int, checks: Optional[list] = None, keep: Optional[list] = None) -> dict:
     """One model-parallel rank's module weights as the module names them (memory-mapped, checked against its crc32
-    record; nothing else is opened). ``checks``: see ``_torch_load``."""
+    record; nothing else is opened). ``checks``, ``keep``: see ``_torch_load``."""
     path = module_state_file(ckpt, tp_rank)
     if not path.exists():
         raise ConvertError(f"{ckpt}: no module weights for tensor rank {tp_rank} ({path.name} missing)")
-    state = _torch_load(path, checks)
+    state = _torch_load(path, checks, keep)
     if not isinstance(state, dict) or not isinstance(state.get("module"), dict):
         raise ConvertError(f"{path}: no module weights in it (key 'module')")
     return state["module"]
@@ -201,17 +198,20 @@ def describe_weights(ckpt: Path, meta: dict, choice: str) -> str:
 # reading: one tensor rank
 
 
-def _module_rank_state(ckpt: Path, tp_rank: int, args, tp: int, checks: Optional[list]) -> tuple[dict, str]:
+def _module_rank_state(ckpt: Path, tp_rank: int, args, tp: int, checks: Optional[list],
+                       keep: Optional[list]) -> tuple[dict, str]:
     from megannm.model import fused
     path = module_state_file(ckpt, tp_rank)
-    state = {k: v for k, v in read_module_state(ckpt, tp_rank, checks).items() if not k.endswith("._extra_state")}
+    state = {k: v for k, v in read_module_state(ckpt, tp_rank, checks, keep).items()
+             if not k.endswith("._extra_state")}
     try:
         return fused.to_canonical(state, args, tp), str(path)
     except ValueError as e:
         raise ConvertError(f"{path}: {e}") from None
 
 
-def _pipeline_rank_state(ckpt: Path, tp_rank: int, args, tp: int, checks: Optional[list]) -> tuple[dict, str]:
+def _pipeline_rank_state(ckpt: Path, tp_rank: int, args, tp: int, checks: Optional[list],
+                         keep: Optional[list]) -> tuple[dict, str]:
     """One TP rank's canonical-named state from the pipeline's per-layer files (``layer_{c:02d}-model_{tp:02d}-
     model_states.pt`` holds chain position c's weights under the names inside that stage)."""
     from megannm.model import fused
@@ -223,7 +223,7 @@ def _pipeline_rank_state(ckpt: Path, tp_rank: int, args, tp: int, checks: Option
     out = {}
     for f in files:
         position = checkpoint.layer_position(f)
-        state = _torch_load(f, checks)
+        state = _torch_load(f, checks, keep)
         if not isinstance(state, dict):
             raise ConvertError(f"{f}: not a layer state dict")
         named = {}
@@ -267,23 +267,23 @@ def _master_rank_state(ckpt: Path, tp_rank: int, args, tp: int,
 
 
 def rank_state(ckpt: Path, meta: dict, tp_rank: int, weights: str = "auto", dtype: torch.dtype = torch.float32,
-               checks: Optional[list] = None) -> tuple[Mapping, str, str]:
+               checks: Optional[list] = None, keep: Optional[list] = None) -> tuple[Mapping, str, str]:
     """One tensor-parallel rank's weights (all pipeline stages) under canonical names, TP-sliced and padded as saved:
     (state, source files, how they were read). The state is lazy: memory-mapped module tensors, or master weights
     copied out of the optimizer partitions one tensor at a time as they are asked for. ``weights`` and ``dtype``:
     see ``choose_weights`` (the default gives exact fp32 weights, reading the master where it must); ``checks``: see
-    ``_torch_load`` (default: every file is checked before it is used)."""
+    ``_torch_load`` (default: every file is checked before it is used); ``keep``: see ``_torch_load``."""
     from megannm.model.args import ModelArgs
     args = ModelArgs.from_dict(meta["model_args"])
     layout = meta.get("layout") or {}
     tp, pp = int(layout.get("tp") or 1), int(layout.get("pp") or 1)
     choice = choose_weights(ckpt, meta, weights, dtype)
     if pp > 1:
-        state, source = _pipeline_rank_state(ckpt, tp_rank, args, tp, checks)
+        state, source = _pipeline_rank_state(ckpt, tp_rank, args, tp, checks, keep)
     elif choice == "master":
         state, source = _master_rank_state(ckpt, tp_rank, args, tp, checks)
     else:
-        state, source = _module_rank_state(ckpt, tp_rank, args, tp, checks)
+        state, source = _module_rank_state(ckpt, tp_rank, args, tp, checks, keep)
     # megatron-core layers may add `_extra_state` entries (for Transformer Engine): not weights
     if not isinstance(state, LazyState):
         state = {k: v for k, v in state.items() if not k.endswith("._extra_state")}
@@ -329,10 +329,12 @@ def read_deepspeed(path: str | Path, weights: str = "auto", dtype: torch.dtype =
     layout = meta.get("layout") or {}
     tp = int(layout.get("tp") or 1)
     checks: list = []  # the files' crc32, running while the conversion reads them (see LazyState.verify)
+    keep: list = []  # the files' mappings: writers copy the tensors straight from them (filebytes.extent)
     with ThreadPoolExecutor(max(1, min(threads, tp))) as pool:
-        ranks = list(pool.map(lambda r: rank_state(ckpt, meta, r, weights, dtype, checks), range(tp)))
+        ranks = list(pool.map(lambda r: rank_state(ckpt, meta, r, weights, dtype, checks, keep), range(tp)))
     state = reshard.merge_states([s for s, _, _ in ranks], args, [src for _, src, _ in ranks], dtype)
     state.checks.extend(checks)
+    state.keep.extend(keep)
     source = {"kind": "deepspeed", "path": str(ckpt.resolve()), "layout": layout, "zero_stage": meta.get("zero_stage"),
               "precision": (meta.get("recipe") or {}).get("precision", "fp32"), "weights": ranks[0][2],
               "dtype": str(dtype).replace("torch.", ""),
@@ -367,62 +369,63 @@ def _rank_groups(names: list[str], fuse: bool) -> list[tuple[str, list[str]]]:
     return out
 
 
+def _rank_slice(name: str, full: torch.Tensor, tp: int, rank: int, padded: int) -> list[torch.Tensor]:
+    """TP rank ``rank``'s slice of a canonical tensor as blocks of rows that, one after the other, make it: views of
+    ``full`` (a dim-0 slice is a contiguous row range of it, a dim-1 slice its rows' column ranges), plus zero rows
+    where the vocabulary is padded. Nothing is joined in memory: the writer takes each view from where it lies."""
+    if name not in reshard.VOCAB_PARAMS:
+        return [reshard.shard_tensor(name, full, tp, rank, padded)]
+    per, real = padded // tp, full.shape[0]
+    rows = full[min(rank * per, real):min((rank + 1) * per, real)]
+    pad = per - rows.shape[0]
+    return [rows] + ([full.new_zeros(pad, *full.shape[1:])] if pad else [])
+
+
 def _write_rank(c: Consolidated, path: Path, names: list[str], tp: int, rank: int, padded: int,
-                dtype: Optional[torch.dtype], fuse: bool, threads: int, wrap, scratch: Path) -> None:
-    """One rank's file of a module-only checkpoint: its slice of every canonical name in ``names`` (read, sliced,
-    cast, a fused weight's parts stacked), each copied straight into its place in a buffer backed by a scratch file
-    in ``scratch`` (page cache the kernel can write back, never the process's anonymous memory; one buffer per
-    dtype, as torch.save wants), ``threads`` tensors at a time; then ``_save_streamed(wrap(module-named dict))``."""
+                dtype: Optional[torch.dtype], fuse: bool, threads: int, wrap) -> dict:
+    """One rank's file of a module-only checkpoint, in torch's format written by ``torchzip.write`` (one record per
+    module tensor, as ``torch.save`` of a state dict has): its slice of every canonical name in ``names``, a fused
+    weight's parts stacked in its record, each part taken from where it lies in the consolidated input
+    (``copy_file_range`` of a contiguous range, ``pwritev`` of a dim-1 slice's rows) and cast only when ``dtype``
+    asks for it (``threads`` tensors prepared ahead). ``wrap(module-named dict)`` is the object the file holds.
+    Returns the file's megannm.json record (size and crc32, computed behind the writes)."""
     specs = specs_of(c.state)
     local = reshard.local_shapes(c.args, tp, padded)
-    out_dtype = {n: dtype if dtype is not None and dt.is_floating_point else dt for n, (_, dt) in specs.items()}
-    groups = _rank_groups(names, fuse)
-    layout: dict[torch.dtype, list] = {}  # dtype -> [(module, parts, shape, element offset)]
-    sizes: dict[torch.dtype, int] = {}
-    for module, parts in groups:
-        dt = out_dtype[parts[0]]
-        shape = (sum(local[p][0] for p in parts), *local[parts[0]][1:])
-        offset = sizes.get(dt, 0)
-        layout.setdefault(dt, []).append((module, parts, shape, offset))
-        n = 1
-        for d in shape:
-            n *= d
-        sizes[dt] = offset + -(-max(n, 1) // 16) * 16  # 16-element aligned
-    views: dict[str, torch.Tensor] = {}
-    for i, (dt, entries) in enumerate(layout.items()):
-        size = torch.empty((), dtype=dt).element_size()
-        backing = scratch / f".scratch-{path.name}-{i}"
-        storage = torch.UntypedStorage.from_file(str(backing), shared=True, nbytes=sizes[dt] * size)
-        backing.unlink()  # the mapping keeps it alive; nothing of it survives the process
-        for module, parts, shape, offset in entries:
-            views[module] = torch.empty(0, dtype=dt).set_(storage, offset, shape)
-    targets = {}  # canonical name -> the rows of its module tensor it fills
-    for module, parts in groups:
-        start = 0
-        for name in parts:
-            rows = local[name][0]
-            targets[name] = views[module] if len(parts) == 1 else views[module][start:start + rows]
-            start += rows
+    planned: OrderedDict = OrderedDict()
+    parts_of: dict[str, tuple[str, list[str]]] = {}
+    for i, (module, parts) in enumerate(_rank_groups(names, fuse)):
+        dt = specs[parts[0]][1]
+        dt = dtype if dtype is not None and dt.is_floating_point else dt
+        planned[module] = torchzip.Planned((sum(local[p][0] for p in parts), *local[parts[0]][1:]), dt, str(i))
+        parts_of[str(i)] = (module, parts)
 
-    def produce(name: str) -> None:
-        targets[name].copy_(reshard.shard_tensor(name, c.state[name], tp, rank, padded))
+    def produce(key: str) -> list[torch.Tensor]:
+        module, parts = parts_of[key]
+        want = planned[module].dtype
+        return [b if b.dtype == want else b.to(want)
+                for name in parts for b in _rank_slice(name, c.state[name], tp, rank, padded)]
 
-    order = [name for _, parts in groups for name in parts]
-    with torch.no_grad(), Prefetch(produce, order, threads) as ready:
-        for name in order:
-            ready(name)
-    _save_streamed(wrap(OrderedDict((module, views[module]) for module, _ in groups)), path)
+    with torch.no_grad(), Prefetch(produce, list(parts_of), threads) as ready:
+        crc = torchzip.write(path, wrap(planned), lambda p: ready(p.key))
+    return {"bytes": path.stat().st_size, "crc32": crc}
 
 
-def _save_streamed(obj, path: Path) -> None:
-    """``torch.save`` without the zip records' crc32 (a second pass over every byte: megannm.json records the file's
-    own crc32 after it is written)."""
-    previous = torch.serialization.get_crc32_options()
-    torch.serialization.set_crc32_options(False)
-    try:
-        torch.save(obj, path)
-    finally:
-        torch.serialization.set_crc32_options(previous)
+def _write_ranks(c: Consolidated, files: list, tp: int, padded: int, dtype: Optional[torch.dtype], fuse: bool,
+                 threads: int) -> dict[str, dict]:
+    """Every rank file of ``files`` ((path, names, rank, wrap) each: see ``_write_rank``), up to ``threads`` files
+    at once: each file's writes are serialised by its own inode lock, so files in parallel use the cores that one
+    file's copy leaves idle. Returns file name -> megannm.json record."""
+    parallel = max(1, min(threads, len(files)))
+    per_file = max(1, threads // parallel)
+
+    def one(job) -> dict:
+        path, names, rank, wrap = job
+        return _write_rank(c, path, names, tp, rank, padded, dtype, fuse, per_file, wrap)
+
+    if parallel == 1:
+        return {job[0].name: one(job) for job in files}
+    with ThreadPoolExecutor(parallel, thread_name_prefix="megannm-rank-file") as pool:
+        return {job[0].name: rec for job, rec in zip(files, pool.map(one, files))}
 
 
 def write_deepspeed(c: Consolidated, dst: str | Path, tp: int = 1, pp: int = 1, overwrite: bool = False,
@@ -445,27 +448,27 @@ def write_deepspeed(c: Consolidated, dst: str | Path, tp: int = 1, pp: int = 1, 
     with atomic_output(dst, overwrite) as tmp:
         folder = tmp / tag
         folder.mkdir()
+        files = []  # (path, canonical names, tp rank, what the file holds): one _write_rank each
         if pp > 1:
             from megannm.model.pipeline import canonical_to_pipeline
             positions: dict[int, list[str]] = {}
             for name in names:
                 positions.setdefault(canonical_to_pipeline(name, args.layers)[0], []).append(name)
-            for r in range(tp):
-                for position, group in sorted(positions.items()):
-                    inner = lambda sd: OrderedDict(  # noqa: E731 (names inside the stage)
-                        (canonical_to_pipeline(k, args.layers)[1], v) for k, v in sd.items())
-                    _write_rank(c, layer_file(folder, position, r), group, tp, r, padded, dtype, fuse, threads,
-                                inner, tmp)
+            inner = lambda sd: OrderedDict(  # noqa: E731 (names inside the stage)
+                (canonical_to_pipeline(k, args.layers)[1], v) for k, v in sd.items())
+            files = [(layer_file(folder, position, r), group, r, inner)
+                     for r in range(tp) for position, group in sorted(positions.items())]
             for mp_rank in range(tp * pp):
                 torch.save(_module_file(None, tp * pp, 1, step, consumed), module_state_file(folder, mp_rank))
         else:
-            for r in range(tp):
-                _write_rank(c, module_state_file(folder, r), names, tp, r, padded, dtype, fuse, threads,
-                            lambda sd: _module_file(sd, tp, 1, step, consumed), tmp)
+            files = [(module_state_file(folder, r), names, r, lambda sd: _module_file(sd, tp, 1, step, consumed))
+                     for r in range(tp)]
+        records = _write_ranks(c, files, tp, padded, dtype, fuse, threads)
+        records.update(integrity.record(folder, [n for n in integrity.top_files(folder) if n not in records]))
         meta = {"recipe": c.recipe, "recipe_source": None, "model_args": args.to_dict(), "vocab": c.vocab.to_dict(),
                 "layout": {"world_size": None, "tp": tp, "pp": pp, "dp": None}, "zero_stage": None,
                 "module_only": True, "consumed_samples": consumed, "step": step, "tag": tag,
-                "converted_from": c.source, "files": integrity.record(folder, integrity.top_files(folder))}
+                "converted_from": c.source, "files": dict(sorted(records.items()))}
         checkpoint.write_meta(folder, meta)
         checkpoint.write_latest(tmp, tag)
         verify(c.state)

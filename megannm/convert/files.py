@@ -7,7 +7,9 @@ existing destination is replaced only with ``overwrite``.
 Conversions stream: a state is a ``LazyState`` (every tensor's shape and dtype known up front, each tensor read,
 joined or cast only when asked for), and ``save_safetensors`` lays out the headers from the shapes, then writes the
 tensors one at a time with our own writer of the format (``write_safetensors_file``), the next few prepared in
-threads meanwhile.
+threads meanwhile. Inputs are mapped (``filebytes.MappedFile``) and outputs written at their offsets
+(``filebytes.OutputFile``): a tensor that lies contiguously in an input file is copied file to file by the kernel,
+TP shards are written from where they lie without being joined, and only casts go through memory.
 
 A safetensors folder is Hugging Face's layout: ``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` plus
 ``model.safetensors.index.json`` (``{"metadata": {"total_size": N}, "weight_map": {name: file}}``) once the tensors
@@ -16,17 +18,18 @@ exceed ``max_shard_size`` bytes.
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import re
 import struct
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
 
 from megannm.checkpoint import CheckpointError
+from megannm.convert.filebytes import PAGE, Cat, MappedFile, OutputFile, source_residue
 from megannm.fileio import atomic_write_json
 
 SINGLE = "model.safetensors"
@@ -62,15 +65,18 @@ class LazyState(Mapping):
     files before reading anything."""
 
     def __init__(self, specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]], get: Callable[[str], torch.Tensor],
-                 checks: list | None = None, rows: Callable[[str], list[torch.Tensor]] | None = None):
+                 checks: list | None = None, rows: Callable[[str], list[torch.Tensor]] | None = None,
+                 keep: list | None = None):
         self.specs = {k: (tuple(shape), dtype) for k, (shape, dtype) in specs.items()}
         self._get = get
         self._rows = rows
         self.checks = list(checks or [])  # futures of the source files' integrity checks, running meanwhile
+        self.keep = list(keep or [])  # the mapped source files, held so that writers copy from them file to file
 
-    def row_blocks(self, name: str) -> list[torch.Tensor]:
+    def row_blocks(self, name: str) -> list:
         """The tensor as blocks of rows that, stacked along dim 0, are it (a writer writes them one after the
-        other): TP shards split along dim 0 are never joined in memory. Default: the tensor itself."""
+        other): TP shards are never joined in memory (shards split along dim 1 come as one ``filebytes.Cat``).
+        Default: the tensor itself."""
         return self._rows(name) if self._rows is not None else [self[name]]
 
     def verify(self) -> None:
@@ -171,8 +177,11 @@ def write_safetensors_file(path: Path, specs: Mapping[str, tuple[tuple[int, ...]
     header (per tensor its dtype, shape and byte range ``data_offsets`` relative to the end of the header, plus
     ``__metadata__``; padded with spaces to a multiple of 8 so that every tensor is aligned), then the raw
     little-endian bytes in header order. ``next_tensor(name)`` gives each tensor in turn, as a tensor or as blocks
-    of its rows (``LazyState.row_blocks``); shape and dtype must be the header's. Written to a temporary name
-    beside ``path`` and renamed."""
+    of its rows (``LazyState.row_blocks``); shape and dtype must be the header's. Each block is written at its
+    offset by ``filebytes.OutputFile`` (file to file where it lies in a mapped input), to a temporary name beside
+    ``path`` that is renamed at the end. The header's padding puts the first tensor at its source's offset modulo
+    the page size (``filebytes.source_residue``): a file laid out like its source (the same tensors in the same
+    order) is then copied page-aligned throughout."""
     header: dict = {"__metadata__": {str(k): str(v) for k, v in (metadata or {}).items()}} if metadata else {}
     offset = 0
     for name, (shape, dtype) in specs.items():
@@ -181,39 +190,43 @@ def write_safetensors_file(path: Path, specs: Mapping[str, tuple[tuple[int, ...]
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            for name, (shape, dtype) in specs.items():
-                blocks = next_tensor(name)
-                blocks = [blocks] if isinstance(blocks, torch.Tensor) else blocks
-                rows = sum(b.shape[0] for b in blocks) if shape else None
-                if any(b.dtype != dtype or tuple(b.shape[1:]) != tuple(shape[1:]) or b.dim() != len(shape)
-                       for b in blocks) or (shape and rows != shape[0]) or (not shape and len(blocks) != 1):
-                    got = [list(b.shape) for b in blocks]
-                    raise ConvertError(f"{path}: parameter {name} came as {got} {blocks[0].dtype}, the header "
-                                       f"says {list(shape)} {dtype}")
-                for b in blocks:
-                    if b.numel():
-                        f.write(memoryview(b.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
-                del blocks
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    early = {name: next_tensor(name) for name in list(specs)[:1]}  # the first tensor, for the header's padding
+    residue = source_residue(next(iter(early.values()))) if early else None
+    if residue is not None and residue % 8 == 0:
+        raw += b" " * ((residue - 8 - len(raw)) % PAGE)
+    with OutputFile(path, 8 + len(raw) + offset) as f:
+        f.write_bytes(struct.pack("<Q", len(raw)) + raw)
+        for name, (shape, dtype) in specs.items():
+            blocks = early.pop(name) if name in early else next_tensor(name)
+            blocks = [blocks] if isinstance(blocks, (torch.Tensor, Cat)) else blocks
+            rows = sum(b.shape[0] for b in blocks) if shape else None
+            if any(b.dtype != dtype or tuple(b.shape[1:]) != tuple(shape[1:]) or b.dim() != len(shape)
+                   for b in blocks) or (shape and rows != shape[0]) or (not shape and len(blocks) != 1):
+                got = [list(b.shape) for b in blocks]
+                raise ConvertError(f"{path}: parameter {name} came as {got} {blocks[0].dtype}, the header "
+                                   f"says {list(shape)} {dtype}")
+            for b in blocks:
+                f.write_tensor(b)
+            del blocks
+        f.close()
 
 
 class Prefetch:
     """``produce(name)`` for each name in order, up to ``threads`` of them ahead of the consumer, in a thread pool
     (reading, merging and casting release the GIL). ``self(name)`` returns the next one and must be called in
-    order; with ``threads`` <= 1 everything runs in the caller's thread."""
+    order; with ``threads`` <= 1 everything runs in the caller's thread.
+
+    Producing a view of a mapped file takes microseconds, and handing it over from a thread costs more than that
+    (a wake-up per tensor, behind whatever else holds the cores): while tensors come cheaper than ``INLINE_S``,
+    they are produced in the caller's thread; one that takes longer brings the pool back for the next ones."""
+
+    INLINE_S = 0.001
 
     def __init__(self, produce, names: list[str], threads: int):
         self.produce, self.names, self.threads = produce, list(names), max(0, int(threads))
         self.pending: list = []
         self.i = 0
+        self.inline = self.threads <= 1
 
     def __enter__(self):
         if self.threads > 1:
@@ -222,19 +235,28 @@ class Prefetch:
             self._fill()
         return self
 
+    def _timed(self, name: str):
+        start = time.perf_counter()
+        return self.produce(name), time.perf_counter() - start
+
     def _fill(self) -> None:
-        while len(self.pending) < self.threads and self.i + len(self.pending) < len(self.names):
+        while (not self.inline and len(self.pending) < self.threads
+               and self.i + len(self.pending) < len(self.names)):
             name = self.names[self.i + len(self.pending)]
-            self.pending.append((name, self.pool.submit(self.produce, name)))
+            self.pending.append((name, self.pool.submit(self._timed, name)))
 
     def __call__(self, name: str) -> torch.Tensor:
         if self.threads <= 1:
             return self.produce(name)
-        want, future = self.pending.pop(0)
+        want = self.pending[0][0] if self.pending else self.names[self.i]
         if want != name:
             raise RuntimeError(f"tensors asked out of order: {name} (expected {want})")
+        if self.pending:
+            t, seconds = self.pending.pop(0)[1].result()
+        else:
+            t, seconds = self._timed(name)
         self.i += 1
-        t = future.result()
+        self.inline = seconds < self.INLINE_S
         self._fill()
         return t
 
@@ -295,22 +317,26 @@ def read_header(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     return {k: (tuple(v["shape"]), _DTYPES[v["dtype"]]) for k, v in header.items() if k != "__metadata__"}
 
 
-def mapped_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of one safetensors file as a view of a private memory map: nothing is read until used, and a
-    conversion that only writes the tensors elsewhere streams them from the page cache (no copy in memory)."""
+def mapped_tensors(path: Path, keep: list | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file as a view of a private memory map (``filebytes.MappedFile``): nothing
+    is read until used, and a writer copies them file to file (``keep`` receives the mapping, for whoever should
+    hold it while the tensors are used)."""
     with open(path, "rb") as f:
         n = struct.unpack("<Q", f.read(8))[0]
         header = json.loads(f.read(n))
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # copy-on-write: writable tensors, file untouched
+    mapped = MappedFile(path)
+    if keep is not None:
+        keep.append(mapped)
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
         dtype, shape = _DTYPES[info["dtype"]], info["shape"]
         start, stop = info["data_offsets"]
-        count = (stop - start) // torch.tensor([], dtype=dtype).element_size()
-        out[name] = (torch.frombuffer(mm, dtype=dtype, count=count, offset=8 + n + start).view(shape) if count
-                     else torch.empty(shape, dtype=dtype))
+        if 8 + n + stop > mapped.size or stop - start != tensor_bytes(shape, dtype):
+            raise ConvertError(f"{path}: parameter {name}: its byte range {start}-{stop} does not fit the file or "
+                               f"its shape {list(shape)}")
+        out[name] = mapped.tensor(8 + n + start, dtype, shape)
     return out
 
 
@@ -322,6 +348,7 @@ class SafetensorsReader:
         self.map = weight_map(self.folder)
         self._open: dict[str, object] = {}
         self._mapped: dict[str, dict] = {}
+        self.keep: list = []  # the files' mappings (filebytes.MappedFile), while their tensors are in use
         self._headers: dict[str, dict] = {}
         self._lock = threading.Lock()  # conversions read tensors from several threads
 
@@ -364,7 +391,7 @@ class SafetensorsReader:
         _, file = self._handle(name)
         with self._lock:
             if file not in self._mapped:
-                self._mapped[file] = mapped_tensors(self.folder / file)
+                self._mapped[file] = mapped_tensors(self.folder / file, self.keep)
         try:
             return self._mapped[file][name]
         except KeyError:  # the index names a file that does not hold the key
@@ -381,4 +408,5 @@ class SafetensorsReader:
     def close(self) -> None:
         self._open.clear()
         self._mapped.clear()
+        self.keep.clear()
         self._headers.clear()

@@ -13,6 +13,7 @@ from typing import Iterable, Mapping, Optional
 
 import torch
 
+from megannm.convert.filebytes import Cat
 from megannm.convert.files import ConvertError, LazyState, specs_of
 
 VOCAB_PARAMS = ("embedding.embed_tokens.weight", "head.output.weight")
@@ -155,9 +156,12 @@ def merge_states(parts: list[Mapping[str, torch.Tensor]], args, sources: list[st
         t = t[:args.vocab_size] if name in VOCAB_PARAMS else t
         return t.to(specs[name][1])
 
-    def rows(name: str) -> list[torch.Tensor]:  # dim-0 shards as they are: written one after the other
-        if split_dim(name) != 0 or tp == 1:
+    def rows(name: str) -> list:  # shards as they are: dim 0 one after the other, dim 1 as a Cat of them
+        dim = split_dim(name)
+        if dim is None or tp == 1:
             return [get(name)]
+        if dim == 1:
+            return [Cat([p[name].to(specs[name][1]) for p in parts], 1)]
         blocks, left = [], args.vocab_size if name in VOCAB_PARAMS else None
         for p in parts:
             t = p[name]
@@ -165,6 +169,7 @@ def merge_states(parts: list[Mapping[str, torch.Tensor]], args, sources: list[st
                 t, left = t[:left], left - min(left, t.shape[0])
             if t.shape[0]:
                 blocks.append(t)
-        return blocks
+        return [b.to(specs[name][1]) for b in blocks]
 
-    return LazyState(specs, get, [c for p in parts if isinstance(p, LazyState) for c in p.checks], rows)
+    lazy = [p for p in parts if isinstance(p, LazyState)]
+    return LazyState(specs, get, [c for p in lazy for c in p.checks], rows, [k for p in lazy for k in p.keep])

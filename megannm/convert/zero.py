@@ -1,9 +1,9 @@
 """The fp32 master weights of one tensor rank from DeepSpeed's optimizer partitions, read lazily.
 
 Only needed when the module files do not hold them: under ZeRO-3 (the module files hold placeholders) and under
-bf16/fp16 (the module files hold 16-bit copies). The partitions are memory-mapped (``torch.load(mmap=True)``), and
-a parameter's values are copied out only when it is asked for; the Adam moments beside them are never used (only
-the files' crc32 check reads them).
+bf16/fp16 (the module files hold 16-bit copies). The partitions are memory-mapped (``torchzip.load``, as
+``torch.load(mmap=True)``), and a parameter's values are copied out only when it is asked for; the Adam moments
+beside them are never used (only the files' crc32 check reads them).
 
 The layouts (DeepSpeed 0.19, the ones ``deepspeed.utils.zero_to_fp32`` reads, plus BF16_Optimizer's):
 

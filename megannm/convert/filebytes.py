@@ -1,0 +1,408 @@
+"""Tensor bytes from file to file with as few copies as the kernel allows: why a conversion runs at copy speed.
+
+A conversion mostly moves bytes. A tensor of a DeepSpeed file (a torch zip record, stored uncompressed), of a
+safetensors file (a byte range), or a contiguous part of one (a TP shard split along dim 0, a fused weight's q/k/v
+rows) lies in its source file exactly as it must lie in the output. So inputs are mapped whole (``MappedFile``: one
+private, read-only-in-practice mapping per file, registered by address, so that any tensor viewing it can be traced
+back to (file, offset): ``extent``), and outputs are written at positions the writer laid out first
+(``OutputFile``):
+
+- a contiguous view of a mapped file goes with ``os.copy_file_range`` from the source's descriptor (page cache to
+  page cache inside the kernel: the copy ``shutil.copyfile`` makes, nothing through user space);
+- a strided view (a dim-1 TP slice) or a ``Cat`` along dim 1 (TP shards whose rows interleave) goes with
+  ``os.pwritev`` of its rows, straight from the mapped pages (one copy, no buffer);
+- anything computed (a cast, padding) goes with ``os.pwrite`` of its bytes.
+
+The kernel's copy costs ~25% more CPU when source and destination offsets differ modulo the page size (each
+destination page is filled from two source pages), so writers place tensors where they can at the source's offset
+modulo ``PAGE`` (``source_residue``): the safetensors writer pads its header for the first tensor, the torch zip
+writer pads each record.
+
+Checksums (``crc32``) use libdeflate's crc32 when the system has it (same values as zlib's, several times faster:
+~8 GB/s against ~2-3 here), zlib's otherwise. ``OutputFile`` checksums what it has written in a thread that follows
+the writes, so a file's crc32 is ready almost as soon as its last byte is written.
+
+Everything here is file I/O, so it is the CPU's by nature: a tensor on another device is written through its bytes
+copied to the host (``pwrite``), never traced to a file.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import threading
+import weakref
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+PAGE = 4096  # the alignment of source and destination offsets that the kernel's copy is cheapest at
+_IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024)
+_CRC_CHUNK = 32 << 20  # bytes an output's checksum thread takes at a time, behind the writes
+_MAX_WRITE = 1 << 30  # one syscall's bytes at most (Linux caps a write near 2 GiB)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# crc32
+
+
+def _load_libdeflate():
+    """libdeflate's ``libdeflate_crc32(crc, buf, len)`` (the gzip/zlib CRC-32, PCLMUL-accelerated) through ctypes,
+    or None where the library is absent. ctypes releases the GIL during the call, so checksums run in threads."""
+    for name in (ctypes.util.find_library("deflate"), "libdeflate.so.0", "libdeflate.so"):
+        if not name:
+            continue
+        try:
+            fn = ctypes.CDLL(name).libdeflate_crc32
+        except (OSError, AttributeError):
+            continue
+        fn.restype, fn.argtypes = ctypes.c_uint32, [ctypes.c_uint32, ctypes.c_void_p, ctypes.c_size_t]
+        return fn
+    return None
+
+
+_LIBDEFLATE = _load_libdeflate()
+FAST_CRC32 = _LIBDEFLATE is not None  # a checksum thread keeps up with a copy (~8 GB/s, zlib's ~2-3 here)
+
+
+def crc32(data: torch.Tensor, value: int = 0) -> int:
+    """zlib's crc32 of a contiguous uint8 CPU tensor (a view of a mapped file, usually), continuing from
+    ``value``."""
+    if not data.numel():
+        return value
+    if _LIBDEFLATE is not None:
+        return _LIBDEFLATE(value, data.data_ptr(), data.numel())
+    return zlib.crc32(data.numpy(), value)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# mapped inputs
+
+
+_MAPPED: "weakref.WeakValueDictionary[int, MappedFile]" = weakref.WeakValueDictionary()
+_MAPPED_LOCK = threading.Lock()
+
+
+class MappedFile:
+    """A whole file mapped privately (copy-on-write, as ``torch.load(mmap=True)`` maps: the file never changes), its
+    bytes as ``self.bytes`` (uint8), registered by address so that ``extent`` finds which file and offset a view of
+    it comes from. Whoever holds tensors that writers should trace (a lazy state) holds this object too: the registry
+    keeps it only weakly, and a tensor whose file is no longer registered is simply written from memory.
+
+    Its tensors are inputs, read-only by contract: a writer copies the FILE's bytes for a view of it, so a view
+    changed in place in memory would be written as the file has it (no conversion here writes into its inputs)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.size = os.path.getsize(self.path)
+        storage = (torch.UntypedStorage.from_file(str(self.path), False, self.size) if self.size
+                   else torch.UntypedStorage(0))
+        self.bytes = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (self.size,), (1,))
+        self.base = self.bytes.data_ptr()
+        self._fd: Optional[int] = None
+        self._fd_lock = threading.Lock()
+        if self.size:
+            with _MAPPED_LOCK:
+                _MAPPED[self.base] = self
+
+    def tensor(self, offset: int, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
+        """The tensor of ``dtype`` and ``shape`` whose bytes start at ``offset`` (a view: nothing is read)."""
+        n = 1
+        for d in shape:
+            n *= int(d)
+        size = torch.empty((), dtype=dtype).element_size()
+        if not n:
+            return torch.empty(tuple(shape), dtype=dtype)
+        raw = self.bytes[offset:offset + n * size]
+        if offset % size:  # unaligned (no writer of ours makes this): a copy, never a wrong view
+            raw = raw.clone()
+        return raw.view(dtype).view(tuple(shape))
+
+    def fileno(self) -> int:
+        """A read-only descriptor of the file (opened once, closed with this object): the source of
+        ``copy_file_range``."""
+        with self._fd_lock:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY)
+                weakref.finalize(self, os.close, self._fd)
+            return self._fd
+
+
+def extent(t: torch.Tensor) -> Optional[tuple[MappedFile, int]]:
+    """(mapped file, byte offset) of a contiguous CPU tensor whose bytes are a range of a registered mapped file;
+    None for anything else (computed tensors, strided views, other devices)."""
+    if t.device.type != "cpu" or not t.numel() or not t.is_contiguous():
+        return None
+    ptr, n = t.data_ptr(), t.numel() * t.element_size()
+    with _MAPPED_LOCK:
+        files = list(_MAPPED.values())
+    for m in files:
+        if m.base <= ptr and ptr + n <= m.base + m.size:
+            return m, ptr - m.base
+    return None
+
+
+def source_residue(blocks) -> Optional[int]:
+    """The offset modulo ``PAGE`` at which the first of ``blocks`` (a tensor, a ``Cat`` or a list of them) lies in
+    its mapped source file; None when it is not a range of one (then no placement is cheaper than another)."""
+    first = blocks[0] if isinstance(blocks, (list, tuple)) and blocks else blocks
+    if isinstance(first, Cat):
+        first = first.parts[0] if first.axis == 0 else None
+    where = extent(first) if isinstance(first, torch.Tensor) else None
+    return None if where is None else where[1] % PAGE
+
+
+class Cat:
+    """``torch.cat(parts, dim)`` not yet made: what a writer writes without joining it in memory (along dim 1 the
+    parts' rows interleave: ``OutputFile`` writes them with ``pwritev`` from where they are). Has the shape, dtype
+    and ``to`` that writers check and cast with; ``join()`` makes the tensor for anyone else."""
+
+    def __init__(self, parts: Sequence[torch.Tensor], dim: int):
+        self.parts, self.axis = list(parts), dim
+        first = self.parts[0]
+        shape = list(first.shape)
+        shape[dim] = sum(p.shape[dim] for p in self.parts)
+        self.shape, self.dtype, self.device = torch.Size(shape), first.dtype, first.device
+
+    def dim(self) -> int:  # the tensor API writers use
+        return len(self.shape)
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def to(self, dtype: torch.dtype) -> "Cat":
+        return self if dtype == self.dtype else Cat([p.to(dtype) for p in self.parts], self.axis)
+
+    def join(self) -> torch.Tensor:
+        return torch.cat(self.parts, dim=self.axis)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# positioned outputs
+
+
+_CHECKSUMMER: Optional[ThreadPoolExecutor] = None
+_COPY_FILE_RANGE = hasattr(os, "copy_file_range")
+
+
+def _checksummer() -> ThreadPoolExecutor:
+    """One thread for every output's checksum: its jobs for one file run in the order they were given."""
+    global _CHECKSUMMER
+    if _CHECKSUMMER is None:
+        _CHECKSUMMER = ThreadPoolExecutor(1, thread_name_prefix="megannm-crc32")
+    return _CHECKSUMMER
+
+
+class OutputFile:
+    """A file of a size known up front, written front to back at explicit positions (``pwrite``,
+    ``copy_file_range``: no shared file position, no buffering), to a temporary name beside ``path``; ``close()``
+    checks that every byte was written and renames it into place, ``abort()`` (or an exception inside ``with``)
+    removes it. With ``checksum``, a thread computes the crc32 of what is written behind the writes (``self.crc32``
+    after ``close()``). With ``exact=False``, ``size`` is an upper bound and the file ends where the writes did."""
+
+    def __init__(self, path: str | Path, size: int, checksum: bool = False, exact: bool = True):
+        self.path, self.size, self.exact = Path(path), int(size), exact
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)  # mode as open() gives it
+        self.pos = 0
+        self.crc32: Optional[int] = 0 if checksum else None
+        self._checked = 0
+        self._jobs: list = []
+        self._view: Optional[torch.Tensor] = None
+        self._pending: Optional[list] = None  # a kernel copy held to merge with the next (see _copy_range)
+        try:
+            os.ftruncate(self.fd, self.size)  # every byte not written is zero (a hole): padding costs nothing
+        except BaseException:
+            self.abort()
+            raise
+
+    # -- writing, front to back
+
+    def write_bytes(self, data) -> None:
+        """``data`` (bytes-like) at the current position."""
+        self._flush()
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self.fd, view[done:done + _MAX_WRITE], self.pos + done)
+        self._advance(len(view))
+
+    def write_tensor(self, t) -> None:
+        """A tensor's bytes (row-major) at the current position, by the cheapest way its storage allows (see the
+        module's docstring); a ``Cat`` without joining it."""
+        if isinstance(t, Cat):
+            self._write_cat(t)
+            return
+        if not t.numel():
+            return
+        where = extent(t)
+        if where is not None:
+            self._copy_range(where[0], where[1], t.numel() * t.element_size())
+            return
+        t = t.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        if t.is_contiguous():
+            self.write_bytes(_as_bytes(t))
+        elif t.dim() == 2 and t.stride(1) == 1:
+            self._write_rows([t])
+        else:
+            self.write_bytes(_as_bytes(t.contiguous()))
+
+    def _write_cat(self, c: Cat) -> None:
+        if c.axis == 0 or len(c.parts) == 1:
+            for p in c.parts:
+                self.write_tensor(p)
+            return
+        parts = [p.detach() if p.device.type == "cpu" else p.detach().cpu() for p in c.parts]
+        if len(c.shape) == 2 and c.axis == 1:
+            self._write_rows(parts)
+        else:
+            self.write_bytes(_as_bytes(torch.cat([p.contiguous() for p in parts], dim=c.axis)))
+
+    def _write_rows(self, blocks: list[torch.Tensor]) -> None:
+        """2-D tensors of equal rows side by side (output row i = every block's row i, in order), each row piece
+        straight from where it is (a mapped file's pages, usually), ``IOV_MAX`` pieces per ``pwritev``."""
+        self._flush()
+        rows = [_row_views(b) for b in blocks]
+        pieces = [piece for row in zip(*rows) for piece in row]
+        for start in range(0, len(pieces), _IOV_MAX):
+            batch = pieces[start:start + _IOV_MAX]
+            want = sum(len(b) for b in batch)
+            done = os.pwritev(self.fd, batch, self.pos)
+            if done < want:  # a short write: the rest piece by piece
+                flat = memoryview(b"".join(bytes(b) for b in batch))
+                while done < want:
+                    done += os.pwrite(self.fd, flat[done:], self.pos + done)
+            self._advance(want)
+
+    def _copy_range(self, src: MappedFile, offset: int, nbytes: int) -> None:
+        """``nbytes`` of ``src`` from ``offset``, to be copied by the kernel: held until the next write, so that
+        ranges that follow each other in both files (a file laid out like its source) go as ONE copy (each call
+        costs the kernel about as much as copying a few hundred KB)."""
+        pending = self._pending
+        if pending is not None and pending[0] is src and pending[1] + pending[3] == offset:
+            pending[3] += nbytes
+        else:
+            self._flush()
+            self._pending = [src, offset, self.pos, nbytes]
+        self._advance(nbytes)
+
+    def _flush(self) -> None:
+        """The held kernel copy (``copy_file_range``; from the mapped pages where the file system refuses: another
+        file system, an old kernel)."""
+        global _COPY_FILE_RANGE
+        if self._pending is None:
+            return
+        src, offset, at, nbytes = self._pending
+        done = 0
+        if _COPY_FILE_RANGE:
+            fd = src.fileno()
+            try:
+                while done < nbytes:
+                    n = os.copy_file_range(fd, self.fd, min(nbytes - done, _MAX_WRITE), offset + done, at + done)
+                    if n <= 0:
+                        raise OSError(errno.EIO, f"{src.path}: ends before byte {offset + nbytes}")
+                    done += n
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF):
+                    raise
+                _COPY_FILE_RANGE = False
+        if done < nbytes:
+            mv = memoryview(src.bytes[offset + done:offset + nbytes].numpy())
+            written = 0
+            while written < len(mv):
+                written += os.pwrite(self.fd, mv[written:written + _MAX_WRITE], at + done + written)
+        self._pending = None
+        self._check_behind()
+
+    # -- the checksum behind the writes
+
+    def _advance(self, nbytes: int) -> None:
+        self.pos += nbytes
+        if self.pos > self.size:
+            raise ValueError(f"{self.path}: {self.pos} bytes written, the file was laid out for {self.size}")
+        self._check_behind()
+
+    def _written(self) -> int:
+        """Where the bytes really in the file end (a held copy is not yet)."""
+        return self.pos - (self._pending[3] if self._pending is not None else 0)
+
+    def _check_behind(self) -> None:
+        if self.crc32 is not None and self._written() - self._checked >= _CRC_CHUNK:
+            self._submit_crc(self._written())
+
+    def _submit_crc(self, stop: int) -> None:
+        stop = min(stop, self._written())
+        if stop <= self._checked:
+            return
+        if self._view is None:
+            storage = torch.UntypedStorage.from_file(str(self.tmp), True, self.size)
+            self._view = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (self.size,), (1,))
+        start, self._checked = self._checked, stop
+        self._jobs.append(_checksummer().submit(self._crc_job, start, stop))
+
+    def _crc_job(self, start: int, stop: int) -> None:
+        self.crc32 = crc32(self._view[start:stop], self.crc32)
+
+    # -- the end
+
+    def close(self) -> Path:
+        """Every byte written: wait for the checksum, close and rename into place; returns the path."""
+        try:
+            self._flush()
+            if self.pos != self.size and self.exact:
+                raise ValueError(f"{self.path}: {self.pos} bytes written, the file was laid out for {self.size}")
+            if self.crc32 is not None:
+                self._submit_crc(self.pos)  # (while the file still has the size the checksum's mapping expects)
+                for job in self._jobs:
+                    job.result()
+            self._view = None
+            if self.pos != self.size:
+                os.ftruncate(self.fd, self.pos)
+            os.close(self.fd)
+            self.fd = -1
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        return self.path
+
+    def abort(self) -> None:
+        """Drop the temporary file (after an error): nothing appears under the real name."""
+        for job in self._jobs:
+            job.cancel()
+        for job in self._jobs:
+            try:
+                job.result()
+            except BaseException:
+                pass
+        self._view = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "OutputFile":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> bool:
+        if exc_type is not None:
+            self.abort()
+        return False
+
+
+def _as_bytes(t: torch.Tensor) -> memoryview:
+    """A contiguous CPU tensor's bytes, without a copy."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def _row_views(t: torch.Tensor) -> list:
+    """Each row of a 2-D CPU tensor whose rows are contiguous, as a buffer over its bytes (no copy)."""
+    if t.shape[1] == 0:
+        return [b""] * t.shape[0]
+    return list(t.view(torch.uint8).numpy()) if t.stride(1) == 1 else list(t.contiguous().view(torch.uint8).numpy())

@@ -415,7 +415,7 @@ def test_fused_projections_equal_separate_weights_in_plain_torch(mot):
 
 
 def test_rms_norm_equals_the_written_out_form():
-    """RMSNorm through torch.nn.functional.rms_norm equals the fp32 formula it replaced (HF Llama's)."""
+    """The model's RMSNorm (``kernels.rms_norm``) equals Hugging Face Llama's fp32 formula, bf16 bit for bit."""
     from megannm.model.mot import RMSNorm
     gen = torch.Generator().manual_seed(14)
     for dtype in (torch.float32, torch.bfloat16):

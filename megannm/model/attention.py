@@ -55,7 +55,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, H, S, hd]; cos/sin [B, S, hd] (broadcast over heads), in x's dtype: a module cast after it was built
-    (a frozen reference, an engine's bf16 copy) must not promote q and k to fp32 while v stays bf16."""
+    (a frozen reference, an engine's bf16 copy) must not promote q and k to fp32 while v stays bf16. The written-out
+    form: the model applies it through ``kernels.rotary_qkv`` (one autograd function), tested against this."""
     cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
     return x * cos + rotate_half(x) * sin
 

@@ -859,14 +859,16 @@ def test_crc32_is_zlibs(monkeypatch, libdeflate):
     from a previous value as zlib continues."""
     import zlib
 
+    from megannm.checkpoint import integrity
     from megannm.convert import filebytes
     if not libdeflate:
-        monkeypatch.setattr(filebytes, "_LIBDEFLATE", None)
+        monkeypatch.setattr(integrity, "_LIBDEFLATE", None)
     data = torch.randint(0, 256, (1 << 20,), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     raw = data.numpy().tobytes()
     assert filebytes.crc32(data) == zlib.crc32(raw)
     assert filebytes.crc32(data[1000:], filebytes.crc32(data[:1000])) == zlib.crc32(raw)
     assert filebytes.crc32(data[:0], 5) == 5
+    assert integrity.crc32_update(raw[1000:], integrity.crc32_update(raw[:1000])) == zlib.crc32(raw)  # bytes too
 
 
 def test_conversions_copy_tensor_bytes_file_to_file(toy_vocab, tmp_path, monkeypatch):

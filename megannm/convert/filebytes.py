@@ -18,8 +18,8 @@ destination page is filled from two source pages), so writers place tensors wher
 modulo ``PAGE`` (``source_residue``): the safetensors writer pads its header for the first tensor, the torch zip
 writer pads each record.
 
-Checksums (``crc32``) use libdeflate's crc32 when the system has it (same values as zlib's, several times faster:
-~8 GB/s against ~2-3 here), zlib's otherwise. ``OutputFile`` checksums what it has written in a thread that follows
+Checksums (``crc32``) are the checkpoint layer's (``megannm.checkpoint.integrity``: libdeflate's when the system
+has it, same values as zlib's at ~8 GB/s against ~2-3 here; zlib's otherwise). ``OutputFile`` checksums what it has written in a thread that follows
 the writes, so a file's crc32 is ready almost as soon as its last byte is written.
 
 Everything here is file I/O, so it is the CPU's by nature: a tensor on another device is written through its bytes
@@ -27,18 +27,17 @@ copied to the host (``pwrite``), never traced to a file.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import os
 import threading
 import weakref
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+
+from megannm.checkpoint import integrity
 
 PAGE = 4096  # the alignment of source and destination offsets that the kernel's copy is cheapest at
 _IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024)
@@ -50,33 +49,13 @@ _MAX_WRITE = 1 << 30  # one syscall's bytes at most (Linux caps a write near 2 G
 # crc32
 
 
-def _load_libdeflate():
-    """libdeflate's ``libdeflate_crc32(crc, buf, len)`` (the gzip/zlib CRC-32, PCLMUL-accelerated) through ctypes,
-    or None where the library is absent. ctypes releases the GIL during the call, so checksums run in threads."""
-    for name in (ctypes.util.find_library("deflate"), "libdeflate.so.0", "libdeflate.so"):
-        if not name:
-            continue
-        try:
-            fn = ctypes.CDLL(name).libdeflate_crc32
-        except (OSError, AttributeError):
-            continue
-        fn.restype, fn.argtypes = ctypes.c_uint32, [ctypes.c_uint32, ctypes.c_void_p, ctypes.c_size_t]
-        return fn
-    return None
-
-
-_LIBDEFLATE = _load_libdeflate()
-FAST_CRC32 = _LIBDEFLATE is not None  # a checksum thread keeps up with a copy (~8 GB/s, zlib's ~2-3 here)
-
-
 def crc32(data: torch.Tensor, value: int = 0) -> int:
-    """zlib's crc32 of a contiguous uint8 CPU tensor (a view of a mapped file, usually), continuing from
-    ``value``."""
-    if not data.numel():
-        return value
-    if _LIBDEFLATE is not None:
-        return _LIBDEFLATE(value, data.data_ptr(), data.numel())
-    return zlib.crc32(data.numpy(), value)
+    """zlib's crc32 of a contiguous uint8 CPU tensor (a view of a mapped file, usually), continuing from ``value``:
+    the checkpoint layer's checksum (libdeflate's where the system has it), read in place."""
+    return integrity.crc32_update(data, value)
+
+
+FAST_CRC32 = integrity.FAST_CRC32
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The hand-written element-wise autograd functions equal their written-out formulas, forward and backward."""
+"""The hand-written element-wise autograd functions equal their written-out formulas, forward and backward, eager and
+compiled (``compiled=True``: the torch.compile'd kernels of ``model.compile_elementwise``)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,8 +20,9 @@ def _grads(fn, inputs, weight):
     return outs, [t.grad for t in inputs]
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rotary_qkv_equals_rotate_half_on_split_heads(dtype):
+def test_rotary_qkv_equals_rotate_half_on_split_heads(dtype, compiled):
     g = torch.Generator().manual_seed(0)
     b, s, h, hkv, hd = 2, 7, 4, 2, 8
     qkv = torch.randn(b, s, h + 2 * hkv, hd, generator=g).to(dtype)
@@ -32,7 +34,7 @@ def test_rotary_qkv_equals_rotate_half_on_split_heads(dtype):
         t = x.transpose(1, 2)
         return apply_rotary(t[:, :h], cos, sin), apply_rotary(t[:, h:h + hkv], cos, sin), t[:, h + hkv:]
 
-    got, (dgot,) = _grads(lambda x: kernels.rotary_qkv(x, cos, sin, h, hkv), [qkv], weight)
+    got, (dgot,) = _grads(lambda x: kernels.rotary_qkv(x, cos, sin, h, hkv, compiled), [qkv], weight)
     ref, (dref,) = _grads(written_out, [qkv], weight)
     for a, r in zip(got, ref):
         assert a.shape == r.shape and a.dtype == dtype
@@ -40,25 +42,32 @@ def test_rotary_qkv_equals_rotate_half_on_split_heads(dtype):
     torch.testing.assert_close(dgot, dref, **TOL[dtype])
     # a gradient for v alone (q and k unused) still fills q and k with zeros
     x = qkv.detach().clone().requires_grad_()
-    kernels.rotary_qkv(x, cos, sin, h, hkv)[2].float().sum().backward()
+    kernels.rotary_qkv(x, cos, sin, h, hkv, compiled)[2].float().sum().backward()
     assert float(x.grad[:, :, :h + hkv].abs().sum()) == 0 and bool((x.grad[:, :, h + hkv:] == 1).all())
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_swiglu_equals_silu_gate_times_up(dtype):
+def test_swiglu_equals_silu_gate_times_up(dtype, compiled):
     g = torch.Generator().manual_seed(1)
-    x = (2 * torch.randn(9, 12, generator=g)).to(dtype)
-    w = [torch.randn(9, 6, generator=g)]
-    got, (dgot,) = _grads(kernels.swiglu, [x], w)
-    ref, (dref,) = _grads(lambda t: F.silu(t[:, :6]) * t[:, 6:], [x], w)
-    torch.testing.assert_close(got[0], ref[0], **TOL[dtype])
-    torch.testing.assert_close(dgot, dref, **TOL[dtype])
-    assert kernels.swiglu(torch.zeros(0, 12, dtype=dtype)).shape == (0, 6)
+    for rows in (9, 5):  # a second row count: MoT's per-modality slices change size from one micro-batch to the next
+        x = (2 * torch.randn(rows, 12, generator=g)).to(dtype)
+        w = [torch.randn(rows, 6, generator=g)]
+        got, (dgot,) = _grads(lambda t: kernels.swiglu(t, compiled), [x], w)
+        ref, (dref,) = _grads(lambda t: F.silu(t[:, :6]) * t[:, 6:], [x], w)
+        assert got[0].dtype == dtype and dgot.dtype == dtype
+        torch.testing.assert_close(got[0], ref[0], **TOL[dtype])
+        torch.testing.assert_close(dgot, dref, **TOL[dtype])
+    assert kernels.swiglu(torch.zeros(0, 12, dtype=dtype), compiled).shape == (0, 6)
 
 
-@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
-                                             (torch.bfloat16, torch.float32), (torch.float64, torch.float64)])
-def test_rms_norm_forward_and_backward_equal_the_formula(x_dtype, w_dtype):
+F32, BF16, F64 = torch.float32, torch.bfloat16, torch.float64
+
+
+# compiled: one dtype pair per precision (the same expression; each pair is one more compile)
+@pytest.mark.parametrize("x_dtype,w_dtype,compiled", [(F32, F32, False), (BF16, BF16, False), (BF16, F32, False),
+                                                      (F64, F64, False), (F32, F32, True), (BF16, BF16, True)])
+def test_rms_norm_forward_and_backward_equal_the_formula(x_dtype, w_dtype, compiled):
     g = torch.Generator().manual_seed(2)
     x = (3 * torch.randn(4, 5, 16, generator=g)).to(x_dtype)
     weight = (1 + torch.randn(16, generator=g)).to(w_dtype)
@@ -68,7 +77,7 @@ def test_rms_norm_forward_and_backward_equal_the_formula(x_dtype, w_dtype):
         tf = t.float() if t.dtype != torch.float64 else t
         return w * (tf * torch.rsqrt(tf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(t.dtype)
 
-    got, (dx, dw) = _grads(lambda t, w: kernels.rms_norm(t, w, 1e-5), [x, weight], up)
+    got, (dx, dw) = _grads(lambda t, w: kernels.rms_norm(t, w, 1e-5, compiled), [x, weight], up)
     ref, (rx, rw) = _grads(formula, [x, weight], up)
     assert got[0].dtype == ref[0].dtype and dx.dtype == x_dtype and dw.dtype == w_dtype
     tol = TOL[torch.bfloat16 if torch.bfloat16 in (x_dtype, w_dtype) else x_dtype]
@@ -76,6 +85,21 @@ def test_rms_norm_forward_and_backward_equal_the_formula(x_dtype, w_dtype):
     torch.testing.assert_close(dx, rx, **tol)
     torch.testing.assert_close(dw, rw, **tol)
     # float64: the closed-form backward is exact, the check autograd itself can make
-    if x_dtype == torch.float64:
+    if x_dtype == torch.float64 and not compiled:
         assert torch.autograd.gradcheck(lambda t, w: kernels.rms_norm(t, w, 1e-5),
                                         (x[:2, :2].clone().requires_grad_(), weight.clone().requires_grad_()))
+
+
+def test_compiled_kernels_without_a_compiler_fail_with_one_line_naming_the_switch(tmp_path):
+    """A machine where Inductor cannot build (here: no C++ compiler) gets the recipe key to turn off, not a
+    compiler traceback."""
+    import os
+    import subprocess
+    import sys
+    code = ("import torch\nfrom megannm.model import kernels\n"
+            "try:\n    kernels.swiglu(torch.randn(4, 8), compiled=True)\n"
+            "except RuntimeError as e:\n    print('ERROR', e)\n")
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-c++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300).stdout
+    line = next(x for x in out.splitlines() if x.startswith("ERROR"))
+    assert "model.compile_elementwise" in line and "_swiglu_forward" in line and "C++ compiler" in line

@@ -13,7 +13,8 @@ import torch.nn as nn
 from megannm.vocab import MODALITY_NAMES
 
 # ModelArgs fields that decide which parameters exist and what they mean: they must agree when weights move into a
-# model built from a recipe. Training settings (z_loss, loss_weights, init_std, max_seq_len, rope_theta, dtype) and
+# model built from a recipe. Training settings (z_loss, loss_weights, init_std, max_seq_len, rope_theta, dtype,
+# compile_elementwise) and
 # the TP-dependent vocabulary padding may change from one stage to the next.
 STRUCTURAL = ("hidden", "layers", "heads", "kv_heads", "ffn", "vocab_size", "image_start", "image_end", "mot",
               "n_modalities", "qk_norm", "norm_reorder", "eps")
@@ -64,6 +65,7 @@ class ModelArgs:
     max_seq_len: int = 512
     loss_weights: tuple = (1.0, 1.0)  # per modality, in MODALITY_NAMES order (text, image)
     params_dtype: str = "float32"
+    compile_elementwise: bool = False  # kernels.py: generated element-wise kernels instead of eager ops
 
     @classmethod
     def from_config(cls, model_cfg, vocab, tp: int = 1, params_dtype: str = "float32") -> "ModelArgs":
@@ -79,7 +81,7 @@ class ModelArgs:
                    z_loss=m.z_loss, norm_reorder=m.norm_reorder, rope_theta=m.rope_theta, eps=m.norm_eps,
                    init_std=m.init_std, max_seq_len=m.max_seq_len,
                    loss_weights=tuple(float(m.loss_weights.get(n, 1.0)) for n in MODALITY_NAMES),
-                   params_dtype=dtype_name(params_dtype))
+                   params_dtype=dtype_name(params_dtype), compile_elementwise=m.compile_elementwise)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -13,13 +13,50 @@ They are torch code (any device, any dtype: the same arithmetic on a GPU; NVIDIA
 preferred there when installed, ``mot.RMSNorm``) and equal the written-out forms to rounding: tests/test_model.py
 checks logits and every gradient against a plain-torch reference of the whole model, and tests/test_kernels.py each
 function against its formula, forward and backward, in fp32 and bf16.
+
+``compiled=True`` (the recipe's ``model.compile_elementwise``) runs each forward and backward as ONE generated kernel
+instead: the same formulas written as pure tensor expressions and handed to ``torch.compile`` (Inductor: C++ with
+OpenMP on the CPU, Triton on a GPU), so a SwiGLU backward, say, reads gate, up and the gradient once and writes both
+halves in one pass where the eager form takes four. It pays where the step is bound by memory passes rather than
+GEMMs and costs a compile on the first micro-batch of each shape (seconds; Inductor caches it on disk for the next
+run); ``tools/bench/step.py`` measures both. Empty slices (a modality absent from a micro-batch) take the eager form.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 
 __all__ = ["rotary_qkv", "swiglu", "rms_norm"]
+
+
+@functools.cache
+def _compiled(fn):
+    """``fn`` compiled once per process (static shapes, except what ``_any_rows`` marks); a machine where Inductor
+    cannot build (no C++ compiler on a CPU, no Triton on a GPU) gets one line naming the switch."""
+    compiled = torch.compile(fn, fullgraph=True)
+
+    def run(*args):
+        try:
+            return compiled(*args)
+        except torch._dynamo.exc.BackendCompilerFailed as e:
+            cause = str(e.__cause__ or e).strip().splitlines()
+            raise RuntimeError(f"model.compile_elementwise: torch.compile could not build the {fn.__name__} kernel "
+                               f"({cause[0] if cause else type(e).__name__}); set model.compile_elementwise: false "
+                               f"or install what Inductor needs") from e
+    return run
+
+
+def _any_rows(*ts: torch.Tensor) -> None:
+    """Compile for any number of rows: MoT's tokens per modality change from one micro-batch to the next (a kernel
+    generated for symbolic rows was measured as fast as a row-specialised one); the other sizes stay static."""
+    for t in ts:
+        torch._dynamo.maybe_mark_dynamic(t, 0)
+
+
+def _use_compiled(compiled: bool, x: torch.Tensor) -> bool:
+    return compiled and x.numel() > 0
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -38,17 +75,38 @@ def _rotate_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: tor
     o2.addcmul_(x1, sin, value=sign)
 
 
+def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
+    """``_rotate_into`` as one expression (the compiled form)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - sign * x2 * sin, x2 * cos + sign * x1 * sin], dim=-1)
+
+
+def _rotary_forward(qkv, cos, sin, n_qk: int):
+    return _rotated(qkv[:, :, :n_qk], cos, sin, 1.0)
+
+
+def _rotary_backward(dq, dk, dv, cos, sin):
+    """[B, H, S, hd] gradients of q, k, v -> the [B, S, Hq + 2 Hkv, hd] gradient of the fused output."""
+    return torch.cat([_rotated(dq.transpose(1, 2), cos, sin, -1.0), _rotated(dk.transpose(1, 2), cos, sin, -1.0),
+                      dv.transpose(1, 2)], dim=2)
+
+
 class _RotaryQKV(torch.autograd.Function):
     """qkv [B, S, Hq + 2 Hkv, hd] (the fused GEMM's output in sequence order) -> q [B, Hq, S, hd] and k [B, Hkv, S, hd]
     rotated, v [B, Hkv, S, hd] a view of the input; cos/sin [B, S, 1, hd / 2] in the activations' dtype."""
 
     @staticmethod
-    def forward(ctx, qkv, cos, sin, heads: int, kv_heads: int):
+    def forward(ctx, qkv, cos, sin, heads: int, kv_heads: int, compiled: bool):
         ctx.save_for_backward(cos, sin)
         ctx.heads, ctx.kv_heads = heads, kv_heads
+        ctx.compiled = _use_compiled(compiled, qkv)
         n_qk = heads + kv_heads
-        qk = qkv.new_empty(qkv.shape[:2] + (n_qk, qkv.shape[-1]))
-        _rotate_into(qk, qkv[:, :, :n_qk], cos, sin, 1.0)
+        if ctx.compiled:
+            qk = _compiled(_rotary_forward)(qkv, cos, sin, n_qk)
+        else:
+            qk = qkv.new_empty(qkv.shape[:2] + (n_qk, qkv.shape[-1]))
+            _rotate_into(qk, qkv[:, :, :n_qk], cos, sin, 1.0)
         qk = qk.transpose(1, 2)  # [B, H, S, hd] views; SDPA reads any strides
         return qk[:, :heads], qk[:, heads:], qkv[:, :, n_qk:].transpose(1, 2)
 
@@ -56,6 +114,8 @@ class _RotaryQKV(torch.autograd.Function):
     def backward(ctx, dq, dk, dv):
         cos, sin = ctx.saved_tensors
         h, hkv = ctx.heads, ctx.kv_heads
+        if ctx.compiled and dq is not None and dk is not None and dv is not None:
+            return _compiled(_rotary_backward)(dq, dk, dv, cos, sin), None, None, None, None, None
         ref = next(g for g in (dq, dk, dv) if g is not None)
         b, s, hd = ref.shape[0], ref.shape[2], ref.shape[3]
         grad = ref.new_empty(b, s, h + 2 * hkv, hd)
@@ -67,19 +127,33 @@ class _RotaryQKV(torch.autograd.Function):
                 _rotate_into(part, g.transpose(1, 2), cos, sin, -1.0)
             else:
                 part.copy_(g.transpose(1, 2))
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
-def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int):
+def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
+               compiled: bool = False):
     """RoPE on the queries and keys of a fused projection: ``qkv`` [B, S, Hq + 2 Hkv, hd]; ``cos``/``sin``
     [B, S, hd] as ``attention.rotary`` makes them (both halves equal). Returns q, k, v as [B, H, S, hd]."""
     half = qkv.shape[-1] // 2
     cos, sin = cos[..., None, :half].to(qkv.dtype), sin[..., None, :half].to(qkv.dtype)
-    return _RotaryQKV.apply(qkv, cos, sin, heads, kv_heads)
+    return _RotaryQKV.apply(qkv, cos, sin, heads, kv_heads, compiled)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # SwiGLU on the fused gate/up projection
+
+
+def _swiglu_forward(gate_up):
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def _swiglu_backward(gate_up, grad):
+    """silu'(g) = s (1 + g (1 - s)) with s = sigmoid(g): recomputed in the kernel, so only the input is kept."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    s = torch.sigmoid(gate.float())
+    g = grad.float()
+    return torch.cat([g * up * s * (1 + gate * (1 - s)), g * gate * s], dim=-1).to(gate_up.dtype)
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -88,7 +162,12 @@ class _SwiGLU(torch.autograd.Function):
     silu in the backward was measured slower than the memory it saves."""
 
     @staticmethod
-    def forward(ctx, gate_up):
+    def forward(ctx, gate_up, compiled: bool):
+        ctx.compiled = _use_compiled(compiled, gate_up)
+        if ctx.compiled:
+            ctx.save_for_backward(gate_up)
+            _any_rows(gate_up)
+            return _compiled(_swiglu_forward)(gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
         act = F.silu(gate)
         ctx.save_for_backward(gate_up, act)
@@ -96,18 +175,21 @@ class _SwiGLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        if ctx.compiled:
+            _any_rows(ctx.saved_tensors[0], grad)
+            return _compiled(_swiglu_backward)(ctx.saved_tensors[0], grad), None
         gate_up, act = ctx.saved_tensors
         gate, up = gate_up.chunk(2, dim=-1)
         out = torch.empty_like(gate_up)
         d_gate, d_up = out.chunk(2, dim=-1)
         torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=d_gate)  # grad * up * silu'(gate)
         torch.mul(grad, act, out=d_up)
-        return out
+        return out, None
 
 
-def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+def swiglu(gate_up: torch.Tensor, compiled: bool = False) -> torch.Tensor:
     """silu(gate) * up for ``gate_up`` = [gate | up] along the last dimension (one GEMM's output)."""
-    return _SwiGLU.apply(gate_up)
+    return _SwiGLU.apply(gate_up, compiled)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -119,6 +201,21 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
+def _rms_norm_forward(x, weight, eps: float):
+    xf = _wide(x)
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (xf * rstd).to(x.dtype), rstd
+
+
+def _rms_norm_backward(x, weight, rstd, dy):
+    d = x.shape[-1]
+    xhat = _wide(x) * rstd
+    t = _wide(dy) * xhat
+    d_weight = t.reshape(-1, d).sum(0).to(weight.dtype)
+    mean_gx = (t * _wide(weight)).sum(-1, keepdim=True) / d
+    return ((_wide(dy * weight) - xhat * mean_gx) * rstd).to(x.dtype), d_weight
+
+
 class _RMSNorm(torch.autograd.Function):
     """y = w * (x * rstd), rstd = rsqrt(mean(x^2) + eps), normalised in fp32 and cast to x's dtype before the weight
     (Hugging Face Llama's order; in fp32 the weight folds into the product). The mean square is one reduction pass
@@ -127,7 +224,13 @@ class _RMSNorm(torch.autograd.Function):
     i.e. five passes over [N, D] and one matrix-vector product (the composite form takes about a dozen)."""
 
     @staticmethod
-    def forward(ctx, x, weight, eps: float):
+    def forward(ctx, x, weight, eps: float, compiled: bool):
+        ctx.compiled = _use_compiled(compiled, x)
+        if ctx.compiled:
+            _any_rows(x)
+            y, rstd = _compiled(_rms_norm_forward)(x, weight, eps)
+            ctx.save_for_backward(x, weight, rstd)
+            return y
         xf = _wide(x)
         d = x.shape[-1]
         rstd = torch.linalg.vector_norm(xf, 2, dim=-1, keepdim=True).pow_(2).div_(d).add_(eps).rsqrt_()
@@ -139,15 +242,19 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, rstd = ctx.saved_tensors
+        if ctx.compiled:
+            _any_rows(x, rstd, dy)
+            dx, d_weight = _compiled(_rms_norm_backward)(x, weight, rstd, dy)
+            return dx, d_weight if ctx.needs_input_grad[1] else None, None, None
         d = x.shape[-1]
         xhat = _wide(x) * rstd
         t = _wide(dy) * xhat
         d_weight = t.reshape(-1, d).sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
         mean_gx = torch.mv(t.reshape(-1, d), _wide(weight)).div_(d).view(rstd.shape)
         dx = _wide(dy * weight).addcmul_(xhat, mean_gx, value=-1).mul_(rstd)
-        return dx.to(x.dtype), d_weight, None
+        return dx.to(x.dtype), d_weight, None, None
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, compiled: bool = False) -> torch.Tensor:
     """RMSNorm of ``x`` over its last dimension with ``weight`` [D]."""
-    return _RMSNorm.apply(x, weight, eps)
+    return _RMSNorm.apply(x, weight, eps, compiled)

@@ -177,10 +177,11 @@ class RMSNorm(nn.Module):
     replicated weight identical on every rank.
     """
 
-    def __init__(self, dim: int, eps: float, dtype=torch.float32, tp_group=None):
+    def __init__(self, dim: int, eps: float, dtype=torch.float32, tp_group=None, compiled: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
         self.eps = eps
+        self.compiled = compiled  # ModelArgs.compile_elementwise
         self.tp_group = tp_group  # set: the weight is shared over this group's ranks (see above)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -191,7 +192,7 @@ class RMSNorm(nn.Module):
             return _apex_rms_norm(x, w, w.shape, self.eps)
         # one autograd function with a closed-form backward (``kernels.rms_norm``): fp32 normalisation, cast to the
         # activations' dtype before the weight (Hugging Face Llama's order; in fp32 the weight folds in)
-        return kernels.rms_norm(x, w, self.eps)
+        return kernels.rms_norm(x, w, self.eps, self.compiled)
 
 
 class _WeightsOnly:
@@ -291,7 +292,8 @@ class Attention(nn.Module):
         self.head_dim = hd
         self.heads, self.kv_heads = args.heads // tp, args.kv_heads // tp  # this rank's
         self.norm_reorder = args.norm_reorder
-        self.norm = PerModality(n, lambda: RMSNorm(d, args.eps, args.torch_dtype))
+        self.compiled = args.compile_elementwise
+        self.norm = PerModality(n, lambda: RMSNorm(d, args.eps, args.torch_dtype, compiled=args.compile_elementwise))
         # q, k and v in one GEMM (``fused_columns``; canonical names stay q_proj/k_proj/v_proj: ``fused.py``)
         self.qkv_proj = fused_columns(args, layout, d, (args.heads * hd, args.kv_heads * hd, args.kv_heads * hd))
         self.qkv_sizes = [self.heads * hd, self.kv_heads * hd, self.kv_heads * hd]  # this rank's columns of each
@@ -299,8 +301,10 @@ class Attention(nn.Module):
         self.qk_norm = args.qk_norm
         if args.qk_norm:  # over head_dim, before RoPE (as Qwen3 and the MoT reference code): local to a TP rank
             shared = layout.tp_group if tp > 1 else None
-            self.q_norm = PerModality(n, lambda: RMSNorm(hd, args.eps, args.torch_dtype, tp_group=shared))
-            self.k_norm = PerModality(n, lambda: RMSNorm(hd, args.eps, args.torch_dtype, tp_group=shared))
+            self.q_norm = PerModality(n, lambda: RMSNorm(hd, args.eps, args.torch_dtype, tp_group=shared,
+                                                         compiled=args.compile_elementwise))
+            self.k_norm = PerModality(n, lambda: RMSNorm(hd, args.eps, args.torch_dtype, tp_group=shared,
+                                                         compiled=args.compile_elementwise))
 
     def qkv(self, m: int, x: torch.Tensor) -> torch.Tensor:
         """Modality m's projections of its slice x [n, D] -> [n, (Hq + 2 Hkv) * hd] (q, k, v side by side)."""
@@ -322,7 +326,7 @@ class Attention(nn.Module):
         qkv = routing.merge([self.qkv(m, p) for m, p in enumerate(parts)])
         # RoPE on q and k straight from the fused output; the backward writes one gradient for all three
         q, k, v = kernels.rotary_qkv(qkv.view(b, s, self.heads + 2 * self.kv_heads, self.head_dim), attn.cos,
-                                     attn.sin, self.heads, self.kv_heads)
+                                     attn.sin, self.heads, self.kv_heads, self.compiled)
         if cache is not None:
             k, v = cache.store(k, v, attn.start)
         out = attend(q, k, v, attn.mask)  # [B, S, Hq * hd]: every modality attends to every earlier token
@@ -338,13 +342,14 @@ class FeedForward(nn.Module):
         super().__init__()
         n, d, f = args.n_sets, args.hidden, args.ffn
         self.norm_reorder = args.norm_reorder
-        self.norm = PerModality(n, lambda: RMSNorm(d, args.eps, args.torch_dtype))
+        self.norm = PerModality(n, lambda: RMSNorm(d, args.eps, args.torch_dtype, compiled=args.compile_elementwise))
+        self.compiled = args.compile_elementwise
         self.gate_up_proj = fused_columns(args, layout, d, (f, f))  # gate and up in one GEMM (``fused.py``)
         self.down_proj = PerModality(n, lambda: row(args, layout, f, d))
 
     def swiglu(self, m: int, x: torch.Tensor) -> torch.Tensor:
         # [gate | up]: this rank's ffn/tp columns of each; one autograd function (``kernels.swiglu``)
-        return self.down_proj[m](kernels.swiglu(self.gate_up_proj[m](x)))
+        return self.down_proj[m](kernels.swiglu(self.gate_up_proj[m](x), self.compiled))
 
     def forward(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
         """parts: [n_m, D] per modality; a token-wise sub-layer never needs sequence order."""

@@ -53,7 +53,8 @@ class HeadStage(nn.Module):
     def __init__(self, args: ModelArgs, layout: Layout):
         super().__init__()
         self.args = args
-        self.norm = PerModality(args.n_sets, lambda: RMSNorm(args.hidden, args.eps, args.torch_dtype))
+        self.norm = PerModality(args.n_sets, lambda: RMSNorm(args.hidden, args.eps, args.torch_dtype,
+                                                             compiled=args.compile_elementwise))
         self.output = column(args, layout, args.hidden, args.padded_vocab_size, init=args.vocab_init_method())
 
     def forward(self, x: tuple, routing=None) -> torch.Tensor:

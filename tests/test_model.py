@@ -222,6 +222,30 @@ def test_z_loss_has_gradient_towards_a_small_partition():
     assert float(logits.grad[..., VOCAB.size:].abs().max()) == 0.0  # padding rows get no gradient
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_cross_entropy_and_log_partition_equal_torch_forward_and_backward(compiled):
+    """``vocab_parallel.cross_entropy``: -log p(label) and log Z in one function (the eager form works in place on
+    the softmax, the compiled one keeps the logits); a spread of 200 nats puts some labels where exp underflows."""
+    from megannm.model import vocab_parallel
+    gen = torch.Generator().manual_seed(8)
+    v = VOCAB.padded_size(1)
+    logits = (torch.randn(3, 5, v, generator=gen) * 40).requires_grad_()
+    labels = torch.randint(0, VOCAB.size, (3, 5), generator=gen)
+    g_ce, g_lse = torch.randn(3, 5, generator=gen), torch.randn(3, 5, generator=gen)
+    masked = vocab_parallel.mask_padding(logits, VOCAB.size, 0)  # a new tensor: ``logits`` stays intact
+    ce, lse = vocab_parallel.cross_entropy(masked, labels, LAYOUT, compiled)
+    ((ce * g_ce).sum() + (lse * g_lse).sum()).backward()
+    ref = logits.detach()[..., :VOCAB.size].double().requires_grad_()
+    ref_ce = F.cross_entropy(ref.reshape(15, -1), labels.reshape(15), reduction="none").view(3, 5)
+    ref_lse = torch.logsumexp(ref, -1)
+    assert float(ref_ce.max()) > 100  # labels whose exp(logit - max) underflows in fp32 are in the draw
+    ((ref_ce * g_ce).sum() + (ref_lse * g_lse).sum()).backward()
+    torch.testing.assert_close(ce.double(), ref_ce, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(logits.grad[..., :VOCAB.size].double(), ref.grad, rtol=1e-4, atol=1e-5)
+    assert float(logits.grad[..., VOCAB.size:].abs().max()) == 0.0  # padding rows get no gradient
+
+
 def test_document_mask_and_position_reset():
     model = make(mot=True)
     gen = torch.Generator().manual_seed(6)

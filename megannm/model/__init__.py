@@ -5,7 +5,7 @@
 - ``attention.py``: one global causal attention with RoPE, document mask and ``KVCache``
 - ``args.py``: ``ModelArgs`` (the model's shape) and ``STRUCTURAL`` (what must agree for weights to move)
 - ``transformer.py``: ``HeadStage``, ``lm_loss``, ``NMMModel`` (state-dict names documented there)
-- ``vocab_parallel.py``: padding mask, cross entropy, logsumexp, log-probs and entropy over the split vocabulary
+- ``vocab_parallel.py``: padding mask, cross entropy with the log partition, log-probs and entropy over the split vocabulary
 - ``pipeline.py``: the same stages as a DeepSpeed ``PipelineModule``
 - ``build.py``: the model of a recipe (plain or pipeline), seeded alike on every rank
 - ``flops.py``: parameter and FLOP counts from the dimensions

@@ -32,14 +32,14 @@ __all__ = ["rotary_qkv", "swiglu", "rms_norm"]
 
 
 @functools.cache
-def _compiled(fn):
+def compile_kernel(fn):
     """``fn`` compiled once per process (static shapes, except what ``_any_rows`` marks); a machine where Inductor
     cannot build (no C++ compiler on a CPU, no Triton on a GPU) gets one line naming the switch."""
-    compiled = torch.compile(fn, fullgraph=True)
+    kernel = torch.compile(fn, fullgraph=True)
 
     def run(*args):
         try:
-            return compiled(*args)
+            return kernel(*args)
         except torch._dynamo.exc.BackendCompilerFailed as e:
             cause = str(e.__cause__ or e).strip().splitlines()
             raise RuntimeError(f"model.compile_elementwise: torch.compile could not build the {fn.__name__} kernel "
@@ -55,7 +55,7 @@ def _any_rows(*ts: torch.Tensor) -> None:
         torch._dynamo.maybe_mark_dynamic(t, 0)
 
 
-def _use_compiled(compiled: bool, x: torch.Tensor) -> bool:
+def use_compiled(compiled: bool, x: torch.Tensor) -> bool:
     return compiled and x.numel() > 0
 
 
@@ -100,10 +100,10 @@ class _RotaryQKV(torch.autograd.Function):
     def forward(ctx, qkv, cos, sin, heads: int, kv_heads: int, compiled: bool):
         ctx.save_for_backward(cos, sin)
         ctx.heads, ctx.kv_heads = heads, kv_heads
-        ctx.compiled = _use_compiled(compiled, qkv)
+        ctx.compiled = use_compiled(compiled, qkv)
         n_qk = heads + kv_heads
         if ctx.compiled:
-            qk = _compiled(_rotary_forward)(qkv, cos, sin, n_qk)
+            qk = compile_kernel(_rotary_forward)(qkv, cos, sin, n_qk)
         else:
             qk = qkv.new_empty(qkv.shape[:2] + (n_qk, qkv.shape[-1]))
             _rotate_into(qk, qkv[:, :, :n_qk], cos, sin, 1.0)
@@ -115,7 +115,7 @@ class _RotaryQKV(torch.autograd.Function):
         cos, sin = ctx.saved_tensors
         h, hkv = ctx.heads, ctx.kv_heads
         if ctx.compiled and dq is not None and dk is not None and dv is not None:
-            return _compiled(_rotary_backward)(dq, dk, dv, cos, sin), None, None, None, None, None
+            return compile_kernel(_rotary_backward)(dq, dk, dv, cos, sin), None, None, None, None, None
         ref = next(g for g in (dq, dk, dv) if g is not None)
         b, s, hd = ref.shape[0], ref.shape[2], ref.shape[3]
         grad = ref.new_empty(b, s, h + 2 * hkv, hd)
@@ -163,11 +163,11 @@ class _SwiGLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gate_up, compiled: bool):
-        ctx.compiled = _use_compiled(compiled, gate_up)
+        ctx.compiled = use_compiled(compiled, gate_up)
         if ctx.compiled:
             ctx.save_for_backward(gate_up)
             _any_rows(gate_up)
-            return _compiled(_swiglu_forward)(gate_up)
+            return compile_kernel(_swiglu_forward)(gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
         act = F.silu(gate)
         ctx.save_for_backward(gate_up, act)
@@ -177,7 +177,7 @@ class _SwiGLU(torch.autograd.Function):
     def backward(ctx, grad):
         if ctx.compiled:
             _any_rows(ctx.saved_tensors[0], grad)
-            return _compiled(_swiglu_backward)(ctx.saved_tensors[0], grad), None
+            return compile_kernel(_swiglu_backward)(ctx.saved_tensors[0], grad), None
         gate_up, act = ctx.saved_tensors
         gate, up = gate_up.chunk(2, dim=-1)
         out = torch.empty_like(gate_up)
@@ -225,10 +225,10 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps: float, compiled: bool):
-        ctx.compiled = _use_compiled(compiled, x)
+        ctx.compiled = use_compiled(compiled, x)
         if ctx.compiled:
             _any_rows(x)
-            y, rstd = _compiled(_rms_norm_forward)(x, weight, eps)
+            y, rstd = compile_kernel(_rms_norm_forward)(x, weight, eps)
             ctx.save_for_backward(x, weight, rstd)
             return y
         xf = _wide(x)
@@ -244,7 +244,7 @@ class _RMSNorm(torch.autograd.Function):
         x, weight, rstd = ctx.saved_tensors
         if ctx.compiled:
             _any_rows(x, rstd, dy)
-            dx, d_weight = _compiled(_rms_norm_backward)(x, weight, rstd, dy)
+            dx, d_weight = compile_kernel(_rms_norm_backward)(x, weight, rstd, dy)
             return dx, d_weight if ctx.needs_input_grad[1] else None, None, None
         d = x.shape[-1]
         xhat = _wide(x) * rstd

@@ -8,7 +8,7 @@ No adapters: ``EmbeddingStage`` takes the micro-batch's ``(input_ids, position_i
 one: DeepSpeed sends no gradient for them, and there is no bool mask to keep last: each stage rebuilds routing and
 mask from the ids, once per micro-batch: its first block builds them and its later blocks and the head reuse them,
 ``mot.stage_context``), and ``HeadStage`` returns the vocab-parallel logits that ``lm_loss`` turns into the loss with
-megatron-core's ``vocab_parallel_cross_entropy``.
+``vocab_parallel.cross_entropy``.
 
 Weights: chain position c is built under the seed ``base + c`` (``transformer.seeded``), exactly as ``NMMModel``
 does, so a stage that builds only its own positions holds the same weights as the whole model built from the same

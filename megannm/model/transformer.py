@@ -97,9 +97,9 @@ def lm_loss(logits_parallel: torch.Tensor, labels: torch.Tensor, loss_mask: Opti
         loss_mask = torch.ones_like(labels)
     mask = loss_mask.float()
     count = mask.sum().clamp(min=1.0)
-    # the log partition first: the cross entropy overwrites its input in place
-    lse = vocab_parallel.logsumexp(logits, layout.tp_group) if args.z_loss > 0 else None
-    ce = vocab_parallel.cross_entropy(logits, labels)
+    # one pass set for the cross entropy and the log partition (the z-loss's), which consumes the logits
+    ce, lse = vocab_parallel.cross_entropy(logits, labels, layout, args.compile_elementwise)
+    lse = lse if args.z_loss > 0 else None
     modality = modality_of_ids(labels, args)
     weight = torch.tensor(args.loss_weights, dtype=ce.dtype, device=ce.device)[modality]
     loss = (weight * ce * mask).sum() / count

@@ -103,3 +103,34 @@ def test_compiled_kernels_without_a_compiler_fail_with_one_line_naming_the_switc
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300).stdout
     line = next(x for x in out.splitlines() if x.startswith("ERROR"))
     assert "model.compile_elementwise" in line and "_swiglu_forward" in line and "C++ compiler" in line
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qk_norm_equals_split_norm_and_concatenate(dtype, compiled):
+    """QK-norm in the fused q/k/v layout: each query and key head RMS-normalised over hd with its weight, values
+    untouched; gradients of the input and of both weights as the written-out form's."""
+    g = torch.Generator().manual_seed(3)
+    h, hkv, hd = 4, 2, 8
+    wq, wk = (1 + torch.randn(hd, generator=g)).to(dtype), (1 + torch.randn(hd, generator=g)).to(dtype)
+
+    def written_out(x, wq, wk):
+        q, k, v = x.split([h * hd, hkv * hd, hkv * hd], dim=-1)
+        norm = (lambda t, w: w * (t.float() * torch.rsqrt(t.float().pow(2).mean(-1, keepdim=True) + 1e-5))
+                .to(t.dtype))
+        return torch.cat([norm(q.unflatten(-1, (h, hd)), wq).flatten(1),
+                          norm(k.unflatten(-1, (hkv, hd)), wk).flatten(1), v], dim=-1)
+
+    for rows in (7, 3):
+        x = (3 * torch.randn(rows, (h + 2 * hkv) * hd, generator=g)).to(dtype)
+        up = [torch.randn(rows, (h + 2 * hkv) * hd, generator=g)]
+        got, dgot = _grads(lambda t, a, b: kernels.qk_norm(t, a, b, h, hkv, 1e-5, compiled), [x, wq, wk], up)
+        ref, dref = _grads(written_out, [x, wq, wk], up)
+        assert got[0].dtype == dtype and got[0].shape == x.shape
+        torch.testing.assert_close(got[0], ref[0], **TOL[dtype])
+        for a, r in zip(dgot, dref):
+            assert a.dtype == dtype
+            torch.testing.assert_close(a, r, **TOL[dtype])
+        assert torch.equal(got[0][:, (h + hkv) * hd:], x[:, (h + hkv) * hd:])  # values exactly as they were
+    assert kernels.qk_norm(torch.zeros(0, (h + 2 * hkv) * hd, dtype=dtype), wq, wk, h, hkv, 1e-5,
+                           compiled).shape == (0, (h + 2 * hkv) * hd)

@@ -28,7 +28,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-__all__ = ["rotary_qkv", "swiglu", "rms_norm"]
+__all__ = ["rotary_qkv", "swiglu", "rms_norm", "qk_norm"]
 
 
 @functools.cache
@@ -216,6 +216,30 @@ def _rms_norm_backward(x, weight, rstd, dy):
     return ((_wide(dy * weight) - xhat * mean_gx) * rstd).to(x.dtype), d_weight
 
 
+def _rms_norm_eager(x, weight, eps: float, out=None):
+    """The eager forward -> (y, rstd); y written into ``out`` when given (x's shape and dtype; a slice of a bigger
+    tensor is fine)."""
+    xf = _wide(x)
+    rstd = torch.linalg.vector_norm(xf, 2, dim=-1, keepdim=True).pow_(2).div_(x.shape[-1]).add_(eps).rsqrt_()
+    if xf is x and weight.dtype == x.dtype:
+        return torch.mul(x, rstd, out=out).mul_(weight), rstd
+    y = weight * (xf * rstd).to(x.dtype)
+    return (y if out is None else out.copy_(y)), rstd
+
+
+def _rms_norm_grad_eager(x, weight, rstd, dy, need_weight: bool = True, out=None):
+    """The eager backward -> (dx, d weight or None unless ``need_weight``); dx written into ``out`` when given."""
+    d = x.shape[-1]
+    xhat = _wide(x) * rstd
+    t = _wide(dy) * xhat
+    d_weight = t.reshape(-1, d).sum(0).to(weight.dtype) if need_weight else None
+    mean_gx = torch.mv(t.reshape(-1, d), _wide(weight)).div_(d).view(rstd.shape)
+    if xhat.dtype == x.dtype == dy.dtype == weight.dtype:
+        return torch.mul(dy, weight, out=out).addcmul_(xhat, mean_gx, value=-1).mul_(rstd), d_weight
+    dx = _wide(dy * weight).addcmul_(xhat, mean_gx, value=-1).mul_(rstd).to(x.dtype)
+    return (dx if out is None else out.copy_(dx)), d_weight
+
+
 class _RMSNorm(torch.autograd.Function):
     """y = w * (x * rstd), rstd = rsqrt(mean(x^2) + eps), normalised in fp32 and cast to x's dtype before the weight
     (Hugging Face Llama's order; in fp32 the weight folds into the product). The mean square is one reduction pass
@@ -229,15 +253,10 @@ class _RMSNorm(torch.autograd.Function):
         if ctx.compiled:
             _any_rows(x)
             y, rstd = compile_kernel(_rms_norm_forward)(x, weight, eps)
-            ctx.save_for_backward(x, weight, rstd)
-            return y
-        xf = _wide(x)
-        d = x.shape[-1]
-        rstd = torch.linalg.vector_norm(xf, 2, dim=-1, keepdim=True).pow_(2).div_(d).add_(eps).rsqrt_()
+        else:
+            y, rstd = _rms_norm_eager(x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
-        if xf is x and weight.dtype == x.dtype:
-            return torch.mul(x, rstd).mul_(weight)
-        return weight * (xf * rstd).to(x.dtype)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
@@ -246,15 +265,73 @@ class _RMSNorm(torch.autograd.Function):
             _any_rows(x, rstd, dy)
             dx, d_weight = compile_kernel(_rms_norm_backward)(x, weight, rstd, dy)
             return dx, d_weight if ctx.needs_input_grad[1] else None, None, None
-        d = x.shape[-1]
-        xhat = _wide(x) * rstd
-        t = _wide(dy) * xhat
-        d_weight = t.reshape(-1, d).sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        mean_gx = torch.mv(t.reshape(-1, d), _wide(weight)).div_(d).view(rstd.shape)
-        dx = _wide(dy * weight).addcmul_(xhat, mean_gx, value=-1).mul_(rstd)
-        return dx.to(x.dtype), d_weight, None, None
+        dx, d_weight = _rms_norm_grad_eager(x, weight, rstd, dy, ctx.needs_input_grad[1])
+        return dx, d_weight, None, None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, compiled: bool = False) -> torch.Tensor:
     """RMSNorm of ``x`` over its last dimension with ``weight`` [D]."""
     return _RMSNorm.apply(x, weight, eps, compiled)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# QK-norm on the fused projection
+
+
+def _qk_norm_forward(x, wq, wk, heads: int, kv_heads: int, eps: float):
+    q, k, v = x[:, :heads], x[:, heads:heads + kv_heads], x[:, heads + kv_heads:]
+    (qn, rq), (kn, rk) = _rms_norm_forward(q, wq, eps), _rms_norm_forward(k, wk, eps)
+    return torch.cat([qn.to(x.dtype), kn.to(x.dtype), v], dim=1), rq, rk
+
+
+def _qk_norm_backward(x, wq, wk, rq, rk, dy, heads: int, kv_heads: int):
+    hk = heads + kv_heads
+    dq, dwq = _rms_norm_backward(x[:, :heads], wq, rq, dy[:, :heads])
+    dk, dwk = _rms_norm_backward(x[:, heads:hk], wk, rk, dy[:, heads:hk])
+    return torch.cat([dq, dk, dy[:, hk:]], dim=1), dwq, dwk
+
+
+class _QKNorm(torch.autograd.Function):
+    """One modality's fused q/k/v GEMM output [n, (Hq + 2 Hkv) * hd] -> the same layout with every query head and
+    every key head RMS-normalised over hd (weights [hd]), the values as they are. The output is written part by part
+    into one tensor and so is the gradient: no split into q, k, v and concatenation back (which cost a pass over
+    [n, 3D] each way besides the norms)."""
+
+    @staticmethod
+    def forward(ctx, x, wq, wk, heads: int, kv_heads: int, eps: float, compiled: bool):
+        n, hd = x.shape[0], wq.shape[0]
+        xv = x.view(n, x.shape[1] // hd, hd)
+        hk = heads + kv_heads
+        ctx.heads, ctx.kv_heads, ctx.compiled = heads, kv_heads, use_compiled(compiled, x)
+        if ctx.compiled:
+            _any_rows(xv)
+            out, rq, rk = compile_kernel(_qk_norm_forward)(xv, wq, wk, heads, kv_heads, eps)
+        else:
+            out = torch.empty_like(xv)
+            rq = _rms_norm_eager(xv[:, :heads], wq, eps, out=out[:, :heads])[1]
+            rk = _rms_norm_eager(xv[:, heads:hk], wk, eps, out=out[:, heads:hk])[1]
+            out[:, hk:].copy_(xv[:, hk:])
+        ctx.save_for_backward(xv, wq, wk, rq, rk)
+        return out.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        xv, wq, wk, rq, rk = ctx.saved_tensors
+        h, hk = ctx.heads, ctx.heads + ctx.kv_heads
+        dy = dy.view(xv.shape)
+        if ctx.compiled:
+            _any_rows(xv, rq, rk, dy)
+            dx, dwq, dwk = compile_kernel(_qk_norm_backward)(xv, wq, wk, rq, rk, dy, h, ctx.kv_heads)
+        else:
+            dx = torch.empty_like(xv)
+            dwq = _rms_norm_grad_eager(xv[:, :h], wq, rq, dy[:, :h], out=dx[:, :h])[1]
+            dwk = _rms_norm_grad_eager(xv[:, h:hk], wk, rk, dy[:, h:hk], out=dx[:, h:hk])[1]
+            dx[:, hk:].copy_(dy[:, hk:])
+        return dx.view(xv.shape[0], xv.shape[1] * xv.shape[2]), dwq, dwk, None, None, None, None
+
+
+def qk_norm(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, heads: int, kv_heads: int,
+            eps: float, compiled: bool = False) -> torch.Tensor:
+    """RMSNorm over head_dim of the query and key heads of a fused projection ``qkv`` [n, (Hq + 2 Hkv) * hd]
+    (QK-norm, before RoPE), values untouched; the same layout back."""
+    return _QKNorm.apply(qkv, q_weight, k_weight, heads, kv_heads, eps, compiled)

@@ -184,10 +184,13 @@ class RMSNorm(nn.Module):
         self.compiled = compiled  # ModelArgs.compile_elementwise
         self.tp_group = tp_group  # set: the weight is shared over this group's ranks (see above)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def shared_weight(self) -> torch.Tensor:
+        """The weight as the norm uses it (through the copy-to-TP-region when it is shared: see above)."""
         w = self.weight
-        if self.tp_group is not None:
-            w = copy_to_tensor_model_parallel_region(w, group=self.tp_group)
+        return w if self.tp_group is None else copy_to_tensor_model_parallel_region(w, group=self.tp_group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.shared_weight()
         if _apex_rms_norm is not None and x.is_cuda and x.numel():
             return _apex_rms_norm(x, w, w.shape, self.eps)
         # one autograd function with a closed-form backward (``kernels.rms_norm``): fp32 normalisation, cast to the
@@ -296,7 +299,6 @@ class Attention(nn.Module):
         self.norm = PerModality(n, lambda: RMSNorm(d, args.eps, args.torch_dtype, compiled=args.compile_elementwise))
         # q, k and v in one GEMM (``fused_columns``; canonical names stay q_proj/k_proj/v_proj: ``fused.py``)
         self.qkv_proj = fused_columns(args, layout, d, (args.heads * hd, args.kv_heads * hd, args.kv_heads * hd))
-        self.qkv_sizes = [self.heads * hd, self.kv_heads * hd, self.kv_heads * hd]  # this rank's columns of each
         self.o_proj = PerModality(n, lambda: row(args, layout, args.heads * hd, d))
         self.qk_norm = args.qk_norm
         if args.qk_norm:  # over head_dim, before RoPE (as Qwen3 and the MoT reference code): local to a TP rank
@@ -311,10 +313,10 @@ class Attention(nn.Module):
         qkv = self.qkv_proj[m](x)
         if not self.qk_norm:
             return qkv
-        q, k, v = qkv.split(self.qkv_sizes, dim=-1)  # the norms apply to q and k after the split
-        q = self.q_norm[m](q.unflatten(-1, (self.heads, self.head_dim))).flatten(1)
-        k = self.k_norm[m](k.unflatten(-1, (self.kv_heads, self.head_dim))).flatten(1)
-        return torch.cat([q, k, v], dim=-1)
+        # q's and k's heads normalised in the fused layout (``kernels.qk_norm``: no split and concatenation)
+        qn, kn = self.q_norm[m], self.k_norm[m]
+        return kernels.qk_norm(qkv, qn.shared_weight(), kn.shared_weight(), self.heads, self.kv_heads, qn.eps,
+                               self.compiled)
 
     def forward(self, parts: list[torch.Tensor], routing: Routing, attn: AttentionInputs, shape: tuple[int, int],
                 cache: Optional[LayerCache] = None) -> list[torch.Tensor]:

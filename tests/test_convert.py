@@ -762,10 +762,11 @@ def _mapped_source(tmp_path, tensors: dict) -> dict:
 
 
 @pytest.mark.parametrize("zip64", [False, True])
-@pytest.mark.parametrize("kernel_copy", [True, False])
+@pytest.mark.parametrize("kernel_copy", ["splice", "copy_file_range", "none"])
 def test_torch_zip_writer_round_trips_exactly(tmp_path, monkeypatch, zip64, kernel_copy):
     """``torchzip.write`` (no torch.save): every record's bytes exact whether they come file to file
-    (copy_file_range, or the mapped-pages fallback), as strided rows (pwritev), as a dim-1 ``Cat`` or from memory;
+    (splice, copy_file_range, or the mapped-pages fallback), as strided rows or a dim-1 ``Cat`` (staged rows), or
+    from memory;
     the file loads with torch.load (plain, mmap=True, weights_only=True) and with our mapped reader, its records are
     64-byte aligned, zip64 fields (forced here at every size) load the same, and the crc32 it returns is the file's."""
     import collections
@@ -775,7 +776,9 @@ def test_torch_zip_writer_round_trips_exactly(tmp_path, monkeypatch, zip64, kern
     from megannm.convert import filebytes, torchzip
     if zip64:
         monkeypatch.setattr(torchzip, "ZIP64_LIMIT", 0)
-    if not kernel_copy:
+    if kernel_copy != "splice":
+        monkeypatch.setattr(filebytes, "_SPLICE", False)
+    if kernel_copy == "none":
         monkeypatch.setattr(filebytes, "_COPY_FILE_RANGE", False)
     g = torch.Generator().manual_seed(0)
     src = _mapped_source(tmp_path, {"a": torch.randn(6, 5, generator=g), "b": torch.randn(4, 6, generator=g),
@@ -783,7 +786,7 @@ def test_torch_zip_writer_round_trips_exactly(tmp_path, monkeypatch, zip64, kern
     want = collections.OrderedDict([
         ("whole", [src["a"]]),  # a mapped tensor: copied by the kernel
         ("rows", [src["a"][1:3], torch.zeros(2, 5)]),  # a mapped row range, then computed rows
-        ("columns", [src["b"][:, 2:5]]),  # a strided view: pwritev of its rows
+        ("columns", [src["b"][:, 2:5]]),  # a strided view: its rows staged
         ("cat", [filebytes.Cat([src["b"][:, :2], src["c"]], 1)]),  # dim-1 interleave
         ("bf16", [src["h"]]), ("ints", [torch.arange(5)]), ("empty", [torch.zeros(0, 3)]),
         ("cast", [src["c"].to(torch.bfloat16)]),
@@ -810,6 +813,48 @@ def test_torch_zip_writer_round_trips_exactly(tmp_path, monkeypatch, zip64, kern
     assert all(start % torchzip.ALIGN == 0 for name, (start, _) in records.items() if name.startswith("data/"))
     with zipfile.ZipFile(path) as z:  # a well-formed archive for other zip readers too
         assert {i.filename.split("/", 1)[1] for i in z.infolist()} >= {"data.pkl", "byteorder", "version", "data/0"}
+
+
+@pytest.mark.parametrize("kernel_copy", ["splice", "copy_file_range"])
+def test_output_file_writes_staged_rows_and_piped_copies_exactly(tmp_path, monkeypatch, kernel_copy):
+    """``OutputFile`` writes byte for byte what the joined tensors hold when its staging buffer holds a few rows
+    (rows not a multiple of it, rows wider than it, a zero-width part, strided views, bf16 and bool bytes) and when
+    a kernel copy takes several rounds of its pipe; its crc32 is the file's."""
+    import os
+    import zlib
+
+    from megannm.convert import filebytes
+    monkeypatch.setattr(filebytes, "_STAGE_BYTES", 100)
+    monkeypatch.setattr(filebytes, "_PIPE_BYTES", 4096)  # one page: the smallest pipe
+    splices = []
+    if kernel_copy == "splice":
+        real = os.splice
+        monkeypatch.setattr(os, "splice", lambda *a, **k: splices.append(real(*a, **k)) or splices[-1])
+    else:
+        monkeypatch.setattr(filebytes, "_SPLICE", False)
+    g = torch.Generator().manual_seed(3)
+    src = _mapped_source(tmp_path, {"a": torch.randn(37, 7, generator=g), "b": torch.randn(37, 5, generator=g),
+                                    "w": torch.randn(5, 40, generator=g), "big": torch.randn(3 * 1024 + 5, generator=g),
+                                    "h": torch.randn(37, 3, generator=g).bfloat16(),
+                                    "m": torch.randn(37, 9, generator=g) > 0})
+    parts = [
+        filebytes.Cat([src["a"], src["b"]], 1),  # 48-byte rows: two per buffer, the last buffer one row
+        src["a"][:, 2:5],  # a strided view: 12-byte rows
+        filebytes.Cat([src["a"][:, :0], src["b"], src["a"][:, 1:]], 1),  # a zero-width part
+        src["w"][:, 3:40],  # 148-byte rows, wider than the buffer: one row at a time
+        src["big"],  # 12,308 bytes of the file: four rounds of a one-page pipe
+        filebytes.Cat([src["h"], src["h"][:, 1:]], 1),
+        filebytes.Cat([src["m"], src["m"][:, 2:]], 1),
+    ]
+    want = b"".join((p.join() if isinstance(p, filebytes.Cat) else p).contiguous().view(-1).view(torch.uint8)
+                    .numpy().tobytes() for p in parts)
+    with filebytes.OutputFile(tmp_path / "out.bin", len(want), checksum=True) as out:
+        for p in parts:
+            out.write_tensor(p)
+        out.close()
+    assert (tmp_path / "out.bin").read_bytes() == want
+    assert out.crc32 == zlib.crc32(want)
+    assert kernel_copy != "splice" or len(splices) >= 8
 
 
 def test_torch_zip_reader_reads_what_torch_save_wrote(tmp_path):
@@ -873,12 +918,12 @@ def test_crc32_is_zlibs(monkeypatch, libdeflate):
 
 def test_conversions_copy_tensor_bytes_file_to_file(toy_vocab, tmp_path, monkeypatch):
     """What makes a conversion run at copy speed: consolidated -> DeepSpeed TP 2 -> consolidated -> Hugging Face
-    move every tensor that lies contiguously in its input with copy_file_range (all but the dim-1 TP slices and
-    merges, which go as rows with pwritev; the vocabulary padding is written from memory), and the results are
-    exact."""
-    import os
-
+    move every tensor that lies contiguously in its input inside the kernel (``OutputFile._kernel_copy``: all but
+    the dim-1 TP slices and merges, which go as staged rows; the vocabulary padding is written from memory), and
+    the results are exact."""
     from safetensors.torch import load_file
+
+    from megannm.convert import filebytes
 
     from megannm.convert import consolidated, reshard
     from megannm.convert.deepspeed import read_deepspeed, write_deepspeed
@@ -886,8 +931,8 @@ def test_conversions_copy_tensor_bytes_file_to_file(toy_vocab, tmp_path, monkeyp
     c = random_consolidated(toy_vocab, mot=True, qk_norm=True)
     consolidated.write(c, tmp_path / "c")
     copied = []
-    real = os.copy_file_range
-    monkeypatch.setattr(os, "copy_file_range", lambda *a: copied.append(real(*a)) or copied[-1])
+    real = filebytes.OutputFile._kernel_copy
+    monkeypatch.setattr(filebytes.OutputFile, "_kernel_copy", lambda *a: copied.append(real(*a)) or copied[-1])
     nbytes = {k: v.numel() * v.element_size() for k, v in c.state.items()}
     dim1 = sum(n for k, n in nbytes.items() if reshard.split_dim(k) == 1)
     replicated = sum(n for k, n in nbytes.items() if reshard.split_dim(k) is None)  # the norms: in both rank files

@@ -2,8 +2,8 @@
 
     files.py         ``ConvertError`` (a ``megannm.checkpoint.CheckpointError``), sizes, ``LazyState`` (tensors read
                      when asked for), safetensors folders (+ index) written tensor by tensor by our own writer
-    filebytes.py     mapped inputs, outputs written at offsets (copy_file_range / pwritev: no user-space copy of
-                     bytes that only move), crc32
+    filebytes.py     mapped inputs, outputs written at offsets (splice / copy_file_range: no user-space copy of
+                     bytes that only move; dim-1 rows through a staging buffer), crc32
     torchzip.py      torch's zip format (DeepSpeed's files): read over one mapping, written without torch.save
     reshard.py       canonical names and shapes; tensor-parallel slicing (full <-> one rank's shard)
     consolidated.py  the hub: write / read / open lazily (``Opened.local``: one TP rank's slice, read from disk)

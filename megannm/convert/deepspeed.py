@@ -386,7 +386,7 @@ def _write_rank(c: Consolidated, path: Path, names: list[str], tp: int, rank: in
     """One rank's file of a module-only checkpoint, in torch's format written by ``torchzip.write`` (one record per
     module tensor, as ``torch.save`` of a state dict has): its slice of every canonical name in ``names``, a fused
     weight's parts stacked in its record, each part taken from where it lies in the consolidated input
-    (``copy_file_range`` of a contiguous range, ``pwritev`` of a dim-1 slice's rows) and cast only when ``dtype``
+    (a kernel copy of a contiguous range, a dim-1 slice's rows through a staging buffer) and cast only when ``dtype``
     asks for it (``threads`` tensors prepared ahead). ``wrap(module-named dict)`` is the object the file holds.
     Returns the file's megannm.json record (size and crc32, computed behind the writes)."""
     specs = specs_of(c.state)

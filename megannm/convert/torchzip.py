@@ -12,7 +12,7 @@ the records carry none; megannm.json records each whole file's crc32 instead.
   so that writers copy its tensors file to file; the same result as ``torch.load(path, mmap=True)``.
 - ``write(path, obj, fill)``: ``obj`` holds ``Planned`` tensors (shape, dtype, and nothing else); ``data.pkl`` is
   pickled as torch pickles a tensor with its own storage, and each record's bytes come from ``fill(planned)``
-  (tensors, views of mapped inputs mostly), written in place by ``filebytes.OutputFile`` (``copy_file_range`` where
+  (tensors, views of mapped inputs mostly), written in place by ``filebytes.OutputFile`` (a kernel copy where
   they are a range of an input file, the record padded to lie at the same offset modulo the page size). Zip64
   records past 4 GiB.
 """

@@ -98,7 +98,7 @@ def lm_loss(logits_parallel: torch.Tensor, labels: torch.Tensor, loss_mask: Opti
     mask = loss_mask.float()
     count = mask.sum().clamp(min=1.0)
     # one pass set for the cross entropy and the log partition (the z-loss's), which consumes the logits
-    ce, lse = vocab_parallel.cross_entropy(logits, labels, layout, args.compile_elementwise)
+    ce, lse = vocab_parallel.cross_entropy(logits, labels, layout)
     lse = lse if args.z_loss > 0 else None
     modality = modality_of_ids(labels, args)
     weight = torch.tensor(args.loss_weights, dtype=ce.dtype, device=ce.device)[modality]

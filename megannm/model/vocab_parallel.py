@@ -8,10 +8,9 @@ then use:
 - ``cross_entropy``: -log p(label) AND the log partition log Z (for the z-loss) in one autograd function: one
   all-reduce MAX of the row maxima and one all-reduce SUM of (sum of exponentials, label logit) over the layout's
   tensor group forward, and a backward without communication (each rank owns the gradient of its own slice):
-  d logits = softmax * (g_ce + g_lse) - onehot(label) * g_ce. Eager, it turns its input into the softmax in place
-  (max, shift, exp, sum, scale: no [tokens, vocab] temporary) and the backward scales that softmax in place;
-  ``compiled`` (``model.compile_elementwise``) reads the logits once for the sums and once for the gradient, each a
-  generated kernel, keeping the logits instead of the softmax (the same memory).
+  d logits = softmax * (g_ce + g_lse) - onehot(label) * g_ce. It turns its input into the softmax in place (max,
+  shift, exp, sum, scale: no [tokens, vocab] temporary) and the backward scales that softmax in place. (Generated
+  kernels that keep the logits and recompute the exponentials in the backward were measured 2x slower on the CPU.)
 - ``entropy``: of the model's distribution, without a gradient.
 
 Only the logits of one shard are ever materialised: the full vocabulary never gathers at TP > 1.
@@ -21,7 +20,6 @@ from __future__ import annotations
 import torch
 
 from megannm import parallel
-from megannm.model import kernels
 
 
 def mask_padding(logits: torch.Tensor, vocab_size: int, tp_rank: int, consume: bool = False) -> torch.Tensor:
@@ -38,61 +36,40 @@ def mask_padding(logits: torch.Tensor, vocab_size: int, tp_rank: int, consume: b
     return out.clone() if out is logits and not consume else out
 
 
-def _sums(x: torch.Tensor, shift: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-    """[sum_v exp(x - shift), x at ``local`` (0 where the label is on another rank: ``local`` < 0)] per row."""
-    sum_exp = torch.exp(x - shift[..., None]).sum(-1)
-    picked = x.gather(-1, local.clamp(min=0)[..., None]).squeeze(-1)
-    return torch.stack([sum_exp, torch.where(local >= 0, picked, torch.zeros_like(picked))])
-
-
-def _grad(x: torch.Tensor, lse: torch.Tensor, local: torch.Tensor, g_ce: torch.Tensor, g_lse: torch.Tensor):
-    """softmax(x) * (g_ce + g_lse) - onehot(local) * g_ce, the softmax recomputed from the log partition."""
-    ids = torch.arange(x.shape[-1], device=x.device)
-    onehot = (ids == local[..., None]).to(x.dtype)
-    return torch.exp(x - lse[..., None]) * (g_ce + g_lse)[..., None] - onehot * g_ce[..., None]
-
-
 class _CrossEntropy(torch.autograd.Function):
     """(ce, lse) of fp32 vocab-parallel logits [..., V_local] (consumed) and global labels [...]."""
 
     @staticmethod
-    def forward(ctx, x, labels, tp_rank: int, tp_group, compiled: bool):
+    def forward(ctx, x, labels, tp_rank: int, tp_group):
         v_local = x.shape[-1]
         local = labels - tp_rank * v_local
         local = torch.where((local >= 0) & (local < v_local), local, torch.full_like(local, -1))
         shift = parallel.all_reduce(torch.amax(x, dim=-1), group=tp_group, op="max")
-        ctx.compiled = kernels.use_compiled(compiled, x)
-        if ctx.compiled:
-            sums = kernels.compile_kernel(_sums)(x, shift, local)
-        else:
-            x.sub_(shift[..., None])  # in place: x is consumed
-            picked = x.gather(-1, local.clamp(min=0)[..., None]).squeeze(-1) + shift  # the label's logit
-            softmax = x.exp_()
-            sums = torch.stack([softmax.sum(-1), torch.where(local >= 0, picked, torch.zeros_like(picked))])
+        x.sub_(shift[..., None])  # in place: x is consumed
+        picked = x.gather(-1, local.clamp(min=0)[..., None]).squeeze(-1) + shift  # the label's logit
+        softmax = x.exp_()
+        sums = torch.stack([softmax.sum(-1), torch.where(local >= 0, picked, torch.zeros_like(picked))])
         parallel.all_reduce(sums, group=tp_group)
         lse = sums[0].log() + shift
-        if not ctx.compiled:
-            softmax.div_(sums[0][..., None])
-        ctx.save_for_backward(x, lse, local)  # x: the logits (compiled) or their softmax (eager, same storage)
+        softmax.div_(sums[0][..., None])
+        ctx.save_for_backward(softmax, local)
         return lse - sums[1], lse
 
     @staticmethod
     def backward(ctx, g_ce, g_lse):
-        x, lse, local = ctx.saved_tensors
-        g_ce = torch.zeros_like(lse) if g_ce is None else g_ce
-        g_lse = torch.zeros_like(lse) if g_lse is None else g_lse
-        if ctx.compiled:
-            return kernels.compile_kernel(_grad)(x, lse, local, g_ce, g_lse), None, None, None, None
-        grad = x.mul_((g_ce + g_lse)[..., None])  # the saved softmax, scaled in place (used once)
+        softmax, local = ctx.saved_tensors
+        g_ce = torch.zeros_like(softmax[..., 0]) if g_ce is None else g_ce
+        scale = g_ce if g_lse is None else g_ce + g_lse
+        grad = softmax.mul_(scale[..., None])  # the saved softmax, scaled in place (used once)
         mine = torch.where(local >= 0, -g_ce, torch.zeros_like(g_ce))  # the label's term, where this rank has it
         grad.scatter_add_(-1, local.clamp(min=0)[..., None], mine[..., None].to(grad.dtype))
-        return grad, None, None, None, None
+        return grad, None, None, None
 
 
-def cross_entropy(masked: torch.Tensor, labels: torch.Tensor, layout, compiled: bool = False):
-    """(-log p(label), log Z) per position [...] from ``mask_padding``'s output, which this CONSUMES (the eager form
-    overwrites it with the softmax); both differentiable."""
-    return _CrossEntropy.apply(masked, labels, layout.tp_rank, layout.tp_group, compiled)
+def cross_entropy(masked: torch.Tensor, labels: torch.Tensor, layout):
+    """(-log p(label), log Z) per position [...] from ``mask_padding``'s output, which this CONSUMES (overwritten
+    with the softmax); both differentiable."""
+    return _CrossEntropy.apply(masked, labels, layout.tp_rank, layout.tp_group)
 
 
 @torch.no_grad()

@@ -3,8 +3,9 @@
 Every contender trains the same shape (hidden, layers, heads, FFN, vocabulary), batch and sequence, on the same
 threads, in ONE process; HF with torch AdamW (its default implementation), megannm through its real step (DeepSpeed
 engine, ZeRO 0, fp32, gradient clipping, the vocab-parallel loss, the optimizer ``megannm.train.engine`` builds).
-Timings are interleaved round-robin (A B C A B C ...) so that machine noise hits every contender alike; the median
-step time of each is compared. Goals: megannm dense >= 1.2x HF's tokens/s, MoT step time <= 1.05x its dense twin.
+Timings are interleaved round-robin (A B C A B C ...) so that machine noise hits every contender alike; a ratio is
+the median over rounds of the two contenders' step times in the same round (paired: a slow stretch of the machine
+shifts both), beside each contender's median step time. Goals: megannm dense >= 1.2x HF's tokens/s, MoT step time <= 1.05x its dense twin.
 
     python tools/bench/step.py                        # the default shape
     python tools/bench/step.py --shapes default,demo  # both named shapes, one after the other
@@ -60,6 +61,11 @@ def main() -> None:
                       "dense_vs_hf_tokens_per_s": worst_dense, "mot_vs_dense_step_time": worst_mot,
                       "shapes": results}))
     parallel.shutdown()
+
+
+def paired(num: list, den: list) -> float:
+    """Median over rounds of num[i] / den[i]: the two step times of one interleaved round."""
+    return statistics.median(x / y for x, y in zip(num, den))
 
 
 def measure(a, layout) -> dict:
@@ -146,7 +152,7 @@ def measure(a, layout) -> dict:
     for tag, dense, mot in (("eager", "megannm_dense", "megannm_mot"), ("compiled", "dense_compiled", "mot_compiled")):
         if dense not in med:
             continue
-        dense_vs_hf, mot_vs_dense = med["hf_llama"] / med[dense], med[mot] / med[dense]
+        dense_vs_hf, mot_vs_dense = paired(times["hf_llama"], times[dense]), paired(times[mot], times[dense])
         print(f"{tag:8s} megannm dense tokens/s vs HF Llama: {dense_vs_hf:.2f}x (goal >= {GOAL_DENSE_VS_HF}x); "
               f"MoT step time vs dense twin: {mot_vs_dense:.2f}x (goal <= {GOAL_MOT_VS_DENSE}x)")
         out[tag] = {"dense_vs_hf_tokens_per_s": round(dense_vs_hf, 3), "mot_vs_dense_step_time": round(mot_vs_dense, 3)}

@@ -1,5 +1,5 @@
 """The block's element-wise steps, each ONE autograd function with a hand-written backward: RoPE on the fused
-q/k/v GEMM output, SwiGLU on the fused gate/up output, and RMSNorm.
+q/k/v GEMM output, SwiGLU on the fused gate/up output, RMSNorm, and the QK-norm inside the fused q/k/v output.
 
 Why: written as plain tensor expressions, autograd keeps every intermediate and runs one kernel per node both ways.
 Measured on the training step (``tools/bench/step.py``'s shape, 2 CPU threads) the written-out forms spent more time
@@ -32,7 +32,7 @@ __all__ = ["rotary_qkv", "swiglu", "rms_norm", "qk_norm"]
 
 
 @functools.cache
-def compile_kernel(fn):
+def _compile_kernel(fn):
     """``fn`` compiled once per process (static shapes, except what ``_any_rows`` marks); a machine where Inductor
     cannot build (no C++ compiler on a CPU, no Triton on a GPU) gets one line naming the switch."""
     kernel = torch.compile(fn, fullgraph=True)
@@ -55,7 +55,7 @@ def _any_rows(*ts: torch.Tensor) -> None:
         torch._dynamo.maybe_mark_dynamic(t, 0)
 
 
-def use_compiled(compiled: bool, x: torch.Tensor) -> bool:
+def _use_compiled(compiled: bool, x: torch.Tensor) -> bool:
     return compiled and x.numel() > 0
 
 
@@ -100,10 +100,10 @@ class _RotaryQKV(torch.autograd.Function):
     def forward(ctx, qkv, cos, sin, heads: int, kv_heads: int, compiled: bool):
         ctx.save_for_backward(cos, sin)
         ctx.heads, ctx.kv_heads = heads, kv_heads
-        ctx.compiled = use_compiled(compiled, qkv)
+        ctx.compiled = _use_compiled(compiled, qkv)
         n_qk = heads + kv_heads
         if ctx.compiled:
-            qk = compile_kernel(_rotary_forward)(qkv, cos, sin, n_qk)
+            qk = _compile_kernel(_rotary_forward)(qkv, cos, sin, n_qk)
         else:
             qk = qkv.new_empty(qkv.shape[:2] + (n_qk, qkv.shape[-1]))
             _rotate_into(qk, qkv[:, :, :n_qk], cos, sin, 1.0)
@@ -115,7 +115,7 @@ class _RotaryQKV(torch.autograd.Function):
         cos, sin = ctx.saved_tensors
         h, hkv = ctx.heads, ctx.kv_heads
         if ctx.compiled and dq is not None and dk is not None and dv is not None:
-            return compile_kernel(_rotary_backward)(dq, dk, dv, cos, sin), None, None, None, None, None
+            return _compile_kernel(_rotary_backward)(dq, dk, dv, cos, sin), None, None, None, None, None
         ref = next(g for g in (dq, dk, dv) if g is not None)
         b, s, hd = ref.shape[0], ref.shape[2], ref.shape[3]
         grad = ref.new_empty(b, s, h + 2 * hkv, hd)
@@ -163,11 +163,11 @@ class _SwiGLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gate_up, compiled: bool):
-        ctx.compiled = use_compiled(compiled, gate_up)
+        ctx.compiled = _use_compiled(compiled, gate_up)
         if ctx.compiled:
             ctx.save_for_backward(gate_up)
             _any_rows(gate_up)
-            return compile_kernel(_swiglu_forward)(gate_up)
+            return _compile_kernel(_swiglu_forward)(gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
         act = F.silu(gate)
         ctx.save_for_backward(gate_up, act)
@@ -177,7 +177,7 @@ class _SwiGLU(torch.autograd.Function):
     def backward(ctx, grad):
         if ctx.compiled:
             _any_rows(ctx.saved_tensors[0], grad)
-            return compile_kernel(_swiglu_backward)(ctx.saved_tensors[0], grad), None
+            return _compile_kernel(_swiglu_backward)(ctx.saved_tensors[0], grad), None
         gate_up, act = ctx.saved_tensors
         gate, up = gate_up.chunk(2, dim=-1)
         out = torch.empty_like(gate_up)
@@ -249,10 +249,10 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps: float, compiled: bool):
-        ctx.compiled = use_compiled(compiled, x)
+        ctx.compiled = _use_compiled(compiled, x)
         if ctx.compiled:
             _any_rows(x)
-            y, rstd = compile_kernel(_rms_norm_forward)(x, weight, eps)
+            y, rstd = _compile_kernel(_rms_norm_forward)(x, weight, eps)
         else:
             y, rstd = _rms_norm_eager(x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
@@ -263,7 +263,7 @@ class _RMSNorm(torch.autograd.Function):
         x, weight, rstd = ctx.saved_tensors
         if ctx.compiled:
             _any_rows(x, rstd, dy)
-            dx, d_weight = compile_kernel(_rms_norm_backward)(x, weight, rstd, dy)
+            dx, d_weight = _compile_kernel(_rms_norm_backward)(x, weight, rstd, dy)
             return dx, d_weight if ctx.needs_input_grad[1] else None, None, None
         dx, d_weight = _rms_norm_grad_eager(x, weight, rstd, dy, ctx.needs_input_grad[1])
         return dx, d_weight, None, None
@@ -302,10 +302,10 @@ class _QKNorm(torch.autograd.Function):
         n, hd = x.shape[0], wq.shape[0]
         xv = x.view(n, x.shape[1] // hd, hd)
         hk = heads + kv_heads
-        ctx.heads, ctx.kv_heads, ctx.compiled = heads, kv_heads, use_compiled(compiled, x)
+        ctx.heads, ctx.kv_heads, ctx.compiled = heads, kv_heads, _use_compiled(compiled, x)
         if ctx.compiled:
             _any_rows(xv)
-            out, rq, rk = compile_kernel(_qk_norm_forward)(xv, wq, wk, heads, kv_heads, eps)
+            out, rq, rk = _compile_kernel(_qk_norm_forward)(xv, wq, wk, heads, kv_heads, eps)
         else:
             out = torch.empty_like(xv)
             rq = _rms_norm_eager(xv[:, :heads], wq, eps, out=out[:, :heads])[1]
@@ -321,7 +321,7 @@ class _QKNorm(torch.autograd.Function):
         dy = dy.view(xv.shape)
         if ctx.compiled:
             _any_rows(xv, rq, rk, dy)
-            dx, dwq, dwk = compile_kernel(_qk_norm_backward)(xv, wq, wk, rq, rk, dy, h, ctx.kv_heads)
+            dx, dwq, dwk = _compile_kernel(_qk_norm_backward)(xv, wq, wk, rq, rk, dy, h, ctx.kv_heads)
         else:
             dx = torch.empty_like(xv)
             dwq = _rms_norm_grad_eager(xv[:, :h], wq, rq, dy[:, :h], out=dx[:, :h])[1]

@@ -923,9 +923,7 @@ def test_conversions_copy_tensor_bytes_file_to_file(toy_vocab, tmp_path, monkeyp
     the results are exact."""
     from safetensors.torch import load_file
 
-    from megannm.convert import filebytes
-
-    from megannm.convert import consolidated, reshard
+    from megannm.convert import consolidated, filebytes, reshard
     from megannm.convert.deepspeed import read_deepspeed, write_deepspeed
     from megannm.convert.hf import export_hf, hf_name
     c = random_consolidated(toy_vocab, mot=True, qk_norm=True)

@@ -330,8 +330,14 @@ def read_deepspeed(path: str | Path, weights: str = "auto", dtype: torch.dtype =
     tp = int(layout.get("tp") or 1)
     checks: list = []  # the files' crc32, running while the conversion reads them (see LazyState.verify)
     keep: list = []  # the files' mappings: writers copy the tensors straight from them (filebytes.extent)
-    with ThreadPoolExecutor(max(1, min(threads, tp))) as pool:
-        ranks = list(pool.map(lambda r: rank_state(ckpt, meta, r, weights, dtype, checks, keep), range(tp)))
+    def open_rank(r: int):
+        return rank_state(ckpt, meta, r, weights, dtype, checks, keep)
+
+    if tp == 1 or threads <= 1:  # (starting a thread costs more than opening one file: ~5 ms on a loaded core)
+        ranks = [open_rank(r) for r in range(tp)]
+    else:
+        with ThreadPoolExecutor(min(threads, tp)) as pool:
+            ranks = list(pool.map(open_rank, range(tp)))
     state = reshard.merge_states([s for s, _, _ in ranks], args, [src for _, src, _ in ranks], dtype)
     state.checks.extend(checks)
     state.keep.extend(keep)

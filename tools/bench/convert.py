@@ -53,6 +53,7 @@ def convert_once(name: str, src: Path, dst: Path) -> dict:
     import safetensors.torch  # noqa: F401
 
     import megannm.model.args  # noqa: F401
+    import megannm.model.fused  # noqa: F401
     import megannm.model.pipeline  # noqa: F401
     from megannm.convert import consolidated
     from megannm.convert.deepspeed import read_deepspeed, write_deepspeed

@@ -7,6 +7,8 @@ Timings are interleaved round-robin (A B C A B C ...) so that machine noise hits
 the median over rounds of the two contenders' step times in the same round (paired: a slow stretch of the machine
 shifts both), beside each contender's median step time. Goals: megannm dense >= 1.2x HF's tokens/s, MoT step time
 <= 1.05x its dense twin. The summary's headline ratios are the default setting's (eager); ``settings`` has both.
+Each contender's minor page faults per step are printed too: all share one process and one allocator (glibc's by
+default), and a step that frees and re-allocates large temporaries pays the kernel for fresh pages every step.
 
     python tools/bench/step.py                        # the default shape
     python tools/bench/step.py --shapes default,demo  # both named shapes, one after the other
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import time
 
@@ -131,6 +134,7 @@ def measure(a, layout) -> dict:
     if a.compile:
         contenders.update({"dense_compiled": megannm_step(False, True), "mot_compiled": megannm_step(True, True)})
     times = {k: [] for k in contenders}
+    faults = {k: [] for k in contenders}  # minor page faults per step: fresh pages the allocator had to map
     compile_s = {}
     for name, (step, _) in contenders.items():  # warm-up; the first compiled step includes the compile
         t = time.perf_counter()
@@ -139,16 +143,19 @@ def measure(a, layout) -> dict:
         step()
     for _ in range(a.steps):
         for name, (step, _) in contenders.items():
-            t = time.perf_counter()
+            f, t = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
             step()
             times[name].append(time.perf_counter() - t)
+            faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f)
     med = {k: statistics.median(v) for k, v in times.items()}
     tokens = a.batch * a.seq
     print(f"shape: hidden {a.hidden}, layers {a.layers}, heads {a.heads}, ffn {a.ffn}, vocab {vocab.size}, "
           f"batch {a.batch} x seq {a.seq}, threads {a.threads}, {a.steps} interleaved steps each")
-    print(f"{'model':16s} {'params':>10s} {'ms/step':>9s} {'tokens/s':>10s} {'first step s':>13s}")
+    print(f"{'model':16s} {'params':>10s} {'ms/step':>9s} {'tokens/s':>10s} {'first step s':>13s} "
+          f"{'page faults/step':>17s}")
     for k in contenders:
-        print(f"{k:16s} {contenders[k][1]:10,d} {med[k] * 1e3:9.1f} {tokens / med[k]:10.0f} {compile_s[k]:13.1f}")
+        print(f"{k:16s} {contenders[k][1]:10,d} {med[k] * 1e3:9.1f} {tokens / med[k]:10.0f} {compile_s[k]:13.1f} "
+              f"{statistics.median(faults[k]):17,.0f}")
     out = {}
     for tag, dense, mot in (("eager", "megannm_dense", "megannm_mot"), ("compiled", "dense_compiled", "mot_compiled")):
         if dense not in med:

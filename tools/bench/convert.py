@@ -12,7 +12,8 @@ within a run on a shared machine). ratio = median copy time / median conversion 
 the model (goal: a few largest tensors, not the model). Every copy and every conversion starts after ``os.sync()``
 (untimed): otherwise the write-back of what came before (the sources, gigabytes, are written just before the first
 conversion) throttles whichever writer runs next; and its input files are read through once (untimed, ``warm``), so
-that both read them from the page cache.
+that both read them from the page cache. The timed rounds start once untimed runs of the first conversion agree
+(``settle``): this VM is several times slower for a while after building the sources.
 
     python tools/bench/convert.py [--hidden 768 --layers 6 --ffn 2048 --vocab 32768 --rounds 3 --tmp DIR]
 """
@@ -59,14 +60,15 @@ def warm(files: list[Path]) -> None:
                 pass
 
 
-def settle(copy, files: list[Path], limit_s: float = 120.0) -> float:
-    """Untimed copies of ``files`` until three in a row agree within 15% (at most ``limit_s``); returns the seconds
-    it took. Right after the sources are built, this VM copies 5-10x slower for ~20-40 s (measured: the first
-    conversion's runs took 2.2, 1.9, 1.3 s, then 0.23 s, its copies alike) whatever is synced or cached: without
-    the wait, the first conversion in the table measures that, not itself."""
+def settle(probe, limit_s: float = 180.0) -> float:
+    """Untimed runs of ``probe()`` (returns seconds: the first conversion) until three in a row agree within 15%
+    (at most ``limit_s``); returns the seconds it took. Right after the sources are built this VM runs the first
+    conversion 2-10x slower for tens of seconds (measured: 2.2, 1.9, 1.3, then 0.23 s a run) while plain copies
+    may already be back to speed, whatever is synced or cached: without the wait the first row of the table
+    measures that, not the conversion."""
     start, times = time.perf_counter(), []
     while time.perf_counter() - start < limit_s:
-        times.append(copy(files))
+        times.append(probe())
         last = times[-3:]
         if len(last) == 3 and max(last) <= 1.15 * min(last):
             break
@@ -203,7 +205,8 @@ def main() -> None:
             shutil.rmtree(work / "out")
             return json.loads(out.stdout.strip().splitlines()[-1])
 
-        settled = settle(copy, input_files(next(iter(CONVERSIONS)), work / CONVERSIONS[next(iter(CONVERSIONS))][0]))
+        first, (first_src, _) = next(iter(CONVERSIONS.items()))
+        settled = settle(lambda: child(first, first_src, "time")["seconds"])
         for name, (src, _) in CONVERSIONS.items():
             files = input_files(name, work / src)
             nbytes = sum(f.stat().st_size for f in files)
@@ -221,7 +224,8 @@ def main() -> None:
     load_after = os.getloadavg()
     print(f"machine load (1-min average) {load_before[0]:.2f} before, {load_after[0]:.2f} after "
           f"({os.cpu_count()} cores; above ~0.5 another job shares them and the ratios are not the code's alone)")
-    print(f"settled in {settled:.0f} s (untimed copies until three in a row agreed within 15%)")
+    print(f"settled in {settled:.0f} s (untimed runs of the first conversion until three in a row agreed within "
+          f"15%)")
     print(f"model: MoT hidden {a.hidden}, layers {a.layers}, heads {a.heads}, ffn {a.ffn}, vocab {info['vocab']}: "
           f"{info['params']:,} parameters, {info['model_bytes'] / mb:.0f} MB fp32, largest tensor "
           f"{info['largest_bytes'] / mb:.0f} MB; {a.rounds} runs per conversion, each in a fresh process, between "

@@ -1,14 +1,17 @@
 """Training-step throughput: megannm's dense model vs Hugging Face LlamaForCausalLM, and MoT vs its dense twin.
 
 Every contender trains the same shape (hidden, layers, heads, FFN, vocabulary), batch and sequence, on the same
-threads, in ONE process; HF with torch AdamW (its default implementation), megannm through its real step (DeepSpeed
-engine, ZeRO 0, fp32, gradient clipping, the vocab-parallel loss, the optimizer ``megannm.train.engine`` builds).
-Timings are interleaved round-robin (A B C A B C ...) so that machine noise hits every contender alike; a ratio is
-the median over rounds of the two contenders' step times in the same round (paired: a slow stretch of the machine
-shifts both), beside each contender's median step time. Goals: megannm dense >= 1.2x HF's tokens/s, MoT step time
-<= 1.05x its dense twin. The summary's headline ratios are the default setting's (eager); ``settings`` has both.
-Each contender's minor page faults per step are printed too: all share one process and one allocator (glibc's by
-default), and a step that frees and re-allocates large temporaries pays the kernel for fresh pages every step.
+threads, each in a process of its own (its own allocator and caches, as a user runs one model per process); HF with
+torch AdamW (its default implementation), megannm through its real step (DeepSpeed engine, ZeRO 0, fp32, gradient
+clipping, the vocab-parallel loss, the optimizer ``megannm.train.engine`` builds). The parent drives them in lock
+step, one step at a time, round-robin (A B C A B C ...: only one runs at a time), so that machine noise hits every
+contender alike; a ratio is the median over rounds of the two contenders' step times in the same round (paired: a
+slow stretch of the machine shifts both), beside each contender's median step time. Goals: megannm dense >= 1.2x
+HF's tokens/s, MoT step time <= 1.05x its dense twin. The summary's headline ratios are the default setting's
+(eager); ``settings`` has both. Each contender's minor page faults per step are printed too: a step that frees and
+re-allocates large temporaries pays the kernel for fresh pages every step (glibc's allocator returns them).
+(Before each contender had a process of its own, all shared one: HF's step, mapping 15-30k fresh pages a step, left
+the heap such that megannm's dense step at the demo's shape paid 5-13k faults a step it does not pay alone.)
 
     python tools/bench/step.py                        # the default shape
     python tools/bench/step.py --shapes default,demo  # both named shapes, one after the other
@@ -21,7 +24,11 @@ import json
 import os
 import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 # Named shapes: the small default and the toy demo's model (megannm.toy) at its batch and sequence length.
 SHAPES = {
@@ -42,29 +49,25 @@ def main() -> None:
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="leave out the contenders with model.compile_elementwise (generated element-wise kernels)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+    p.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)  # a contender's process (see above)
     a = p.parse_args()
+    if a.worker:
+        worker(a)
+        return
     names = [n.strip() for n in a.shapes.split(",") if n.strip()]
     unknown = [n for n in names if n not in SHAPES]
     if unknown or not names:
         p.error(f"--shapes: unknown shape {unknown[0] if unknown else a.shapes!r} (expected {', '.join(SHAPES)})")
     overrides = {d: getattr(a, d) for d in DIMS if getattr(a, d) is not None}
-
-    import torch
-    torch.set_num_threads(a.threads)
-    from megannm import parallel
-
-    layout = parallel.init_parallel(1, 1)
     results = {}
     for name in names:
         shape = {**SHAPES[name], **overrides}
-        results[name if not overrides else f"{name}+custom"] = measure(argparse.Namespace(**{**vars(a), **shape}),
-                                                                       layout)
+        results[name if not overrides else f"{name}+custom"] = measure(argparse.Namespace(**{**vars(a), **shape}))
     worst_dense = min(r["dense_vs_hf_tokens_per_s"] for r in results.values())
     worst_mot = max(r["mot_vs_dense_step_time"] for r in results.values())
     print(json.dumps({"bench": "step", "baseline": "HF LlamaForCausalLM (sdpa, torch AdamW), same shape/batch/threads",
                       "dense_vs_hf_tokens_per_s": worst_dense, "mot_vs_dense_step_time": worst_mot,
                       "shapes": results}))
-    parallel.shutdown()
 
 
 def paired(num: list, den: list) -> float:
@@ -72,8 +75,14 @@ def paired(num: list, den: list) -> float:
     return statistics.median(x / y for x, y in zip(num, den))
 
 
-def measure(a, layout) -> dict:
-    """One shape: the three contenders interleaved; prints the table, returns the shape's ratios and step times."""
+# name -> (megannm's MoT, model.compile_elementwise); None: Hugging Face Llama
+CONTENDERS = {"hf_llama": None, "megannm_dense": (False, False), "megannm_mot": (True, False),
+              "dense_compiled": (False, True), "mot_compiled": (True, True)}
+_REPLY = "@step-bench "  # the prefix of a worker's protocol lines on its stdout (libraries print there too)
+
+
+def build(name: str, a, layout):
+    """Contender ``name`` at the shape in ``a``, in this process -> (one training step, parameter count)."""
     import torch
     from megannm.config import recipe_from_dict
     from megannm.model.transformer import ModelArgs, NMMModel
@@ -88,73 +97,130 @@ def measure(a, layout) -> dict:
     pos = torch.arange(a.seq).expand(a.batch, a.seq)
     docs = torch.zeros_like(pos)
     mask = torch.ones(a.batch, a.seq)
-
-    def recipe(mot: bool, compiled: bool):
-        return recipe_from_dict({
-            "model": {"hidden_size": a.hidden, "num_layers": a.layers, "num_heads": a.heads,
-                      "ffn_hidden_size": a.ffn, "mot": mot, "qk_norm": False, "max_seq_len": a.seq,
-                      "compile_elementwise": compiled},
-            "parallel": {"zero_stage": 0},
-            "data": {"seq_len": a.seq, "micro_batch_size": a.batch, "global_batch_size": a.batch},
-            "optimizer": {"lr": 1e-4, "min_lr": 1e-5, "grad_clip": 1.0},
-            "schedule": {"train_steps": 1000, "warmup_steps": 0}}, world_size=1)
-
-    def megannm_step(mot: bool, compiled: bool = False):
-        r = recipe(mot, compiled)
-        torch.manual_seed(0)
-        engine = build_engine(r, layout, NMMModel(ModelArgs.from_config(r.model, vocab, 1), layout))
-
-        def step():
-            loss, _ = engine(input_ids=inputs, position_ids=pos, document_ids=docs, labels=labels, loss_mask=mask)
-            engine.backward(loss)
-            engine.step()
-        return step, sum(p.numel() for p in engine.module.parameters())
-
-    def hf_step():
+    torch.manual_seed(0)
+    if CONTENDERS[name] is None:
         from transformers import LlamaConfig, LlamaForCausalLM
         cfg = LlamaConfig(vocab_size=vocab.size, hidden_size=a.hidden, intermediate_size=a.ffn,
                           num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.heads,
                           max_position_embeddings=a.seq, tie_word_embeddings=False, attention_bias=False,
                           mlp_bias=False)
         cfg._attn_implementation = "sdpa"
-        torch.manual_seed(0)
         model = LlamaForCausalLM(cfg)
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
-        def step():
+        def hf_step():
             out = model(input_ids=inputs, labels=inputs, use_cache=False)  # HF shifts the labels itself
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
-        return step, sum(p.numel() for p in model.parameters())
+        return hf_step, sum(p.numel() for p in model.parameters())
+    mot, compiled = CONTENDERS[name]
+    r = recipe_from_dict({
+        "model": {"hidden_size": a.hidden, "num_layers": a.layers, "num_heads": a.heads,
+                  "ffn_hidden_size": a.ffn, "mot": mot, "qk_norm": False, "max_seq_len": a.seq,
+                  "compile_elementwise": compiled},
+        "parallel": {"zero_stage": 0},
+        "data": {"seq_len": a.seq, "micro_batch_size": a.batch, "global_batch_size": a.batch},
+        "optimizer": {"lr": 1e-4, "min_lr": 1e-5, "grad_clip": 1.0},
+        "schedule": {"train_steps": 1000, "warmup_steps": 0}}, world_size=1)
+    engine = build_engine(r, layout, NMMModel(ModelArgs.from_config(r.model, vocab, 1), layout))
 
-    contenders = {"hf_llama": hf_step(), "megannm_dense": megannm_step(False), "megannm_mot": megannm_step(True)}
-    if a.compile:
-        contenders.update({"dense_compiled": megannm_step(False, True), "mot_compiled": megannm_step(True, True)})
-    times = {k: [] for k in contenders}
-    faults = {k: [] for k in contenders}  # minor page faults per step: fresh pages the allocator had to map
-    compile_s = {}
-    for name, (step, _) in contenders.items():  # warm-up; the first compiled step includes the compile
-        t = time.perf_counter()
+    def step():
+        loss, _ = engine(input_ids=inputs, position_ids=pos, document_ids=docs, labels=labels, loss_mask=mask)
+        engine.backward(loss)
+        engine.step()
+    return step, sum(p.numel() for p in engine.module.parameters())
+
+
+def worker(a) -> None:
+    """A contender's process: builds it, runs two warm-up steps (the first one's time is reported: it includes a
+    compile), then one timed step per ``step`` line on stdin, answering each with its time and page faults."""
+    import torch
+    torch.set_num_threads(a.threads)
+    from megannm import parallel
+    layout = parallel.init_parallel(1, 1)
+    step, params = build(a.worker, a, layout)
+    t = time.perf_counter()
+    step()
+    first = time.perf_counter() - t
+    step()
+    print(_REPLY + json.dumps({"params": params, "first_s": first}), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
+        f, t = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
         step()
-        compile_s[name] = time.perf_counter() - t
-        step()
-    for _ in range(a.steps):
-        for name, (step, _) in contenders.items():
-            f, t = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - t)
-            faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f)
+        seconds = time.perf_counter() - t
+        print(_REPLY + json.dumps({"s": seconds, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f}),
+              flush=True)
+    parallel.shutdown()
+
+
+class Contender:
+    """One worker process (``worker``), started and built before the next one starts (no two pick one port)."""
+
+    def __init__(self, name: str, a):
+        self.name = name
+        args = [sys.executable, __file__, "--worker", name, "--vocab", str(a.vocab), "--threads", str(a.threads)]
+        for dim in DIMS:
+            args += [f"--{dim}", str(getattr(a, dim))]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[2]),
+                                                            os.environ.get("PYTHONPATH", "")]))
+        for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):  # a world of its own
+            env.pop(key, None)
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     env=env)
+        ready = self.reply()
+        self.params, self.first_s = ready["params"], ready["first_s"]
+
+    def reply(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(_REPLY):
+                return json.loads(line[len(_REPLY):])
+        self.log.seek(0)
+        raise SystemExit(f"step bench: the {self.name} worker exited {self.proc.wait()}:\n{self.log.read()[-3000:]}")
+
+    def step(self) -> dict:
+        self.proc.stdin.write("step\n")
+        self.proc.stdin.flush()
+        return self.reply()
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        self.proc.wait()
+        self.log.close()
+
+
+def measure(a) -> dict:
+    """One shape: the contenders interleaved; prints the table, returns the shape's ratios and step times."""
+    names = [n for n, spec in CONTENDERS.items() if a.compile or spec is None or not spec[1]]
+    contenders = {}
+    try:
+        for name in names:
+            contenders[name] = Contender(name, a)
+        times = {k: [] for k in contenders}
+        faults = {k: [] for k in contenders}  # minor page faults per step: fresh pages the allocator had to map
+        for _ in range(a.steps):
+            for name, c in contenders.items():
+                got = c.step()
+                times[name].append(got["s"])
+                faults[name].append(got["faults"])
+    finally:
+        for c in contenders.values():
+            c.close()
     med = {k: statistics.median(v) for k, v in times.items()}
     tokens = a.batch * a.seq
-    print(f"shape: hidden {a.hidden}, layers {a.layers}, heads {a.heads}, ffn {a.ffn}, vocab {vocab.size}, "
+    print(f"shape: hidden {a.hidden}, layers {a.layers}, heads {a.heads}, ffn {a.ffn}, vocab {a.vocab}, "
           f"batch {a.batch} x seq {a.seq}, threads {a.threads}, {a.steps} interleaved steps each")
     print(f"{'model':16s} {'params':>10s} {'ms/step':>9s} {'tokens/s':>10s} {'first step s':>13s} "
           f"{'page faults/step':>17s}")
     for k in contenders:
-        print(f"{k:16s} {contenders[k][1]:10,d} {med[k] * 1e3:9.1f} {tokens / med[k]:10.0f} {compile_s[k]:13.1f} "
+        c = contenders[k]
+        print(f"{k:16s} {c.params:10,d} {med[k] * 1e3:9.1f} {tokens / med[k]:10.0f} {c.first_s:13.1f} "
               f"{statistics.median(faults[k]):17,.0f}")
     out = {}
     for tag, dense, mot in (("eager", "megannm_dense", "megannm_mot"), ("compiled", "dense_compiled", "mot_compiled")):

@@ -330,6 +330,7 @@ def read_deepspeed(path: str | Path, weights: str = "auto", dtype: torch.dtype =
     tp = int(layout.get("tp") or 1)
     checks: list = []  # the files' crc32, running while the conversion reads them (see LazyState.verify)
     keep: list = []  # the files' mappings: writers copy the tensors straight from them (filebytes.extent)
+
     def open_rank(r: int):
         return rank_state(ckpt, meta, r, weights, dtype, checks, keep)
 

@@ -10,8 +10,8 @@ slow stretch of the machine shifts both), beside each contender's median step ti
 HF's tokens/s, MoT step time <= 1.05x its dense twin. The summary's headline ratios are the default setting's
 (eager); ``settings`` has both. Each contender's minor page faults per step are printed too: a step that frees and
 re-allocates large temporaries pays the kernel for fresh pages every step (glibc's allocator returns them).
-(Before each contender had a process of its own, all shared one: HF's step, mapping 15-30k fresh pages a step, left
-the heap such that megannm's dense step at the demo's shape paid 5-13k faults a step it does not pay alone.)
+(When all contenders shared one process, HF's step mapped 15-30k fresh pages a step there, and the heap it left made
+megannm's dense step at the demo's shape pay 5-13k faults a step that it does not pay alone.)
 
     python tools/bench/step.py                        # the default shape
     python tools/bench/step.py --shapes default,demo  # both named shapes, one after the other

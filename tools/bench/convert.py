@@ -2,9 +2,9 @@
 
 A MoT model of a few hundred MB (fp32) is saved by a real DeepSpeed engine (ZeRO-0, TP 1); a TP 2 checkpoint and a
 consolidated folder are made from it. Then each conversion (the library calls ``megannm convert`` makes) runs
-``--rounds`` times, each time in a FRESH subprocess that times only the conversion call and samples its own
-anonymous memory in one more run of its own (``RssAnon`` of /proc/self/status, every millisecond, minus its value
-just before the call: the memory the conversion itself allocates; memory-mapped input and page cache are not in it). Between the runs the
+``--rounds`` times, each time in a FRESH subprocess that times only the conversion call; one more run samples its
+anonymous memory (``RssAnon`` of /proc/self/status, every millisecond, minus its value just before the call: the
+memory the conversion itself allocates; memory-mapped input and page cache are not in it). Between the runs the
 parent copies the conversion's input files (``shutil.copyfile``, same disk, same folder), so copies and conversions
 interleave and see the same disk and load; the baseline is the MEDIAN copy time (copy speed varies several-fold
 within a run on a shared machine). ratio = median copy time / median conversion time of the same input bytes:

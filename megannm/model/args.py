@@ -10,12 +10,12 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 
+from megannm.model.block import BlockShape
 from megannm.vocab import MODALITY_NAMES
 
 # ModelArgs fields that decide which parameters exist and what they mean: they must agree when weights move into a
 # model built from a recipe. Training settings (z_loss, loss_weights, init_std, max_seq_len, rope_theta, dtype,
-# compile_elementwise) and
-# the TP-dependent vocabulary padding may change from one stage to the next.
+# compile) and the TP-dependent vocabulary padding may change from one stage to the next.
 STRUCTURAL = ("hidden", "layers", "heads", "kv_heads", "ffn", "vocab_size", "image_start", "image_end", "mot",
               "n_modalities", "qk_norm", "norm_reorder", "eps")
 
@@ -65,7 +65,7 @@ class ModelArgs:
     max_seq_len: int = 512
     loss_weights: tuple = (1.0, 1.0)  # per modality, in MODALITY_NAMES order (text, image)
     params_dtype: str = "float32"
-    compile_elementwise: bool = False  # kernels.py: generated element-wise kernels instead of eager ops
+    compile: bool = False  # each block compiled by torch.compile (``layers.compile_blocks``)
 
     @classmethod
     def from_config(cls, model_cfg, vocab, tp: int = 1, params_dtype: str = "float32") -> "ModelArgs":
@@ -81,7 +81,7 @@ class ModelArgs:
                    z_loss=m.z_loss, norm_reorder=m.norm_reorder, rope_theta=m.rope_theta, eps=m.norm_eps,
                    init_std=m.init_std, max_seq_len=m.max_seq_len,
                    loss_weights=tuple(float(m.loss_weights.get(n, 1.0)) for n in MODALITY_NAMES),
-                   params_dtype=dtype_name(params_dtype), compile_elementwise=m.compile_elementwise)
+                   params_dtype=dtype_name(params_dtype), compile=m.compile)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -104,6 +104,11 @@ class ModelArgs:
     def n_sets(self) -> int:
         """Weight sets per block: one per modality under MoT, one for the dense twin."""
         return self.n_modalities if self.mot else 1
+
+    @property
+    def block_shape(self) -> BlockShape:
+        return BlockShape(hidden=self.hidden, heads=self.heads, kv_heads=self.kv_heads, ffn=self.ffn,
+                          n_sets=self.n_sets, qk_norm=self.qk_norm, norm_reorder=self.norm_reorder, eps=self.eps)
 
     @property
     def head_dim(self) -> int:

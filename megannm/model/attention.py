@@ -1,6 +1,6 @@
 """ONE global causal self-attention over the interleaved sequence: RoPE, the document mask and the KV cache.
 
-Modality never enters here. Under MoT each modality has its own projections (``mot.py``), but every query attends
+Modality never enters here. Under MoT each modality has its own projections (``block.py``), but every query attends
 to every earlier key of its document whatever the modalities: that is how image tokens read the caption and text
 tokens read the image.
 
@@ -19,7 +19,6 @@ activation dtype for the product, as Hugging Face Llama and Megatron do; SDPA an
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
@@ -40,25 +39,13 @@ BACKENDS_USED: Counter = Counter()
 
 def rotary(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
     """cos, sin of shape [B, S, head_dim] for integer positions [B, S] (reset to 0 at every document start),
-    computed in fp32 whatever the params dtype (as HF does), then cast to ``dtype``, the activations' dtype."""
+    computed in fp32 whatever the params dtype (as HF does), then cast to ``dtype``, the activations' dtype (a
+    module cast after it was built, such as an engine's bf16 copy, must not get q and k promoted to fp32)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device)
                                 .float() / head_dim))
     freqs = position_ids[..., None].float() * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, S, hd]; cos/sin [B, S, hd] (broadcast over heads), in x's dtype: a module cast after it was built
-    (a frozen reference, an engine's bf16 copy) must not promote q and k to fp32 while v stays bf16. The written-out
-    form: the model applies it through ``kernels.rotary_qkv`` (one autograd function), tested against this."""
-    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
-    return x * cos + rotate_half(x) * sin
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -156,28 +143,25 @@ class KVCache:
 Mask = Union[torch.Tensor, "BlockMask", None]
 
 
-@dataclass
-class AttentionInputs:
-    """What every layer's attention shares within one micro-batch (computed once, not per layer)."""
-    cos: torch.Tensor
-    sin: torch.Tensor
-    # bool [B, 1, S, T]; a flex BlockMask for packed rows on a GPU; None = plain causal (one document per row)
-    mask: Mask
-    start: int = 0  # cache length before this chunk (0 without a cache)
+class Attender:
+    """The attention kernel of one micro-batch, as ``block.Context.attend``: its mask (or none), and the KV cache
+    whose layer ``layer`` stores the new keys and values first when decoding."""
 
+    def __init__(self, document_ids: torch.Tensor, cache: Optional[KVCache] = None):
+        self.cache, self.start = cache, 0 if cache is None else cache.length
+        if cache is not None:
+            self.mask: Mask = attention_mask(document_ids, cache.extend(document_ids), self.start)
+        elif bool((document_ids == document_ids[:, :1]).all()):
+            self.mask = None  # one document per row: SDPA's causal fast path, no [B, S, S] mask to build or read
+        elif use_flex(document_ids.device):
+            self.mask = document_block_mask(document_ids)
+        else:
+            self.mask = attention_mask(document_ids, document_ids, 0)
 
-def attention_inputs(position_ids: torch.Tensor, document_ids: torch.Tensor, head_dim: int, theta: float,
-                     dtype, cache: Optional[KVCache] = None) -> AttentionInputs:
-    cos, sin = rotary(position_ids, head_dim, theta, dtype)
-    if cache is None:
-        if bool((document_ids == document_ids[:, :1]).all()):
-            # one document per row: SDPA's causal fast path, no [B, S, S] mask to build or read
-            return AttentionInputs(cos, sin, None, 0)
-        if use_flex(document_ids.device):
-            return AttentionInputs(cos, sin, document_block_mask(document_ids), 0)
-        return AttentionInputs(cos, sin, attention_mask(document_ids, document_ids, 0), 0)
-    start = cache.length
-    return AttentionInputs(cos, sin, attention_mask(document_ids, cache.extend(document_ids), start), start)
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+        if self.cache is not None:
+            k, v = self.cache.layers[layer].store(k, v, self.start)
+        return attend(q, k, v, self.mask)
 
 
 _compiled_flex = None

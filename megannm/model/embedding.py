@@ -35,13 +35,8 @@ class EmbeddingStage(nn.Module):
                                                    tp_group=layout.tp_group)
 
     def forward(self, input_ids, position_ids=None, document_ids=None):
-        """ids [B, S] -> (hidden [B,S,D], modality [B,S], position_ids [B,S], document_ids [B,S]).
-
-        Also accepts the three as one tuple (how a DeepSpeed pipeline hands its first stage the batch). Missing
-        position ids count from 0; missing document ids put the whole row in one document.
-        """
-        if isinstance(input_ids, (tuple, list)):
-            input_ids, position_ids, document_ids = (*input_ids, None, None)[:3]
+        """ids [B, S] -> (hidden [B,S,D], modality [B,S], position_ids [B,S], document_ids [B,S]). Missing
+        position ids count from 0; missing document ids put the whole row in one document."""
         b, s = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(s, device=input_ids.device).repeat(b, 1)

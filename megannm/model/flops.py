@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from megannm.model.transformer import ModelArgs
+    from megannm.model.args import ModelArgs
 
 
 def block_matmul_params(args: "ModelArgs") -> int:

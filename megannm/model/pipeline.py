@@ -1,14 +1,14 @@
-"""The model as a DeepSpeed ``PipelineModule``: the same stages as ``NMMModel``, one ``LayerSpec`` each.
+"""The model as a DeepSpeed ``PipelineModule``: the same chain as ``NMMModel``, one ``LayerSpec`` per position.
 
-    chain position   0            1 .. N                N + 1
-    module           EmbeddingStage  Block(args, i = c - 1)  HeadStage      -> loss_fn: lm_loss on the last stage
+    chain position   0               1 .. N                    N + 1
+    module           EmbeddingStage  Block(layer = c - 1)      HeadStage      -> loss_fn: lm_loss on the last stage
 
-No adapters: ``EmbeddingStage`` takes the micro-batch's ``(input_ids, position_ids, document_ids)`` tuple, every
-``Block`` takes and returns ``(hidden, modality, position_ids, document_ids)`` (three int64 tensors after the float
-one: DeepSpeed sends no gradient for them, and there is no bool mask to keep last: each stage rebuilds routing and
-mask from the ids, once per micro-batch: its first block builds them and its later blocks and the head reuse them,
-``mot.stage_context``), and ``HeadStage`` returns the vocab-parallel logits that ``lm_loss`` turns into the loss with
-``vocab_parallel.cross_entropy``.
+A stage runs its part of the chain with ``transformer.run_chain``, exactly as ``NMMModel`` runs the whole: the first
+stage takes the micro-batch's ``(input_ids, position_ids, document_ids)``, every stage but the last sends the carried
+activations ``(hidden, modality, position_ids, document_ids)`` (three int64 tensors after the float one: DeepSpeed
+sends no gradient for them), each stage builds the micro-batch's context (routing, mask, RoPE) from them once and
+hands it to its blocks, and the last stage's head returns the vocab-parallel logits that ``lm_loss`` turns into the
+loss. Activation checkpointing is ``run_chain``'s, block by block, as without a pipeline.
 
 Weights: chain position c is built under the seed ``base + c`` (``transformer.seeded``), exactly as ``NMMModel``
 does, so a stage that builds only its own positions holds the same weights as the whole model built from the same
@@ -17,11 +17,10 @@ torch seed; tensor-parallel slicing is megatron-core's, from the same CPU master
 Parameter names: DeepSpeed registers position c as the submodule ``"c"``, so the pipeline's state dict reads
 ``{c}.{name inside the stage}`` and DeepSpeed's checkpoint writes position c to ``layer_{c:02d}-model_{tp:02d}-
 model_states.pt`` with the names inside the stage. ``pipeline_to_canonical`` / ``canonical_to_pipeline`` map both
-onto ``NMMModel``'s names (``transformer.py``'s docstring; the fused projections then go through
-``megannm.model.fused`` like NMMModel's own):
+onto ``NMMModel``'s names (``transformer.py``'s docstring):
 
     0.embed_tokens.weight          <->  embedding.embed_tokens.weight
-    {1+i}.attn.qkv_proj.{m}.weight <->  layers.{i}.attn.qkv_proj.{m}.weight        (every name inside a Block)
+    {1+i}.attn.q_proj.{m}.weight   <->  layers.{i}.attn.q_proj.{m}.weight          (every name inside a Block)
     {N+1}.norm.{m}.weight          <->  head.norm.{m}.weight
     {N+1}.output.weight            <->  head.output.weight
 
@@ -32,7 +31,6 @@ last stage for the step's logs.
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import re
 
@@ -40,11 +38,11 @@ import torch
 from deepspeed.pipe import LayerSpec, PipelineModule
 
 from megannm import parallel
-from megannm.model import flops
+from megannm.model import flops, layers
 from megannm.model.args import ModelArgs
+from megannm.model.block import Block
 from megannm.model.embedding import EmbeddingStage
-from megannm.model.mot import Block
-from megannm.model.transformer import HeadStage, draw_init_seed, lm_loss, seeded
+from megannm.model.transformer import HeadStage, draw_init_seed, lm_loss, run_chain, seeded
 from megannm.parallel import Layout
 
 __all__ = ["build_pipeline_module", "NMMPipeline", "PipelineLoss", "pipeline_batch", "pipeline_to_canonical",
@@ -90,9 +88,16 @@ class NMMPipeline(PipelineModule):
     """DeepSpeed's ``PipelineModule`` over the chain, with the ``parameters`` partition counted from the dimensions
     (DeepSpeed's own count builds every layer of the whole model on every rank)."""
 
-    def __init__(self, args: ModelArgs, specs: list, **kwargs):
-        self.args = args
+    def __init__(self, args: ModelArgs, specs: list, recompute: bool = False, **kwargs):
+        self.args, self.recompute = args, recompute
         super().__init__(specs, **kwargs)
+        if args.compile:
+            layers.compile_blocks([m for m in self.forward_funcs if isinstance(m, Block)])
+
+    def forward(self, x):
+        """This stage's part of the chain (``run_chain``): ids or carried activations in, carried activations or
+        logits out."""
+        return run_chain(self.args, self.forward_funcs, x, recompute=self.recompute and self.training)
 
     def _count_layer_params(self):
         a = self.args
@@ -107,8 +112,9 @@ class NMMPipeline(PipelineModule):
 
 def chain_specs(args: ModelArgs, layout: Layout, seed: int) -> list[LayerSpec]:
     """Chain position c = 0 embedding, 1 + i block i, N + 1 head; each built under ``seed + c`` as in NMMModel."""
+    spec = layers.linears(args, layout)
     return ([SeededLayerSpec(seed, EmbeddingStage, args, layout)]
-            + [SeededLayerSpec(seed + 1 + i, Block, args, layout, i) for i in range(args.layers)]
+            + [SeededLayerSpec(seed + 1 + i, Block, args.block_shape, spec, i) for i in range(args.layers)]
             + [SeededLayerSpec(seed + args.layers + 1, HeadStage, args, layout)])
 
 
@@ -119,12 +125,9 @@ def build_pipeline_module(args: ModelArgs, layout: Layout, partition: str = "par
     quiet = io.StringIO()  # DeepSpeed prints its partition table and seed settings on rank 0
     with contextlib.redirect_stdout(quiet):
         module = NMMPipeline(
-            args, chain_specs(args, layout, seed), topology=parallel.pipeline_topology(layout),
-            loss_fn=PipelineLoss(args, layout), partition_method=partition,
-            # checkpoint every block (the embedding's inputs are ids: nothing to recompute from)
-            activation_checkpoint_interval=1 if activation_checkpointing else 0,
-            activation_checkpoint_func=functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False),
-            checkpointable_layers=[Block.__name__])
+            args, chain_specs(args, layout, seed), recompute=activation_checkpointing,
+            topology=parallel.pipeline_topology(layout), loss_fn=PipelineLoss(args, layout),
+            partition_method=partition)
     parallel.check_pipeline_grid(module.mpu(), layout)
     _count_replicated_once(module, layout)
     return module

@@ -1,8 +1,10 @@
-"""The whole model as a chain of stage-able modules: EmbeddingStage -> N x Block -> HeadStage, plus the loss.
+"""The whole model as a chain: EmbeddingStage -> N x Block -> HeadStage, plus the loss.
 
-Each stage takes and returns a tuple of tensors ``(hidden [B,S,D], modality [B,S], position_ids [B,S],
-document_ids [B,S])`` (the head returns vocab-parallel logits), so the pipeline wraps these same classes as
-DeepSpeed ``LayerSpec``s and ``NMMModel`` is only their composition for runs without a pipeline.
+``run_chain`` runs any contiguous part of the chain, the whole of it (``NMMModel``) or one pipeline stage's part
+(``megannm.model.pipeline``). Between pipeline stages the carried activations are the tensors ``(hidden [B,S,D] in
+sequence order, modality [B,S], position_ids [B,S], document_ids [B,S])``; at the start of its part of the chain a
+stage builds the micro-batch's ``block.Context`` (routing, RoPE tables, attention mask) from them once and passes it
+to each of its blocks and the head as an argument.
 
 Canonical names (consolidated folders, resharding, the Hugging Face export; ``m`` = weight set: 0 text, 1 image
 under MoT; only 0 for the dense twin)::
@@ -17,10 +19,7 @@ under MoT; only 0 for the dense twin)::
     head.norm.{m}.weight                       [D]                 model.norm
     head.output.weight                         [V_pad, D]          lm_head.weight (untied)
 
-The module itself computes q, k, v in ONE GEMM and gate, up in one more: its state dict has
-``layers.{i}.attn.qkv_proj.{m}.weight`` and ``layers.{i}.ffn.gate_up_proj.{m}.weight`` in their place, each stacking
-this rank's rows of its parts (``megannm.model.fused``: the one adapter between the two namings, applied wherever
-a rank's weights become canonical names and back). Every other name is the same in both.
+These are the module's own state-dict names: checkpoints, conversion and the export use them as they are.
 
 Tensor-parallel shards of the canonical tensors are all contiguous (no strided weights): embedding, head, q/k/v
 and gate/up are split along dim 0 (rank r holds rows [r*n/tp, (r+1)*n/tp): whole heads, in Hugging Face head
@@ -37,38 +36,54 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from megannm import parallel
-from megannm.model import flops, vocab_parallel
+from megannm.model import flops, layers, vocab_parallel
 from megannm.model.args import ModelArgs
-from megannm.model.attention import KVCache
+from megannm.model.attention import Attender, KVCache, rotary
+from megannm.model.block import Block, Context, Routing, per_modality
 from megannm.model.embedding import EmbeddingStage, modality_of_ids
-from megannm.model.mot import Block, PerModality, RMSNorm, attached_context, column, prepare, route
 from megannm.parallel import Layout
 from megannm.vocab import MODALITY_NAMES
 
-__all__ = ["ModelArgs", "EmbeddingStage", "Block", "HeadStage", "lm_loss", "NMMModel", "KVCache"]
+__all__ = ["ModelArgs", "EmbeddingStage", "Block", "HeadStage", "lm_loss", "NMMModel", "KVCache", "run_chain"]
+
 
 class HeadStage(nn.Module):
     """Final norm (per modality under MoT) and the untied output layer: vocab-parallel logits [B, S, V_pad/tp]."""
 
     def __init__(self, args: ModelArgs, layout: Layout):
         super().__init__()
-        self.args = args
-        self.norm = PerModality(args.n_sets, lambda: RMSNorm(args.hidden, args.eps, args.torch_dtype,
-                                                             compiled=args.compile_elementwise))
-        self.output = column(args, layout, args.hidden, args.padded_vocab_size, init=args.vocab_init_method())
+        spec = layers.linears(args, layout)
+        self.norm = per_modality(args.n_sets, lambda: spec.make_norm(args.hidden, args.eps))
+        self.output = layers.column(args, layout, args.hidden, args.padded_vocab_size, init=args.vocab_init_method())
 
-    def forward(self, x: tuple, routing=None) -> torch.Tensor:
-        h, modality = x[0], x[1]
-        if routing is None:  # the stage's blocks' routing when they ran on these tensors (mot.stage_context)
-            ctx = attached_context(self.args, *x[1:4]) if len(x) >= 4 else None
-            routing = ctx.routing if ctx is not None else route(modality, self.args.n_sets)
-        b, s, d = h.shape
-        return self.from_split(routing.split(h.reshape(b * s, d)), routing, (b, s))
+    def forward(self, h: torch.Tensor, ctx: Context) -> torch.Tensor:
+        """h [N, D] grouped by modality -> logits [B, S, V_pad / tp] in sequence order."""
+        return self.output(ctx.routing.ungroup(self.norm(h, ctx.routing.counts)))
 
-    def from_split(self, parts: list[torch.Tensor], routing, shape: tuple[int, int]) -> torch.Tensor:
-        """Per-modality norm on the stream split by modality, back to sequence order, then the shared output layer."""
-        h = routing.merge(self.norm(parts))
-        return self.output(h.view(*shape, -1))
+
+def context(args: ModelArgs, hidden: torch.Tensor, modality, position_ids, document_ids,
+            cache: Optional[KVCache] = None) -> Context:
+    """The micro-batch's ``block.Context``: routing, RoPE tables in the activations' dtype, the attention kernel."""
+    cos, sin = rotary(position_ids, args.head_dim, args.rope_theta, hidden.dtype)
+    return Context(Routing(modality, args.n_sets), cos[:, None], sin[:, None], Attender(document_ids, cache))
+
+
+def run_chain(args: ModelArgs, modules, x: tuple, recompute: bool = False, cache: Optional[KVCache] = None):
+    """Run a contiguous part of the chain on ``x``: the ids ``(input_ids, position_ids, document_ids)`` when it
+    starts with the embedding, else the carried activations. Returns the logits when it ends with the head, else
+    the carried activations. ``recompute``: each block's activations are recomputed in the backward
+    (``torch.utils.checkpoint``, non-reentrant) instead of kept."""
+    modules = list(modules)
+    if isinstance(modules[0], EmbeddingStage):
+        x = modules.pop(0)(*x)
+    hidden, modality, position_ids, document_ids = x
+    ctx = context(args, hidden, modality, position_ids, document_ids, cache)
+    h = ctx.routing.group(hidden)  # grouped by modality until the head (or the end of this stage)
+    for module in modules:
+        if isinstance(module, HeadStage):
+            return module(h, ctx)
+        h = checkpoint(module, h, ctx, use_reentrant=False) if recompute else module(h, ctx)
+    return ctx.routing.ungroup(h), modality, position_ids, document_ids
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -141,8 +156,8 @@ class NMMModel(nn.Module):
     (``megannm.model.pipeline``); ``seed`` None draws it from the torch RNG (``draw_init_seed``).
 
     ``layout`` carries the tensor-parallel group every layer splits over. ``checkpoint_activations`` recomputes each
-    block in the backward instead of keeping its activations (``torch.utils.checkpoint``, non-reentrant): the same
-    losses and gradients for one block's activations of memory instead of all of them."""
+    block in the backward instead of keeping its activations: the same losses and gradients for one block's
+    activations of memory instead of all of them. ``args.compile`` compiles each block (``layers.compile_blocks``)."""
 
     def __init__(self, args: ModelArgs, layout: Layout, seed: Optional[int] = None,
                  checkpoint_activations: bool = False):
@@ -155,9 +170,11 @@ class NMMModel(nn.Module):
         self.layers = nn.ModuleList()
         for i in range(args.layers):
             with seeded(seed + 1 + i):
-                self.layers.append(Block(args, layout, i))
+                self.layers.append(layers.block(args, layout, i))
         with seeded(seed + args.layers + 1):
             self.head = HeadStage(args, layout)
+        if args.compile:
+            layers.compile_blocks(self.layers)
 
     def forward(self, input_ids, position_ids=None, document_ids=None, labels=None, loss_mask=None,
                 cache: Optional[KVCache] = None, parallel_logits: bool = False):
@@ -169,19 +186,11 @@ class NMMModel(nn.Module):
         if cache is not None and position_ids is None:
             b, s = input_ids.shape
             position_ids = torch.arange(cache.length, cache.length + s, device=input_ids.device).repeat(b, 1)
-        x = self.embedding(input_ids, position_ids, document_ids)
-        ctx = prepare(self.args, *x[1:], cache=cache)  # routing, mask, RoPE: once per micro-batch
-        b, s, d = x[0].shape
-        parts = ctx.routing.split(x[0].reshape(b * s, d))  # split by modality until the head
         recompute = self.checkpoint_activations and self.training and cache is None and torch.is_grad_enabled()
-        for i, block in enumerate(self.layers):
-            if recompute:
-                parts = checkpoint(block.run_split, parts, ctx, (b, s), use_reentrant=False)
-            else:
-                parts = block.run_split(parts, ctx, (b, s), cache.layers[i] if cache is not None else None)
+        logits = run_chain(self.args, [self.embedding, *self.layers, self.head],
+                           (input_ids, position_ids, document_ids), recompute=recompute, cache=cache)
         if cache is not None:
             cache.advance(input_ids.shape[1])
-        logits = self.head.from_split(parts, ctx.routing, (b, s))
         if parallel_logits:
             return logits
         if labels is None:

@@ -62,18 +62,19 @@ def mixed_ids(gen, b=2):
 
 
 def stage_logits(model, ids, position_ids=None, document_ids=None):
-    """Vocab-parallel logits through the stage chain, as a pipeline would run it (no shared context)."""
-    x = model.embedding(ids, position_ids, document_ids)
-    for block in model.layers:
-        x = block(x)
-    return model.head(x)
+    """Vocab-parallel logits through the chain cut in two stages, as a pipeline runs it: only the carried tensors
+    cross the cut, and each stage builds its own context."""
+    from megannm.model.transformer import run_chain
+    carried = run_chain(model.args, [model.embedding, model.layers[0]], (ids, position_ids, document_ids))
+    assert all(isinstance(t, torch.Tensor) for t in carried) and len(carried) == 4
+    return run_chain(model.args, [*model.layers[1:], model.head], carried)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 
 
 def test_megatron_linears_take_2d_and_empty_input():
-    from megannm.model.mot import column, row
+    from megannm.model.layers import column, row
     args = make().args
     col, out = column(args, LAYOUT, 32, 48), row(args, LAYOUT, 48, 32)
     x = torch.randn(5, 32, requires_grad=True)
@@ -87,20 +88,26 @@ def test_megatron_linears_take_2d_and_empty_input():
     assert "_extra_state" not in "".join(col.state_dict())
 
 
-def test_routing_split_merge_is_a_stable_permutation():
-    from megannm.model import route
+def test_routing_groups_by_a_stable_permutation_and_its_gradient_is_the_inverse_gather():
+    from megannm.model import Routing
     modality = torch.tensor([[0, 1, 1, 0, 1], [1, 0, 0, 0, 1]])
-    r = route(modality, 2)
+    r = Routing(modality, 2)
     assert r.counts == [5, 5]
-    x = torch.arange(10.0)[:, None]
-    text, image = r.split(x)
+    x = torch.arange(10.0).view(2, 5, 1).requires_grad_()
+    grouped = r.group(x)
+    text, image = grouped.split(r.counts)
     assert text.flatten().tolist() == [0, 3, 6, 7, 8]  # sequence order kept inside a modality
     assert image.flatten().tolist() == [1, 2, 4, 5, 9]
-    assert torch.equal(r.merge([text, image]), x)
-    only_text = route(torch.zeros(2, 3, dtype=torch.long), 2)
-    assert only_text.counts == [6, 0] and only_text.split(torch.ones(6, 4))[1].shape == (0, 4)
-    dense = route(modality, 1)
-    assert dense.order is None and dense.split(x)[0] is x
+    assert torch.equal(r.ungroup(grouped), x)
+    weights = torch.arange(10.0)[:, None]
+    (grouped * weights).sum().backward()
+    assert x.grad.flatten().tolist() == [0, 5, 6, 1, 7, 8, 2, 3, 4, 9]  # each row's gradient back in its place
+    only_text = Routing(torch.zeros(2, 3, dtype=torch.long), 2)
+    assert only_text.counts == [6, 0] and only_text.group(torch.ones(2, 3, 4)).split(only_text.counts)[1].shape == (0, 4)
+    dense = Routing(modality, 1)
+    assert dense.order is None and dense.counts == [10] and torch.equal(dense.group(x), x.view(10, 1))
+    with pytest.raises(ValueError, match="modality ids must be < 2"):
+        Routing(torch.tensor([[0, 2]]), 2)
 
 
 def test_text_only_logits_do_not_depend_on_image_weights():
@@ -356,18 +363,22 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-6, atol=1e-7)
 
 
-def test_compile_elementwise_gives_the_eager_model_logits_and_gradients():
-    """``model.compile_elementwise``: every RMSNorm (QK-norm and final norm too), RoPE and SwiGLU runs its generated
-    kernel, and the model's loss and every gradient equal the eager model's, over micro-batches whose tokens per
-    modality differ (the compiled kernels take any row count)."""
-    eager, compiled = make(), make(compile_elementwise=True)
+def test_compiled_blocks_give_the_eager_model_loss_and_gradients():
+    """``model.compile``: each block compiled in place (regional compilation); the loss and every gradient equal
+    the eager model's over micro-batches whose tokens per modality differ, with one graph for all of them (the
+    blocks are compiled with dynamic shapes), and the parameter names are the eager model's."""
+    import torch._dynamo
+    eager, compiled = make(), make(compile=True)
+    assert compiled.args.compile and not eager.args.compile
+    assert list(compiled.state_dict()) == list(eager.state_dict())
     compiled.load_state_dict(eager.state_dict())
-    assert compiled.args.compile_elementwise and not eager.args.compile_elementwise
-    from megannm.model.mot import Attention, FeedForward, RMSNorm
-    switched = [m for m in compiled.modules() if isinstance(m, (RMSNorm, Attention, FeedForward))]
-    assert len(switched) == 2 * 2 * (2 + 2) + 2 + 2 * 2 and all(m.compiled for m in switched)  # norms; RoPE, SwiGLU
+    torch._dynamo.reset()
     gen = torch.Generator().manual_seed(21)
-    for ids in (mixed_ids(gen, b=2), torch.cat([mixed_ids(gen, b=1), text_ids(1, 19, gen=gen)])):
+    batches = [mixed_ids(gen, b=2), torch.cat([mixed_ids(gen, b=1), text_ids(1, 19, gen=gen)]),
+               torch.cat([image_ids(1, 19, gen=gen), mixed_ids(gen, b=1)])]
+    from torch._dynamo.utils import counters
+    counters.clear()
+    for ids in batches:
         results = []
         for model in (eager, compiled):
             model.zero_grad(set_to_none=True)
@@ -379,15 +390,17 @@ def test_compile_elementwise_gives_the_eager_model_logits_and_gradients():
         assert sum(float(g.abs().sum()) for g in g0.values()) > 0
         for n in g0:
             torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert counters["stats"]["unique_graphs"] == 1  # one graph for every block and batch: no recompile
+    assert not counters["graph_break"]  # and no graph break (each would split the block into eager pieces)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# the fused projections against plain torch on the canonical (separate) weights
+# the model against plain torch
 
 
 def reference_logits(w: dict, args, ids, position_ids, document_ids):
-    """The model written out in plain torch from canonical weights (``fused.to_canonical``): separate q/k/v and
-    gate/up, every token computed with every weight set and its own kept (``torch.where``), no routing."""
+    """The model written out in plain torch from its canonical weights: every token computed with every weight set
+    and its own kept (``torch.where``), no routing."""
     def norm(x, weight):
         return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + args.eps))
 
@@ -430,14 +443,13 @@ def reference_logits(w: dict, args, ids, position_ids, document_ids):
 
 
 @pytest.mark.parametrize("mot", [True, False])
-def test_fused_projections_equal_separate_weights_in_plain_torch(mot):
-    """Logits and every gradient of the model (one q/k/v GEMM and one gate/up GEMM per weight set) equal plain torch
-    on the separate canonical weights, packed documents and both modalities included."""
-    from megannm.model import fused
+def test_model_equals_plain_torch_reference(mot):
+    """Logits and every gradient of the model equal plain torch on its weights (no routing: every token through
+    every weight set, its own kept), packed documents and both modalities included."""
     model = make(mot=mot, seed=3)
     args = model.args
-    assert {n.split(".")[3] for n, _ in model.named_parameters() if n.startswith("layers.0.attn.")} >= {"qkv_proj"}
-    assert not any(part in n for n, _ in model.named_parameters() for part in ("q_proj", "k_proj", "gate_proj"))
+    assert {n.split(".")[3] for n, _ in model.named_parameters() if n.startswith("layers.0.attn.")} == \
+        {"norm", "q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"}
     with torch.no_grad():  # QK-norm and norm weights away from 1, so that a misplaced one shows
         for n, p in model.named_parameters():
             if p.ndim == 1:
@@ -450,12 +462,11 @@ def test_fused_projections_equal_separate_weights_in_plain_torch(mot):
     target = torch.randn(logits.shape, generator=gen)
     (logits * target).sum().backward()
 
-    weights = {n: t.detach().clone().requires_grad_() for n, t in
-               fused.to_canonical(dict(model.named_parameters()), args, 1).items()}
+    weights = {n: t.detach().clone().requires_grad_() for n, t in model.named_parameters()}
     ref = reference_logits(weights, args, ids, pos, docs)
     (ref * target).sum().backward()
     torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
-    grads = fused.to_canonical({n: p.grad for n, p in model.named_parameters()}, args, 1)
+    grads = {n: p.grad for n, p in model.named_parameters()}
     assert grads.keys() == weights.keys()
     for n, wt in weights.items():
         torch.testing.assert_close(grads[n], wt.grad, rtol=1e-4, atol=1e-5, msg=n)
@@ -463,11 +474,12 @@ def test_fused_projections_equal_separate_weights_in_plain_torch(mot):
 
 
 def test_rms_norm_equals_the_written_out_form():
-    """The model's RMSNorm (``kernels.rms_norm``) equals Hugging Face Llama's fp32 formula, bf16 bit for bit."""
-    from megannm.model.mot import RMSNorm
+    """The model's RMSNorm equals Hugging Face Llama's fp32 formula, bf16 bit for bit, in the parameter dtype."""
+    from megannm.model.layers import FusedRMSNorm
     gen = torch.Generator().manual_seed(14)
     for dtype in (torch.float32, torch.bfloat16):
-        norm = RMSNorm(32, 1e-5, dtype)
+        norm = FusedRMSNorm(32, 1e-5, lambda w: w, dtype)
+        assert norm.weight.dtype == dtype
         with torch.no_grad():
             norm.weight.copy_(1 + torch.randn(32, generator=gen))
         x = (3 * torch.randn(5, 7, 32, generator=gen)).to(dtype).requires_grad_()
@@ -478,26 +490,21 @@ def test_rms_norm_equals_the_written_out_form():
         torch.testing.assert_close(y, ref, rtol=0, atol=1e-6 if dtype == torch.float32 else 0)
 
 
-def test_a_stage_chain_prepares_routing_and_mask_once_per_micro_batch(monkeypatch):
-    """Blocks of one pipeline stage see only the activation tuple: the first computes the routing and mask, the
-    later ones and the head reuse them; new tensors (the next micro-batch, the next stage) get their own."""
-    from megannm.model import mot
-    model = make(mot=True)
-    calls = []
-    real = mot.prepare
-    monkeypatch.setattr(mot, "prepare", lambda *a, **k: calls.append(1) or real(*a, **k))
-    routes = []
-    real_route = mot.route
+def test_a_pipeline_stage_builds_its_context_once_and_passes_it_to_its_blocks(monkeypatch):
+    """A stage's blocks and head get the micro-batch's context as an argument, built once per stage from the
+    carried tensors (none hangs on a tensor): two stages, two contexts, and the same logits as the whole model."""
     import megannm.model.transformer as transformer
-    monkeypatch.setattr(transformer, "route", lambda *a, **k: routes.append(1) or real_route(*a, **k))
+    model = make(mot=True)
     gen = torch.Generator().manual_seed(15)
     ids = mixed_ids(gen)
     expected = model(ids, parallel_logits=True)
+    calls = []
+    real = transformer.context
+    monkeypatch.setattr(transformer, "context", lambda *a, **k: calls.append(1) or real(*a, **k))
+    seen = []
+    model.layers[1].register_forward_pre_hook(lambda mod, inputs: seen.append(inputs[1]))
+    model.head.register_forward_pre_hook(lambda mod, inputs: seen.append(inputs[1]))
     got = stage_logits(model, ids)
-    assert len(calls) == 1 and not routes  # 2 blocks and the head, one prepare
+    assert len(calls) == 2  # one per stage
+    assert len(seen) == 2 and seen[0] is seen[1]  # the second stage's block and head share its context
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
-    x = model.embedding(ids)
-    y = model.layers[0](x)
-    x[1].copy_(1 - x[1])  # the same tensor refilled in place (a receive buffer): never the old routing
-    model.layers[1](y)
-    assert len(calls) == 3

@@ -29,7 +29,8 @@ try:  # torch >= 2.5: block-sparse attention for packed documents on a GPU
 except ImportError:  # pragma: no cover - older torch: SDPA everywhere
     BlockMask = create_block_mask = flex_attention = None
 
-# How often each backend ran in this process ("sdpa-cpu", "sdpa-fused", "flex"): what the GPU check reports.
+# How many micro-batches chose each backend in this process ("sdpa-cpu", "sdpa-fused", "flex"): what the GPU check
+# reports. Counted where a micro-batch's ``Attender`` is made, outside the (possibly compiled) blocks.
 BACKENDS_USED: Counter = Counter()
 
 
@@ -157,6 +158,7 @@ class Attender:
             self.mask = document_block_mask(document_ids)
         else:
             self.mask = attention_mask(document_ids, document_ids, 0)
+        BACKENDS_USED[backend(self.mask, document_ids.device)] += 1
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
         if self.cache is not None:
@@ -191,18 +193,23 @@ def _sdpa_fused(q, k, v, mask: Optional[torch.Tensor]) -> torch.Tensor:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
 
 
+def backend(mask: Mask, device: torch.device) -> str:
+    """The kernel ``attend`` uses for this mask on this device (see the module docstring)."""
+    if BlockMask is not None and isinstance(mask, BlockMask):
+        return "flex"
+    return "sdpa-fused" if device.type == "cuda" else "sdpa-cpu"
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask) -> torch.Tensor:
     """Softmax attention; q [B, Hq, S, hd], k/v [B, Hkv, T, hd] with Hq a multiple of Hkv (grouped-query:
     query head h reads key/value head h // (Hq / Hkv), Hugging Face's ``repeat_kv`` order). Returns [B, S, Hq*hd].
     ``mask``: from ``attention_inputs`` (the backend follows from it and the device; see the module docstring)."""
-    if BlockMask is not None and isinstance(mask, BlockMask):
-        BACKENDS_USED["flex"] += 1
+    which = backend(mask, q.device)
+    if which == "flex":
         out = _flex(q, k, v, mask)
-    elif q.is_cuda:
-        BACKENDS_USED["sdpa-fused"] += 1
+    elif which == "sdpa-fused":
         out = _sdpa_fused(q, k, v, mask)
     else:
-        BACKENDS_USED["sdpa-cpu"] += 1
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                              enable_gqa=q.shape[1] != k.shape[1])
     b, h, s, d = out.shape

@@ -53,6 +53,11 @@ class RowLinear(_WithoutExtraState, RowParallelLinear):
     def forward(self, x):
         return super().forward(x)[0]
 
+    def _forward_impl(self, *args, **kwargs):
+        # megatron-core 0.16's RowParallelLinear hands its matmul tp_group=None, which then warns on every call: a
+        # flood of messages, and a graph break in every compiled block. The layer's own group is what it means.
+        return super()._forward_impl(*args, **{**kwargs, "tp_group": self.tp_group})
+
 
 class FusedRMSNorm(RMSNorm):
     """``block.RMSNorm`` in the model's parameter dtype, through apex's fused kernel on a GPU when installed."""

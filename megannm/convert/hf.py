@@ -36,7 +36,7 @@ from megannm.convert import reshard
 from megannm.convert.consolidated import Consolidated, normalise_args, write
 from megannm.convert.files import (DEFAULT_SHARD_SIZE, INDEX, SINGLE, THREADS, ConvertError, LazyState,
                                    SafetensorsReader, row_blocks, save_safetensors, specs_of, verify)
-from megannm.convert.hf_modeling import FILES as REMOTE_FILES, HERE as REMOTE_DIR
+from megannm.convert.hf_modeling import SOURCES as REMOTE_FILES
 from megannm.fileio import atomic_output, atomic_write_json
 
 IMAGE_TOKEN = "<img_{}>"
@@ -59,6 +59,8 @@ def hf_name(name: str, per_set: bool) -> str:
     m = _LAYER.match(name)
     if not m:
         raise ConvertError(f"no Hugging Face name for parameter {name}")
+    if per_set:  # the MoT class runs megannm's own block: its names under ``model.``
+        return f"model.{name}"
     i, block, part, s = m.groups()
     suffix = f".{s}.weight" if per_set else ".weight"
     if part == "norm":
@@ -170,8 +172,8 @@ def export_hf(c: Consolidated, dst: str | Path, tokenizers: Optional[Path] = Non
         cfg["dtype"] = cfg["torch_dtype"] = torch_dtype  # what from_pretrained loads as by default
         atomic_write_json(tmp / "config.json", cfg)
         if per_set:
-            for f in REMOTE_FILES:
-                shutil.copyfile(REMOTE_DIR / f, tmp / f)
+            for f, source in REMOTE_FILES.items():
+                shutil.copyfile(source, tmp / f)
         save_safetensors(tmp, state, max_shard_size, specs=out_specs, dtype=dtype, threads=threads)
         atomic_write_json(tmp / "generation_config.json", {**_special_ids(vocab), "_from_model_config": True})
         if tokenizers is not None:

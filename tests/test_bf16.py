@@ -196,15 +196,23 @@ def test_precision_combinations_deepspeed_refuses_are_one_line(change, key):
 
 
 def test_rope_tables_are_fp32_then_cast_and_never_promote_q_k(layout):
-    from megannm.model.attention import apply_rotary, rotary
+    from megannm.model.attention import rotary
+    from megannm.model.block import apply_rope
     pos = torch.arange(4000, 4032)[None]
     cos, sin = rotary(pos, 64, 10000.0, torch.bfloat16)
     ref_cos, _ = rotary(pos, 64, 10000.0, torch.float32)
     assert cos.dtype == torch.bfloat16 and torch.equal(cos, ref_cos.bfloat16())  # computed in fp32, then cast
     naive = (pos[..., None].bfloat16() * (1.0 / 10000 ** (torch.arange(0, 64, 2) / 64)).bfloat16()).cos()
     assert (naive.float() - ref_cos[..., :32]).abs().max() > 0.1  # what bf16 positions would have given
-    q = torch.randn(1, 2, 32, 64, dtype=torch.bfloat16)
-    assert apply_rotary(q, ref_cos, ref_cos).dtype == torch.bfloat16  # fp32 tables on bf16 q: no promotion
+    # the model makes its tables in the dtype of the activations it runs on (a module cast to bf16 after it was
+    # built gets bf16 tables), so q and k are never promoted to fp32 beside bf16 values
+    model, _ = tiny(layout)
+    from megannm.model.transformer import context
+    hidden = torch.zeros(1, 32, model.args.hidden, dtype=torch.bfloat16)
+    ctx = context(model.args, hidden, torch.zeros(1, 32, dtype=torch.long), pos - 4000, torch.zeros(1, 32, dtype=torch.long))
+    assert ctx.cos.dtype == ctx.sin.dtype == torch.bfloat16
+    q = torch.randn(1, 2, 32, model.args.head_dim, dtype=torch.bfloat16)
+    assert apply_rope(q, ctx.cos, ctx.sin).dtype == torch.bfloat16
 
 
 def test_a_bf16_model_trains_and_decodes(layout):

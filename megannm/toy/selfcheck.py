@@ -267,14 +267,14 @@ class Check:
 
     def throughput(self, mot: bool, compiled: bool = False) -> str:
         """Tokens/s and MFU of bf16 training steps at a GPU-sized shape, and the peak memory against the plan;
-        ``compiled``: with ``model.compile_elementwise`` (Triton kernels for the norms, RoPE, SwiGLU and the loss)."""
+        ``compiled``: with ``model.compile`` (each block compiled: Triton kernels for its element-wise work)."""
         from megannm.config import recipe_from_dict
         from megannm.plan import DEVICES, GiB, make_plan
         from megannm.runner import build_trainer
         from megannm.vocab import Vocab
         d = phase_recipe("pretrain", self.data, self.out, steps=100,
                          name=f"speed_{'mot' if mot else 'dense'}{'_compiled' if compiled else ''}",
-                         model__compile_elementwise=compiled,
+                         model__compile=compiled,
                          model__hidden_size=2048, model__num_layers=8, model__num_heads=16, model__num_kv_heads=4,
                          model__ffn_hidden_size=5632, model__max_seq_len=2048, model__mot=mot,
                          data__seq_len=2048, data__micro_batch_size=4, data__global_batch_size=8)
@@ -328,7 +328,7 @@ class Check:
         self.item("bf16 checkpoint -> Hugging Face", self.hf)
         self.item("dense step: tokens/s, MFU, memory", lambda: self.throughput(mot=False), gpu_only=True)
         self.item("MoT step: tokens/s, MFU, memory", lambda: self.throughput(mot=True), gpu_only=True)
-        self.item("MoT step, model.compile_elementwise: tokens/s, MFU, memory",
+        self.item("MoT step, model.compile: tokens/s, MFU, memory",
                   lambda: self.throughput(mot=True, compiled=True), gpu_only=True)
         print(f"selfcheck: {'all ok' if not self.failures else f'{self.failures} FAILED'}", flush=True)
         return 1 if self.failures else 0

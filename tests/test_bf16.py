@@ -301,7 +301,7 @@ def test_flex_block_mask_gives_sdpa_outputs_on_packed_rows(layout):
     boolean mask), forward on the CPU, with grouped-query heads; and the model's CPU path keeps the boolean mask."""
     import torch.nn.functional as F
 
-    from megannm.model.attention import attend, attention_inputs, attention_mask, document_block_mask
+    from megannm.model.attention import Attender, attend, attention_mask, document_block_mask
     gen = torch.Generator().manual_seed(5)
     docs = torch.tensor([[0] * 40 + [1] * 100 + [2] * 60, [0] * 7 + [1] * 193])  # blocks of 128 cut documents
     b, s = docs.shape
@@ -312,5 +312,4 @@ def test_flex_block_mask_gives_sdpa_outputs_on_packed_rows(layout):
     torch.testing.assert_close(out, ref.transpose(1, 2).reshape(b, s, -1), rtol=1e-5, atol=1e-5)
     assert (ref[0, :, 40] - F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)[0, :, 40]
             ).abs().max() > 1e-3  # the mask matters: a token at a document start sees only itself
-    pos = torch.zeros_like(docs)
-    assert attention_inputs(pos, docs, 16, 1e4, torch.float32).mask.dtype == torch.bool  # the CPU keeps SDPA
+    assert Attender(docs).mask.dtype == torch.bool  # the CPU keeps SDPA with a boolean mask

@@ -68,12 +68,13 @@ def train(r, resume=False):
 
 
 def stage_info(trainer):
-    """Rank 0's stage: its chain positions and which of its layers run under activation checkpointing."""
+    """Rank 0's stage: its chain positions and which of its layers run under activation checkpointing (the blocks,
+    when the recipe asks: ``run_chain`` recomputes them; none at all otherwise)."""
+    from megannm.model.block import Block
     from megannm.model.pipeline import stage_bounds
     module = trainer.engine.module
     return {"bounds": list(stage_bounds(module)),
-            "checkpointed": [bool(x) for x in getattr(module, "is_checkpointable_results", [])]
-            if module.activation_checkpoint_interval else []}
+            "checkpointed": [isinstance(m, Block) for m in module.forward_funcs] if module.recompute else []}
 
 
 def dump(name, **extra):

@@ -73,7 +73,13 @@ def test_dpo_bf16_starts_at_log_2(runs):
 
 
 def test_fp16_trains_under_the_dynamic_loss_scale(runs):
+    """fp16 with DeepSpeed's loss scaler where the processor has half-precision arithmetic; elsewhere the recipe is
+    refused with one line naming the key, before DeepSpeed's own traceback."""
+    from deepspeed.accelerator import get_accelerator
     r = load(runs, "pretrain_fp16")
+    if not get_accelerator().is_fp16_supported():
+        assert r["refused"].startswith("precision: fp16 is not supported on this device") and "\n" not in r["refused"]
+        return
     assert r["dtype"] == "torch.float16"
     got = losses(runs, "pretrain_fp16")
     assert all(math.isfinite(x) for x in got)

@@ -96,11 +96,23 @@ def adamw(groups: list[dict], o) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused or None)
 
 
+def check_precision(precision: str) -> None:
+    """One line, before DeepSpeed's own traceback, when this device cannot train in ``precision`` (DeepSpeed's CPU
+    accelerator says fp16 only where the processor has half-precision arithmetic)."""
+    from deepspeed.accelerator import get_accelerator
+    acc = get_accelerator()
+    supported = {"fp16": acc.is_fp16_supported, "bf16": acc.is_bf16_supported}.get(precision)
+    if supported is not None and not supported():
+        raise ValueError(f"precision: {precision} is not supported on this device ({acc.device_name()}, as DeepSpeed "
+                         f"reports it); use " + " or ".join(p for p in ("bf16", "fp32") if p != precision))
+
+
 def build_engine(recipe: Recipe, layout, module: torch.nn.Module, pipeline: bool = False):
     """``deepspeed.initialize`` over ``module`` with a torch AdamW (``adamw``; DeepSpeed's own Adam would JIT-build a
     C++ op)."""
     import deepspeed
 
+    check_precision(recipe.precision)
     o = recipe.optimizer
     optimizer = adamw(param_groups(module, o.weight_decay), o)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(recipe))

@@ -124,9 +124,8 @@ def _write_checkpoints(tok, layout, tmp_path):
     optimizer partitions beside them that the reference must never open."""
     from megannm.convert import consolidated
     from megannm.convert.deepspeed import write_deepspeed
-    from megannm.model.fused import to_canonical
     model = tiny_model(tok, layout, seed=4, num_kv_heads=2)
-    state = to_canonical({k: v.detach().clone() for k, v in model.state_dict().items()}, model.args, 1)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     for k in ("embedding.embed_tokens.weight", "head.output.weight"):  # canonical: unpadded vocabulary rows
         state[k] = state[k][:tok.vocab.size].clone()
     c = consolidated.Consolidated(state, consolidated.normalise_args(model.args, tok.vocab), tok.vocab,
@@ -145,7 +144,6 @@ def test_reference_reads_only_this_ranks_slice(layout, tok, tmp_path):
     from megannm.checkpoint import CheckpointError, integrity
     from megannm.convert import reshard
     from megannm.convert.consolidated import normalise_args
-    from megannm.model.fused import canonical_parts
     from megannm.phases.rl.reference import reference_state
     c, model, tag = _write_checkpoints(tok, layout, tmp_path)
     args = normalise_args(c.args, tok.vocab, tp=2)
@@ -165,8 +163,7 @@ def test_reference_reads_only_this_ranks_slice(layout, tok, tmp_path):
 
     want = {}
     for name in names:
-        parts = canonical_parts(name) or [name]
-        want[name] = torch.cat([reshard.shard_tensor(p, c.state[p], 2, 1, args.padded_vocab_size) for p in parts])
+        want[name] = reshard.shard_tensor(name, c.state[name], 2, 1, args.padded_vocab_size)
     assert set(state) == set(want)
     for name in names:
         assert torch.equal(state[name], want[name]), name
@@ -196,13 +193,11 @@ def test_reference_from_a_checkpoint_in_the_training_dtype(layout, tok, tmp_path
     from megannm.convert.deepspeed import write_deepspeed
     from megannm.convert.consolidated import normalise_args
     from megannm.convert import reshard
-    from megannm.model.fused import canonical_parts
     from megannm.phases.rl.reference import load_reference
     c, _, _ = _write_checkpoints(tok, layout, tmp_path)
     write_deepspeed(c, tmp_path / "ds1", tp=1)
     args = dataclasses.replace(normalise_args(c.args, tok.vocab, 1), params_dtype="bfloat16")
     ref = load_reference(tmp_path / "ds1", args, layout, tok.vocab, torch.device("cpu"))
     for name, p in ref.named_parameters():
-        parts = canonical_parts(name) or [name]
-        full = torch.cat([reshard.shard_tensor(q, c.state[q], 1, 0, args.padded_vocab_size) for q in parts])
+        full = reshard.shard_tensor(name, c.state[name], 1, 0, args.padded_vocab_size)
         assert p.dtype == torch.bfloat16 and torch.equal(p, full.to(torch.bfloat16)), name

@@ -50,9 +50,7 @@ def dump(name: str, **extra) -> None:
 def master_weights(trainer) -> None:
     """The engine's fp32 master of every parameter (DeepSpeed's own accessor: a collective over the data group)."""
     from deepspeed.utils import safe_get_full_fp32_param
-    from megannm.model import fused
     full = {n: safe_get_full_fp32_param(p).detach().clone() for n, p in trainer.engine.module.named_parameters()}
-    full = fused.to_canonical(full, trainer.args, trainer.layout.tp)  # the names a consolidated export holds
     if trainer.layout.rank == 0:
         torch.save(full, OUT / "master.pt")
 
@@ -67,9 +65,7 @@ def init_master(source: str) -> None:
     r = recipe_from_dict(d, source="init_master", world_size=WORLD)
     trainer = build_trainer(r, parallel.init_parallel(1, 1), source="init_master")
     trainer.restore(resume=False)
-    from megannm.model import fused
     full = {n: safe_get_full_fp32_param(p).detach().clone() for n, p in trainer.engine.module.named_parameters()}
-    full = fused.to_canonical(full, trainer.args, trainer.layout.tp)
     if trainer.layout.rank == 0:
         torch.save(full, OUT / "init_master.pt")
 

@@ -12,8 +12,6 @@ tensor-parallel layout, and is built from the cheapest exact source:
   fp32 master in the optimizer partitions is never read); without ``init_from``, the recipe's seeded initial
   weights again.
 
-Module names may differ from the files' canonical names (fused q/k/v and gate/up projections): the loader goes
-through ``megannm.model.fused``, so either naming works on either side.
 """
 from __future__ import annotations
 
@@ -22,7 +20,6 @@ from pathlib import Path
 import torch
 
 from megannm.model.build import build_model
-from megannm.model.fused import canonical_parts, to_canonical
 
 
 def frozen_reference(recipe, layout, vocab, args, engine=None, fresh: bool = False):
@@ -79,7 +76,7 @@ def copy_of_policy(module, args, layout, device):
 
 
 def reference_state(path, args, layout, vocab, names: list[str]) -> tuple[dict, str]:
-    """This rank's weights of the checkpoint at ``path`` under the model's parameter ``names`` (fused or not), read
+    """This rank's weights of the checkpoint at ``path`` under the model's parameter ``names``, read
     from this rank's slice only: (state, where they came from)."""
     from megannm import checkpoint as fmt
     path = Path(path)
@@ -108,31 +105,27 @@ def reference_state(path, args, layout, vocab, names: list[str]) -> tuple[dict, 
         raise fmt.CheckpointError(f"{mine}: holds no weights ({empty} is an empty placeholder, as ZeRO-3 saves "
                                   f"them): convert it (megannm convert {ckpt} OUT --to consolidated) and set "
                                   f"checkpoint.init_from to OUT")
-    canonical = to_canonical(state, args, layout.tp)
-
     def get(name):
-        if name not in canonical:
+        if name not in state:
             raise fmt.CheckpointError(f"{mine}: missing parameter {name}")
-        return canonical[name]
+        return state[name]
 
     return _module_named(get, names, args, layout, str(mine)), str(mine)
 
 
 def _module_named(get, names: list[str], args, layout, where: str) -> dict:
-    """The model's parameter ``names`` -> this rank's tensors, from ``get(canonical name)`` (a fused module weight
-    is its canonical parts stacked along dim 0, ``megannm.model.fused``)."""
+    """The model's parameter ``names`` (the canonical names) -> this rank's tensors, from ``get(name)``, each
+    checked against its expected shape."""
     from megannm.convert import reshard
     expected = reshard.local_shapes(args, layout.tp, args.padded_vocab_size)
     state = {}
     for name in names:
-        parts = canonical_parts(name) or [name]
-        tensors = [get(p) for p in parts]
-        for p, t in zip(parts, tensors):
-            if p in expected and tuple(t.shape) != tuple(expected[p]):
-                from megannm.checkpoint import CheckpointError
-                raise CheckpointError(f"{where}: parameter {p} has shape {list(t.shape)} for tensor rank "
-                                      f"{layout.tp_rank}, expected {list(expected[p])}")
-        state[name] = tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0)
+        t = get(name)
+        if name in expected and tuple(t.shape) != tuple(expected[name]):
+            from megannm.checkpoint import CheckpointError
+            raise CheckpointError(f"{where}: parameter {name} has shape {list(t.shape)} for tensor rank "
+                                  f"{layout.tp_rank}, expected {list(expected[name])}")
+        state[name] = t
     return state
 
 

@@ -90,6 +90,9 @@ class ModelArgs:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelArgs":
+        # a training setting of earlier versions (hand-written element-wise kernels), replaced by ``compile``:
+        # consolidated folders written then still load
+        d = {k: v for k, v in d.items() if k != "compile_elementwise"}
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:

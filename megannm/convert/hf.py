@@ -32,10 +32,11 @@ from typing import Optional
 
 import torch
 
-from megannm.convert import reshard
-from megannm.convert.consolidated import Consolidated, normalise_args, write
-from megannm.convert.files import (DEFAULT_SHARD_SIZE, INDEX, SINGLE, THREADS, ConvertError, LazyState,
-                                   SafetensorsReader, row_blocks, save_safetensors, specs_of, verify)
+from megannm.checkpoint import canonical
+from megannm.checkpoint.consolidated import Consolidated, normalise_args, write
+from megannm.checkpoint.folders import CheckpointError
+from megannm.checkpoint.tensors import (DEFAULT_SHARD_SIZE, INDEX, SINGLE, LazyState, SafetensorsFolder, cast_to,
+                                        save_safetensors, specs_of)
 from megannm.convert.hf_modeling import FILES as REMOTE_FILES, HERE as REMOTE_DIR
 from megannm.fileio import atomic_output, atomic_write_json
 
@@ -58,7 +59,7 @@ def hf_name(name: str, per_set: bool) -> str:
         return f"model.norm.{m.group(1)}.weight" if per_set else "model.norm.weight"
     m = _LAYER.match(name)
     if not m:
-        raise ConvertError(f"no Hugging Face name for parameter {name}")
+        raise CheckpointError(f"no Hugging Face name for parameter {name}")
     i, block, part, s = m.groups()
     suffix = f".{s}.weight" if per_set else ".weight"
     if part == "norm":
@@ -119,12 +120,12 @@ def export_tokenizer(bundle: Path, vocab, out: Path) -> None:
     bundle = Path(bundle)
     vocab_file = bundle / "vocab.json"
     if not vocab_file.exists() or not (bundle / "text").is_dir():
-        raise ConvertError(f"{bundle}: not a tokenizers bundle (needs text/ and vocab.json)")
+        raise CheckpointError(f"{bundle}: not a tokenizers bundle (needs text/ and vocab.json)")
     theirs = Vocab.load(vocab_file)
     vocab.check_same(theirs.fingerprint, "the checkpoint", str(vocab_file))
     tok = PreTrainedTokenizerFast.from_pretrained(str(bundle / "text"), local_files_only=True)
     if len(tok) != vocab.text_size:
-        raise ConvertError(f"{bundle / 'text'}: {len(tok)} text tokens, the vocabulary says {vocab.text_size}")
+        raise CheckpointError(f"{bundle / 'text'}: {len(tok)} text tokens, the vocabulary says {vocab.text_size}")
     tok.add_tokens([AddedToken(IMAGE_TOKEN.format(i), special=False, normalized=False)
                     for i in range(vocab.image_codes)])
     tok.add_tokens([AddedToken(s, special=True, normalized=False) for s in vocab.specials], special_tokens=True)
@@ -134,7 +135,7 @@ def export_tokenizer(bundle: Path, vocab, out: Path) -> None:
     for token, want in expected.items():
         got = tok.convert_tokens_to_ids(token)
         if got != want:
-            raise ConvertError(f"{bundle / 'text'}: token {token!r} gets id {got} in the exported tokenizer, the "
+            raise CheckpointError(f"{bundle / 'text'}: token {token!r} gets id {got} in the exported tokenizer, the "
                                f"unified vocabulary has {want} (does the text tokenizer already contain it?)")
     tok.save_pretrained(str(out))
     config = out / "tokenizer_config.json"
@@ -147,20 +148,18 @@ def export_tokenizer(bundle: Path, vocab, out: Path) -> None:
 
 
 def export_hf(c: Consolidated, dst: str | Path, tokenizers: Optional[Path] = None, overwrite: bool = False,
-              max_shard_size: int = DEFAULT_SHARD_SIZE, dtype: Optional[torch.dtype] = None,
-              threads: int = THREADS) -> Path:
+              max_shard_size: int = DEFAULT_SHARD_SIZE, dtype: Optional[torch.dtype] = None) -> Path:
     """A Hugging Face folder (config, weights, generation config, tokenizer) from the canonical form, the weights
-    written one tensor at a time (renamed, cast to ``dtype`` when given; config.json records the dtype written)."""
+    written one shard at a time (renamed, cast to ``dtype`` when given; config.json records the dtype written)."""
     args, vocab = c.args, c.vocab
     arch = architecture(args)
     per_set = arch == "megannm_mot"
     specs = specs_of(c.state)
-    reshard.check_shape_map({k: s for k, (s, _) in specs.items()}, reshard.canonical_shapes(args),
+    canonical.check_shape_map({k: s for k, (s, _) in specs.items()}, canonical.canonical_shapes(args),
                             "consolidated state")
-    names = {hf_name(k, per_set): k for k in reshard.canonical_shapes(args)}
-    out_specs = {h: (specs[k][0], dtype if dtype is not None and specs[k][1].is_floating_point else specs[k][1])
-                 for h, k in names.items()}
-    state = LazyState(out_specs, lambda h: c.state[names[h]], rows=lambda h: row_blocks(c.state, names[h]))
+    names = {hf_name(k, per_set): k for k in canonical.canonical_shapes(args)}
+    out_specs = {h: (specs[k][0], cast_to(specs[k][1], dtype)) for h, k in names.items()}
+    state = LazyState(out_specs, lambda h: c.state[names[h]])
     written = {dt for _, dt in out_specs.values() if dt.is_floating_point}
     torch_dtype = str(written.pop() if len(written) == 1 else torch.float32).replace("torch.", "")
     tokenizers = tokenizers or c.tokenizers
@@ -172,7 +171,7 @@ def export_hf(c: Consolidated, dst: str | Path, tokenizers: Optional[Path] = Non
         if per_set:
             for f in REMOTE_FILES:
                 shutil.copyfile(REMOTE_DIR / f, tmp / f)
-        save_safetensors(tmp, state, max_shard_size, specs=out_specs, dtype=dtype, threads=threads)
+        save_safetensors(tmp, state, max_shard_size, dtype=dtype)
         atomic_write_json(tmp / "generation_config.json", {**_special_ids(vocab), "_from_model_config": True})
         if tokenizers is not None:
             export_tokenizer(Path(tokenizers), vocab, tmp)
@@ -180,7 +179,6 @@ def export_hf(c: Consolidated, dst: str | Path, tokenizers: Optional[Path] = Non
                                               "model_args": args.to_dict(), "source": c.source,
                                               "image_token": IMAGE_TOKEN.format("{code}"),
                                               "tokenizer": tokenizers is not None})
-        verify(c.state)
     return dst
 
 
@@ -191,14 +189,14 @@ def export_hf(c: Consolidated, dst: str | Path, tokenizers: Optional[Path] = Non
 def _read_config(src: Path) -> dict:
     path = src / "config.json"
     if not path.exists():
-        raise ConvertError(f"{src}: not a Hugging Face model folder (no config.json)")
+        raise CheckpointError(f"{src}: not a Hugging Face model folder (no config.json)")
     try:
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ConvertError(f"{path}: not valid JSON ({e})") from None
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     kind = cfg.get("model_type")
     if kind not in LLAMA_LIKE:
-        raise ConvertError(f"{path}: model_type {kind!r} is not a Llama-architecture LLM (expected one of "
+        raise CheckpointError(f"{path}: model_type {kind!r} is not a Llama-architecture LLM (expected one of "
                            f"{', '.join(LLAMA_LIKE)})")
     checks = [("hidden_act", cfg.get("hidden_act", "silu"), "silu"),
               ("attention_bias", bool(cfg.get("attention_bias", False)), False),
@@ -210,11 +208,11 @@ def _read_config(src: Path) -> dict:
         checks.append(("sliding_window", window, None))
     for key, got, want in checks:
         if got != want:
-            raise ConvertError(f"{path}: {key} is {got!r}; megannm's model has {want!r}")
+            raise CheckpointError(f"{path}: {key} is {got!r}; megannm's model has {want!r}")
     heads = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     if head_dim * heads != cfg["hidden_size"]:
-        raise ConvertError(f"{path}: head_dim {head_dim} x num_attention_heads {heads} != hidden_size "
+        raise CheckpointError(f"{path}: head_dim {head_dim} x num_attention_heads {heads} != hidden_size "
                            f"{cfg['hidden_size']} (megannm derives head_dim = hidden / heads)")
     return cfg
 
@@ -222,12 +220,12 @@ def _read_config(src: Path) -> dict:
 def _hf_weights(src: Path):
     """name -> tensor getter over safetensors (single or sharded) or a single pytorch_model.bin."""
     if (src / SINGLE).exists() or (src / INDEX).exists():
-        reader = SafetensorsReader(src)
+        reader = SafetensorsFolder(src)
         return set(reader.keys()), reader.get, src
     if (src / "pytorch_model.bin").exists():
-        state = torch.load(src / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        state = torch.load(src / "pytorch_model.bin", map_location="cpu", mmap=True, weights_only=True)
         return set(state), state.__getitem__, src / "pytorch_model.bin"
-    raise ConvertError(f"{src}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+    raise CheckpointError(f"{src}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
 
 def _new_rows(existing: torch.Tensor, n: int, gen: torch.Generator, noise: float) -> torch.Tensor:
@@ -244,10 +242,11 @@ def import_hf(src: str | Path, dst: str | Path, image_tokenizer: str | Path, mot
     src = Path(src)
     cfg = _read_config(src)
     if not (src / "tokenizer.json").exists():
-        raise ConvertError(f"{src}: no tokenizer.json (the LLM's tokenizer becomes the text range of the vocabulary)")
+        raise CheckpointError(f"{src}: no tokenizer.json (the LLM's tokenizer becomes the text range of the "
+                              f"vocabulary)")
     image_tokenizer = Path(image_tokenizer)
     if not image_tokenizer.exists():
-        raise ConvertError(f"{image_tokenizer}: image tokenizer not found (--image-tokenizer)")
+        raise CheckpointError(f"{image_tokenizer}: image tokenizer not found (--image-tokenizer)")
     names, get, where = _hf_weights(src)
     qk_norm = cfg["model_type"] == "qwen3"
     with tempfile.TemporaryDirectory(prefix="megannm-import-") as tmp:
@@ -261,7 +260,7 @@ def import_hf(src: str | Path, dst: str | Path, image_tokenizer: str | Path, mot
         bundle.save(Path(tmp) / "tokenizers")
         rows = cfg["vocab_size"]
         if rows < vocab.text_size:
-            raise ConvertError(f"{src / 'config.json'}: vocab_size {rows} is smaller than its tokenizer's "
+            raise CheckpointError(f"{src / 'config.json'}: vocab_size {rows} is smaller than its tokenizer's "
                                f"{vocab.text_size} tokens")
         heads = cfg["num_attention_heads"]
         args = ModelArgs(hidden=cfg["hidden_size"], layers=cfg["num_hidden_layers"], heads=heads,
@@ -273,23 +272,23 @@ def import_hf(src: str | Path, dst: str | Path, image_tokenizer: str | Path, mot
                          eps=float(cfg.get("rms_norm_eps", 1e-6)),
                          max_seq_len=int(cfg.get("max_position_embeddings", 2048)))
         tied = cfg.get("tie_word_embeddings", False) or "lm_head.weight" not in names
-        expected = {hf_name(k, per_set=False) for k in reshard.canonical_shapes(dataclasses.replace(args, mot=False))}
+        expected = {hf_name(k, per_set=False) for k in canonical.canonical_shapes(dataclasses.replace(args, mot=False))}
         if tied:
             expected.discard("lm_head.weight")
-        reshard.check_names(names - {k for k in names if k.endswith("rotary_emb.inv_freq")}, expected, str(where))
+        canonical.check_names(names - {k for k in names if k.endswith("rotary_emb.inv_freq")}, expected, str(where))
         gen = torch.Generator().manual_seed(seed)
         n_new = vocab.size - vocab.text_size
-        shapes = reshard.canonical_shapes(args)
+        shapes = canonical.canonical_shapes(args)
 
         def build(name: str) -> torch.Tensor:  # one at a time, in canonical order (the noise's order; an
             # error leaves no output: the folder is renamed into place only at the end)
             hf = "model.embed_tokens.weight" if name == "head.output.weight" and tied else hf_name(name, False)
             t = get(hf).float()
-            if name in reshard.VOCAB_PARAMS:
+            if name in canonical.VOCAB_PARAMS:
                 t = t[:vocab.text_size]
                 t = torch.cat([t, _new_rows(t, n_new, gen, noise)])
             if tuple(t.shape) != tuple(shapes[name]):
-                raise ConvertError(f"{where}: parameter {hf} has shape {list(t.shape)}, expected "
+                raise CheckpointError(f"{where}: parameter {hf} has shape {list(t.shape)}, expected "
                                    f"{list(shapes[name])}")
             return t
 
@@ -299,4 +298,4 @@ def import_hf(src: str | Path, dst: str | Path, image_tokenizer: str | Path, mot
                           "llm_vocab_rows": rows, "new_rows": f"mean of the LLM's rows + {noise} x row std x N(0,1), "
                           f"seed {seed}", "modality_init": "every weight set copies the LLM's" if mot else "dense"},
                          tokenizers=Path(tmp) / "tokenizers")
-        return write(c, dst, overwrite=overwrite, max_shard_size=max_shard_size, threads=1)
+        return write(c, dst, overwrite=overwrite, max_shard_size=max_shard_size)

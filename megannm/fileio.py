@@ -2,7 +2,8 @@
 
 Every file megannm writes for a user (reports, manifests, pointers, tokenizer files, exports, checkpoint files)
 goes to a temporary name beside its destination and is renamed over it (``atomic_file`` for writers that take a
-path), so a crash, a full disk or Ctrl-C leaves either the old file or the new one, never a half-written one. Folders are built the same way (``atomic_output``).
+path), so a crash, a full disk or Ctrl-C leaves either the old file or the new one, never a half-written one.
+Folders are built the same way (``atomic_output``).
 
 This module sits below everything else (it imports nothing from megannm).
 """

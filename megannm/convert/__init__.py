@@ -1,8 +1,8 @@
 """Checkpoint conversion through one hub, the consolidated safetensors form; offline, no training engine.
 
     deepspeed.py     consolidated -> a module-only DeepSpeed checkpoint at any TP x PP (re-sharding)
-    hf.py            consolidated -> Hugging Face (Llama / Qwen3 / the MoT remote-code class); a Llama-architecture LLM ->
-                     a native multimodal model
+    hf.py            consolidated -> Hugging Face (Llama / Qwen3 / the MoT remote-code class); a Llama-architecture
+                     LLM -> a native multimodal model
     hf_modeling/     the MoT model as a ``transformers`` class, copied into MoT exports
     cli.py           ``megannm convert SRC DST --to {consolidated,deepspeed,hf}``
 
@@ -12,3 +12,8 @@ through safetensors and ``torch.load``: ``checkpoint.tensors``), which training 
 adapter here checks names and shapes against ``checkpoint.canonical`` and writes one output file at a time into a
 folder that ``megannm.fileio.atomic_output`` renames into place at the end.
 """
+from megannm.checkpoint import CheckpointError
+
+
+class ConvertError(CheckpointError):
+    """A conversion that cannot proceed; the message is one line naming the file and the parameter at fault."""

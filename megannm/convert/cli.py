@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from megannm import checkpoint
-from megannm.checkpoint import CheckpointError
 from megannm.checkpoint.tensors import DEFAULT_SHARD_SIZE
+from megannm.convert import ConvertError
 
 TARGETS = ("consolidated", "deepspeed", "hf")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --dtype
@@ -41,7 +41,7 @@ def parse_size(text: str | int) -> int:
         return text
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(text).upper())
     if not m:
-        raise CheckpointError(f"--max-shard-size: not a size (got {text!r}, expected e.g. 500MB or 5GB)")
+        raise ConvertError(f"--max-shard-size: not a size (got {text!r}, expected e.g. 500MB or 5GB)")
     scale = {"": 1, "K": 10 ** 3, "M": 10 ** 6, "G": 10 ** 9, "T": 10 ** 12,
              "KI": 2 ** 10, "MI": 2 ** 20, "GI": 2 ** 30, "TI": 2 ** 40}[m.group(2).rstrip("B")]
     return int(float(m.group(1)) * scale)
@@ -58,7 +58,7 @@ def source_kind(src: Path) -> str:
         return kind
     if (src / "config.json").exists():
         return "hf"
-    raise CheckpointError(f"{src}: not a checkpoint (no {checkpoint.CONSOLIDATED_META}, {checkpoint.META}, "
+    raise ConvertError(f"{src}: not a checkpoint (no {checkpoint.CONSOLIDATED_META}, {checkpoint.META}, "
                        f"{checkpoint.LATEST} or config.json)")
 
 
@@ -84,7 +84,7 @@ def load_source(src: Path, kind: str, weights: str = "auto", dtype: str | None =
     """The source as a ``Consolidated`` whose tensors are read one at a time when written (nothing loaded yet)."""
     if kind == "consolidated":
         if weights != "auto":
-            raise CheckpointError(f"{src}: --weights chooses between a DeepSpeed checkpoint's module files and its "
+            raise ConvertError(f"{src}: --weights chooses between a DeepSpeed checkpoint's module files and its "
                                f"optimizer partitions (a consolidated folder has one set of weights)")
         from megannm.checkpoint.consolidated import read
         return read(src)
@@ -144,20 +144,20 @@ def main(argv: list[str]) -> int:
     src, dst = a.src, a.dst
     shard = parse_size(a.max_shard_size)
     if a.to != "deepspeed" and (a.tp or a.pp):
-        raise CheckpointError(f"--tp/--pp set the layout of a --to deepspeed output (got --to {a.to}; the consolidated "
+        raise ConvertError(f"--tp/--pp set the layout of a --to deepspeed output (got --to {a.to}; the consolidated "
                            f"and Hugging Face forms have no layout)")
     if dst.exists() and not a.overwrite:
         raise FileExistsError(f"{dst}: already exists (pass --overwrite to replace it)")
     if src.resolve() == dst.resolve():
-        raise CheckpointError(f"{dst}: is the source itself")
+        raise ConvertError(f"{dst}: is the source itself")
     kind = source_kind(src)
 
     if kind == "hf":
         if a.to != "consolidated":
-            raise CheckpointError(f"{src}: a Hugging Face LLM converts --to consolidated (then train from it, or convert "
+            raise ConvertError(f"{src}: a Hugging Face LLM converts --to consolidated (then train from it, or convert "
                                f"that --to deepspeed); got --to {a.to}")
         if a.image_tokenizer is None:
-            raise CheckpointError(f"{src}: a Hugging Face LLM needs --image-tokenizer (its codes extend the vocabulary)")
+            raise ConvertError(f"{src}: a Hugging Face LLM needs --image-tokenizer (its codes extend the vocabulary)")
         from megannm.convert.hf import import_hf
         out = import_hf(src, dst, a.image_tokenizer, mot=not a.dense, seed=a.seed, overwrite=a.overwrite,
                         max_shard_size=shard)

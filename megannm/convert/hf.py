@@ -34,9 +34,9 @@ import torch
 
 from megannm.checkpoint import canonical
 from megannm.checkpoint.consolidated import Consolidated, normalise_args, write
-from megannm.checkpoint.folders import CheckpointError
 from megannm.checkpoint.tensors import (DEFAULT_SHARD_SIZE, INDEX, SINGLE, LazyState, SafetensorsFolder, cast_to,
                                         save_safetensors, specs_of)
+from megannm.convert import ConvertError
 from megannm.convert.hf_modeling import FILES as REMOTE_FILES, HERE as REMOTE_DIR
 from megannm.fileio import atomic_output, atomic_write_json
 
@@ -59,7 +59,7 @@ def hf_name(name: str, per_set: bool) -> str:
         return f"model.norm.{m.group(1)}.weight" if per_set else "model.norm.weight"
     m = _LAYER.match(name)
     if not m:
-        raise CheckpointError(f"no Hugging Face name for parameter {name}")
+        raise ConvertError(f"no Hugging Face name for parameter {name}")
     i, block, part, s = m.groups()
     suffix = f".{s}.weight" if per_set else ".weight"
     if part == "norm":
@@ -120,12 +120,12 @@ def export_tokenizer(bundle: Path, vocab, out: Path) -> None:
     bundle = Path(bundle)
     vocab_file = bundle / "vocab.json"
     if not vocab_file.exists() or not (bundle / "text").is_dir():
-        raise CheckpointError(f"{bundle}: not a tokenizers bundle (needs text/ and vocab.json)")
+        raise ConvertError(f"{bundle}: not a tokenizers bundle (needs text/ and vocab.json)")
     theirs = Vocab.load(vocab_file)
     vocab.check_same(theirs.fingerprint, "the checkpoint", str(vocab_file))
     tok = PreTrainedTokenizerFast.from_pretrained(str(bundle / "text"), local_files_only=True)
     if len(tok) != vocab.text_size:
-        raise CheckpointError(f"{bundle / 'text'}: {len(tok)} text tokens, the vocabulary says {vocab.text_size}")
+        raise ConvertError(f"{bundle / 'text'}: {len(tok)} text tokens, the vocabulary says {vocab.text_size}")
     tok.add_tokens([AddedToken(IMAGE_TOKEN.format(i), special=False, normalized=False)
                     for i in range(vocab.image_codes)])
     tok.add_tokens([AddedToken(s, special=True, normalized=False) for s in vocab.specials], special_tokens=True)
@@ -135,7 +135,7 @@ def export_tokenizer(bundle: Path, vocab, out: Path) -> None:
     for token, want in expected.items():
         got = tok.convert_tokens_to_ids(token)
         if got != want:
-            raise CheckpointError(f"{bundle / 'text'}: token {token!r} gets id {got} in the exported tokenizer, the "
+            raise ConvertError(f"{bundle / 'text'}: token {token!r} gets id {got} in the exported tokenizer, the "
                                f"unified vocabulary has {want} (does the text tokenizer already contain it?)")
     tok.save_pretrained(str(out))
     config = out / "tokenizer_config.json"
@@ -189,14 +189,14 @@ def export_hf(c: Consolidated, dst: str | Path, tokenizers: Optional[Path] = Non
 def _read_config(src: Path) -> dict:
     path = src / "config.json"
     if not path.exists():
-        raise CheckpointError(f"{src}: not a Hugging Face model folder (no config.json)")
+        raise ConvertError(f"{src}: not a Hugging Face model folder (no config.json)")
     try:
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        raise ConvertError(f"{path}: not valid JSON ({e})") from None
     kind = cfg.get("model_type")
     if kind not in LLAMA_LIKE:
-        raise CheckpointError(f"{path}: model_type {kind!r} is not a Llama-architecture LLM (expected one of "
+        raise ConvertError(f"{path}: model_type {kind!r} is not a Llama-architecture LLM (expected one of "
                            f"{', '.join(LLAMA_LIKE)})")
     checks = [("hidden_act", cfg.get("hidden_act", "silu"), "silu"),
               ("attention_bias", bool(cfg.get("attention_bias", False)), False),
@@ -208,11 +208,11 @@ def _read_config(src: Path) -> dict:
         checks.append(("sliding_window", window, None))
     for key, got, want in checks:
         if got != want:
-            raise CheckpointError(f"{path}: {key} is {got!r}; megannm's model has {want!r}")
+            raise ConvertError(f"{path}: {key} is {got!r}; megannm's model has {want!r}")
     heads = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     if head_dim * heads != cfg["hidden_size"]:
-        raise CheckpointError(f"{path}: head_dim {head_dim} x num_attention_heads {heads} != hidden_size "
+        raise ConvertError(f"{path}: head_dim {head_dim} x num_attention_heads {heads} != hidden_size "
                            f"{cfg['hidden_size']} (megannm derives head_dim = hidden / heads)")
     return cfg
 
@@ -225,7 +225,7 @@ def _hf_weights(src: Path):
     if (src / "pytorch_model.bin").exists():
         state = torch.load(src / "pytorch_model.bin", map_location="cpu", mmap=True, weights_only=True)
         return set(state), state.__getitem__, src / "pytorch_model.bin"
-    raise CheckpointError(f"{src}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+    raise ConvertError(f"{src}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
 
 def _new_rows(existing: torch.Tensor, n: int, gen: torch.Generator, noise: float) -> torch.Tensor:
@@ -242,11 +242,10 @@ def import_hf(src: str | Path, dst: str | Path, image_tokenizer: str | Path, mot
     src = Path(src)
     cfg = _read_config(src)
     if not (src / "tokenizer.json").exists():
-        raise CheckpointError(f"{src}: no tokenizer.json (the LLM's tokenizer becomes the text range of the "
-                              f"vocabulary)")
+        raise ConvertError(f"{src}: no tokenizer.json (the LLM's tokenizer becomes the text range of the vocabulary)")
     image_tokenizer = Path(image_tokenizer)
     if not image_tokenizer.exists():
-        raise CheckpointError(f"{image_tokenizer}: image tokenizer not found (--image-tokenizer)")
+        raise ConvertError(f"{image_tokenizer}: image tokenizer not found (--image-tokenizer)")
     names, get, where = _hf_weights(src)
     qk_norm = cfg["model_type"] == "qwen3"
     with tempfile.TemporaryDirectory(prefix="megannm-import-") as tmp:
@@ -260,7 +259,7 @@ def import_hf(src: str | Path, dst: str | Path, image_tokenizer: str | Path, mot
         bundle.save(Path(tmp) / "tokenizers")
         rows = cfg["vocab_size"]
         if rows < vocab.text_size:
-            raise CheckpointError(f"{src / 'config.json'}: vocab_size {rows} is smaller than its tokenizer's "
+            raise ConvertError(f"{src / 'config.json'}: vocab_size {rows} is smaller than its tokenizer's "
                                f"{vocab.text_size} tokens")
         heads = cfg["num_attention_heads"]
         args = ModelArgs(hidden=cfg["hidden_size"], layers=cfg["num_hidden_layers"], heads=heads,
@@ -288,7 +287,7 @@ def import_hf(src: str | Path, dst: str | Path, image_tokenizer: str | Path, mot
                 t = t[:vocab.text_size]
                 t = torch.cat([t, _new_rows(t, n_new, gen, noise)])
             if tuple(t.shape) != tuple(shapes[name]):
-                raise CheckpointError(f"{where}: parameter {hf} has shape {list(t.shape)}, expected "
+                raise ConvertError(f"{where}: parameter {hf} has shape {list(t.shape)}, expected "
                                    f"{list(shapes[name])}")
             return t
 

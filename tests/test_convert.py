@@ -648,7 +648,7 @@ def test_fused_and_separate_module_names_read_the_same(toy_vocab, tmp_path):
     shutil.copytree(tmp_path / "separate", tmp_path / "fused")
     for r in range(2):
         f = tmp_path / "fused" / "step00000000" / f"mp_rank_{r:02d}_model_states.pt"
-        sd = torch.load(f, weights_only=False)
+        sd = torch.load(f, weights_only=True)
         assert "layers.0.attn.q_proj.1.weight" in sd["module"]
         sd["module"] = fused.from_canonical(sd["module"])
         torch.save(sd, f)
@@ -658,9 +658,9 @@ def test_fused_and_separate_module_names_read_the_same(toy_vocab, tmp_path):
     meta = checkpoint.read_meta(tag)  # the rewritten files' records (their crc32 is checked when they are read)
     meta["files"] = integrity.record(tag, [n for n in integrity.top_files(tag) if n != checkpoint.META])
     checkpoint.write_meta(tag, meta)
-    written = torch.load(tmp_path / "fused" / "step00000000" / "mp_rank_01_model_states.pt", weights_only=False)
+    written = torch.load(tmp_path / "fused" / "step00000000" / "mp_rank_01_model_states.pt", weights_only=True)
     write_deepspeed(c, tmp_path / "by_writer", tp=2, fuse=True)
-    ours = torch.load(tmp_path / "by_writer" / "step00000000" / "mp_rank_01_model_states.pt", weights_only=False)
+    ours = torch.load(tmp_path / "by_writer" / "step00000000" / "mp_rank_01_model_states.pt", weights_only=True)
     assert list(ours["module"]) == list(written["module"]) and "layers.1.ffn.gate_up_proj.0.weight" in ours["module"]
     assert all(torch.equal(ours["module"][k], written["module"][k]) for k in ours["module"])
     for kind in ("separate", "fused", "by_writer"):

@@ -36,12 +36,16 @@ def fsync_dir(folder: Union[str, Path]) -> None:
 @contextmanager
 def atomic_file(path: Union[str, Path], fsync: bool = False) -> Iterator[Path]:
     """Yield a temporary name beside ``path`` for a writer that takes a path (``torch.save``, safetensors'
-    ``save_file``); on success it is renamed over ``path``, on any exception removed. With ``fsync`` the content and
-    the rename are flushed to disk first."""
+    ``save_file``); on success it is renamed over ``path`` with the mode ``open()`` gives a new file (some writers
+    create theirs 0600: an export is read by others), on any exception removed. With ``fsync`` the content and the
+    rename are flushed to disk first."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
+        umask = os.umask(0o022)  # read without changing it for good
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         if fsync:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())

@@ -304,7 +304,7 @@ def main(argv: list[str]) -> int:
         raise ValueError(f"give either --benchmark (registered: {', '.join(sorted(benchmarks())) or 'none'})"
                          f" or --data RECORDS.jsonl")
     splits = _splits(a.data)
-    from megannm.opened import open_checkpoint
+    from megannm.checkpoint.opened import open_checkpoint
     out = Path(a.out)
     with open_checkpoint(a.checkpoint, a.tokenizers) as ck:
         out.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,9 @@
 """Outputs that appear whole or not at all: the one place megannm writes files and folders atomically.
 
-Every file megannm writes for a user (reports, manifests, pointers, tokenizer files, exports) goes to a temporary
-name beside its destination and is renamed over it, so a crash, a full disk or Ctrl-C leaves either the old file or
-the new one, never a half-written one. Folders are built the same way (``atomic_output``).
+Every file megannm writes for a user (reports, manifests, pointers, tokenizer files, exports, checkpoint files)
+goes to a temporary name beside its destination and is renamed over it (``atomic_file`` for writers that take a
+path), so a crash, a full disk or Ctrl-C leaves either the old file or the new one, never a half-written one.
+Folders are built the same way (``atomic_output``).
 
 This module sits below everything else (it imports nothing from megannm).
 """
@@ -15,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Union
 
-__all__ = ["atomic_write", "atomic_write_json", "atomic_output", "fsync_dir"]
+__all__ = ["atomic_file", "atomic_write", "atomic_write_json", "atomic_output", "fsync_dir"]
 
 
 def fsync_dir(folder: Union[str, Path]) -> None:
@@ -32,17 +33,21 @@ def fsync_dir(folder: Union[str, Path]) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Union[str, Path], data: Union[str, bytes], fsync: bool = False) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``; with ``fsync`` the
-    content and the rename are flushed to disk first (for pointers such as a checkpoint's ``latest``)."""
+@contextmanager
+def atomic_file(path: Union[str, Path], fsync: bool = False) -> Iterator[Path]:
+    """Yield a temporary name beside ``path`` for a writer that takes a path (``torch.save``, safetensors'
+    ``save_file``); on success it is renamed over ``path`` with the mode ``open()`` gives a new file (some writers
+    create theirs 0600: an export is read by others), on any exception removed. With ``fsync`` the content and the
+    rename are flushed to disk first."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    mode = "wb" if isinstance(data, bytes) else "w"
     try:
-        with open(tmp, mode) as f:
-            f.write(data)
-            if fsync:
-                f.flush()
+        yield tmp
+        umask = os.umask(0o022)  # read without changing it for good
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        if fsync:
+            with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -53,7 +58,15 @@ def atomic_write(path: Union[str, Path], data: Union[str, bytes], fsync: bool = 
         raise
     if fsync:
         fsync_dir(path.parent)
-    return path
+
+
+def atomic_write(path: Union[str, Path], data: Union[str, bytes], fsync: bool = False) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``; with ``fsync`` the
+    content and the rename are flushed to disk first (for pointers such as a checkpoint's ``latest``)."""
+    with atomic_file(path, fsync) as tmp:
+        with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
+    return Path(path)
 
 
 def atomic_write_json(path: Union[str, Path], obj, fsync: bool = False, indent: int = 2, **dumps) -> Path:

@@ -380,7 +380,7 @@ def main(argv: list[str]) -> int:
     from megannm.data.quiet import quiet_library_warnings
     quiet_library_warnings(a.verbose)
 
-    from megannm.opened import open_checkpoint
+    from megannm.checkpoint.opened import open_checkpoint
     sampling = SamplingConfig.from_options(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
     for f in a.image or []:  # a missing file fails before the model loads
         if not Path(f).is_file():

@@ -7,9 +7,9 @@ Two launches (tests/scripts/convert_cases.py) save, convert and train from real 
 - 4 ranks: save at TP 2 x PP 2 (ZeRO-1) and TP 2 x DP 2 (ZeRO-3), and start a TP 2 x PP 2 run from the consolidated.
 Everything else runs in this process (one world of one) or, for the remote-code export, in a subprocess in which
 megannm cannot be imported. Streaming is checked in fresh processes: which files a conversion opens (an audit hook:
-module weights never open the optimizer partitions), how much anonymous memory it adds (a few of the largest
-tensors, not the model), and our own readers of the fp32 master (BF16_Optimizer, ZeRO-2, ZeRO-3) against the
-engine's master and DeepSpeed's zero_to_fp32; fused (qkv_proj / gate_up_proj) and separate module names read alike.
+module weights never open the optimizer partitions), how much anonymous memory it adds (one output shard and a
+few tensors, not the model), and our own readers of the fp32 master (BF16_Optimizer, ZeRO-2, ZeRO-3) against the
+engine's master and DeepSpeed's zero_to_fp32; module files hold the model's own (canonical) names.
 """
 import json
 import shutil
@@ -117,16 +117,15 @@ def runs(toy_data, llm, tmp_path_factory):
 def random_consolidated(vocab, seed=0, **model):
     """An untrained model in canonical form, norms perturbed away from 1."""
     from megannm.config import ModelConfig
-    from megannm.convert.consolidated import Consolidated, normalise_args
+    from megannm.checkpoint.consolidated import Consolidated, normalise_args
     from megannm import parallel
     from megannm.model.args import ModelArgs
     from megannm.model.transformer import NMMModel
     cfg = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=64, max_seq_len=64)
     args = ModelArgs.from_config(ModelConfig(**{**cfg, **model}), vocab, tp=1)
     torch.manual_seed(seed)
-    from megannm.model import fused
     module = NMMModel(args, parallel.init_parallel(1, 1)).state_dict()
-    state = {k: v.detach().clone() for k, v in fused.to_canonical(module, args, 1).items()}
+    state = {k: v.detach().clone() for k, v in module.items()}
     for k in state:
         if "norm" in k:
             state[k] += 0.1 * torch.randn_like(state[k])
@@ -149,7 +148,7 @@ def interleaved(vocab, rows=2, seed=0):
 
 def megannm_logits(folder, ids):
     from megannm import parallel
-    from megannm.convert.deepspeed import load_model
+    from megannm.checkpoint.opened import load_model
     model, _ = load_model(folder, parallel.init_parallel(1, 1))
     with torch.no_grad():
         return model(ids), model
@@ -181,38 +180,24 @@ def assert_generated(out, model, prompt, n, vocab):
 # DeepSpeed <-> consolidated
 
 
-def live_canonical(live: dict, args, tp: int) -> dict:
-    """The live weights (the module's names, TP ranks joined along each parameter's partition dim) under canonical
-    names: a joined fused weight is its ranks' [q; k; v] blocks one after the other, so each rank's block is
-    split into its parts (``fused.to_canonical``) and the parts joined across ranks."""
-    from megannm.model import fused
-    out = {}
-    for name, t in live.items():
-        parts = fused.canonical_parts(name)
-        if parts is None:
-            out[name] = t
-            continue
-        ranks = [fused.to_canonical({name: block}, args, tp) for block in t.chunk(tp, dim=0)]
-        out.update({p: torch.cat([r[p] for r in ranks]) for p in parts})
-    return out
-
-
 @pytest.mark.parametrize("name, how", [("src", "fp32 master from the optimizer partitions"),
                                        ("tp2dp2z3", "fp32 master from the optimizer partitions"),
                                        ("tp2pp2z1", "pipeline layer files")])
 def test_deepspeed_to_consolidated_equals_the_live_weights(runs, name, how):
-    from megannm.convert.deepspeed import open_checkpoint, read_deepspeed
+    from megannm.checkpoint.deepspeed import open_deepspeed, read_deepspeed
     c = read_deepspeed(runs / name / "checkpoints")
     assert how in c.source["weights"]
-    _, meta, _, args = open_checkpoint(runs / name / "checkpoints")
-    assert_same_state(c.state, live_canonical(torch.load(runs / f"{name}.live.pt"), args, meta["layout"]["tp"]))
+    _, meta, _, args = open_deepspeed(runs / name / "checkpoints")
+    assert_same_state(c.state, torch.load(runs / f"{name}.live.pt"))
 
 
 @pytest.mark.parametrize("name", ["tp2pp2z1", "tp2dp2z3"])
 def test_round_trip_through_tp1_pp1_is_identical(runs, tmp_path, name):
     from megannm import parallel
-    from megannm.convert import consolidated
-    from megannm.convert.deepspeed import load_model, read_deepspeed, write_deepspeed
+    from megannm.checkpoint import consolidated
+    from megannm.checkpoint.deepspeed import read_deepspeed
+    from megannm.checkpoint.opened import load_model
+    from megannm.convert.deepspeed import write_deepspeed
     c = read_deepspeed(runs / name / "checkpoints")
     consolidated.write(c, tmp_path / "c")
     c = consolidated.read(tmp_path / "c")
@@ -221,16 +206,15 @@ def test_round_trip_through_tp1_pp1_is_identical(runs, tmp_path, name):
     write_deepspeed(c, tmp_path / "tp2pp2", tp=2, pp=2)
     assert_same_state(read_deepspeed(tmp_path / "tp2pp2").state, c.state)
     # and the TP=1 model built from the written folder holds exactly those tensors (plus zero padding rows)
-    from megannm.model import fused
     model, meta = load_model(tmp_path / "tp1", parallel.init_parallel(1, 1))
     assert meta["module_only"] and meta["layout"]["tp"] == 1
-    for k, v in fused.to_canonical(model.state_dict(), model.args, 1).items():
+    for k, v in model.state_dict().items():
         assert torch.equal(v[:c.state[k].shape[0]], c.state[k]) and not v[c.state[k].shape[0]:].any(), k
 
 
 def test_consolidated_folder_layout_and_shards(runs, tmp_path):
-    from megannm.convert import consolidated
-    from megannm.convert.files import INDEX
+    from megannm.checkpoint import consolidated
+    from megannm.checkpoint.tensors import INDEX
     c = consolidated.read(runs / "c_src")
     meta = consolidated.read_meta(runs / "c_src")
     assert meta["source"]["layout"]["tp"] == 2 and meta["source"]["zero_stage"] == 3
@@ -286,7 +270,7 @@ def test_model_imported_from_an_llm_trains_at_tp2(runs):
 def test_dense_export_loads_with_stock_transformers(toy_data, toy_vocab, tmp_path, monkeypatch, arch, model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from megannm.convert import consolidated
+    from megannm.checkpoint import consolidated
     from megannm.convert.hf import export_hf
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     c = random_consolidated(toy_vocab, **model)
@@ -328,7 +312,7 @@ torch.save(out, sys.argv[1] + ".out")
 
 
 def test_mot_export_loads_as_remote_code_without_megannm(runs, toy_data, toy_vocab, tmp_path):
-    from megannm.convert import consolidated
+    from megannm.checkpoint import consolidated
     from megannm.convert.cli import main as convert_main
     # the trained MoT model, and the dense twin with Chameleon's norm placement (no stock class has it)
     reorder = random_consolidated(toy_vocab, mot=False, norm_reorder=True)
@@ -358,7 +342,7 @@ def test_mot_export_loads_as_remote_code_without_megannm(runs, toy_data, toy_voc
 
 
 def test_llm_import_keeps_the_text_logits(llm):
-    from megannm.convert import consolidated
+    from megannm.checkpoint import consolidated
     from megannm.data.tokenize import Tokenizers
     c = consolidated.read(llm["consolidated"])
     n = llm["n_text"]
@@ -449,7 +433,7 @@ def test_tool_script_replaces_an_output_only_with_overwrite(runs, tmp_path, caps
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# streaming: which files are opened, how much memory, which dtype, fused names
+# streaming: which files are opened, how much memory, which dtype
 
 
 def trained(toy_data, out, precision, zero):
@@ -459,7 +443,6 @@ def trained(toy_data, out, precision, zero):
 
     from megannm import parallel
     from megannm.config import recipe_from_dict
-    from megannm.model import fused
     from megannm.runner import build_trainer
     from megannm.toy.selfcheck import phase_recipe
     data = {"shards": toy_data["shards"], "tokenizers": toy_data["tokenizers"]}
@@ -473,7 +456,6 @@ def trained(toy_data, out, precision, zero):
     vocab = trainer.args.vocab_size
 
     def canonical(state):
-        state = fused.to_canonical(state, trainer.args, 1)
         return {k: (v[:vocab] if k in ("embedding.embed_tokens.weight", "head.output.weight") else v)
                 for k, v in state.items()}
     return {"ckpt": out / "run" / "checkpoints", "master": canonical(master), "module": canonical(module)}
@@ -488,7 +470,7 @@ def bf16_run(toy_data, tmp_path_factory):
 def test_zero2_master_reader_gives_the_engines_master(toy_data, tmp_path):
     """fp32 at ZeRO-2 (DeepSpeed's ZeRO optimizer: fp32 partitions + param_slice_mappings): --weights master reads
     exactly the engine's master, which ZeRO-2 also copies into the module files (what auto reads)."""
-    from megannm.convert.deepspeed import read_deepspeed
+    from megannm.checkpoint.deepspeed import read_deepspeed
     run = trained(toy_data, tmp_path, "fp32", 2)
     master = read_deepspeed(run["ckpt"], weights="master")
     assert "fp32 master" in master.source["weights"]
@@ -556,9 +538,10 @@ warnings.filterwarnings("ignore")
 from pathlib import Path
 import torch
 from megannm import parallel
-from megannm.convert import consolidated, reshard
-from megannm.convert.consolidated import Consolidated, normalise_args
-from megannm.convert.deepspeed import read_deepspeed, write_deepspeed
+from megannm.checkpoint import canonical, consolidated
+from megannm.checkpoint.consolidated import Consolidated, normalise_args
+from megannm.checkpoint.deepspeed import read_deepspeed
+from megannm.convert.deepspeed import write_deepspeed
 from megannm.convert.hf import export_hf
 from megannm.model.args import ModelArgs
 from megannm.vocab import DEFAULT_SPECIALS, Vocab
@@ -583,87 +566,75 @@ class Peak:
         self.t.join()
         self.growth = max(self.peak, anon()) - self.base
 
-out = Path(sys.argv[1])
+out, shard = Path(sys.argv[1]), int(sys.argv[2])
 parallel.init_parallel(1, 1)
 vocab = Vocab(text_size=400, image_codes=256 - len(DEFAULT_SPECIALS), image_grid=16)
 args = ModelArgs(hidden=128, layers=40, heads=4, kv_heads=4, ffn=256, vocab_size=vocab.size,
                  padded_vocab_size=vocab.padded_size(1), image_start=vocab.image_start, image_end=vocab.image_end,
                  mot=True, qk_norm=True, max_seq_len=64)
 g = torch.Generator().manual_seed(0)
-state = {k: torch.randn(s, generator=g) for k, s in reshard.canonical_shapes(args).items()}
+state = {k: torch.randn(s, generator=g) for k, s in canonical.canonical_shapes(args).items()}
 c = Consolidated(state, normalise_args(args, vocab), vocab, {"kind": "test"})
 write_deepspeed(c, out / "tp2", tp=2)
-consolidated.write(c, out / "c")
+consolidated.write(c, out / "c", max_shard_size=shard)
 largest = max(t.numel() * t.element_size() for t in state.values())
 model = sum(t.numel() * t.element_size() for t in state.values())
 del state, c
-report = {"largest": largest, "model": model}
+report = {"largest": largest, "model": model, "shards": len(list((out / "c").glob("*.safetensors")))}
 with Peak() as p:
-    consolidated.write(read_deepspeed(out / "tp2"), out / "merged")
+    consolidated.write(read_deepspeed(out / "tp2"), out / "merged", max_shard_size=shard)
 report["deepspeed tp2 -> consolidated"] = p.growth
 with Peak() as p:
-    export_hf(consolidated.read(out / "c"), out / "hf", dtype=torch.bfloat16)
+    export_hf(consolidated.read(out / "c"), out / "hf", dtype=torch.bfloat16, max_shard_size=shard)
 report["consolidated -> hf bf16"] = p.growth
 with Peak() as p:
-    write_deepspeed(consolidated.read(out / "c"), out / "tp2b", tp=2)
-report["consolidated -> deepspeed tp2"] = p.growth
+    consolidated.write(consolidated.read(out / "c"), out / "again", max_shard_size=shard)
+report["consolidated -> consolidated"] = p.growth
+with Peak() as p:  # a pipeline's rank files are its layer files: one layer each
+    write_deepspeed(consolidated.read(out / "c"), out / "tp2pp2", tp=2, pp=2)
+report["consolidated -> deepspeed tp2 pp2"] = p.growth
 print(json.dumps(report))
 """
 
 
-def test_peak_memory_of_a_conversion_is_a_few_tensors(tmp_path):
-    """A model of ~50 MB whose largest tensor is ~0.3 MB: the anonymous memory a conversion adds (RssAnon sampled
-    every millisecond in a fresh process) stays a few largest tensors (k = 24 plus 4 MB of interpreter noise),
-    far from the model (a whole-model conversion adds at least its size)."""
-    proc = subprocess.run([sys.executable, "-c", MEMORY, str(tmp_path)], cwd=dist.REPO, env=dist.base_env(),
-                          capture_output=True, text=True, timeout=300)
+def test_peak_memory_of_a_conversion_is_one_output_shard(tmp_path):
+    """A model of ~50 MB whose largest tensor is ~0.3 MB, converted with --max-shard-size 2 MB: the anonymous memory a
+    conversion adds (RssAnon sampled every millisecond in a fresh process) stays one output shard plus a few tensors
+    (8 largest tensors, plus 8 MB of interpreter noise), far from the model (a whole-model conversion adds at least
+    its size). A DeepSpeed output's shards are its rank files: under a pipeline, one layer's."""
+    shard = 2 * 10 ** 6
+    proc = subprocess.run([sys.executable, "-c", MEMORY, str(tmp_path), str(shard)], cwd=dist.REPO,
+                          env=dist.base_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
-    largest, model = r.pop("largest"), r.pop("model")
-    assert model > 100 * largest
+    largest, model, shards = r.pop("largest"), r.pop("model"), r.pop("shards")
+    assert model > 100 * largest and shards >= 20
     for name, growth in r.items():
-        assert growth < 24 * largest + 4 * 2 ** 20 < model / 3, (name, growth, largest, model)
+        assert growth < shard + 8 * largest + 8 * 2 ** 20 < model / 3, (name, growth, largest, model)
 
 
-def test_fused_and_separate_module_names_read_the_same(toy_vocab, tmp_path):
-    """A DeepSpeed checkpoint whose module files name q/k/v and gate/up separately (before the model fused them)
-    and one whose files hold the fused qkv_proj / gate_up_proj (each rank's [q; k; v] rows, built here with
-    ``fused.from_canonical``) read to the same canonical weights, at TP 2 and under a pipeline, and both load
-    into the model."""
+def test_module_files_hold_the_models_own_names_and_load_into_it(toy_vocab, tmp_path):
+    """``write_deepspeed``'s module files (TP 2) and pipeline layer files (TP 2 x PP 2) hold the model's own
+    parameter names, which are the canonical ones: they read back to the consolidated weights and load into the
+    model unchanged."""
     from megannm import parallel
-    from megannm.convert.deepspeed import load_model, read_deepspeed, write_deepspeed
-    from megannm.model import fused
+    from megannm.checkpoint.deepspeed import read_deepspeed
+    from megannm.checkpoint.opened import load_model
+    from megannm.convert.deepspeed import write_deepspeed
     c = random_consolidated(toy_vocab, mot=True, qk_norm=True)
-    write_deepspeed(c, tmp_path / "separate", tp=2, fuse=False)
-    shutil.copytree(tmp_path / "separate", tmp_path / "fused")
-    for r in range(2):
-        f = tmp_path / "fused" / "step00000000" / f"mp_rank_{r:02d}_model_states.pt"
-        sd = torch.load(f, weights_only=False)
-        assert "layers.0.attn.q_proj.1.weight" in sd["module"]
-        sd["module"] = fused.from_canonical(sd["module"])
-        torch.save(sd, f)
-    from megannm import checkpoint
-    from megannm.checkpoint import integrity
-    tag = tmp_path / "fused" / "step00000000"
-    meta = checkpoint.read_meta(tag)  # the rewritten files' records (their crc32 is checked when they are read)
-    meta["files"] = integrity.record(tag, [n for n in integrity.top_files(tag) if n != checkpoint.META])
-    checkpoint.write_meta(tag, meta)
-    written = torch.load(tmp_path / "fused" / "step00000000" / "mp_rank_01_model_states.pt", weights_only=False)
-    write_deepspeed(c, tmp_path / "by_writer", tp=2, fuse=True)
-    ours = torch.load(tmp_path / "by_writer" / "step00000000" / "mp_rank_01_model_states.pt", weights_only=False)
-    assert list(ours["module"]) == list(written["module"]) and "layers.1.ffn.gate_up_proj.0.weight" in ours["module"]
-    assert all(torch.equal(ours["module"][k], written["module"][k]) for k in ours["module"])
-    for kind in ("separate", "fused", "by_writer"):
-        assert_same_state(read_deepspeed(tmp_path / kind).state, c.state)
-        model, _ = load_model(tmp_path / kind, parallel.init_parallel(1, 1))
-        got = fused.to_canonical(model.state_dict(), model.args, 1)
-        for k, v in c.state.items():
-            assert torch.equal(got[k][:v.shape[0]], v), (kind, k)
-    for fuse in (False, True):
-        write_deepspeed(c, tmp_path / f"pp{fuse}", tp=2, pp=2, fuse=fuse)
-        layer = torch.load(tmp_path / f"pp{fuse}" / "step00000000" / "layer_01-model_00-model_states.pt")
-        assert ("attn.qkv_proj.0.weight" in layer) == fuse
-        assert_same_state(read_deepspeed(tmp_path / f"pp{fuse}").state, c.state)
+    write_deepspeed(c, tmp_path / "tp2", tp=2)
+    written = torch.load(tmp_path / "tp2" / "step00000000" / "mp_rank_01_model_states.pt", weights_only=True)
+    assert set(written["module"]) == set(c.state)
+    assert_same_state(read_deepspeed(tmp_path / "tp2").state, c.state)
+    model, _ = load_model(tmp_path / "tp2", parallel.init_parallel(1, 1))
+    got = model.state_dict()
+    assert set(got) == set(c.state)
+    for k, v in c.state.items():
+        assert torch.equal(got[k][:v.shape[0]], v), k
+    write_deepspeed(c, tmp_path / "pp2", tp=2, pp=2)
+    layer = torch.load(tmp_path / "pp2" / "step00000000" / "layer_01-model_00-model_states.pt", weights_only=True)
+    assert {"attn.q_proj.0.weight", "attn.k_proj.1.weight", "ffn.gate_proj.0.weight"} <= set(layer)
+    assert_same_state(read_deepspeed(tmp_path / "pp2").state, c.state)
 
 
 def test_dtype_bf16_round_trip(toy_vocab, tmp_path, capsys):
@@ -672,8 +643,8 @@ def test_dtype_bf16_round_trip(toy_vocab, tmp_path, capsys):
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    from megannm.convert import consolidated
-    from megannm.convert.deepspeed import read_deepspeed
+    from megannm.checkpoint import consolidated
+    from megannm.checkpoint.deepspeed import read_deepspeed
     from megannm.convert.hf import hf_name
     c = random_consolidated(toy_vocab, mot=False, qk_norm=False)
     consolidated.write(c, tmp_path / "c32")
@@ -704,15 +675,14 @@ def test_zero3_master_reader_agrees_with_deepspeeds_zero_to_fp32(runs, tmp_path)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from megannm import checkpoint
-    from megannm.convert.deepspeed import open_checkpoint, rank_state
-    from megannm.model import fused
-    ckpt, meta, _, args = open_checkpoint(runs / "tp2dp2z3" / "checkpoints")
+    from megannm.checkpoint.deepspeed import open_deepspeed, rank_state
+    ckpt, meta, _, args = open_deepspeed(runs / "tp2dp2z3" / "checkpoints")
     for r in range(2):
         tag = tmp_path / f"r{r}" / ckpt.name
         tag.mkdir(parents=True)
         for p in checkpoint.zero_files(ckpt, r):
             os.symlink(p.resolve(), tag / p.name)
-        theirs = fused.to_canonical(get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=ckpt.name), args, 2)
+        theirs = get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=ckpt.name)
         ours, source, how = rank_state(ckpt, meta, r)
         assert "fp32 master" in how and "optim_states" in source
         assert_same_state(dict(ours), {k: v for k, v in theirs.items() if not k.endswith("_extra_state")})
@@ -742,207 +712,3 @@ def test_a_flipped_byte_is_named_only_in_the_files_a_conversion_reads(bf16_run, 
             assert code == 0, msg
             got = load_file(tmp_path / victim / "hf" / "model.safetensors")
             assert torch.equal(got["lm_head.weight"], bf16_run["module"]["head.output.weight"])
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# the file-to-file writers (convert/filebytes.py, convert/torchzip.py)
-
-
-def _mapped_source(tmp_path, tensors: dict) -> dict:
-    """``tensors`` written as a safetensors file and read back as views of its mapping (what conversions copy
-    file to file), with the mapping held in the returned dict's ``"__keep__"``."""
-    from safetensors.torch import save_file
-
-    from megannm.convert.files import mapped_tensors
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_path / "src.safetensors")
-    keep: list = []
-    out = mapped_tensors(tmp_path / "src.safetensors", keep)
-    out["__keep__"] = keep
-    return out
-
-
-@pytest.mark.parametrize("zip64", [False, True])
-@pytest.mark.parametrize("kernel_copy", ["splice", "copy_file_range", "none"])
-def test_torch_zip_writer_round_trips_exactly(tmp_path, monkeypatch, zip64, kernel_copy):
-    """``torchzip.write`` (no torch.save): every record's bytes exact whether they come file to file
-    (splice, copy_file_range, or the mapped-pages fallback), as strided rows or a dim-1 ``Cat`` (staged rows), or
-    from memory;
-    the file loads with torch.load (plain, mmap=True, weights_only=True) and with our mapped reader, its records are
-    64-byte aligned, zip64 fields (forced here at every size) load the same, and the crc32 it returns is the file's."""
-    import collections
-    import zipfile
-    import zlib
-
-    from megannm.convert import filebytes, torchzip
-    if zip64:
-        monkeypatch.setattr(torchzip, "ZIP64_LIMIT", 0)
-    if kernel_copy != "splice":
-        monkeypatch.setattr(filebytes, "_SPLICE", False)
-    if kernel_copy == "none":
-        monkeypatch.setattr(filebytes, "_COPY_FILE_RANGE", False)
-    g = torch.Generator().manual_seed(0)
-    src = _mapped_source(tmp_path, {"a": torch.randn(6, 5, generator=g), "b": torch.randn(4, 6, generator=g),
-                                    "c": torch.randn(4, 3, generator=g), "h": torch.randn(7, generator=g).bfloat16()})
-    want = collections.OrderedDict([
-        ("whole", [src["a"]]),  # a mapped tensor: copied by the kernel
-        ("rows", [src["a"][1:3], torch.zeros(2, 5)]),  # a mapped row range, then computed rows
-        ("columns", [src["b"][:, 2:5]]),  # a strided view: its rows staged
-        ("cat", [filebytes.Cat([src["b"][:, :2], src["c"]], 1)]),  # dim-1 interleave
-        ("bf16", [src["h"]]), ("ints", [torch.arange(5)]), ("empty", [torch.zeros(0, 3)]),
-        ("cast", [src["c"].to(torch.bfloat16)]),
-    ])
-    assert filebytes.extent(src["a"]) is not None and filebytes.extent(src["b"][:, 2:5]) is None
-    expected = {k: torch.cat([b.join() if isinstance(b, filebytes.Cat) else b for b in v], dim=0)
-                for k, v in want.items()}
-    planned = collections.OrderedDict((k, torchzip.Planned(t.shape, t.dtype, str(i)))
-                                      for i, (k, t) in enumerate(expected.items()))
-    keys = {p.key: k for k, p in planned.items()}
-    obj = {"module": planned, "names": set(), "step": 7, "nothing": None}
-    path = tmp_path / "mp_rank_00_model_states.pt"
-    crc = torchzip.write(path, obj, lambda p: want[keys[p.key]])
-    assert crc == zlib.crc32(path.read_bytes())
-    assert not list(tmp_path.glob(".*.tmp-*"))
-    loads = [torch.load(path, weights_only=False), torch.load(path, weights_only=False, mmap=True),
-             torch.load(path, weights_only=True), torchzip.load(path)]
-    for got in loads:
-        assert got["names"] == set() and got["step"] == 7 and got["nothing"] is None
-        assert list(got["module"]) == list(expected)
-        for k, t in expected.items():
-            assert got["module"][k].dtype == t.dtype and torch.equal(got["module"][k], t), k
-    _, records = torchzip._records(filebytes.MappedFile(path))
-    assert all(start % torchzip.ALIGN == 0 for name, (start, _) in records.items() if name.startswith("data/"))
-    with zipfile.ZipFile(path) as z:  # a well-formed archive for other zip readers too
-        assert {i.filename.split("/", 1)[1] for i in z.infolist()} >= {"data.pkl", "byteorder", "version", "data/0"}
-
-
-@pytest.mark.parametrize("kernel_copy", ["splice", "copy_file_range"])
-def test_output_file_writes_staged_rows_and_piped_copies_exactly(tmp_path, monkeypatch, kernel_copy):
-    """``OutputFile`` writes byte for byte what the joined tensors hold when its staging buffer holds a few rows
-    (rows not a multiple of it, rows wider than it, a zero-width part, strided views, bf16 and bool bytes) and when
-    a kernel copy takes several rounds of its pipe; its crc32 is the file's."""
-    import os
-    import zlib
-
-    from megannm.convert import filebytes
-    monkeypatch.setattr(filebytes, "_STAGE_BYTES", 100)
-    monkeypatch.setattr(filebytes, "_PIPE_BYTES", 4096)  # one page: the smallest pipe
-    splices = []
-    if kernel_copy == "splice":
-        real = os.splice
-        monkeypatch.setattr(os, "splice", lambda *a, **k: splices.append(real(*a, **k)) or splices[-1])
-    else:
-        monkeypatch.setattr(filebytes, "_SPLICE", False)
-    g = torch.Generator().manual_seed(3)
-    src = _mapped_source(tmp_path, {"a": torch.randn(37, 7, generator=g), "b": torch.randn(37, 5, generator=g),
-                                    "w": torch.randn(5, 40, generator=g), "big": torch.randn(3 * 1024 + 5, generator=g),
-                                    "h": torch.randn(37, 3, generator=g).bfloat16(),
-                                    "m": torch.randn(37, 9, generator=g) > 0})
-    parts = [
-        filebytes.Cat([src["a"], src["b"]], 1),  # 48-byte rows: two per buffer, the last buffer one row
-        src["a"][:, 2:5],  # a strided view: 12-byte rows
-        filebytes.Cat([src["a"][:, :0], src["b"], src["a"][:, 1:]], 1),  # a zero-width part
-        src["w"][:, 3:40],  # 148-byte rows, wider than the buffer: one row at a time
-        src["big"],  # 12,308 bytes of the file: four rounds of a one-page pipe
-        filebytes.Cat([src["h"], src["h"][:, 1:]], 1),
-        filebytes.Cat([src["m"], src["m"][:, 2:]], 1),
-    ]
-    want = b"".join((p.join() if isinstance(p, filebytes.Cat) else p).contiguous().view(-1).view(torch.uint8)
-                    .numpy().tobytes() for p in parts)
-    with filebytes.OutputFile(tmp_path / "out.bin", len(want), checksum=True) as out:
-        for p in parts:
-            out.write_tensor(p)
-        out.close()
-    assert (tmp_path / "out.bin").read_bytes() == want
-    assert out.crc32 == zlib.crc32(want)
-    assert kernel_copy != "splice" or len(splices) >= 8
-
-
-def test_torch_zip_reader_reads_what_torch_save_wrote(tmp_path):
-    """``torchzip.load`` (one mapping per file, the reader of every DeepSpeed file) gives what torch.load gives for a
-    torch.save'd object: shared storages stay shared, views keep their offsets and strides, every dtype; contiguous
-    tensors are traced to their bytes in the file (``filebytes.extent``), so writers copy them file to file."""
-    from megannm.convert import filebytes, torchzip
-    base = torch.randn(8, 6)
-    obj = {"base": base, "rows": base[2:5], "t": base.t(), "bf16": torch.randn(3, 4).bfloat16(),
-           "bool": torch.tensor([True, False]), "empty": torch.zeros(0, 2), "scalar": torch.tensor(3.5),
-           "param": torch.nn.Parameter(torch.ones(2)), "meta": {"a": [1, 2], "s": {3}}}
-    torch.save(obj, tmp_path / "f.pt")
-    keep: list = []
-    got = torchzip.load(tmp_path / "f.pt", keep)
-    ref = torch.load(tmp_path / "f.pt", weights_only=False)
-    assert got["meta"] == ref["meta"] and isinstance(got["param"], torch.nn.Parameter)
-    for k in obj:
-        if k != "meta":
-            assert got[k].dtype == ref[k].dtype and got[k].stride() == ref[k].stride() and torch.equal(got[k], ref[k])
-    assert got["rows"].untyped_storage().data_ptr() == got["base"].untyped_storage().data_ptr()
-    where, offset = filebytes.extent(got["rows"])
-    assert where is keep[0] and bytes(where.bytes[offset:offset + 18 * 4].numpy()) == base[2:5].numpy().tobytes()
-    (tmp_path / "old.pt").write_bytes(b"not a zip")
-    with pytest.raises(torchzip.NotTorchZip):
-        torchzip.load(tmp_path / "old.pt")
-
-
-def test_a_failed_write_leaves_no_file(tmp_path):
-    """An error while a file is written (a part that fails, or parts that do not add up to the record) leaves
-    neither the file nor its temporary name."""
-    from megannm.convert import torchzip
-
-    def failing(p):
-        raise RuntimeError("boom")
-
-    obj = {"w": torchzip.Planned((4, 4), torch.float32, "0")}
-    with pytest.raises(RuntimeError, match="boom"):
-        torchzip.write(tmp_path / "a.pt", obj, failing)
-    with pytest.raises(ValueError, match="needs 64 bytes"):
-        torchzip.write(tmp_path / "b.pt", obj, lambda p: [torch.zeros(3, 4)])
-    assert not list(tmp_path.iterdir())
-
-
-@pytest.mark.parametrize("libdeflate", [True, False])
-def test_crc32_is_zlibs(monkeypatch, libdeflate):
-    """``filebytes.crc32`` (libdeflate's where the system has it, zlib's otherwise) gives zlib's values, continued
-    from a previous value as zlib continues."""
-    import zlib
-
-    from megannm.checkpoint import integrity
-    from megannm.convert import filebytes
-    if not libdeflate:
-        monkeypatch.setattr(integrity, "_LIBDEFLATE", None)
-    data = torch.randint(0, 256, (1 << 20,), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    raw = data.numpy().tobytes()
-    assert filebytes.crc32(data) == zlib.crc32(raw)
-    assert filebytes.crc32(data[1000:], filebytes.crc32(data[:1000])) == zlib.crc32(raw)
-    assert filebytes.crc32(data[:0], 5) == 5
-    assert integrity.crc32_update(raw[1000:], integrity.crc32_update(raw[:1000])) == zlib.crc32(raw)  # bytes too
-
-
-def test_conversions_copy_tensor_bytes_file_to_file(toy_vocab, tmp_path, monkeypatch):
-    """What makes a conversion run at copy speed: consolidated -> DeepSpeed TP 2 -> consolidated -> Hugging Face
-    move every tensor that lies contiguously in its input inside the kernel (``OutputFile._kernel_copy``: all but
-    the dim-1 TP slices and merges, which go as staged rows; the vocabulary padding is written from memory), and
-    the results are exact."""
-    from safetensors.torch import load_file
-
-    from megannm.convert import consolidated, filebytes, reshard
-    from megannm.convert.deepspeed import read_deepspeed, write_deepspeed
-    from megannm.convert.hf import export_hf, hf_name
-    c = random_consolidated(toy_vocab, mot=True, qk_norm=True)
-    consolidated.write(c, tmp_path / "c")
-    copied = []
-    real = filebytes.OutputFile._kernel_copy
-    monkeypatch.setattr(filebytes.OutputFile, "_kernel_copy", lambda *a: copied.append(real(*a)) or copied[-1])
-    nbytes = {k: v.numel() * v.element_size() for k, v in c.state.items()}
-    dim1 = sum(n for k, n in nbytes.items() if reshard.split_dim(k) == 1)
-    replicated = sum(n for k, n in nbytes.items() if reshard.split_dim(k) is None)  # the norms: in both rank files
-    total = sum(nbytes.values())
-    for convert, kernel_copied in (
-            (lambda: write_deepspeed(consolidated.read(tmp_path / "c"), tmp_path / "ds", tp=2),
-             total - dim1 + replicated),
-            (lambda: consolidated.write(read_deepspeed(tmp_path / "ds"), tmp_path / "back"), total - dim1),
-            (lambda: export_hf(consolidated.read(tmp_path / "back"), tmp_path / "hf"), total)):
-        copied.clear()
-        convert()
-        assert sum(copied) == kernel_copied, (sum(copied), kernel_copied, total)
-    assert_same_state(load_file(tmp_path / "back" / "model.safetensors"), c.state)
-    hf = load_file(tmp_path / "hf" / "model.safetensors")
-    assert all(torch.equal(hf[hf_name(k, per_set=True)], v) for k, v in c.state.items())

@@ -47,7 +47,7 @@ def test_demo_writes_report_picture_and_event_files(demo):
 @pytest.fixture(scope="module")
 def model_and_tok(demo):
     from megannm import parallel
-    from megannm.convert.deepspeed import load_model
+    from megannm.checkpoint.opened import load_model
     from megannm.data.tokenize import Tokenizers
     out, _ = demo
     layout = parallel.init_parallel(1, 1)

@@ -220,7 +220,7 @@ def test_prompt_generators_are_registered_and_refuse_a_tokenizer_without_the_can
 
 def test_evaluate_prints_the_table_and_perfect_drawings_score_one(scene_tok, tmp_path, capsys):
     from megannm.cli import main
-    from megannm.convert import consolidated
+    from megannm.checkpoint import consolidated
     from megannm.data.tokenize import Tokenizers
     from megannm.generate import codes_to_images
     from megannm import parallel

@@ -334,7 +334,7 @@ def test_verification_work_is_split_by_bytes_over_every_rank(tmp_path):
 def test_exports_keep_the_umask_file_mode(tmp_path, umask):
     import torch
 
-    from megannm.convert.files import save_safetensors
+    from megannm.checkpoint.tensors import save_safetensors
     old = os.umask(umask)
     try:
         save_safetensors(tmp_path, {"w": torch.zeros(2)})

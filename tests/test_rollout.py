@@ -122,7 +122,7 @@ def test_reference_is_the_policys_starting_weights_in_bf16(toy_data, layout, tmp
 def _write_checkpoints(tok, layout, tmp_path):
     """A random model as a consolidated folder and as a TP=2 DeepSpeed checkpoint (module files), with ZeRO
     optimizer partitions beside them that the reference must never open."""
-    from megannm.convert import consolidated
+    from megannm.checkpoint import consolidated
     from megannm.convert.deepspeed import write_deepspeed
     model = tiny_model(tok, layout, seed=4, num_kv_heads=2)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -142,8 +142,8 @@ def test_reference_reads_only_this_ranks_slice(layout, tok, tmp_path):
     """Rank 1 of TP=2: from a DeepSpeed checkpoint it opens its own mp_rank_01 module file and nothing of rank 0
     nor any optimizer partition; from a consolidated folder it gets the same slice; refusals say what to do."""
     from megannm.checkpoint import CheckpointError, integrity
-    from megannm.convert import reshard
-    from megannm.convert.consolidated import normalise_args
+    from megannm.checkpoint import canonical as reshard
+    from megannm.checkpoint.consolidated import normalise_args
     from megannm.phases.rl.reference import reference_state
     c, model, tag = _write_checkpoints(tok, layout, tmp_path)
     args = normalise_args(c.args, tok.vocab, tp=2)
@@ -191,8 +191,8 @@ def test_reference_from_a_checkpoint_in_the_training_dtype(layout, tok, tmp_path
     training dtype on the device, equal to the saved weights (bf16: their bf16 rounding)."""
     import dataclasses
     from megannm.convert.deepspeed import write_deepspeed
-    from megannm.convert.consolidated import normalise_args
-    from megannm.convert import reshard
+    from megannm.checkpoint.consolidated import normalise_args
+    from megannm.checkpoint import canonical as reshard
     from megannm.phases.rl.reference import load_reference
     c, _, _ = _write_checkpoints(tok, layout, tmp_path)
     write_deepspeed(c, tmp_path / "ds1", tp=1)

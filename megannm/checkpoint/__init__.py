@@ -9,9 +9,16 @@
     integrity.py  every file's size and crc32, recorded at save and checked before a load
     compat.py     ``check_compatible`` / ``check_structure``: the vocabulary, ``megannm.model.args.STRUCTURAL`` and
                   the parallel layout must agree for weights to load
+    tensors.py    tensor files through their libraries: safetensors folders (``safe_open`` / ``save_file`` per
+                  shard + index), torch files (``torch.load(mmap=True, weights_only=True)``), ``LazyState``
+    canonical.py  canonical names and shapes, tensor-parallel slicing and joining, name and shape checks
+    consolidated.py  the consolidated safetensors folder (the conversion hub): written, read lazily, sliced per rank
+    deepspeed.py  DeepSpeed checkpoints of any TP x PP x ZeRO layout read under canonical names (module files,
+                  pipeline layer files, the fp32 master in the optimizer partitions)
+    opened.py     ``load_model``, ``open_checkpoint`` / ``Opened``: a checkpoint opened as a model for sampling
 
-Saving and loading through a live DeepSpeed engine is ``megannm.train``'s; reading and writing the weights offline is
-``megannm.convert``'s. This package imports neither.
+Saving and resuming through a live DeepSpeed engine, and loading weights into one, is ``megannm.train``'s; the
+converters between forms are ``megannm.convert``'s. This package imports neither.
 """
 from megannm.checkpoint.compat import check_compatible, check_structure
 from megannm.checkpoint.folders import (CheckpointError, CorruptCheckpoint, complete, kind_of, latest, orphans,

@@ -3,13 +3,11 @@ loaded.
 
 Without the record, a flipped byte inside a tensor loads silently (``torch.load`` checks no checksum), and a
 truncated file fails deep inside the zip reader without naming it ("failed finding central directory"). With it,
-either is one line naming the file. crc32 (libdeflate's where the system has it, ~8 GB/s on one core; zlib's otherwise,
-~2-4 GB/s: the same values) catches truncation and bit rot; it is no defence against deliberate tampering. The work splits over ranks: ``share`` gives each rank its part of a list.
+either is one line naming the file. crc32 (``zlib.crc32`` over 4 MiB blocks) catches truncation and bit rot; it is no
+defence against deliberate tampering. The work splits over ranks: ``share`` gives each rank its part of a list.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import zlib
 from pathlib import Path
 from typing import Iterable, Optional
@@ -19,42 +17,11 @@ from megannm.checkpoint.names import META
 _BLOCK = 1 << 22
 
 
-def _load_libdeflate():
-    """libdeflate's ``libdeflate_crc32(crc, buf, len)`` (the gzip/zlib CRC-32, PCLMUL-accelerated) through ctypes,
-    or None where the library is absent. ctypes releases the GIL during the call, so checksums run in threads."""
-    for name in (ctypes.util.find_library("deflate"), "libdeflate.so.0", "libdeflate.so"):
-        if not name:
-            continue
-        try:
-            fn = ctypes.CDLL(name).libdeflate_crc32
-        except (OSError, AttributeError):
-            continue
-        fn.restype, fn.argtypes = ctypes.c_uint32, [ctypes.c_uint32, ctypes.c_void_p, ctypes.c_size_t]
-        return fn
-    return None
-
-
-_LIBDEFLATE = _load_libdeflate()
-FAST_CRC32 = _LIBDEFLATE is not None  # a checksum thread keeps up with a copy (~8 GB/s, zlib's ~2-3 here)
-
-
-def crc32_update(data, value: int = 0) -> int:
-    """zlib's crc32 of ``data`` continuing from ``value``: ``bytes``, or a contiguous uint8 CPU tensor (a view of a
-    mapped file, usually; read in place)."""
-    tensor = hasattr(data, "data_ptr")
-    n = data.numel() if tensor else len(data)
-    if not n:
-        return value
-    if _LIBDEFLATE is not None:
-        return _LIBDEFLATE(value, data.data_ptr() if tensor else data, n)
-    return zlib.crc32(data.numpy() if tensor else data, value)
-
-
 def crc32(path: Path) -> int:
     c = 0
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(_BLOCK), b""):
-            c = crc32_update(block, c)
+            c = zlib.crc32(block, c)
     return c
 
 
@@ -91,11 +58,12 @@ def check(folder: str | Path, files: dict[str, dict], names: Iterable[str]) -> O
     return None
 
 
-def verify(folder: str | Path, meta: dict) -> None:
-    """Every recorded file of a checkpoint folder, in this one process (offline readers: ``megannm convert``, a
-    checkpoint opened for sampling); a checkpoint saved without records passes unchecked."""
+def verify(folder: str | Path, meta: dict, names: Optional[Iterable[str]] = None) -> None:
+    """The recorded files of a checkpoint folder (``names``, default all of them) in this one process (offline
+    readers: ``megannm convert``, a checkpoint opened for sampling); a file saved without a record passes
+    unchecked."""
     from megannm.checkpoint.folders import CorruptCheckpoint
     files = meta.get("files") or {}
-    problem = check(folder, files, sorted(files))
+    problem = check(folder, files, sorted(n for n in (files if names is None else names) if n in files))
     if problem:
         raise CorruptCheckpoint(problem)

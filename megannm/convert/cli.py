@@ -5,20 +5,26 @@ pointer (a megannm DeepSpeed checkpoint of any TP x PP x ZeRO layout), or ``conf
 only converts ``--to consolidated``). Every route passes through the consolidated form (in memory unless it is the
 target).
 
-Conversion streams: tensors are read (memory-mapped), joined from their TP shards and cast one at a time, the next
-few prepared in threads while one is written, so memory stays a few tensors, not the model.
+Conversion streams: tensors are read (memory-mapped), joined from their TP shards and cast when the output file that
+holds them is written, so memory stays one output file (a safetensors shard of at most --max-shard-size, a DeepSpeed
+rank file), not the model.
 """
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import warnings
 from pathlib import Path
 
+import torch
+
 from megannm import checkpoint
-from megannm.convert.files import DEFAULT_SHARD_SIZE, DTYPES, THREADS, ConvertError, parse_size
+from megannm.checkpoint.tensors import DEFAULT_SHARD_SIZE
+from megannm.convert import ConvertError
 
 TARGETS = ("consolidated", "deepspeed", "hf")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --dtype
 
 EXAMPLES = """examples:
   megannm convert runs/joint/checkpoints out/joint --to consolidated --tokenizers tokenizers/
@@ -27,6 +33,18 @@ EXAMPLES = """examples:
   megannm convert llama/ out/start --to consolidated --image-tokenizer tokenizers/image_tokenizer.npz
 
 A consolidated folder also starts training directly at any layout: checkpoint.init_from: <folder>."""
+
+
+def parse_size(text: str | int) -> int:
+    """``"500MB"``, ``"5GB"``, ``"1GiB"``, ``"123"`` -> bytes (decimal units as Hugging Face's ``max_shard_size``)."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(text).upper())
+    if not m:
+        raise ConvertError(f"--max-shard-size: not a size (got {text!r}, expected e.g. 500MB or 5GB)")
+    scale = {"": 1, "K": 10 ** 3, "M": 10 ** 6, "G": 10 ** 9, "T": 10 ** 12,
+             "KI": 2 ** 10, "MI": 2 ** 20, "GI": 2 ** 30, "TI": 2 ** 40}[m.group(2).rstrip("B")]
+    return int(float(m.group(1)) * scale)
 
 
 def source_kind(src: Path) -> str:
@@ -54,7 +72,7 @@ def default_dtype(src: Path, kind: str, target: str) -> str | None:
     if target != "hf":
         return "fp32" if kind == "deepspeed" else None
     if kind == "consolidated":
-        from megannm.convert.consolidated import read_meta
+        from megannm.checkpoint.consolidated import read_meta
         recipe = read_meta(src).get("recipe") or {}
     else:
         recipe = checkpoint.read_meta(src).get("recipe") or {}
@@ -62,16 +80,16 @@ def default_dtype(src: Path, kind: str, target: str) -> str | None:
     return precision if precision in DTYPES else "fp32"
 
 
-def load_source(src: Path, kind: str, weights: str = "auto", dtype: str | None = "fp32", threads: int = THREADS):
+def load_source(src: Path, kind: str, weights: str = "auto", dtype: str | None = "fp32"):
     """The source as a ``Consolidated`` whose tensors are read one at a time when written (nothing loaded yet)."""
     if kind == "consolidated":
         if weights != "auto":
             raise ConvertError(f"{src}: --weights chooses between a DeepSpeed checkpoint's module files and its "
                                f"optimizer partitions (a consolidated folder has one set of weights)")
-        from megannm.convert.consolidated import read
+        from megannm.checkpoint.consolidated import read
         return read(src)
-    from megannm.convert.deepspeed import read_deepspeed
-    return read_deepspeed(src, weights=weights, dtype=DTYPES[dtype or "fp32"], threads=threads)
+    from megannm.checkpoint.deepspeed import read_deepspeed
+    return read_deepspeed(src, weights=weights, dtype=DTYPES[dtype or "fp32"])
 
 
 def describe(c) -> str:
@@ -108,8 +126,7 @@ def main(argv: list[str]) -> int:
                         "'auto' (default) reads the "
                         "partitions only where the module files cannot give --dtype exactly (ZeRO-3; bf16/fp16 "
                         "ZeRO-1/2 with --dtype fp32). The choice and its cost are printed in one line")
-    p.add_argument("--threads", type=int, default=THREADS,
-                   help=f"tensors read, merged and cast ahead of the one being written (default {THREADS})")
+    p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)  # accepted for old scripts; unused
     p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     p.add_argument("--max-shard-size", default=str(DEFAULT_SHARD_SIZE),
                    help="safetensors file size above which weights are split into shards + index (e.g. 500MB)")
@@ -148,7 +165,7 @@ def main(argv: list[str]) -> int:
         return 0
 
     dtype = a.dtype or default_dtype(src, kind, a.to)
-    c = load_source(src, kind, a.weights, dtype, a.threads)
+    c = load_source(src, kind, a.weights, dtype)
     if kind == "deepspeed":  # progress on stdout: stderr holds only the one error line
         print(f"megannm convert: weights: {c.source.get('weights')}; writing {dtype}")
     cast = DTYPES[dtype] if dtype else None
@@ -159,16 +176,14 @@ def main(argv: list[str]) -> int:
             from megannm.data.tokenize import Tokenizers
             c.vocab.check_same(Tokenizers.load(c.tokenizers).vocab.fingerprint, str(src),
                                str(Path(c.tokenizers) / "vocab.json"))
-        from megannm.convert.consolidated import write
-        out = write(c, dst, overwrite=a.overwrite, max_shard_size=shard, dtype=cast, threads=a.threads)
+        from megannm.checkpoint.consolidated import write
+        out = write(c, dst, overwrite=a.overwrite, max_shard_size=shard, dtype=cast)
     elif a.to == "deepspeed":
         from megannm.convert.deepspeed import write_deepspeed
-        out = write_deepspeed(c, dst, tp=a.tp or 1, pp=a.pp or 1, overwrite=a.overwrite, dtype=cast,
-                              threads=a.threads)
+        out = write_deepspeed(c, dst, tp=a.tp or 1, pp=a.pp or 1, overwrite=a.overwrite, dtype=cast)
     else:
         from megannm.convert.hf import architecture, export_hf
-        out = export_hf(c, dst, tokenizers=c.tokenizers, overwrite=a.overwrite, max_shard_size=shard, dtype=cast,
-                        threads=a.threads)
+        out = export_hf(c, dst, tokenizers=c.tokenizers, overwrite=a.overwrite, max_shard_size=shard, dtype=cast)
         if c.tokenizers is None:
             print("megannm convert: note: no tokenizer exported (pass --tokenizers DIR)", file=sys.stderr)
         print(f"{out}: Hugging Face {architecture(c.args)} from {src} ({describe(c)})")

@@ -32,10 +32,11 @@ from typing import Optional
 
 import torch
 
-from megannm.convert import reshard
-from megannm.convert.consolidated import Consolidated, normalise_args, write
-from megannm.convert.files import (DEFAULT_SHARD_SIZE, INDEX, SINGLE, THREADS, ConvertError, LazyState,
-                                   SafetensorsReader, row_blocks, save_safetensors, specs_of, verify)
+from megannm.checkpoint import canonical
+from megannm.checkpoint.consolidated import Consolidated, normalise_args, write
+from megannm.checkpoint.tensors import (DEFAULT_SHARD_SIZE, INDEX, SINGLE, LazyState, SafetensorsFolder, cast_to,
+                                        save_safetensors, specs_of)
+from megannm.convert import ConvertError
 from megannm.convert.hf_modeling import SOURCES as REMOTE_FILES
 from megannm.fileio import atomic_output, atomic_write_json
 
@@ -149,20 +150,18 @@ def export_tokenizer(bundle: Path, vocab, out: Path) -> None:
 
 
 def export_hf(c: Consolidated, dst: str | Path, tokenizers: Optional[Path] = None, overwrite: bool = False,
-              max_shard_size: int = DEFAULT_SHARD_SIZE, dtype: Optional[torch.dtype] = None,
-              threads: int = THREADS) -> Path:
+              max_shard_size: int = DEFAULT_SHARD_SIZE, dtype: Optional[torch.dtype] = None) -> Path:
     """A Hugging Face folder (config, weights, generation config, tokenizer) from the canonical form, the weights
-    written one tensor at a time (renamed, cast to ``dtype`` when given; config.json records the dtype written)."""
+    written one shard at a time (renamed, cast to ``dtype`` when given; config.json records the dtype written)."""
     args, vocab = c.args, c.vocab
     arch = architecture(args)
     per_set = arch == "megannm_mot"
     specs = specs_of(c.state)
-    reshard.check_shape_map({k: s for k, (s, _) in specs.items()}, reshard.canonical_shapes(args),
+    canonical.check_shape_map({k: s for k, (s, _) in specs.items()}, canonical.canonical_shapes(args),
                             "consolidated state")
-    names = {hf_name(k, per_set): k for k in reshard.canonical_shapes(args)}
-    out_specs = {h: (specs[k][0], dtype if dtype is not None and specs[k][1].is_floating_point else specs[k][1])
-                 for h, k in names.items()}
-    state = LazyState(out_specs, lambda h: c.state[names[h]], rows=lambda h: row_blocks(c.state, names[h]))
+    names = {hf_name(k, per_set): k for k in canonical.canonical_shapes(args)}
+    out_specs = {h: (specs[k][0], cast_to(specs[k][1], dtype)) for h, k in names.items()}
+    state = LazyState(out_specs, lambda h: c.state[names[h]])
     written = {dt for _, dt in out_specs.values() if dt.is_floating_point}
     torch_dtype = str(written.pop() if len(written) == 1 else torch.float32).replace("torch.", "")
     tokenizers = tokenizers or c.tokenizers
@@ -174,7 +173,7 @@ def export_hf(c: Consolidated, dst: str | Path, tokenizers: Optional[Path] = Non
         if per_set:
             for f, source in REMOTE_FILES.items():
                 shutil.copyfile(source, tmp / f)
-        save_safetensors(tmp, state, max_shard_size, specs=out_specs, dtype=dtype, threads=threads)
+        save_safetensors(tmp, state, max_shard_size, dtype=dtype)
         atomic_write_json(tmp / "generation_config.json", {**_special_ids(vocab), "_from_model_config": True})
         if tokenizers is not None:
             export_tokenizer(Path(tokenizers), vocab, tmp)
@@ -182,7 +181,6 @@ def export_hf(c: Consolidated, dst: str | Path, tokenizers: Optional[Path] = Non
                                               "model_args": args.to_dict(), "source": c.source,
                                               "image_token": IMAGE_TOKEN.format("{code}"),
                                               "tokenizer": tokenizers is not None})
-        verify(c.state)
     return dst
 
 
@@ -224,10 +222,10 @@ def _read_config(src: Path) -> dict:
 def _hf_weights(src: Path):
     """name -> tensor getter over safetensors (single or sharded) or a single pytorch_model.bin."""
     if (src / SINGLE).exists() or (src / INDEX).exists():
-        reader = SafetensorsReader(src)
+        reader = SafetensorsFolder(src)
         return set(reader.keys()), reader.get, src
     if (src / "pytorch_model.bin").exists():
-        state = torch.load(src / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        state = torch.load(src / "pytorch_model.bin", map_location="cpu", mmap=True, weights_only=True)
         return set(state), state.__getitem__, src / "pytorch_model.bin"
     raise ConvertError(f"{src}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
@@ -275,19 +273,19 @@ def import_hf(src: str | Path, dst: str | Path, image_tokenizer: str | Path, mot
                          eps=float(cfg.get("rms_norm_eps", 1e-6)),
                          max_seq_len=int(cfg.get("max_position_embeddings", 2048)))
         tied = cfg.get("tie_word_embeddings", False) or "lm_head.weight" not in names
-        expected = {hf_name(k, per_set=False) for k in reshard.canonical_shapes(dataclasses.replace(args, mot=False))}
+        expected = {hf_name(k, per_set=False) for k in canonical.canonical_shapes(dataclasses.replace(args, mot=False))}
         if tied:
             expected.discard("lm_head.weight")
-        reshard.check_names(names - {k for k in names if k.endswith("rotary_emb.inv_freq")}, expected, str(where))
+        canonical.check_names(names - {k for k in names if k.endswith("rotary_emb.inv_freq")}, expected, str(where))
         gen = torch.Generator().manual_seed(seed)
         n_new = vocab.size - vocab.text_size
-        shapes = reshard.canonical_shapes(args)
+        shapes = canonical.canonical_shapes(args)
 
         def build(name: str) -> torch.Tensor:  # one at a time, in canonical order (the noise's order; an
             # error leaves no output: the folder is renamed into place only at the end)
             hf = "model.embed_tokens.weight" if name == "head.output.weight" and tied else hf_name(name, False)
             t = get(hf).float()
-            if name in reshard.VOCAB_PARAMS:
+            if name in canonical.VOCAB_PARAMS:
                 t = t[:vocab.text_size]
                 t = torch.cat([t, _new_rows(t, n_new, gen, noise)])
             if tuple(t.shape) != tuple(shapes[name]):
@@ -301,4 +299,4 @@ def import_hf(src: str | Path, dst: str | Path, image_tokenizer: str | Path, mot
                           "llm_vocab_rows": rows, "new_rows": f"mean of the LLM's rows + {noise} x row std x N(0,1), "
                           f"seed {seed}", "modality_init": "every weight set copies the LLM's" if mot else "dense"},
                          tokenizers=Path(tmp) / "tokenizers")
-        return write(c, dst, overwrite=overwrite, max_shard_size=max_shard_size, threads=1)
+        return write(c, dst, overwrite=overwrite, max_shard_size=max_shard_size)

@@ -128,7 +128,7 @@ def build_stage_pairs(spec: dict, checkpoints: Path, data: dict, folder: Path, l
     """``megannm pairs`` inside the demo's process: two answers per prompt sampled from ``checkpoints``, ranked by
     the rewards, ties dropped, written to ``folder``. Returns how many; None (nothing done) when its manifest
     exists."""
-    from megannm.convert.deepspeed import load_model
+    from megannm.checkpoint.opened import load_model
     from megannm.data.tokenize import Tokenizers
     from megannm.generate import SamplingConfig
     from megannm.phases.rl.pairs import MANIFEST, build_pairs, write_pairs
@@ -247,7 +247,7 @@ def main(argv: list[str]) -> int:
 
     from megannm import checkpoint, parallel
     from megannm.config import load_recipe
-    from megannm.convert.deepspeed import load_model
+    from megannm.checkpoint.opened import load_model
     from megannm.data.tokenize import Tokenizers
     from megannm.evaluate import write_report
     from megannm.toy.evaluate import evaluate, evaluate_chat, format_report
@@ -285,7 +285,7 @@ def geneval_demo(a, chain: Path, data: dict, out: Path, t0: float) -> int:
     report; ``headline``: text -> image per split and category, before and after; the wall seconds of every
     stage, pairs build and evaluation."""
     from megannm import checkpoint, parallel
-    from megannm.convert.deepspeed import load_model
+    from megannm.checkpoint.opened import load_model
     from megannm.data.tokenize import Tokenizers
     from megannm.evaluate import write_report
     from megannm.toy.geneval import CATEGORIES, SPLITS, evaluate_geneval

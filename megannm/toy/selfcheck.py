@@ -217,7 +217,7 @@ class Check:
         return ", ".join(f"{k} x{v}" for k, v in sorted(used.items()))
 
     def _model(self):
-        from megannm.convert.deepspeed import load_model
+        from megannm.checkpoint.opened import load_model
         from megannm.data.tokenize import Tokenizers
         tok = Tokenizers.load(self.data["tokenizers"])
         model, _ = load_model(self.ckpt, self.layout, vocab=tok.vocab)

@@ -30,7 +30,7 @@ import torch
 from megannm import checkpoint as fmt
 from megannm import parallel
 from megannm.checkpoint import integrity
-from megannm.fileio import atomic_write_json
+from megannm.fileio import atomic_file, atomic_write_json
 
 
 class SaveError(fmt.CheckpointError):
@@ -50,13 +50,21 @@ def _fault(point: str, step: int, path: Path | None = None) -> None:
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+    """This process's RNG states in types ``torch.load(weights_only=True)`` reads: tensors, numbers, strings and
+    tuples (numpy's key array as an int64 tensor)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     random.setstate(state["python"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -93,7 +101,8 @@ def save(engine, ckpt_dir: str | Path, step: int, meta: dict, layout, keep_last:
         engine.save_checkpoint(str(ckpt_dir), tag=tmp.name, client_state=client_state or {}, save_latest=False)
         rng = fmt.rng_file(tmp, layout.rank)
         rng.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(rng_state(), rng)
+        with atomic_file(rng) as f:
+            torch.save(rng_state(), f)
         _fault("save_mid", step, rng)
         _record_files(tmp, rng, layout)
     except (OSError, RuntimeError) as e:  # torch reports a full disk as RuntimeError("... unexpected pos ...")
@@ -246,7 +255,7 @@ def _load(engine, folder: Path, args, layout, vocab) -> dict:
                                               load_lr_scheduler_states=True)
         rng = fmt.rng_file(folder, layout.rank)
         if rng.exists():
-            set_rng_state(torch.load(rng, weights_only=False))
+            set_rng_state(torch.load(rng, weights_only=True))
     except (RuntimeError, OSError, EOFError, ValueError) as e:  # a checkpoint without file records: find the file
         raise fmt.CorruptCheckpoint(f"{_unreadable(folder) or folder}: cannot be loaded "
                                     f"({str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__})"

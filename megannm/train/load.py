@@ -2,8 +2,8 @@
 
 A megannm DeepSpeed checkpoint at the same tensor/pipeline layout loads module-only; a consolidated safetensors folder
 (``megannm convert ... --to consolidated``) loads at any layout. Either way the optimizer and schedule start fresh,
-and the weights load at any ZeRO stage. Reading the files is ``megannm.convert``'s; this module copies what it reads
-into the engine's parameters.
+and the weights load at any ZeRO stage. Reading the files is ``megannm.checkpoint``'s; this module copies what it
+reads into the engine's parameters.
 """
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ from typing import Callable
 import torch
 
 from megannm import checkpoint as fmt
-from megannm.convert import reshard
-from megannm.model import fused
+from megannm.checkpoint import canonical
 
 
 def init_from(engine, args, layout, vocab, source: str | Path) -> str:
@@ -34,12 +33,12 @@ def init_from(engine, args, layout, vocab, source: str | Path) -> str:
 def load_consolidated(engine, args, layout, vocab, path: str | Path) -> None:
     """This rank's TP slice (and pipeline stage) of a consolidated folder, at whatever layout and ZeRO stage the
     engine runs; only those rows and columns are read from disk."""
-    from megannm.convert.consolidated import Opened
-    c = Opened(path)
+    from megannm.checkpoint.consolidated import Folder
+    c = Folder(path)
     where = str(c.folder / fmt.CONSOLIDATED_META)
     vocab.check_same(c.vocab.fingerprint, "the recipe's data", where)
     fmt.check_structure(c.args, args, where)
-    reshard.check_divisible(c.args, layout.tp, layout.pp, args.padded_vocab_size, where=where)
+    canonical.check_divisible(c.args, layout.tp, layout.pp, args.padded_vocab_size, where=where)
     load_local(engine, args, layout, lambda name: c.local(name, layout.tp, layout.tp_rank, args.padded_vocab_size),
                where)
 
@@ -51,8 +50,8 @@ def load_module_only(engine, path: str | Path, layout) -> dict:
     (DeepSpeed's own ``load_checkpoint(load_module_only=True)`` cannot cross ZeRO-3: it looks for the module files
     of the engine's own stage, and under ZeRO-3 gathers with ``zero_to_fp32`` over every TP rank's files at once,
     from the ``latest`` tag rather than the requested one.)"""
-    from megannm.convert.deepspeed import open_checkpoint, rank_state
-    ckpt, meta, _, args = open_checkpoint(path)
+    from megannm.checkpoint.deepspeed import open_deepspeed, rank_state
+    ckpt, meta, _, args = open_deepspeed(path)
     saved = meta.get("layout") or {}
     if (saved.get("tp"), saved.get("pp") or 1) != (layout.tp, layout.pp):
         raise fmt.CheckpointError(f"{ckpt}: saved at tp={saved.get('tp')} pp={saved.get('pp')}, this run has "
@@ -70,34 +69,23 @@ def load_module_only(engine, path: str | Path, layout) -> dict:
 
 
 def engine_parameters(engine, layout) -> list[tuple[str, str, torch.nn.Parameter]]:
-    """(canonical module name, module name, parameter) for every parameter this rank's engine module holds. The
-    first is ``NMMModel``'s name (the pipeline's chain positions mapped back); a fused projection keeps it
-    (``...qkv_proj.{m}.weight``), whose canonical parts ``fused.canonical_parts`` lists."""
+    """(canonical name, module name, parameter) for every parameter this rank's engine module holds: the canonical
+    name is ``NMMModel``'s (the pipeline's chain positions mapped back)."""
     names = list(engine.module.named_parameters())
-    if layout.pp == 1:
-        return [(n, n, p) for n, p in names]
-    from megannm.model.pipeline import pipeline_to_canonical  # "<chain position>.<name inside the stage>"
-    out = []
-    for n, p in names:
+    if layout.pp > 1:
+        from megannm.model.pipeline import pipeline_to_canonical  # "<chain position>.<name inside the stage>"
         try:
-            out.append((pipeline_to_canonical(n), n, p))
+            names = [(pipeline_to_canonical(n), n, p) for n, p in names]
         except ValueError as e:
             raise fmt.CheckpointError(f"pipeline module: {e}") from None
-    return out
-
-
-def _module_tensor(name: str, get_local: Callable[[str], torch.Tensor]) -> torch.Tensor:
-    """The rank-local tensor of module parameter ``name`` from canonical rank-local tensors: a fused projection's
-    parts stacked in its layout (``fused.from_canonical``), any other parameter as it is."""
-    parts = fused.canonical_parts(name) or [name]
-    return fused.from_canonical({part: get_local(part) for part in parts})[name]
+        return names
+    return [(n, n, p) for n, p in names]
 
 
 @torch.no_grad()
 def load_local(engine, args, layout, get_local: Callable[[str], torch.Tensor], source: str) -> int:
     """Copy this rank's slices (``get_local(canonical_name)``) into the engine's module at any ZeRO stage; returns
-    the number of elements copied. ``get_local`` is asked for canonical names only (``q_proj``, ``k_proj``, ...);
-    the fused projections' module tensors are assembled from them here.
+    the number of elements copied.
 
     ZeRO-3: each parameter is gathered, written on data-parallel rank 0 and re-partitioned on exit
     (``deepspeed.zero.GatheredParameters(modifier_rank=0)``). ZeRO-1/2/3 and bf16 keep an fp32 master copy in the
@@ -105,17 +93,15 @@ def load_local(engine, args, layout, get_local: Callable[[str], torch.Tensor], s
     import deepspeed
     params = engine_parameters(engine, layout)
     if layout.pp == 1:
-        reshard.check_names((part for c, _, _ in params for part in fused.canonical_parts(c) or [c]),
-                            reshard.canonical_shapes(args), f"{source} -> the recipe's model")
+        canonical.check_names((c for c, _, _ in params), canonical.canonical_shapes(args),
+                              f"{source} -> the recipe's model")
     count = 0
-    for canonical, name, p in params:
-        t = _module_tensor(canonical, get_local)
+    for name_c, name, p in params:
+        t = get_local(name_c)
         shape = tuple(getattr(p, "ds_shape", p.shape))
         if tuple(t.shape) != shape:
-            parts = fused.canonical_parts(canonical)
-            what = f"parameters {', '.join(parts)} give" if parts else f"parameter {canonical} gives"
-            raise fmt.CheckpointError(f"{source}: {what} shape {list(t.shape)} for tensor rank {layout.tp_rank}, "
-                                      f"the engine's {name} has {list(shape)}")
+            raise fmt.CheckpointError(f"{source}: parameter {name_c} gives shape {list(t.shape)} for tensor rank "
+                                      f"{layout.tp_rank}, the engine's {name} has {list(shape)}")
         with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=hasattr(p, "ds_id")):
             p.data.copy_(t)
         count += t.numel()
@@ -127,6 +113,6 @@ def load_local(engine, args, layout, get_local: Callable[[str], torch.Tensor], s
         # checkpoint's full precision instead, so a stage boundary rounds nothing (Adam's moments still start fresh:
         # a warm start, not a resume).
         from deepspeed.utils import safe_set_full_fp32_param
-        for canonical, _, p in params:
-            safe_set_full_fp32_param(p, _module_tensor(canonical, get_local).float())
+        for name_c, _, p, parts in params:
+            safe_set_full_fp32_param(p, _module_tensor(name_c, parts, get_local).float())
     return count

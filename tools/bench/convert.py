@@ -9,7 +9,8 @@ parent copies the conversion's input files (``shutil.copyfile``, same disk, same
 interleave and see the same disk and load; the baseline is the MEDIAN copy time (copy speed varies several-fold
 within a run on a shared machine). ratio = median copy time / median conversion time of the same input bytes:
 1.0 means as fast as copying the input; the goal is >= 0.8. Peak memory is printed beside the largest tensor and
-the model (goal: a few largest tensors, not the model). Every copy and every conversion starts after ``os.sync()``
+the model (bound: one output file, a safetensors shard or a DeepSpeed rank file, plus a few tensors; not the
+model). Every copy and every conversion starts after ``os.sync()``
 (untimed): otherwise the write-back of what came before (the sources, gigabytes, are written just before the first
 conversion) throttles whichever writer runs next; and its input files are read through once (untimed, ``warm``), so
 that both read them from the page cache. The timed rounds start once untimed runs of the first conversion agree
@@ -84,10 +85,10 @@ def convert_once(name: str, src: Path, dst: Path, measure: str = "time") -> dict
     import safetensors.torch  # noqa: F401
 
     import megannm.model.args  # noqa: F401
-    import megannm.model.fused  # noqa: F401
     import megannm.model.pipeline  # noqa: F401
-    from megannm.convert import consolidated
-    from megannm.convert.deepspeed import read_deepspeed, write_deepspeed
+    from megannm.checkpoint import consolidated
+    from megannm.checkpoint.deepspeed import read_deepspeed
+    from megannm.convert.deepspeed import write_deepspeed
     from megannm.convert.hf import export_hf
     run = {"deepspeed tp1 -> consolidated": lambda: consolidated.write(read_deepspeed(src), dst),
            "consolidated -> hf": lambda: export_hf(consolidated.read(src), dst),
@@ -129,8 +130,9 @@ def build_sources(a, work: Path) -> dict:
 
     from megannm import parallel
     from megannm.config import recipe_from_dict
-    from megannm.convert import consolidated
-    from megannm.convert.deepspeed import read_deepspeed, write_deepspeed
+    from megannm.checkpoint import consolidated
+    from megannm.checkpoint.deepspeed import read_deepspeed
+    from megannm.convert.deepspeed import write_deepspeed
     from megannm.model.transformer import ModelArgs, NMMModel
     from megannm.train.checkpoint import save
     from megannm.train.engine import build_engine

@@ -91,7 +91,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     from megannm.generate import SamplingConfig
-    from megannm.opened import open_checkpoint
+    from megannm.checkpoint.opened import open_checkpoint
     t0 = time.time()
     combined = Combined(parse_weights(a.rewards))
     source = PromptSource(a.prompts, key="--prompts")

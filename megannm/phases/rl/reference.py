@@ -7,7 +7,7 @@ tensor-parallel layout, and is built from the cheapest exact source:
 - a run that starts fresh (step 0): the live policy right after its initialisation, copied (gathered module by
   module under ZeRO-3): nothing is read from disk, and it is exactly what the policy starts from;
 - a resumed run: ``checkpoint.init_from``, this rank's own slice only: a consolidated folder's rows and columns
-  of this rank (``Opened.local``), or a DeepSpeed checkpoint at this TP size through this rank's
+  of this rank (``Folder.local``), or a DeepSpeed checkpoint at this TP size through this rank's
   ``mp_rank_XX_model_states.pt`` alone (under bf16 its module weights are the training-dtype weights exactly; the
   fp32 master in the optimizer partitions is never read); without ``init_from``, the recipe's seeded initial
   weights again.
@@ -81,14 +81,14 @@ def reference_state(path, args, layout, vocab, names: list[str]) -> tuple[dict, 
     from megannm import checkpoint as fmt
     path = Path(path)
     if fmt.kind_of(path) == "consolidated":
-        from megannm.convert.consolidated import Opened
-        opened = Opened(path)
+        from megannm.checkpoint.consolidated import Folder
+        opened = Folder(path)
         where = str(opened.folder / fmt.CONSOLIDATED_META)
         vocab.check_same(opened.vocab.fingerprint, "the recipe's data", where)
         fmt.check_structure(opened.args, args, where)
         get = lambda name: opened.local(name, layout.tp, layout.tp_rank, args.padded_vocab_size)  # noqa: E731
         return _module_named(get, names, args, layout, where), where
-    from megannm.convert.deepspeed import read_module_state
+    from megannm.checkpoint.deepspeed import read_module_state
     ckpt = fmt.resolve(path)
     meta = fmt.read_meta(ckpt)
     saved = meta.get("layout") or {}
@@ -116,8 +116,8 @@ def reference_state(path, args, layout, vocab, names: list[str]) -> tuple[dict, 
 def _module_named(get, names: list[str], args, layout, where: str) -> dict:
     """The model's parameter ``names`` (the canonical names) -> this rank's tensors, from ``get(name)``, each
     checked against its expected shape."""
-    from megannm.convert import reshard
-    expected = reshard.local_shapes(args, layout.tp, args.padded_vocab_size)
+    from megannm.checkpoint import canonical
+    expected = canonical.local_shapes(args, layout.tp, args.padded_vocab_size)
     state = {}
     for name in names:
         t = get(name)

@@ -60,7 +60,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the result here")
     a = p.parse_args(argv)
-    from megannm.opened import open_checkpoint
+    from megannm.checkpoint.opened import open_checkpoint
     from megannm.fileio import atomic_write
     from megannm.generate import SamplingConfig
     from megannm.phases.rl.prompts import PromptSource

@@ -4,7 +4,8 @@ The canonical form is ``NMMModel``'s state dict at TP = 1 without the vocabulary
 the output layer have exactly ``vocab_size`` rows. Each TP layout pads them to its own ``padded_vocab_size`` (which
 depends on the TP size) before splitting. Splits follow ``megannm/model/transformer.py``: the embedding, the head,
 q/k/v and gate/up are split along dim 0 (whole heads, contiguous), o_proj and down_proj along dim 1, and the norms
-(QK-norms included) are replicated on every TP rank.
+(QK-norms included) are replicated on every TP rank. Every reader and writer checks names and shapes against these
+(``check_names``, ``check_shape_map``): one line naming the first missing, unexpected or misshapen parameter.
 """
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from typing import Iterable, Mapping, Optional
 
 import torch
 
-from megannm.convert.filebytes import Cat
-from megannm.convert.files import ConvertError, LazyState, specs_of
+from megannm.checkpoint.folders import CheckpointError
+from megannm.checkpoint.tensors import LazyState, cast_to, specs_of
 
 VOCAB_PARAMS = ("embedding.embed_tokens.weight", "head.output.weight")
 _ROW = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # split along dim 0 (ColumnParallelLinear)
@@ -72,15 +73,15 @@ def local_shapes(args, tp: int, padded_vocab: int) -> dict[str, tuple[int, ...]]
 def check_divisible(args, tp: int, pp: int = 1, padded_vocab: Optional[int] = None, where: str = "target") -> None:
     """One line naming the model dimension that a TP x PP target cannot divide."""
     if tp < 1 or pp < 1:
-        raise ConvertError(f"{where}: tensor and pipeline sizes must be >= 1 (got --tp {tp} --pp {pp})")
+        raise CheckpointError(f"{where}: tensor and pipeline sizes must be >= 1 (got --tp {tp} --pp {pp})")
     dims = [("heads", args.heads), ("kv_heads", args.kv_heads), ("ffn", args.ffn)]
     if padded_vocab is not None:
         dims.append(("padded_vocab_size", padded_vocab))
     for name, n in dims:
         if n % tp:
-            raise ConvertError(f"{where}: --tp {tp} does not divide the model's {name}={n}")
+            raise CheckpointError(f"{where}: --tp {tp} does not divide the model's {name}={n}")
     if args.layers % pp:
-        raise ConvertError(f"{where}: --pp {pp} does not divide the model's layers={args.layers}")
+        raise CheckpointError(f"{where}: --pp {pp} does not divide the model's layers={args.layers}")
 
 
 def check_names(found: Iterable[str], expected: Iterable[str], source: str) -> None:
@@ -89,15 +90,11 @@ def check_names(found: Iterable[str], expected: Iterable[str], source: str) -> N
     missing = [k for k in expected if k not in found]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise ConvertError(f"{source}: missing parameter {missing[0]}{more}")
+        raise CheckpointError(f"{source}: missing parameter {missing[0]}{more}")
     unexpected = sorted(found - set(expected))
     if unexpected:
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
-        raise ConvertError(f"{source}: unexpected parameter {unexpected[0]}{more}")
-
-
-def check_shapes(state: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple], source: str) -> None:
-    check_shape_map({k: s for k, (s, _) in specs_of(state).items()}, shapes, source)
+        raise CheckpointError(f"{source}: unexpected parameter {unexpected[0]}{more}")
 
 
 def check_shape_map(found: Mapping[str, tuple], shapes: Mapping[str, tuple], source: str) -> None:
@@ -105,7 +102,7 @@ def check_shape_map(found: Mapping[str, tuple], shapes: Mapping[str, tuple], sou
     check_names(found.keys(), shapes.keys(), source)
     for name, shape in shapes.items():
         if tuple(found[name]) != tuple(shape):
-            raise ConvertError(f"{source}: parameter {name} has shape {list(found[name])}, expected {list(shape)}")
+            raise CheckpointError(f"{source}: parameter {name} has shape {list(found[name])}, expected {list(shape)}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -123,11 +120,21 @@ def shard_tensor(name: str, full: torch.Tensor, tp: int, rank: int, padded_vocab
     return full.chunk(tp, dim=dim)[rank]
 
 
+def rank_slice(name: str, full: torch.Tensor, tp: int, rank: int, padded_vocab: int) -> torch.Tensor:
+    """``shard_tensor``, padding only the rows of this rank (a vocabulary tensor's zero rows are not made for every
+    rank)."""
+    if name not in VOCAB_PARAMS:
+        return shard_tensor(name, full, tp, rank, padded_vocab)
+    per, real = padded_vocab // tp, full.shape[0]
+    rows = full[min(rank * per, real):min((rank + 1) * per, real)]
+    pad = per - rows.shape[0]
+    return torch.cat([rows, full.new_zeros(pad, *full.shape[1:])]) if pad else rows
+
+
 def merge_states(parts: list[Mapping[str, torch.Tensor]], args, sources: list[str],
                  dtype: Optional[torch.dtype] = None) -> LazyState:
     """TP ranks' local states (index = TP rank) -> the canonical full state (padding rows dropped), lazily: each
-    canonical tensor is joined from its ranks' slices when it is asked for (one tensor in memory at a time) and
-    cast to ``dtype`` when given.
+    canonical tensor is joined from its ranks' slices when it is asked for and cast to ``dtype`` when given.
 
     Each part is checked against the local shapes first (from shapes alone), so an error names the rank's file and
     the parameter."""
@@ -136,40 +143,19 @@ def merge_states(parts: list[Mapping[str, torch.Tensor]], args, sources: list[st
     shapes = [{k: s for k, (s, _) in specs_of(p).items()} for p in parts]
     padded = shapes[0][embed][0] * tp if embed in shapes[0] else None
     if padded is not None and padded < args.vocab_size:
-        raise ConvertError(f"{sources[0]}: parameter {embed} has {padded // tp} rows per rank x {tp} ranks, fewer "
-                           f"than the vocabulary's {args.vocab_size} ids")
+        raise CheckpointError(f"{sources[0]}: parameter {embed} has {padded // tp} rows per rank x {tp} ranks, fewer "
+                              f"than the vocabulary's {args.vocab_size} ids")
     expected = local_shapes(args, tp, padded or args.vocab_size)
     for found, source in zip(shapes, sources):
         check_shape_map(found, expected, source)
     first = specs_of(parts[0])
-    specs = {}
-    for name, shape in canonical_shapes(args).items():
-        dt = first[name][1]
-        specs[name] = (shape, dtype if dtype is not None and dt.is_floating_point else dt)
+    specs = {name: (shape, cast_to(first[name][1], dtype)) for name, shape in canonical_shapes(args).items()}
 
     def get(name: str) -> torch.Tensor:
         dim = split_dim(name)
-        if dim is None or tp == 1:
-            t = parts[0][name]
-        else:
-            t = torch.cat([p[name].to(specs[name][1]) for p in parts], dim=dim)
-        t = t[:args.vocab_size] if name in VOCAB_PARAMS else t
-        return t.to(specs[name][1])
+        want = specs[name][1]
+        t = parts[0][name] if dim is None or tp == 1 else torch.cat([p[name].to(want) for p in parts], dim=dim)
+        return (t[:args.vocab_size] if name in VOCAB_PARAMS else t).to(want)
 
-    def rows(name: str) -> list:  # shards as they are: dim 0 one after the other, dim 1 as a Cat of them
-        dim = split_dim(name)
-        if dim is None or tp == 1:
-            return [get(name)]
-        if dim == 1:
-            return [Cat([p[name].to(specs[name][1]) for p in parts], 1)]
-        blocks, left = [], args.vocab_size if name in VOCAB_PARAMS else None
-        for p in parts:
-            t = p[name]
-            if left is not None:
-                t, left = t[:left], left - min(left, t.shape[0])
-            if t.shape[0]:
-                blocks.append(t)
-        return [b.to(specs[name][1]) for b in blocks]
+    return LazyState(specs, get)
 
-    lazy = [p for p in parts if isinstance(p, LazyState)]
-    return LazyState(specs, get, [c for p in lazy for c in p.checks], rows, [k for p in lazy for k in p.keep])

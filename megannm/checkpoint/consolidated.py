@@ -8,9 +8,8 @@ Layout of a consolidated folder::
                                           (kind, path, layout, ZeRO stage, step, ...), dtype, files, total_size
     tokenizers/                           optional: the tokenizer bundle (text/, image_tokenizer.*, vocab.json)
 
-Every other form converts to and from this one: ``deepspeed.py`` reads DeepSpeed checkpoints of any TP x PP x ZeRO
-layout and writes module-only ones at any layout, ``hf.py`` exports to and imports from Hugging Face folders, and a
-training run starts from it at any layout (``checkpoint.init_from``, which reads it through ``Opened.local``).
+Every other form converts to and from this one (``megannm.convert``), and a training run starts from it at any layout
+(``checkpoint.init_from``, which reads this rank's slices through ``Folder.local``).
 """
 from __future__ import annotations
 
@@ -23,10 +22,11 @@ from typing import Mapping, Optional
 
 import torch
 
-from megannm.checkpoint import CONSOLIDATED_META as META
-from megannm.convert import reshard
-from megannm.convert.files import (DEFAULT_SHARD_SIZE, THREADS, ConvertError, LazyState, SafetensorsReader,
-                                   save_safetensors, specs_of, tensor_bytes, verify)
+from megannm.checkpoint import canonical
+from megannm.checkpoint.folders import CheckpointError
+from megannm.checkpoint.names import CONSOLIDATED_META as META
+from megannm.checkpoint.tensors import (DEFAULT_SHARD_SIZE, LazyState, SafetensorsFolder, cast_to, save_safetensors,
+                                        specs_of, tensor_bytes)
 from megannm.fileio import atomic_output, atomic_write_json
 from megannm.vocab import Vocab
 
@@ -55,35 +55,26 @@ class Consolidated:
         return int(self.source.get("consumed_samples") or 0)
 
 
-def normalise_args(model_args: dict | object, vocab: Vocab, tp: int = 1):
-    """ModelArgs with the padding of a TP size (the canonical form records TP = 1's)."""
+def normalise_args(model_args, vocab: Vocab, tp: int = 1):
+    """ModelArgs (or their dict) with the vocabulary padding of a TP size (the canonical form records TP = 1's)."""
     from megannm.model.args import ModelArgs
     args = model_args if isinstance(model_args, ModelArgs) else ModelArgs.from_dict(model_args)
     return dataclasses.replace(args, padded_vocab_size=vocab.padded_size(tp))
 
 
-def num_bytes(state: Mapping) -> int:
-    return sum(tensor_bytes(shape, dtype) for shape, dtype in specs_of(state).values())
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# writing and reading
-
-
 def write(c: Consolidated, dst: str | Path, overwrite: bool = False, max_shard_size: int = DEFAULT_SHARD_SIZE,
-          dtype: Optional[torch.dtype] = None, threads: int = THREADS) -> Path:
-    """Write ``c`` as a consolidated folder at ``dst`` (temporary folder + rename), tensor by tensor in canonical
+          dtype: Optional[torch.dtype] = None) -> Path:
+    """Write ``c`` as a consolidated folder at ``dst`` (temporary folder + rename), one shard at a time in canonical
     order; ``dtype`` casts the floating-point weights (default: as they come)."""
-    canonical = reshard.canonical_shapes(c.args)
+    shapes = canonical.canonical_shapes(c.args)
     specs = specs_of(c.state)
-    reshard.check_shape_map({k: s for k, (s, _) in specs.items()}, canonical, "consolidated state")
-    specs = {k: (specs[k][0], dtype if dtype is not None and specs[k][1].is_floating_point else specs[k][1])
-             for k in canonical}  # canonical order
+    canonical.check_shape_map({k: s for k, (s, _) in specs.items()}, shapes, "consolidated state")
+    specs = {k: (specs[k][0], cast_to(specs[k][1], dtype)) for k in shapes}  # canonical order
     dtypes = sorted({str(dt).replace("torch.", "") for _, dt in specs.values()})
     dst = Path(dst)
     with atomic_output(dst, overwrite) as tmp:
-        files = save_safetensors(tmp, c.state, max_shard_size, metadata={"vocab_fingerprint": c.vocab.fingerprint},
-                                 specs=specs, dtype=dtype, threads=threads)
+        files = save_safetensors(tmp, LazyState(specs, c.state.__getitem__), max_shard_size,
+                                 metadata={"vocab_fingerprint": c.vocab.fingerprint}, dtype=dtype)
         if c.tokenizers is not None:
             shutil.copytree(c.tokenizers, tmp / TOKENIZERS)
         atomic_write_json(tmp / META, {
@@ -91,7 +82,6 @@ def write(c: Consolidated, dst: str | Path, overwrite: bool = False, max_shard_s
             "source": c.source, "dtype": dtypes[0] if len(dtypes) == 1 else dtypes, "files": files,
             "total_size": sum(tensor_bytes(*s) for s in specs.values()),
             "num_params": sum(torch.Size(s).numel() for s, _ in specs.values()), "recipe": c.recipe})
-        verify(c.state)
     return dst
 
 
@@ -99,21 +89,22 @@ def read_meta(folder: str | Path) -> dict:
     folder = Path(folder)
     path = folder / META
     if not path.exists():
-        raise ConvertError(f"{folder}: not a consolidated checkpoint (no {META})")
+        raise CheckpointError(f"{folder}: not a consolidated checkpoint (no {META})")
     try:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ConvertError(f"{path}: not valid JSON ({e})") from None
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     if meta.get("format") != FORMAT:
-        raise ConvertError(f"{path}: format is {meta.get('format')!r}, expected {FORMAT!r}")
+        raise CheckpointError(f"{path}: format is {meta.get('format')!r}, expected {FORMAT!r}")
     for key in ("model_args", "vocab"):
         if key not in meta:
-            raise ConvertError(f"{path}: required key {key} is missing")
+            raise CheckpointError(f"{path}: required key {key} is missing")
     return meta
 
 
-class Opened:
-    """A consolidated folder opened lazily: metadata now, tensors (or TP slices of them) on request."""
+class Folder:
+    """A consolidated folder opened lazily: metadata, names and shapes checked now, tensors (or TP slices of them)
+    read on request."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
@@ -123,27 +114,27 @@ class Opened:
             self.vocab = Vocab.from_dict(self.meta["vocab"], source=where)
             self.args = normalise_args(self.meta["model_args"], self.vocab)
         except (TypeError, ValueError) as e:
-            raise ConvertError(f"{where}: {e}") from None
-        self.reader = SafetensorsReader(self.folder)
-        self.shapes = reshard.canonical_shapes(self.args)
-        reshard.check_names(self.reader.keys(), self.shapes, str(self.folder))
+            raise CheckpointError(f"{where}: {e}") from None
+        self.reader = SafetensorsFolder(self.folder)
+        self.shapes = canonical.canonical_shapes(self.args)
+        canonical.check_names(self.reader.keys(), self.shapes, str(self.folder))
+        self.specs = {name: self.reader.spec(name) for name in self.shapes}
         for name, shape in self.shapes.items():
-            got = self.reader.shape(name)
+            got = self.specs[name][0]
             if got != tuple(shape):
-                raise ConvertError(f"{self.folder / self.reader.map[name]}: parameter {name} has shape {list(got)}, "
-                                   f"expected {list(shape)} (from {META})")
+                raise CheckpointError(f"{self.folder / self.reader.map[name]}: parameter {name} has shape "
+                                      f"{list(got)}, expected {list(shape)} (from {META})")
 
     def full(self, name: str) -> torch.Tensor:
         return self.reader.get(name)
 
     def local(self, name: str, tp: int, rank: int, padded_vocab: int) -> torch.Tensor:
         """TP rank ``rank``'s slice, reading only its rows/columns from disk."""
-        dim = reshard.split_dim(name)
-        if name in reshard.VOCAB_PARAMS:
+        dim = canonical.split_dim(name)
+        if name in canonical.VOCAB_PARAMS:
             per = padded_vocab // tp
-            lo, hi = rank * per, (rank + 1) * per
             real = self.shapes[name][0]
-            rows = self.reader.get_rows(name, 0, min(lo, real), min(hi, real))
+            rows = self.reader.get_rows(name, 0, min(rank * per, real), min((rank + 1) * per, real))
             if rows.shape[0] < per:
                 rows = torch.cat([rows, rows.new_zeros(per - rows.shape[0], *rows.shape[1:])])
             return rows
@@ -153,12 +144,11 @@ class Opened:
         return self.reader.get_rows(name, dim, rank * n, (rank + 1) * n)
 
     def load(self) -> Consolidated:
-        """The whole folder as a ``Consolidated`` whose state reads each tensor (memory-mapped) when asked for."""
-        state = LazyState({name: self.reader.spec(name) for name in self.shapes}, self.full)
+        """The whole folder as a ``Consolidated`` whose state reads each tensor when asked for."""
         tok = self.folder / TOKENIZERS
-        return Consolidated(state, self.args, self.vocab, dict(self.meta.get("source") or {}),
-                            self.meta.get("recipe"), tok if tok.is_dir() else None)
+        return Consolidated(LazyState(self.specs, self.full), self.args, self.vocab,
+                            dict(self.meta.get("source") or {}), self.meta.get("recipe"), tok if tok.is_dir() else None)
 
 
 def read(folder: str | Path) -> Consolidated:
-    return Opened(folder).load()
+    return Folder(folder).load()

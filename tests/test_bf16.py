@@ -122,6 +122,7 @@ def test_a_stage_starts_from_a_bf16_checkpoint(runs):
     assert losses(runs, "init")[0] < losses(runs, "sft_bf16")[0] - 0.5  # trained weights, not a fresh model
 
 
+@pytest.mark.system
 def test_selfcheck_runs_on_the_cpu(toy_data, tmp_path):
     out = subprocess.run([sys.executable, "-m", "megannm.toy.selfcheck", "--out", str(tmp_path)], cwd=ROOT,
                          env=dist.base_env(), capture_output=True, text=True, timeout=300)

@@ -185,6 +185,7 @@ parallel.shutdown()
 '''
 
 
+@pytest.mark.distributed
 def test_tp2_ranks_receive_identical_batches_read_once(toy_data, tok, layout, tmp_path):
     """Two processes, one tensor-parallel group of two (gloo): both ranks get the same packed batches, only the
     first reads, and they are the batches one process reads for data-parallel rank 0."""

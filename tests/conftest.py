@@ -48,7 +48,8 @@ MODULE_TIER = {
     "test_fused": "unit", "test_geneval": "unit", "test_guard": "unit", "test_image_tokenizers": "unit",
     "test_kernels": "unit", "test_launchers": "unit", "test_layers": "unit", "test_loader": "unit",
     "test_model": "unit", "test_model_tp": "distributed", "test_own_data": "unit", "test_phase_example": "unit",
-    "test_pipeline": "unit", "test_plan": "unit", "test_plans": "unit", "test_reward_server": "unit",
+    "test_pipeline": "unit", "test_plan": "unit", "test_plans": "unit", "test_readme": "unit",
+    "test_reward_server": "unit",
     "test_rl": "unit", "test_rollout": "unit", "test_sft": "unit", "test_shards": "unit", "test_slurm": "unit",
     "test_sources": "unit", "test_tokenizers": "unit", "test_toy": "unit", "test_trainer": "unit",
 }

@@ -49,9 +49,9 @@ MODULE_TIER = {
     "test_kernels": "unit", "test_launchers": "unit", "test_layers": "unit", "test_loader": "unit",
     "test_model": "unit", "test_model_tp": "distributed", "test_own_data": "unit", "test_phase_example": "unit",
     "test_pipeline": "unit", "test_plan": "unit", "test_plans": "unit", "test_readme": "unit",
-    "test_reward_server": "unit",
-    "test_rl": "unit", "test_rollout": "unit", "test_sft": "unit", "test_shards": "unit", "test_slurm": "unit",
-    "test_sources": "unit", "test_tokenizers": "unit", "test_toy": "unit", "test_trainer": "unit",
+    "test_reward_server": "unit", "test_rl": "unit", "test_rollout": "unit", "test_sft": "unit",
+    "test_shards": "unit", "test_slurm": "unit", "test_sources": "unit", "test_tiers": "unit",
+    "test_tokenizers": "unit", "test_toy": "unit", "test_trainer": "unit",
 }
 # Fixtures that start several ranks or a cluster: a test that uses one (directly or through another fixture) takes
 # its tier. Keyed by module where the name is a module's own fixture; None: the session fixtures of
@@ -74,7 +74,7 @@ def tier_of(item) -> str:
         raise pytest.UsageError(f"{item.nodeid}: more than one tier ({', '.join(sorted(set(explicit)))})")
     if explicit:
         return explicit[0]
-    module = Path(str(item.fspath)).stem
+    module = Path(item.path).stem
     if module not in MODULE_TIER:
         raise pytest.UsageError(f"{item.nodeid}: no tier: add {module!r} to MODULE_TIER in tests/conftest.py "
                                 f"(one of {', '.join(TIERS)})")

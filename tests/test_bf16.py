@@ -37,13 +37,20 @@ def losses(out, name):
     return [x["loss"] for x in load(out, name)["train"]]
 
 
+def fp16_supported() -> bool:
+    """Whether DeepSpeed accepts fp16 here: on the CPU only where oneDNN has fp16 kernels (AVX512-FP16 / AMX)."""
+    from deepspeed.accelerator import get_accelerator
+    return bool(get_accelerator().is_fp16_supported())
+
+
 @pytest.fixture(scope="module")
 def runs(toy_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("bf16")
     toy = Path(toy_data["shards"]).parents[1]  # build_data's folder
     cases = [f"{k}:{p}" for k in ("pretrain", "sft", "grpo", "dpo") for p in ("fp32", "bf16")]
-    dist.run([SCRIPT, str(out), str(toy), *cases, "pretrain:fp16", "resume", "init", "pp2"], nproc=2,
-             launcher="torchrun", timeout=600)
+    cases += ["pretrain:fp16"] if fp16_supported() else []
+    dist.run([SCRIPT, str(out), str(toy), *cases, "resume", "init", "pp2"], nproc=2, launcher="torchrun",
+             timeout=600)
     return out
 
 
@@ -73,6 +80,8 @@ def test_dpo_bf16_starts_at_log_2(runs):
 
 
 def test_fp16_trains_under_the_dynamic_loss_scale(runs):
+    if not fp16_supported():
+        pytest.skip("DeepSpeed refuses fp16 on this CPU (oneDNN has no fp16 kernels here)")
     r = load(runs, "pretrain_fp16")
     assert r["dtype"] == "torch.float16"
     got = losses(runs, "pretrain_fp16")

@@ -27,8 +27,8 @@ def test_demo_writes_report_picture_and_event_files(demo):
         for split in ("seen", "heldout"):
             accs = report[what][split]
             assert set(accs) == {"kind", "colour", "size", "position"}
-            assert all(0.0 <= v <= 1.0 for v in accs.values())
-    assert report["chance"]["colour"] == pytest.approx(1 / 6)
+            assert all(round(v * 6, 9) == int(round(v * 6)) for v in accs.values()), accs  # hits of 6 prompts
+    assert report["n_per_split"] == 6 and report["chance"]["colour"] == pytest.approx(1 / 6)
     # both directions scored on the pretrained model, chat on the SFT model (and before it, on the pretrained one)
     assert "/anneal/checkpoints/" in report["checkpoint"] and "/sft/checkpoints/" in report["chat"]["checkpoint"]
     for key in ("chat", "chat_before_sft"):

@@ -245,7 +245,9 @@ def test_evaluate_prints_the_table_and_perfect_drawings_score_one(scene_tok, tmp
     for key, groups in (("generation", geneval.CATEGORIES), ("understanding", geneval.TASKS)):
         for split in ("seen", "heldout"):
             assert set(report[key][split]) == {*groups, "overall"}
-            assert all(0.0 <= x <= 1.0 for x in report[key][split].values())
+            got = report[key][split]
+            assert all(got[g] in (0.0, 0.5, 1.0) for g in groups), got  # right answers of 2 prompts each
+            assert got["overall"] == pytest.approx(sum(got[g] for g in groups) / len(groups))
     assert (tmp_path / "eval" / "samples.png").exists()
 
     # the same scoring path with the truth drawn (through the image tokenizer and back) and the reference answers

@@ -116,6 +116,7 @@ def test_mpi_across_nodes_never_defaults_to_localhost(env, message):
 
 
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="Open MPI's mpirun is not installed")
+@pytest.mark.distributed
 def test_mpirun_ranks_are_read_from_mpi_itself(tmp_path):
     pytest.importorskip("mpi4py")
     import json

@@ -4,6 +4,7 @@ image and a caption -> `megannm evaluate --data`; and the bad inputs of that pat
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -71,9 +72,11 @@ def test_own_data_end_to_end(tmp_path, capsys, monkeypatch):
                     str(tmp_path / "eval")]) == 0
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert report["records"]["test"] == report["captioned"]["test"] == 6
-    for key in ("image_to_text_loss", "text_to_image_loss"):
-        assert 0 < report[key]["test"] < 20
-    assert 0 <= report["caption_exact_match"]["test"] <= 1
+    from megannm.data.tokenize import Tokenizers
+    uniform = math.log(Tokenizers.load(tok).vocab.size)  # an untrained model's loss (step 1 logged ~ this)
+    for key in ("image_to_text_loss", "text_to_image_loss"):  # measured 5.23 and 4.83 against 5.9
+        assert 0 < report[key]["test"] < uniform - 0.25, (key, report[key], uniform)
+    assert round(report["caption_exact_match"]["test"] * 6, 9) % 1 == 0  # a count of the 6 captioned records
     assert report["cfg_scale"] == 1.0  # the default shared with generate
     assert Image.open(tmp_path / "eval" / "samples.png").size[1] >= 2 * 150  # captions row + drawn row
     assert "image->text loss" in capsys.readouterr().out

@@ -285,6 +285,7 @@ parallel.shutdown()
 '''
 
 
+@pytest.mark.distributed
 def test_tp2_dp2_tensor_ranks_see_identical_batches_read_once(data, tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)

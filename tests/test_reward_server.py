@@ -139,12 +139,11 @@ def test_timeout_bad_request_and_reward_errors_are_one_line_naming_the_url(tmp_p
     from megannm.rewards import Prompt, Sample, get
     from megannm.rewards.remote import RemoteRewardError
     p, s = Prompt([1], "text"), Sample([1, 2, 3], "text", text="x")
-    with server(tmp_path, "tests.test_reward_server:scripted") as (_, url, _log):
+    with server(tmp_path, "tests.test_reward_server:scripted") as (_, url, log):
         assert get(url).score_batch([p, p], [s, s], [None, {"sleep": 0}]) == [0.3, 0.3]
-        t0 = time.time()
         with pytest.raises(RemoteRewardError) as e:
             get(url + "#timeout=0.3&retries=1").score_batch([p], [s], [{"sleep": 3}])
-        assert time.time() - t0 < 2.5  # two tries of 0.3 s and one pause, not the reward's 3 s
+        assert batches_scored(log) == 1  # it gave up after two tries of 0.3 s, before the reward's 3 s ended
         msg = str(e.value)
         assert "\n" not in msg and url in msg and "no answer within 0.3 s (2 tries)" in msg, msg
         with pytest.raises(RemoteRewardError, match=r"reward server .*: HTTP 500: reward tests\.test_reward_server:"
@@ -164,14 +163,13 @@ def test_a_server_that_dies_mid_batch_fails_the_batch_in_one_line(tmp_path):
     from megannm.rewards import Combined, Prompt, Sample
     from megannm.rewards.remote import RemoteRewardError
     p, s = Prompt([1], "text"), Sample([1], "text", text="x")
-    with server(tmp_path, "tests.test_reward_server:scripted") as (proc, url, _log):
+    with server(tmp_path, "tests.test_reward_server:scripted") as (proc, url, log):
         combined = Combined({url + "#retries=2": 1.0, "format": 1.0})
         assert combined.score_batch([p], [s], [None])[0] == [1.1]
-        t0 = time.time()
         with pytest.raises(RemoteRewardError) as e:
             combined.score_batch([p, p], [s, s], [None, {"die": True}])
         assert proc.wait(timeout=10) == 3  # it died answering
-        assert time.time() - t0 < 10
+        assert batches_scored(log) == 1  # only the first batch; the retries found no server and gave up
         msg = str(e.value)
         assert "\n" not in msg and msg.startswith(f"reward server {url}: ") and "(3 tries)" in msg, msg
 

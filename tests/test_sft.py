@@ -276,6 +276,7 @@ def test_sft_run_loss_counts_only_assistant_tokens(trained, toy_data, parallel_s
     assert metrics[0]["loss"] == pytest.approx(total / n, rel=1e-5)
 
 
+@pytest.mark.distributed
 def test_two_data_parallel_ranks_match_one(trained, toy_data):
     """`megannm train` on 2 ranks (dp 2 x accum 1) logs the same losses and gradient norms as 1 rank (dp 1 x accum
     2): the scale accum * dp / N undoes DeepSpeed's averaging in both."""

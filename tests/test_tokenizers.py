@@ -1,6 +1,5 @@
 """Image and text tokenizers: lossless round trips on the toy world, save/load, clear errors."""
 import hashlib
-import time
 
 import numpy as np
 import pytest
@@ -34,10 +33,7 @@ def eval_sets():
 
 @pytest.fixture(scope="module")
 def vq(train_images):
-    t0 = time.perf_counter()
-    tok = PatchVQ.train(train_images, codebook_size=1024, seed=0)
-    tok.train_seconds = time.perf_counter() - t0
-    return tok
+    return PatchVQ.train(train_images, codebook_size=1024, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +49,6 @@ def test_patch_vq_shapes_and_codebook(vq, train_images):
     assert (vq.image_size, vq.grid, vq.num_tokens) == ((32, 32), (8, 8), 64)
     # The distinct patches fit in 1,024 codes, so the codebook is exactly them (871 for the whole world).
     assert vq.codebook_size == _distinct_patches(train_images) == 871
-    assert vq.train_seconds < 5.0  # measured ~0.1 s
     codes = vq.encode(train_images[:10])
     assert codes.shape == (10, 64) and codes.dtype == np.int64
     assert codes.min() >= 0 and codes.max() < vq.codebook_size

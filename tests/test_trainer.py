@@ -5,6 +5,7 @@ ZeRO-3, resume, the empty-modality cases and the cross-rank parts of the diverge
 one 4-rank torchrun for TP 2 x DP 2 with ZeRO-3.
 """
 import json
+import math
 import subprocess
 import sys
 
@@ -70,7 +71,8 @@ def test_resume_is_bitwise(runs):
                                   "empty_z2_tp2"])
 def test_rank_without_image_tokens_trains(runs, case):
     r = load(runs, case)
-    assert len(r["losses"]) == 2 and all(x == x and x < 20 for x in r["losses"])
+    # random targets: a tiny freshly initialised model scores about ln(vocabulary) on them, both steps
+    assert len(r["losses"]) == 2 and all(abs(x - math.log(r["vocab_size"])) < 0.5 for x in r["losses"]), r
     if r["checksums"] is not None:  # the weights stayed identical on both data-parallel ranks
         assert r["checksums"][0] == r["checksums"][1]
 

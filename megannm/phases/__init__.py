@@ -7,9 +7,10 @@
 
 Each is a ``megannm.train.phase.Phase`` subclass; ``phase.kind`` in a recipe picks it. Adding an objective: write
 ``megannm/phases/myphase.py`` with ``class MyPhase(Phase)`` and add ``"myphase": "megannm.phases.myphase:MyPhase"``
-below (or declare it under the ``megannm.phases`` entry-point group of your own package). Its options, if any, are a
-pydantic model set as ``MyPhase.Options``; ``check_phase`` validates the recipe's ``phase.options`` against it
-before any process starts. (The four built-in phases have their options in the recipe schema, ``megannm.config``.)
+below (or declare it under the ``megannm.phases`` entry-point group of your own package); a phase that reads token
+shards builds its batches with ``megannm.train.phase.data_iterator``. Its options, if any, are a pydantic model set
+as ``MyPhase.Options``; ``check_phase`` validates the recipe's ``phase.options`` against it before any process
+starts. (The four built-in phases have their options in the recipe schema, ``megannm.config``.)
 """
 from __future__ import annotations
 

@@ -7,9 +7,7 @@ statistics with another normalisation. This is the one objective a pipeline's la
 """
 from __future__ import annotations
 
-from pathlib import Path
-
-from megannm.train.phase import Phase
+from megannm.train.phase import Phase, data_iterator
 from megannm.train.stats import Stats
 
 
@@ -18,33 +16,11 @@ class PretrainPhase(Phase):
     pipeline = True
 
     # data ---------------------------------------------------------------------------------------------------------
-    def _datasets(self, refs):
-        return [(str(Path(r.path)), r.weight) for r in refs]
-
     def train_batches(self, consumed_samples: int):
-        from megannm.data.loader import build_train_iterator
-        d = self.recipe.data
-        return build_train_iterator(self._datasets(d.train), self.vocab, seq_len=d.seq_len,
-                                    micro_batch_size=d.micro_batch_size, global_batch_size=d.global_batch_size,
-                                    dp_rank=self.layout.dp_rank, dp_size=self.layout.dp, seed=d.seed,
-                                    consumed_samples=consumed_samples, pack=d.pack,
-                                    caption_dropout=d.caption_dropout, plan_dir=d.plan_dir,
-                                    plan_samples=self.recipe.schedule.train_steps * d.global_batch_size,
-                                    # with pipeline stages a step's micro-batches go to train_batch as one list:
-                                    # read the next step's during this one (data.prefetch 0: no thread at all)
-                                    prefetch=(max(d.prefetch, self.recipe.grad_accum(self.layout.world_size))
-                                              if d.prefetch and self.layout.pp > 1 else d.prefetch),
-                                    tp_group=self.layout.tp_group, balance=d.balance)
+        return data_iterator(self.recipe, self.layout, self.vocab, consumed=consumed_samples)
 
     def eval_batches(self) -> list[dict]:
-        d = self.recipe.data
-        if not d.valid:
-            return []
-        from megannm.data.loader import build_eval_batches
-        return list(build_eval_batches(self._datasets(d.valid), self.vocab, seq_len=d.seq_len,
-                                       micro_batch_size=d.micro_batch_size, dp_rank=self.layout.dp_rank,
-                                       dp_size=self.layout.dp, num_batches=self.recipe.logging.eval_batches,
-                                       pack=d.pack, seed=d.seed))
+        return list(data_iterator(self.recipe, self.layout, self.vocab, split="valid"))
 
     # objective ----------------------------------------------------------------------------------------------------
     def model_loss(self, model, batch: dict):

@@ -12,12 +12,13 @@ GRPO samples a rollout and returns ``ppo_epochs x mini_batches`` updates over it
 step whatever the number of updates.
 
 A new objective is one file in ``megannm/phases/`` with a ``Phase`` subclass and one line in the registry of
-``megannm/phases/__init__.py``.
+``megannm/phases/__init__.py``. A phase that reads token shards builds its batches with ``data_iterator``, which
+honours every key of the recipe's ``data`` section and the tensor-parallel layout.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar, Iterator, Literal
 
 import torch
 
@@ -79,3 +80,36 @@ class Phase:
     def summarize(self, sums: dict[str, float]) -> dict[str, float]:
         """The step's global sums (over micro-batches, updates and data-parallel ranks) -> the logged values."""
         raise NotImplementedError
+
+
+def data_iterator(recipe, layout, vocab, split: Literal["train", "valid"] = "train",
+                  consumed: int = 0) -> Iterator[dict]:
+    """This rank's micro-batches of the recipe's ``data.train`` (infinite, from ``consumed`` global samples on) or
+    ``data.valid`` (finite: each data set in stored order, at most ``logging.eval_batches`` micro-batches per data
+    set, the same count on every data-parallel rank).
+
+    Every ``data`` key is honoured: ``seq_len``, ``micro_batch_size``, ``global_batch_size``, ``seed``, ``pack``,
+    ``caption_dropout``, ``plan_dir``, ``prefetch`` and ``balance``; the plans of the whole stage
+    (``schedule.train_steps`` global batches) are built up front. Training data is read by the first rank of each
+    tensor-parallel group only and broadcast to the others, so a TP group sees identical batches."""
+    from megannm.data.loader import build_eval_batches, build_train_iterator
+    d = recipe.data
+    if split == "valid":
+        if not d.valid:
+            return iter(())
+        return iter(build_eval_batches([(r.path, r.weight) for r in d.valid], vocab, seq_len=d.seq_len,
+                                       micro_batch_size=d.micro_batch_size, dp_rank=layout.dp_rank,
+                                       dp_size=layout.dp, num_batches=recipe.logging.eval_batches, pack=d.pack))
+    if split != "train":
+        raise ValueError(f"data_iterator: split must be 'train' or 'valid' (got {split!r})")
+    # with pipeline stages a step's micro-batches go to train_batch as one list: read the next step's during this
+    # one (data.prefetch 0: no thread at all)
+    prefetch = d.prefetch
+    if prefetch and layout.pp > 1:
+        prefetch = max(prefetch, recipe.grad_accum(layout.world_size))
+    return build_train_iterator([(r.path, r.weight) for r in d.train], vocab, seq_len=d.seq_len,
+                                micro_batch_size=d.micro_batch_size, global_batch_size=d.global_batch_size,
+                                dp_rank=layout.dp_rank, dp_size=layout.dp, seed=d.seed, consumed_samples=consumed,
+                                pack=d.pack, caption_dropout=d.caption_dropout, plan_dir=d.plan_dir,
+                                plan_samples=recipe.schedule.train_steps * d.global_batch_size, prefetch=prefetch,
+                                tp_group=layout.tp_group, balance=d.balance)

@@ -87,7 +87,8 @@ def empty_modality(zero, tp):
         torch.distributed.all_gather(gathered, total, group=layout.dp_group)
         checksum = [float(x) for x in gathered]
     if layout.rank == 0:
-        (OUT / f"empty_z{zero}_tp{tp}.json").write_text(json.dumps({"losses": losses, "checksums": checksum}))
+        (OUT / f"empty_z{zero}_tp{tp}.json").write_text(json.dumps({"losses": losses, "checksums": checksum,
+                                                                     "vocab_size": vocab.size}))
 
 
 def guard_case(kind):

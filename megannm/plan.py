@@ -26,15 +26,13 @@ data-parallel size and e the bytes of the recipe's precision (2 for bf16/fp16, 4
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from megannm.config import Recipe, check_recipe, load_recipe
+from megannm.config import Recipe, check_recipe
 
 GiB = 2 ** 30
 
@@ -357,20 +355,3 @@ def format_plan(plan: Plan) -> str:
     lines += [f"  warning: {w}" for w in plan.warnings] or ["  no warnings"]
     return "\n".join(lines)
 
-
-def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="megannm plan", description="Parameters, FLOPs, per-GPU memory and speed of "
-                                 "a recipe at a world size, before asking for the GPUs.")
-    ap.add_argument("recipe")
-    ap.add_argument("overrides", nargs="*", help="key.path=value overrides")
-    ap.add_argument("--world-size", type=int, required=True, help="devices (ranks) in all")
-    ap.add_argument("--gpu", default="h100", choices=[k for k in DEVICES if k != "cpu"])
-    ap.add_argument("--mfu", type=float, default=0.4, help="model-FLOPs utilisation the step time assumes")
-    ap.add_argument("--json", action="store_true", help="print the plan as one JSON object")
-    a = ap.parse_args(argv)
-    if not 0 < a.mfu <= 1:
-        raise ValueError(f"plan: --mfu must be in (0, 1] (got {a.mfu})")
-    recipe = load_recipe(a.recipe, a.overrides)
-    plan = make_plan(recipe, a.world_size, a.gpu, mfu=a.mfu, source=a.recipe)
-    print(json.dumps(plan.to_dict()) if a.json else format_plan(plan))
-    return 0

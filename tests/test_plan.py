@@ -89,7 +89,7 @@ def test_every_nmm_7b_stage_fits_its_slurm_resources():
 
 
 def test_plan_command_prints_the_table_and_json():
-    from megannm.plan import main
+    from megannm.cli.train import estimate as main
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         main([str(NMM / "joint.yaml"), "--world-size", "64", "--gpu", "h100"])

@@ -310,14 +310,14 @@ def test_tp2_dp2_tensor_ranks_see_identical_batches_read_once(data, tmp_path):
 
 
 def test_offline_command_builds_a_recipes_plans(data, tmp_path, capsys):
-    from megannm.data import plans
+    from megannm.cli import main
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"name: offline\ndata:\n  train: [{{path: {data / 'b'}}}, {{path: {data / 'c'}, weight: 0.5}}]\n"
                       f"  seq_len: 32\n  micro_batch_size: 2\n  global_batch_size: 8\nschedule: {{train_steps: 100}}\n")
-    assert plans.main([str(recipe), f"data.plan_dir={tmp_path / 'plans'}"]) == 0
+    assert main(["sample-order", str(recipe), f"data.plan_dir={tmp_path / 'plans'}"]) == 0
     assert "800 training samples ready" in capsys.readouterr().out
     it = build_train_iterator([(data / "b", 1.0), (data / "c", 0.5)], None, 32, 2, 8, 0, 1, seed=1234,
                               plan_dir=tmp_path / "plans", plan_samples=800)
     assert [s.store.built for s in it.order.streams] == [[], []]  # the run finds every epoch it needs built
-    assert plans.main([str(tmp_path / "nope.yaml")]) == 2
+    assert main(["sample-order", str(tmp_path / "nope.yaml")]) == 2
     assert capsys.readouterr().err.count("\n") == 1

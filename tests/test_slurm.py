@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from megannm import slurm
+from megannm.cli.slurm import stage
 
 pytest.register_assert_rewrite("tests.slurm_cluster")
 from tests.slurm_cluster import PYTHON, TINY_STEPS, events, losses, metrics  # noqa: E402
@@ -84,7 +85,7 @@ def test_dry_run_prints_runnable_commands(tmp_path, tiny_recipe, capsys):
     chain = write_chain(tmp_path, tiny_recipe, [{"name": "a"}, {"name": "b", "overrides": ["schedule.train_steps=3"],
                                                                  "slurm": {"time": "00:10:00"}}])
     run = tmp_path / "run"
-    assert slurm.main([str(chain), "--dry-run", "--run-dir", str(run)]) == 0
+    assert stage([str(chain), "--dry-run", "--run-dir", str(run)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[1] == f"mkdir -p {run / 'a'} {run / 'b'}"
     a, b = lines[2], lines[3]
@@ -157,7 +158,7 @@ def chain_run(slurm_cluster, tiny_recipe, tmp_path_factory):
     root = tmp_path_factory.mktemp("chain")
     chain = write_chain(root, tiny_recipe, [{"name": "s1"}, {"name": "s2", "overrides": ["schedule.train_steps=3"]}])
     run = root / "run"
-    assert slurm.main([str(chain), "--run-dir", str(run)]) == 0
+    assert stage([str(chain), "--run-dir", str(run)]) == 0
     jobs = stage_jobs(run)
     # The trainer installs its signal handler before it logs "start": signal then, well before its last step.
     deadline = time.time() + 300
@@ -187,7 +188,7 @@ def test_chain_runs_stage_2_after_stage_1_from_its_checkpoint(chain_run, slurm_c
         run / "s1" / "checkpoints")
     l1, l2 = losses(m1), losses(m2)
     assert sorted(l2) == [1, 2, 3] and l2[1] < l1[1] - 0.5, (l1[1], l2)
-    assert slurm.main(["status", str(run)]) == 0
+    assert stage(["status", str(run)]) == 0
     rows = table(capsys.readouterr().out)
     assert rows == {"s1": [chain_run["jobs"]["s1"], "COMPLETED", f"{TINY_STEPS}/{TINY_STEPS}"],
                     "s2": [chain_run["jobs"]["s2"], "COMPLETED", "3/3"]}
@@ -215,7 +216,7 @@ def failed_run(slurm_cluster, tiny_recipe, tmp_path_factory):
     chain = write_chain(root, tiny_recipe, [
         {"name": "f1", "overrides": [f"data.train=[{{path: {root / 'no-such-shards'}}}]"]}, {"name": "f2"}])
     run = root / "run"
-    assert slurm.main([str(chain), "--run-dir", str(run)]) == 0
+    assert stage([str(chain), "--run-dir", str(run)]) == 0
     jobs = stage_jobs(run)
     info1 = slurm_cluster.wait_finished(jobs["f1"])
     info2 = slurm_cluster.wait(jobs["f2"], lambda i: i.get("Reason") == "DependencyNeverSatisfied" or
@@ -229,7 +230,7 @@ def test_failed_stage_leaves_the_next_never_started(failed_run, slurm_cluster, c
     assert "no-such-shards" in Path(failed_run["info1"]["StdOut"]).read_text()  # the trainer's one-line error
     assert failed_run["info2"]["JobState"] == "PENDING"
     assert not (run / "f2" / "metrics.jsonl").exists() and not list((run / "f2").glob("slurm-*.out"))
-    assert slurm.main(["status", str(run)]) == 0
+    assert stage(["status", str(run)]) == 0
     rows = table(capsys.readouterr().out)
     assert rows["f1"][:2] == [jobs["f1"], "FAILED (exit 2:0)"], rows
     assert rows["f2"] == [jobs["f2"], "never (DependencyNeverSatisfied)", "-"], rows
@@ -244,8 +245,8 @@ def test_resubmitting_a_live_run_is_refused_then_cancel(failed_run, slurm_cluste
     err = out.stderr.strip()
     assert len(err.splitlines()) == 1 and f"f2 (job {jobs['f2']}, never (DependencyNeverSatisfied))" in err, err
     assert slurm_cluster.run(["squeue", "-h", "-o", "%i"]).stdout.split() == queued  # nothing submitted
-    assert slurm.main(["cancel", str(run)]) == 0
+    assert stage(["cancel", str(run)]) == 0
     assert f"cancelled: f2 (job {jobs['f2']}" in capsys.readouterr().out
     assert slurm_cluster.wait_finished(jobs["f2"], timeout=30)["JobState"] == "CANCELLED"
-    assert slurm.main(["status", str(run)]) == 0
+    assert stage(["status", str(run)]) == 0
     assert table(capsys.readouterr().out)["f2"][1] == "CANCELLED"

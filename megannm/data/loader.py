@@ -453,3 +453,19 @@ def build_eval_batches(datasets, vocab, seq_len: int, micro_batch_size: int, dp_
             samples = [(stream, stream.pieces(k) if k < total else []) for k in range(first, first + micro_batch_size)]
             out.append(collate(samples, seq_len, order.vocab.pad_id))
     return out
+
+
+def build_recipe_order(recipe) -> int:
+    """Build (or find built) every epoch a recipe's run reads: the train order for all its steps (and its image
+    counts when ``data.balance``), and each validation set's order. Returns the run's training samples."""
+    d = recipe.data
+    samples = recipe.schedule.train_steps * d.global_batch_size
+    if d.train:
+        order = build_order(d.train, d.vocab, d.seq_len, d.seed, d.pack, d.caption_dropout, plan_dir=d.plan_dir)
+        order.ensure(samples)
+        if d.balance:
+            for stream in order.streams:
+                stream.image_counts()
+    for ref in d.valid:
+        build_order([ref], d.vocab, d.seq_len, seed=0, pack=d.pack, shuffle=False, plan_dir=d.plan_dir).ensure(1)
+    return samples

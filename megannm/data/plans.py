@@ -21,7 +21,7 @@ maps what it wrote: an epoch is built once per file system, not once per rank. A
 rebuilt when opened; a flipped byte is caught by the crc32 of its MiB block the first time a reader touches it,
 and refused with the file named. Resident memory of a reader is the pages it touches, not the plan's size.
 
-``python -m megannm.data.plans RECIPE.yaml [key=value ...]`` builds a recipe's plans offline.
+``megannm sample-order RECIPE.yaml [key=value ...]`` builds a recipe's plans offline.
 """
 from __future__ import annotations
 
@@ -29,7 +29,6 @@ import contextlib
 import hashlib
 import json
 import os
-import sys
 import time
 import warnings
 import zlib
@@ -385,43 +384,3 @@ def _remove_tree(folder: Path) -> None:
         return
     shutil.rmtree(aside, ignore_errors=True)
 
-
-# ---------------------------------------------------------------------------------------------------------------------
-# offline: python -m megannm.data.plans RECIPE.yaml [key=value ...]
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    from megannm.config import load_recipe
-    from megannm.data.loader import build_order
-
-    p = argparse.ArgumentParser(prog="python -m megannm.data.plans",
-                                description="Build a recipe's sample plans (train order for the whole run, and "
-                                            "the validation order) before training starts.")
-    p.add_argument("recipe", type=Path)
-    p.add_argument("overrides", nargs="*", help="key=value recipe overrides, as for megannm train")
-    a = p.parse_args(argv)
-    try:
-        r = load_recipe(a.recipe, a.overrides)
-        d = r.data
-        t = time.perf_counter()
-        samples = r.schedule.train_steps * d.global_batch_size
-        if d.train:
-            order = build_order(d.train, d.vocab, d.seq_len, d.seed, d.pack, d.caption_dropout,
-                                plan_dir=d.plan_dir)
-            order.ensure(samples)
-            if d.balance:
-                for stream in order.streams:
-                    stream.image_counts()
-        for ref in d.valid:
-            build_order([ref], d.vocab, d.seq_len, seed=0, pack=d.pack, shuffle=False, plan_dir=d.plan_dir).ensure(1)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"megannm plans: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
-        return 2
-    print(f"{a.recipe}: sample plans for {samples} training samples ready ({time.perf_counter() - t:.1f} s)")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""``python -m megannm.toy.selfcheck [--gpu] [--out DIR]``: does this machine train, sample and export in bf16?
+"""``megannm selfcheck [--gpu] [--out DIR]``: does this machine train, sample and export in bf16?
 
 One line per item, each ``ok``, ``FAIL`` or ``skipped: no GPU``, in under 8 minutes on one GPU:
 
@@ -17,7 +17,6 @@ the toy world's.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import os
@@ -334,24 +333,18 @@ class Check:
         return 1 if self.failures else 0
 
 
-def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="python -m megannm.toy.selfcheck", description="bf16 steps of every phase, "
-                                 "sampling, Hugging Face export, and on a GPU memory and speed, one line each.")
-    ap.add_argument("--gpu", action="store_true", help="fail unless a CUDA device is visible")
-    ap.add_argument("--out", default=None, help="working folder (default: a new temporary folder)")
-    a = ap.parse_args(argv)
-    out = Path(a.out) if a.out else Path(tempfile.mkdtemp(prefix="megannm-selfcheck-"))
+def selfcheck(gpu: bool = False, out=None) -> int:
+    """What ``megannm selfcheck`` runs: every item, one line each; 1 when one failed. ``gpu``: fail unless a CUDA
+    device is visible; ``out``: the working folder (default: a new temporary folder)."""
+    out = Path(out) if out else Path(tempfile.mkdtemp(prefix="megannm-selfcheck-"))
     out.mkdir(parents=True, exist_ok=True)
     print(f"selfcheck: working folder {out} (the runs' own output: {out / 'selfcheck.log'})", flush=True)
     with _output_to(out / "selfcheck.log"):
         from megannm import parallel
-        check = Check(out, a.gpu)
+        check = Check(out, gpu)
     try:
         return check.run()
     finally:
         with _output_to(out / "selfcheck.log"):
             parallel.shutdown()
 
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

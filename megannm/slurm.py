@@ -41,6 +41,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from megannm.config import RecipeError, SlurmConfig, format_validation_error, load_recipe
+from megannm.fileio import atomic_write_json
 
 TRAIN_SBATCH = Path(__file__).resolve().parents[1] / "slurm" / "train.sbatch"
 STAGES_FILE = "stages.json"
@@ -372,7 +373,7 @@ def submit(chain_path: str, run_dir: Optional[str] = None, dry_run: bool = False
         submitted.append(previous)
         s.update(job_id=previous, depends_on=submitted[-2] if i else None, command=cmd)
         # after every job, so that status / cancel / the live check know each submitted job whatever happens next
-        _write_json(run / STAGES_FILE, dict(p, submitted_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        atomic_write_json(run / STAGES_FILE, dict(p, submitted_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
                                             stages=[j for j in p["stages"] if "job_id" in j]))
     rows = [[s["name"], s["job_id"], s["depends_on"] or "-", str(s["world_size"]), s["resources"].get("time", "-"),
              _short(s["recipe"]) if s["kind"] == "train" else s["note"]] for s in p["stages"]]
@@ -386,12 +387,6 @@ def _mkdirs(folder: Path) -> list[Path]:
     missing = [d for d in (folder, *folder.parents) if not d.exists()][::-1]
     folder.mkdir(parents=True, exist_ok=True)
     return missing
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _progress(stage: dict) -> str:

@@ -38,7 +38,7 @@ def test_readme_example_phase_trains_on_text_targets_only(registered, toy_data, 
     from megannm import parallel
     from megannm.config import recipe_from_dict
     from megannm.data.loader import build_train_iterator
-    from megannm.runner import build_trainer
+    from megannm.stage import build_trainer
     from megannm.train.logging import read_metrics
     shards = toy_data["shards"]
     r = recipe_from_dict({

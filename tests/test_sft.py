@@ -235,7 +235,7 @@ def test_no_attention_crosses_a_conversation(engines, convs):
 @pytest.fixture(scope="module")
 def trained(toy_data, tmp_path_factory, parallel_state):
     from megannm.train.logging import read_metrics
-    from megannm.runner import build_trainer
+    from megannm.stage import build_trainer
     out = tmp_path_factory.mktemp("sft_run")
     r = recipe(toy_data, out)
     trainer = build_trainer(r, parallel_state, source="test")

@@ -26,8 +26,8 @@ def train(argv: list[str]) -> int:
     threads = os.environ.setdefault("OMP_NUM_THREADS", "1" if info.world_size > 1 else str(os.cpu_count() or 1))
     import torch
     torch.set_num_threads(max(1, int(threads)))
-    from megannm.runner import run
-    return run(recipe, source=a.recipe, resume=a.resume)
+    from megannm.stage import run_stage
+    return run_stage(recipe, source=a.recipe, resume=a.resume)
 
 
 def check(argv: list[str]) -> int:

@@ -164,7 +164,7 @@ def run_chain(chain: Path, data: dict, out: Path, extra: list[str], layout, say=
     seconds of every stage trained (and of every pairs build, as ``<stage>.pairs``) in this call."""
     from megannm import checkpoint
     from megannm.config import load_recipe
-    from megannm.runner import build_trainer
+    from megannm.stage import build_trainer
 
     shards = data["shards"]
     fill = lambda o: (o.replace("{shards}", str(shards)).replace("{tokenizers}", str(data["tokenizers"]))  # noqa

@@ -113,7 +113,7 @@ def write_toy_pairs(tokenizers: Path, folder: Path, n: int = 16, seed: int = 0) 
 def train(recipe: dict, layout, world: int = 1) -> tuple[list[float], object]:
     """Run ``recipe`` on ``layout``; (per-step losses, the Trainer)."""
     from megannm.config import recipe_from_dict
-    from megannm.runner import build_trainer
+    from megannm.stage import build_trainer
     from megannm.train.logging import read_metrics
     r = recipe_from_dict(recipe, source=recipe["name"], world_size=world)
     trainer = build_trainer(r, layout, source=r.name)
@@ -269,7 +269,7 @@ class Check:
         ``compiled``: with ``model.compile_elementwise`` (Triton kernels for the norms, RoPE, SwiGLU and the loss)."""
         from megannm.config import recipe_from_dict
         from megannm.plan import DEVICES, GiB, make_plan
-        from megannm.runner import build_trainer
+        from megannm.stage import build_trainer
         from megannm.vocab import Vocab
         d = phase_recipe("pretrain", self.data, self.out, steps=100,
                          name=f"speed_{'mot' if mot else 'dense'}{'_compiled' if compiled else ''}",

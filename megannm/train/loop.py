@@ -4,7 +4,7 @@ The ``Trainer`` is the one owner of a step. For every phase and layout it asks t
 (``Phase.step_work``: optimizer updates of ``accum`` micro-batches each), runs forward and backward through the
 DeepSpeed engine (or ``PipelineEngine.train_batch`` with pipeline stages), steps the optimizer once per update and
 the learning-rate schedule once per step, reduces the statistics over the data-parallel group, checks the step for
-divergence (``guard``), logs, evaluates and saves atomically. ``megannm.runner.run`` builds it on every rank.
+divergence (``guard``), logs, evaluates and saves atomically. ``megannm.stage.run_stage`` builds it on every rank.
 
 Once per step, one all-reduce (max) over every rank carries what all ranks must agree on: the divergence guard's
 evidence, a stop signal (preemption or Ctrl-C: save and exit with ``signals.EXIT_PREEMPTED`` / ``EXIT_INTERRUPTED``)

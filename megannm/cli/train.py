@@ -48,7 +48,7 @@ def check(argv: list[str]) -> int:
 
 
 def estimate(argv: list[str]) -> int:
-    from megannm.plan import DEVICES, format_plan, make_plan
+    from megannm.estimate import DEVICES, format_estimate, estimate_recipe
     ap = argparse.ArgumentParser(prog="megannm estimate", description="Parameters, FLOPs, per-GPU memory and speed "
                                  "of a recipe at a world size, before asking for the GPUs (also: megannm plan).")
     ap.add_argument("recipe")
@@ -59,9 +59,9 @@ def estimate(argv: list[str]) -> int:
     ap.add_argument("--json", action="store_true", help="print the estimate as one JSON object")
     a = ap.parse_args(argv)
     if not 0 < a.mfu <= 1:
-        raise ValueError(f"plan: --mfu must be in (0, 1] (got {a.mfu})")
+        raise ValueError(f"estimate: --mfu must be in (0, 1] (got {a.mfu})")
     from megannm.config import load_recipe
     recipe = load_recipe(a.recipe, a.overrides)
-    plan = make_plan(recipe, a.world_size, a.gpu, mfu=a.mfu, source=a.recipe)
-    print(json.dumps(plan.to_dict()) if a.json else format_plan(plan))
+    est = estimate_recipe(recipe, a.world_size, a.gpu, mfu=a.mfu, source=a.recipe)
+    print(json.dumps(est.to_dict()) if a.json else format_estimate(est))
     return 0

@@ -268,7 +268,7 @@ class Check:
         """Tokens/s and MFU of bf16 training steps at a GPU-sized shape, and the peak memory against the plan;
         ``compiled``: with ``model.compile_elementwise`` (Triton kernels for the norms, RoPE, SwiGLU and the loss)."""
         from megannm.config import recipe_from_dict
-        from megannm.plan import DEVICES, GiB, make_plan
+        from megannm.estimate import DEVICES, GiB, estimate_recipe
         from megannm.stage import build_trainer
         from megannm.vocab import Vocab
         d = phase_recipe("pretrain", self.data, self.out, steps=100,
@@ -306,7 +306,7 @@ class Check:
         peak = torch.cuda.max_memory_allocated()
         name = torch.cuda.get_device_name().lower()
         kind = next((k for k in ("h200", "h100", "a100", "b200") if k in name), None)
-        plan = make_plan(r, 1, kind or "h100", vocab=vocab)
+        plan = estimate_recipe(r, 1, kind or "h100", vocab=vocab)
         estimate = plan.peak.total - plan.peak.parts["overhead"]  # the allocator's view: no CUDA context
         flops = trainer.flops_per_token * tps
         mfu = f", MFU {flops / (DEVICES[kind].peak_tflops['bf16'] * 1e12):.1%}" if kind else ""

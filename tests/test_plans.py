@@ -11,7 +11,7 @@ import torch
 
 from megannm.data import packing
 from megannm.data.loader import build_eval_batches, build_order, build_train_iterator, step_micro_batches
-from megannm.data.plans import PlanError, PlanSpec
+from megannm.data.epochs import EpochError, EpochSpec
 from megannm.data.shards import ShardDataset, write_dataset
 from megannm.vocab import Vocab
 from tests import dist
@@ -127,7 +127,7 @@ def test_plans_are_built_once_and_keyed_by_what_determines_them(data, tmp_path):
     spec = order.streams[0].spec
     for change in ({"seed": 8}, {"seq_len": 64}, {"pack": False}, {"caption_dropout": 0.2}, {"stream": 1},
                    {"data": "0" * 24}, {"window_frames": 8}):
-        assert PlanSpec(**{**spec.__dict__, **change}).key() != spec.key(), change
+        assert EpochSpec(**{**spec.__dict__, **change}).key() != spec.key(), change
     assert build_order([(data / "a", 1)], V, plan_dir=tmp_path, **{**base, "seed": 8}).key() != \
         build_order([(data / "a", 1)], V, plan_dir=tmp_path, **base).key()
     # the plans are .npy files read with mmap; the reader holds no whole-data-set index
@@ -155,12 +155,12 @@ def test_damaged_plans_are_rebuilt_or_refused(data, tmp_path):
     raw = bytearray(data_file.read_bytes())
     raw[len(raw) // 2] ^= 0x40
     data_file.write_bytes(bytes(raw))
-    with pytest.raises(PlanError, match=r"pieces\.npy: corrupt sample plan \(crc32 mismatch in MiB 0\); delete"):
+    with pytest.raises(EpochError, match=r"pieces\.npy: corrupt sample plan \(crc32 mismatch in MiB 0\); delete"):
         build_order(*args, plan_dir=tmp_path).samples(0, 200)
     # a plan folder whose description is not its key's: refused
     marker = order.streams[0].store.dir / "plan.json"
     marker.write_text(json.dumps({**json.loads(marker.read_text()), "seed": 99}))
-    with pytest.raises(PlanError, match=r"plan\.json: describes another plan than its key"):
+    with pytest.raises(EpochError, match=r"plan\.json: describes another plan than its key"):
         build_order(*args, plan_dir=tmp_path).samples(0, 1)
 
 

@@ -5,7 +5,7 @@ sample's global index:
 
 1. blending (``packing.blend``) gives global index g to data set d as its k-th sample;
 2. data set d's k-th sample is sample j of its epoch e (each data set counts its own epochs);
-3. epoch e of data set d is its sample plan (``plans.py``): a seeded frame-local permutation of its documents,
+3. epoch e of data set d is its epoch index (``epochs.py``): a seeded frame-local permutation of its documents,
    caption dropout decided per document, documents longer than a sample cut into pieces, and pieces packed
    greedily into samples of ``seq_len + 1`` tokens (``pack=False``: one document per sample, truncated or padded).
    Plans are built once, kept as .npy files in a cache folder and memory-mapped, so a rank's memory does not grow
@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from megannm.data import packing
-from megannm.data.plans import PlanSpec, PlanStore, data_fingerprint, image_token_counts
+from megannm.data.epochs import EpochSpec, EpochStore, data_fingerprint, image_token_counts
 from megannm.data.shards import ShardDataset
 from megannm.fileio import atomic_write_json
 from megannm.vocab import Vocab
@@ -62,10 +62,10 @@ class SampleStream:
             raise ValueError(f"{ds.folder}: data set has no documents")
         self.ds, self.stream_id, self.seq_len, self.seed = ds, stream_id, seq_len, seed
         self.pack, self.caption_dropout = pack, caption_dropout
-        self.spec = PlanSpec(data_fingerprint(ds.manifest), stream_id, int(seed), int(seq_len), bool(pack),
+        self.spec = EpochSpec(data_fingerprint(ds.manifest), stream_id, int(seed), int(seq_len), bool(pack),
                              float(caption_dropout), bool(shuffle), int(window_frames))
         self.plan_dir = plan_dir
-        self.store = PlanStore(self.spec, ds, plan_dir)
+        self.store = EpochStore(self.spec, ds, plan_dir)
         self._epoch_starts = [0]  # cumulative samples before epoch e (grown lazily)
         self._warned = False
         self._image_tokens = None

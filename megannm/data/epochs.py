@@ -1,12 +1,12 @@
-"""Sample plans: each data set's per-epoch order and packing, built once, written as .npy files, memory-mapped.
+"""Epoch indexes: each data set's per-epoch order and packing, built once, written as .npy files, memory-mapped.
 
-The epoch plan of one data set (how the loader's global order uses it: ``loader.py``) is two arrays:
+The epoch index of one data set (how the loader's global order uses it: ``loader.py``) is two arrays:
 
     pieces  [P]      (doc u4, start u4, length u4, drop u1): the epoch's document pieces, in order
     bounds  [S + 1]  int64: sample s of the epoch is pieces ``bounds[s]:bounds[s + 1]``
 
 ``build_epoch`` computes it from the data set's document lengths, caption lengths and frames (``packing.py``'s
-pure functions: a pure function of the ``PlanSpec`` and the epoch). A ``PlanStore`` keeps the epochs of one data
+pure functions: a pure function of the ``EpochSpec`` and the epoch). A ``EpochStore`` keeps the epochs of one data
 set either in memory (``folder=None``) or in a cache folder named by a hash of everything that determines them::
 
     <plan_dir>/<data set name>-<key>/plan.json                what the key hashes (checked on open)
@@ -48,7 +48,7 @@ BLOCK = 1 << 20  # bytes per crc32: a reader checks a MiB the first time it touc
 _PURPOSE_ORDER, _PURPOSE_CAPTION = 0, 1
 
 
-class PlanError(ValueError):
+class EpochError(ValueError):
     """A sample plan that cannot be used; one line naming the file at fault."""
 
 
@@ -61,7 +61,7 @@ def data_fingerprint(manifest: dict) -> str:
 
 
 @dataclass(frozen=True)
-class PlanSpec:
+class EpochSpec:
     """Everything an epoch plan of one data set depends on (besides the epoch)."""
     data: str  # data_fingerprint of its manifest
     stream: int  # its position in the blend (the random streams are keyed by it)
@@ -77,7 +77,7 @@ class PlanSpec:
                               ).hexdigest()[:20]
 
 
-def build_epoch(spec: PlanSpec, lengths: np.ndarray, captions: np.ndarray, frames: np.ndarray, num_frames: int,
+def build_epoch(spec: EpochSpec, lengths: np.ndarray, captions: np.ndarray, frames: np.ndarray, num_frames: int,
                 epoch: int) -> tuple[np.ndarray, np.ndarray, dict]:
     """Epoch ``epoch``'s (pieces, bounds, info) from the data set's per-document arrays.
 
@@ -128,7 +128,7 @@ class _Checked:
             for blk in range(a * size // BLOCK, ((b * size) - 1) // BLOCK + 1):
                 if not self._ok[blk]:
                     if zlib.crc32(self._raw[blk * BLOCK:(blk + 1) * BLOCK]) != self.crcs[blk]:
-                        raise PlanError(f"{self.path}: corrupt sample plan (crc32 mismatch in MiB {blk}); delete "
+                        raise EpochError(f"{self.path}: corrupt sample plan (crc32 mismatch in MiB {blk}); delete "
                                         f"{self.path.parent} to rebuild it")
                     self._ok[blk] = True
         return self.array[a:b]
@@ -215,13 +215,13 @@ def _locked(folder: Path):
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-class PlanStore:
-    """The epoch plans of one data set (``ds``: a ``ShardDataset``) for one ``PlanSpec``.
+class EpochStore:
+    """The epoch plans of one data set (``ds``: a ``ShardDataset``) for one ``EpochSpec``.
 
     ``folder=None`` keeps them in memory (built in this process, the last three kept); otherwise they live in
     ``folder/<name>-<key>/`` as described in the module docstring."""
 
-    def __init__(self, spec: PlanSpec, ds, folder: Optional[Path] = None):
+    def __init__(self, spec: EpochSpec, ds, folder: Optional[Path] = None):
         self.spec, self.ds = spec, ds
         self.dir = None if folder is None else Path(folder) / f"{ds.folder.name}-{spec.key()}"
         self._open_plans: OrderedDict[int, EpochPlan] = OrderedDict()
@@ -241,7 +241,7 @@ class PlanStore:
             return  # none yet (or unreadable: rewritten by the next build)
         have.pop("data_set", None)
         if have != {"version": VERSION, **asdict(self.spec)}:
-            raise PlanError(f"{marker}: describes another plan than its key (hash collision or an edited file); "
+            raise EpochError(f"{marker}: describes another plan than its key (hash collision or an edited file); "
                             f"delete {self.dir}")
         self._checked = True
 
@@ -249,7 +249,7 @@ class PlanStore:
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise PlanError(f"{self.dir}: cannot create the sample plan folder ({e.strerror}); set data.plan_dir "
+            raise EpochError(f"{self.dir}: cannot create the sample plan folder ({e.strerror}); set data.plan_dir "
                             f"to a writable folder") from None
         self._check_marker()
         if not self._checked:
@@ -316,7 +316,7 @@ class PlanStore:
                 self.ensure([e])
                 plan = self._load(e)
                 if plan is None:
-                    raise PlanError(f"{self._epoch_dir(e)}: sample plan missing right after it was built")
+                    raise EpochError(f"{self._epoch_dir(e)}: sample plan missing right after it was built")
         self._open_plans[e] = plan
         if len(self._open_plans) > 3:
             self._open_plans.popitem(last=False)

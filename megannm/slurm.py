@@ -155,9 +155,9 @@ def load_chain(path: str | Path) -> Chain:
 # planning: every stage resolved and checked before anything is submitted
 
 
-def plan(chain_path: str | Path, run_dir: Optional[str] = None) -> dict:
-    """The submission plan: the jobs in order, each with its recipe, overrides (logging.dir, init_from), resources
-    and command; every recipe loaded with ``megannm.config.load_recipe`` at the world size its resources give.
+def chain_jobs(chain_path: str | Path, run_dir: Optional[str] = None) -> dict:
+    """A chain's jobs, in order and not yet submitted, each with its recipe, overrides (logging.dir, init_from),
+    resources and command; every recipe loaded with ``megannm.config.load_recipe`` at the world size its resources give.
 
     Where a stage's tensor/pipeline layout differs from the previous stage's (a DeepSpeed checkpoint loads only at
     its own layout), a one-task job ``<stage>:convert`` between them writes the previous checkpoint in the
@@ -336,7 +336,7 @@ def live_jobs(run: Path) -> list[str]:
 
 
 def submit(chain_path: str, run_dir: Optional[str] = None, dry_run: bool = False, out=print) -> dict:
-    p = plan(chain_path, run_dir)
+    p = chain_jobs(chain_path, run_dir)
     run = Path(p["run_dir"])
     if dry_run:
         out(f"# chain {p['name']}: {len(p['stages'])} stages, run folder {run} (dry run: nothing submitted)")

@@ -81,7 +81,7 @@ def test_nmm_7b_joint_fits_64_h100s_without_warnings():
 
 def test_every_nmm_7b_stage_fits_its_slurm_resources():
     from megannm import slurm
-    jobs = slurm.plan(NMM / "chain.yaml", run_dir="/runs/nmm-7b")["stages"]
+    jobs = slurm.chain_jobs(NMM / "chain.yaml", run_dir="/runs/nmm-7b")["stages"]
     assert [j["kind"] for j in jobs] == ["train"] * 5  # one layout throughout: no conversion job
     for j in jobs:
         p = _plan(j["recipe"], j["world_size"], overrides=j["overrides"])

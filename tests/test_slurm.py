@@ -47,7 +47,7 @@ def stage_jobs(run: Path) -> dict[str, str]:
 
 
 def test_nmm_7b_chain_validates():
-    p = slurm.plan(REPO / "recipes" / "nmm-7b" / "chain.yaml", run_dir="/runs/nmm-7b")
+    p = slurm.chain_jobs(REPO / "recipes" / "nmm-7b" / "chain.yaml", run_dir="/runs/nmm-7b")
     jobs = {j["name"]: j for j in p["stages"]}
     # one tensor x pipeline layout throughout (tensor 2, no pipeline): no conversion job between stages
     assert list(jobs) == ["align", "joint", "anneal", "sft", "grpo"]
@@ -72,7 +72,7 @@ def test_nmm_7b_chain_validates():
 def test_a_stage_that_changes_the_layout_starts_from_a_consolidated_copy(tmp_path, tiny_recipe):
     """Between stages of different tensor x pipeline layouts the chain converts the previous checkpoint once."""
     chain = write_chain(tmp_path, tiny_recipe, [{"name": "a"}, {"name": "b", "overrides": ["parallel.tensor_parallel=2"]}])
-    p = slurm.plan(chain, run_dir="/runs/t")
+    p = slurm.chain_jobs(chain, run_dir="/runs/t")
     jobs = {j["name"]: j for j in p["stages"]}
     assert list(jobs) == ["a", "b:convert", "b"]
     assert jobs["b"]["init_from"] == "/runs/t/b/init-consolidated"
@@ -127,7 +127,7 @@ def test_chain_errors_are_one_line(tmp_path, tiny_recipe, chain, expected):
     path = tmp_path / "chain.yaml"
     path.write_text(yaml.safe_dump(chain))
     with pytest.raises(slurm.ChainError) as e:
-        slurm.plan(path, run_dir=str(tmp_path / "run"))
+        slurm.chain_jobs(path, run_dir=str(tmp_path / "run"))
     msg = str(e.value).replace(str(tiny_recipe), "R")
     assert msg.startswith(f"{path}: ") and expected in msg, msg
     assert "\n" not in msg
@@ -138,12 +138,12 @@ def test_recipe_slurm_section_is_checked(tmp_path, tiny_recipe):
     bad.write_text(f"base: {tiny_recipe}\nslurm: {{nodez: 2}}\n")
     path = write_chain(tmp_path, bad, [{"name": "a"}])
     with pytest.raises(slurm.ChainError, match=r"stages\.0\.recipe: .*bad\.yaml: slurm\.nodez: unknown key"):
-        slurm.plan(path)
+        slurm.chain_jobs(path)
 
 
 @pytest.mark.parametrize("chain", sorted((REPO / "recipes").glob("*/chain.yaml")), ids=lambda p: p.parent.name)
 def test_every_chain_in_the_repo_validates(chain, tmp_path):
-    p = slurm.plan(chain, run_dir=str(tmp_path))
+    p = slurm.chain_jobs(chain, run_dir=str(tmp_path))
     assert p["stages"] and all(s["world_size"] >= 1 for s in p["stages"])
 
 

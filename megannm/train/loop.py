@@ -63,10 +63,10 @@ def verify_data(recipe: Recipe, layout, vocab: Vocab, source: str = "recipe") ->
     """The recipe's data sets checked before anything is built (``megannm.data.verify``, by ``data.verify``), every
     rank reading its share; one all-reduce makes every rank raise for the same problem, which rank 0 prints."""
     found = verify.check_manifests(recipe.data, vocab, source)
-    units, mode = verify.plan(found, recipe.data.verify, layout.world_size)
+    units, mode = verify.work_units(found, recipe.data.verify, layout.world_size)
     failed = verify.first_problem(units, mode, layout.rank, layout.world_size)
     t = torch.tensor([float(len(units) - failed[0]) if failed else 0.0], device=parallel.device())
-    parallel.all_reduce(t, op="max")  # the max picks the first failing unit in plan order
+    parallel.all_reduce(t, op="max")  # the max picks the first failing unit in unit order
     if float(t) == 0:
         return
     i = len(units) - int(t)

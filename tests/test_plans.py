@@ -132,7 +132,7 @@ def test_plans_are_built_once_and_keyed_by_what_determines_them(data, tmp_path):
         build_order([(data / "a", 1)], V, plan_dir=tmp_path, **base).key()
     # the plans are .npy files read with mmap; the reader holds no whole-data-set index
     stream = again.streams[0]
-    plan = stream.plan(0)
+    plan = stream.epoch_index(0)
     assert isinstance(plan.bounds.base, np.memmap) and isinstance(plan.pieces.base, np.memmap)  # views of maps
     stream.pieces(5)
     assert stream.ds.lazy and len(stream.ds._indexes) <= stream.ds.index_cache

@@ -70,7 +70,7 @@ class SampleStream:
         self._warned = False
         self._image_tokens = None
 
-    def plan(self, epoch: int):
+    def epoch_index(self, epoch: int):
         p = self.store.epoch(epoch)
         cut = p.info.get("truncated", 0)
         if cut and not self._warned:  # truncation silently drops document ends (an image's last codes, <eos>)
@@ -86,7 +86,7 @@ class SampleStream:
             return divmod(k, len(self.ds))
         starts = self._epoch_starts
         while starts[-1] <= k:  # epochs differ in sample count (packing), so they are counted, in order, once
-            starts.append(starts[-1] + self.plan(len(starts) - 1).num_samples)
+            starts.append(starts[-1] + self.epoch_index(len(starts) - 1).num_samples)
         e = bisect.bisect_right(starts, k) - 1
         return e, k - starts[e]
 
@@ -106,7 +106,7 @@ class SampleStream:
 
     def pieces(self, k: int) -> list[tuple[int, bool, int, int]]:
         e, j = self.locate(k)
-        return self.plan(e).sample(j)
+        return self.epoch_index(e).sample(j)
 
     def read(self, doc: int, drop: bool) -> tuple[np.ndarray, np.ndarray | None]:
         tokens, mask = self.ds.get(doc)
@@ -444,7 +444,7 @@ def build_eval_batches(datasets, vocab, seq_len: int, micro_batch_size: int, dp_
     for path, _ in _pairs(datasets):
         order = build_order([(path, 1.0)], vocab, seq_len, seed=0, pack=pack, shuffle=False, cache=False)
         stream = order.streams[0]
-        total = stream.plan(0).num_samples
+        total = stream.epoch_index(0).num_samples
         per_rank = -(-total // (micro_batch_size * dp_size))
         if num_batches is not None:
             per_rank = min(per_rank, num_batches)

@@ -139,7 +139,7 @@ def worker_ours_build(folder: str, plans: str, seq_len: int) -> dict:
     t = time.perf_counter()
     order = build_order([(folder, 1.0)], None, seq_len, seed=1234, caption_dropout=0.1, plan_dir=plans)
     order.streams[0].store.ensure([0])
-    plan = order.streams[0].plan(0)
+    plan = order.streams[0].epoch_index(0)
     return {"build_s": time.perf_counter() - t, "samples": plan.num_samples, "base": base, "peak": rss()["VmHWM"],
             "plan_bytes": sum(p.stat().st_size for p in Path(plans).rglob("*.npy"))}
 

@@ -21,7 +21,7 @@ maps what it wrote: an epoch is built once per file system, not once per rank. A
 rebuilt when opened; a flipped byte is caught by the crc32 of its MiB block the first time a reader touches it,
 and refused with the file named. Resident memory of a reader is the pages it touches, not the plan's size.
 
-``megannm sample-order RECIPE.yaml [key=value ...]`` builds a recipe's plans offline.
+``megannm sample-order RECIPE.yaml [key=value ...]`` builds a recipe's epoch indexes before training.
 """
 from __future__ import annotations
 

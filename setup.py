@@ -33,8 +33,10 @@ setup(
     extras_require={
         # preprocessing sources beyond JSONL (each imported only when its kind of input is read)
         "sources": SOURCES,
-        # scikit-image: the real photographs it ships inside its package (image tokenizer tests, benchmark)
-        "test": ["pytest>=8.0", "hypothesis>=6.100", "scikit-image>=0.22", *SOURCES, *MPI],
+        # scikit-image: the real photographs it ships inside its package (image tokenizer tests, benchmark);
+        # ruff and import-linter: the style and import rules (ruff.toml, .importlinter) that .ci/run checks
+        "test": ["pytest>=8.0", "hypothesis>=6.100", "scikit-image>=0.22", "ruff>=0.17", "import-linter>=2.17",
+                 *SOURCES, *MPI],
         # rank discovery from MPI itself under mpirun / srun --mpi=pmix (builds against the MPI's headers:
         # Debian's libopenmpi-dev, which setup.sh installs)
         "mpi": MPI,

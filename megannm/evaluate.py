@@ -16,14 +16,13 @@ megannm's toy world registers ``toy`` and ``toy-chat`` this way. The helpers bel
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import time
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 import torch
@@ -31,6 +30,9 @@ import torch
 from megannm.fileio import atomic_write, atomic_write_json
 from megannm.generate import (DEFAULT_CFG_SCALE, SamplingConfig, caption_prompt, codes_to_images, generate,
                               image_prompt, png_bytes, text_of)
+
+if TYPE_CHECKING:
+    import argparse
 
 ENTRY_POINT_GROUP = "megannm.benchmarks"
 
@@ -151,7 +153,8 @@ def get_benchmark(name: str) -> Benchmark:
 # your own records
 
 
-def _splits(specs: list[str]) -> dict[str, Path]:
+def record_splits(specs: list[str]) -> dict[str, Path]:
+    """``--data`` values (``[NAME=]RECORDS.jsonl``) -> split name -> file, each file checked to exist."""
     out = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
@@ -264,60 +267,31 @@ def format_records(report: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# the command
+# a checkpoint, evaluated
 
 
-def _parser(bench: Optional[Benchmark]) -> argparse.ArgumentParser:
-    names = ", ".join(sorted(benchmarks())) or "none installed"
-    p = argparse.ArgumentParser(prog="megannm evaluate", description=__doc__.splitlines()[0],
-                                epilog=bench.description if bench else None)
-    p.add_argument("checkpoint", help="checkpoint folder (or its parent holding `latest`)")
-    p.add_argument("--tokenizers", required=True, help="tokenizer bundle folder")
-    p.add_argument("--benchmark", default=None, help=f"a registered benchmark ({names}) or package.module:object; "
-                                                     f"--benchmark NAME --help lists its own options")
-    p.add_argument("--data", action="append", default=[], metavar="[NAME=]RECORDS.jsonl",
-                   help="your own records, one split per file (repeatable)")
-    p.add_argument("--out", default="eval", help="folder for report.json (and samples.png)")
-    p.add_argument("--n", type=int, default=None, help="examples (per split); default: the benchmark's own, or "
-                                                       "every record")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed; default: the benchmark's own, or 0")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--cfg-scale", type=float, default=DEFAULT_CFG_SCALE,
-                   help=f"classifier-free guidance for images (1 = off; default {DEFAULT_CFG_SCALE:g}, as generate)")
-    p.add_argument("--verbose", action="store_true", help="keep library warnings")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="longest generated caption (--data)")
-    if bench is not None and bench.add_arguments is not None:
-        bench.add_arguments(p)
-    return p
-
-
-def main(argv: list[str]) -> int:
-    # The benchmark is known before the full parse so that its own options (and their --help) are part of it.
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--benchmark", default=None)
-    name = pre.parse_known_args(argv)[0].benchmark
-    bench = get_benchmark(name) if name else None
-    a = _parser(bench).parse_args(argv)
-    from megannm.data.quiet import quiet_library_warnings
-    quiet_library_warnings(a.verbose)
-    if (bench is None) == (not a.data):
+def evaluate_checkpoint(checkpoint, tokenizers, out, benchmark: Optional[Benchmark] = None, options=None,
+                        data: Optional[list[str]] = None, n: Optional[int] = None, seed: Optional[int] = None,
+                        temperature: float = 0.0, cfg_scale: float = DEFAULT_CFG_SCALE,
+                        max_new_tokens: int = 32) -> tuple[dict, str, Path]:
+    """What ``megannm evaluate`` runs: ``benchmark`` (given ``options``, the namespace of its own command-line
+    options) or losses and captions over ``data`` (records files, ``[NAME=]RECORDS.jsonl``: one split each), on
+    the checkpoint; returns (the report, its table, the path of ``OUT/report.json``)."""
+    if (benchmark is None) == (not data):
         raise ValueError(f"give either --benchmark (registered: {', '.join(sorted(benchmarks())) or 'none'})"
                          f" or --data RECORDS.jsonl")
-    splits = _splits(a.data)
+    splits = record_splits(data or [])
     from megannm.checkpoint.opened import open_checkpoint
-    out = Path(a.out)
-    with open_checkpoint(a.checkpoint, a.tokenizers) as ck:
+    out = Path(out)
+    with open_checkpoint(checkpoint, tokenizers) as ck:
         out.mkdir(parents=True, exist_ok=True)
-        if bench is not None:
-            report = bench.run(ck.model, ck.tok, a, out)
-            table = bench.format(report)
+        if benchmark is not None:
+            report = benchmark.run(ck.model, ck.tok, options, out)
+            table = benchmark.format(report)
         else:
-            sampling = SamplingConfig.from_options(temperature=a.temperature, seed=a.seed or 0)
+            sampling = SamplingConfig.from_options(temperature=temperature, seed=seed or 0)
             ck.tok.image.to(next(ck.model.parameters()).device)
-            report = evaluate_records(ck.model, ck.tok, splits, a.n, sampling, a.max_new_tokens, out, a.cfg_scale)
+            report = evaluate_records(ck.model, ck.tok, splits, n, sampling, max_new_tokens, out, cfg_scale)
             table = format_records(report)
         path = write_report(report, out)
-    print(table)
-    picture = out / "samples.png"
-    print(f"report: {path}" + (f"  picture: {picture}" if picture.exists() else ""))
-    return 0
+    return report, table, path

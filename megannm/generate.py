@@ -14,7 +14,6 @@ first rank so that ranks never diverge.
 """
 from __future__ import annotations
 
-import argparse
 import io
 from collections import defaultdict
 from dataclasses import dataclass
@@ -357,56 +356,43 @@ def text_of(tok, ids: list[int]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# the command
+# from a checkpoint to files
 
 
-def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="megannm generate", description="Sample captions or images from a checkpoint.")
-    p.add_argument("checkpoint", help="checkpoint folder (or its parent holding `latest`)")
-    p.add_argument("--tokenizers", required=True, help="tokenizer bundle folder (text/, image tokenizer, vocab.json)")
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--caption", action="append", help="text -> image: generate an image for this caption")
-    g.add_argument("--image", action="append", help="image -> text: caption this PNG")
-    p.add_argument("--out", default="generated", help="folder for PNGs and results.json")
-    p.add_argument("--cfg-scale", type=float, default=DEFAULT_CFG_SCALE,
-                   help=f"classifier-free guidance scale (1 = off; default {DEFAULT_CFG_SCALE:g})")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--verbose", action="store_true", help="keep library warnings")
-    a = p.parse_args(argv)
-    from megannm.data.quiet import quiet_library_warnings
-    quiet_library_warnings(a.verbose)
-
-    from megannm.checkpoint.opened import open_checkpoint
-    sampling = SamplingConfig.from_options(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
-    for f in a.image or []:  # a missing file fails before the model loads
+def generate_files(checkpoint, tokenizers, out, captions: Optional[list[str]] = None,
+                   images: Optional[list[str]] = None, sampling: Optional[SamplingConfig] = None,
+                   cfg_scale: float = DEFAULT_CFG_SCALE, max_new_tokens: int = 32, say=print) -> list[dict]:
+    """What ``megannm generate`` runs: a picture for each caption (``OUT/image_NNN.png``) or a caption for each
+    picture, from the checkpoint; ``OUT/results.json`` lists them (also returned), ``say`` gets one line each."""
+    if bool(captions) == bool(images):
+        raise ValueError("give either captions (--caption) or pictures (--image) to generate from")
+    sampling = sampling or SamplingConfig()
+    for f in images or []:  # a missing file fails before the model loads
         if not Path(f).is_file():
             raise FileNotFoundError(f"--image {f}: image not found")
-    with open_checkpoint(a.checkpoint, a.tokenizers) as ck:
+    from megannm.checkpoint.opened import open_checkpoint
+    with open_checkpoint(checkpoint, tokenizers) as ck:
         model, tok = ck.model, ck.tok
         tok.image.to(next(model.parameters()).device)  # a model-backed tokenizer encodes/decodes beside the model
-        if a.caption:
+        if captions:
             check_decodes(tok)
         # fitted by the tokenizer's own resize policy, as preprocess fitted the training pictures
-        imgs = [read_image(f, tok.image) for f in a.image or []]
-        out = Path(a.out)
+        imgs = [read_image(f, tok.image) for f in images or []]
+        out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         results = []
-        if a.caption:
-            rows = generate(model, tok.vocab, [image_prompt(tok, c) for c in a.caption], "image", sampling=sampling,
-                            cfg_scale=a.cfg_scale)
-            for i, (c, img) in enumerate(zip(a.caption, codes_to_images(tok, rows))):
+        if captions:
+            rows = generate(model, tok.vocab, [image_prompt(tok, c) for c in captions], "image", sampling=sampling,
+                            cfg_scale=cfg_scale)
+            for i, (c, img) in enumerate(zip(captions, codes_to_images(tok, rows))):
                 path = atomic_write(out / f"image_{i:03d}.png", png_bytes(img))
                 results.append({"caption": c, "image": str(path)})
-                print(f"{c!r} -> {path}")
+                say(f"{c!r} -> {path}")
         else:
             rows = generate(model, tok.vocab, [caption_prompt(tok, im) for im in imgs], "text",
-                            max_new_tokens=a.max_new_tokens, sampling=sampling)
-            for f, r in zip(a.image, rows):
+                            max_new_tokens=max_new_tokens, sampling=sampling)
+            for f, r in zip(images, rows):
                 results.append({"image": f, "caption": text_of(tok, r)})
-                print(f"{f} -> {text_of(tok, r)!r}")
+                say(f"{f} -> {text_of(tok, r)!r}")
         atomic_write_json(out / "results.json", results)
-    return 0
+    return results

@@ -27,7 +27,6 @@ of its jobs is pending or running) continues every stage from its own ``latest``
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -42,6 +41,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from megannm.config import RecipeError, SlurmConfig, format_validation_error, load_recipe
+from megannm.fileio import atomic_write_json
 
 TRAIN_SBATCH = Path(__file__).resolve().parents[1] / "slurm" / "train.sbatch"
 STAGES_FILE = "stages.json"
@@ -155,9 +155,9 @@ def load_chain(path: str | Path) -> Chain:
 # planning: every stage resolved and checked before anything is submitted
 
 
-def plan(chain_path: str | Path, run_dir: Optional[str] = None) -> dict:
-    """The submission plan: the jobs in order, each with its recipe, overrides (logging.dir, init_from), resources
-    and command; every recipe loaded with ``megannm.config.load_recipe`` at the world size its resources give.
+def chain_jobs(chain_path: str | Path, run_dir: Optional[str] = None) -> dict:
+    """A chain's jobs, in order and not yet submitted, each with its recipe, overrides (logging.dir, init_from),
+    resources and command; every recipe loaded with ``megannm.config.load_recipe`` at the world size its resources give.
 
     Where a stage's tensor/pipeline layout differs from the previous stage's (a DeepSpeed checkpoint loads only at
     its own layout), a one-task job ``<stage>:convert`` between them writes the previous checkpoint in the
@@ -336,7 +336,7 @@ def live_jobs(run: Path) -> list[str]:
 
 
 def submit(chain_path: str, run_dir: Optional[str] = None, dry_run: bool = False, out=print) -> dict:
-    p = plan(chain_path, run_dir)
+    p = chain_jobs(chain_path, run_dir)
     run = Path(p["run_dir"])
     if dry_run:
         out(f"# chain {p['name']}: {len(p['stages'])} stages, run folder {run} (dry run: nothing submitted)")
@@ -373,7 +373,7 @@ def submit(chain_path: str, run_dir: Optional[str] = None, dry_run: bool = False
         submitted.append(previous)
         s.update(job_id=previous, depends_on=submitted[-2] if i else None, command=cmd)
         # after every job, so that status / cancel / the live check know each submitted job whatever happens next
-        _write_json(run / STAGES_FILE, dict(p, submitted_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        atomic_write_json(run / STAGES_FILE, dict(p, submitted_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
                                             stages=[j for j in p["stages"] if "job_id" in j]))
     rows = [[s["name"], s["job_id"], s["depends_on"] or "-", str(s["world_size"]), s["resources"].get("time", "-"),
              _short(s["recipe"]) if s["kind"] == "train" else s["note"]] for s in p["stages"]]
@@ -387,12 +387,6 @@ def _mkdirs(folder: Path) -> list[Path]:
     missing = [d for d in (folder, *folder.parents) if not d.exists()][::-1]
     folder.mkdir(parents=True, exist_ok=True)
     return missing
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _progress(stage: dict) -> str:
@@ -435,31 +429,6 @@ def cancel(run: str, out=print) -> list[str]:
     return [s["job_id"] for s in live]
 
 
-def main(argv: list[str]) -> int:
-    if argv and argv[0] in ("status", "cancel"):
-        p = argparse.ArgumentParser(prog=f"megannm stage {argv[0]}", description={
-            "status": "Show the state of every stage (job) of a submitted chain.",
-            "cancel": "Cancel every stage (job) of a submitted chain that is still pending or running."}[argv[0]])
-        p.add_argument("run", help="run folder (holds stages.json)")
-        a = p.parse_args(argv[1:])
-        command = lambda: (status if argv[0] == "status" else cancel)(a.run)  # noqa: E731
-    else:
-        p = argparse.ArgumentParser(prog="megannm stage", description="Submit a recipe chain to Slurm: one job per "
-                                    "stage, each after the previous one succeeded, each from its checkpoint.",
-                                    epilog="also: megannm stage status RUN | megannm stage cancel RUN")
-        p.add_argument("chain", help="chain YAML (stages: recipe, overrides, slurm resources)")
-        p.add_argument("--dry-run", action="store_true", help="print the sbatch commands, submit nothing")
-        p.add_argument("--run-dir", default=None, help="run folder (default: the chain's run_dir, or runs/<name>)")
-        a = p.parse_args(argv)
-        command = lambda: submit(a.chain, a.run_dir, a.dry_run)  # noqa: E731
-    try:
-        command()
-    except SlurmError as e:
-        print(f"megannm stage: error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # inside slurm/train.sbatch: does this job's allocation hold the recipe?
 
@@ -489,19 +458,3 @@ def allocation_problem(recipe_path: str, overrides: list[str], env) -> Optional[
     return (f"{recipe_path}: this job has {tasks} task(s) on {nodes} node(s), and {key}: {msg}; submit it with its "
             f"resources: {command}  (or run the chain with `megannm stage CHAIN.yaml`, which passes them)")
 
-
-def allocation_main(argv: list[str]) -> int:
-    """``python -m megannm.slurm RECIPE [key=value ...]``: exit 2 with one line when the job cannot hold it."""
-    args = [a for a in argv if a != "--resume"]
-    if not args:
-        print("usage: python -m megannm.slurm RECIPE [key.path=value ...]", file=sys.stderr)
-        return 2
-    problem = allocation_problem(args[0], args[1:], os.environ)
-    if problem:
-        print(f"megannm: error: {problem}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(allocation_main(sys.argv[1:]))

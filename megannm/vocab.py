@@ -43,7 +43,8 @@ class Vocab:
 
     def __post_init__(self):
         if self.text_size <= 0 or self.image_codes <= 0:
-            raise ValueError(f"vocab: text_size and image_codes must be positive (got {self.text_size}, {self.image_codes})")
+            raise ValueError(f"vocab: text_size and image_codes must be positive (got {self.text_size}, "
+                             f"{self.image_codes})")
         if len(set(self.specials)) != len(self.specials):
             raise ValueError(f"vocab: duplicate special tokens in {self.specials}")
         object.__setattr__(self, "specials", tuple(self.specials))

@@ -3,7 +3,7 @@
 - Every phase in bf16 (and pretraining in fp16 with DeepSpeed's loss scaler) on real engines over 2 ranks: losses
   finite and within TOL of fp32 step by step, bf16 resume bitwise, a bf16 pipeline run, and a bf16 checkpoint
   converted exactly (its fp32 master weights, bit for bit). One launch: ``tests/scripts/bf16_cases.py``.
-- ``python -m megannm.toy.selfcheck`` on the CPU: every line ok, the GPU-only lines ``skipped: no GPU``.
+- ``megannm selfcheck`` on the CPU: every line ok, the GPU-only lines ``skipped: no GPU``.
 - Device correctness: a training step, sampling and the RL losses under ``torch.set_default_device("meta")``, so
   any tensor made without the device of its inputs fails; and no hard-coded CPU device in the hot path's source.
 - Attention: flex_attention's block mask on packed rows gives SDPA's outputs (flex runs forward-only on the CPU).
@@ -136,7 +136,7 @@ def test_a_stage_starts_from_a_bf16_checkpoint(runs):
 
 @pytest.mark.system
 def test_selfcheck_runs_on_the_cpu(toy_data, tmp_path):
-    out = subprocess.run([sys.executable, "-m", "megannm.toy.selfcheck", "--out", str(tmp_path)], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "megannm", "selfcheck", "--out", str(tmp_path)], cwd=ROOT,
                          env=dist.base_env(), capture_output=True, text=True, timeout=300)
     lines = out.stdout.strip().splitlines()
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
@@ -222,7 +222,8 @@ def test_rope_tables_are_fp32_then_cast_and_never_promote_q_k(layout):
     model, _ = tiny(layout)
     from megannm.model.transformer import context
     hidden = torch.zeros(1, 32, model.args.hidden, dtype=torch.bfloat16)
-    ctx = context(model.args, hidden, torch.zeros(1, 32, dtype=torch.long), pos - 4000, torch.zeros(1, 32, dtype=torch.long))
+    ids = torch.zeros(1, 32, dtype=torch.long)
+    ctx = context(model.args, hidden, ids, pos - 4000, ids)
     assert ctx.cos.dtype == ctx.sin.dtype == torch.bfloat16
     q = torch.randn(1, 2, 32, model.args.head_dim, dtype=torch.bfloat16)
     assert apply_rope(q, ctx.cos, ctx.sin).dtype == torch.bfloat16

@@ -443,7 +443,7 @@ def trained(toy_data, out, precision, zero):
 
     from megannm import parallel
     from megannm.config import recipe_from_dict
-    from megannm.runner import build_trainer
+    from megannm.stage import build_trainer
     from megannm.toy.selfcheck import phase_recipe
     data = {"shards": toy_data["shards"], "tokenizers": toy_data["tokenizers"]}
     r = recipe_from_dict(phase_recipe("pretrain", data, out, name="run", precision=precision, steps=2, world=1,

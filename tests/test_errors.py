@@ -816,7 +816,7 @@ def _(b, monkeypatch=None):
 
 @row("job-too-small-for-the-recipe", 2)
 def _(b):
-    from megannm.slurm import allocation_main
+    from megannm.cli.slurm import allocation as allocation_main
     recipe = b.recipe(parallel="{tensor_parallel: 2, zero_stage: 1}")
     err = io.StringIO()
     env = {"SLURM_JOB_NUM_NODES": "1", "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1"}

@@ -320,14 +320,14 @@ def test_verification_work_is_split_by_bytes_over_every_rank(tmp_path):
     from megannm.data import verify
     shards = [{"file": f"s{i}", "index": f"i{i}", "bytes": b, "index_bytes": 1, "docs": 1}
               for i, b in enumerate([100, 10, 60, 50, 40])]
-    units, mode = verify.plan([("data.train[0].path", tmp_path, {"shards": shards})], "auto", world=2)
+    units, mode = verify.work_units([("data.train[0].path", tmp_path, {"shards": shards})], "auto", world=2)
     assert mode == "full" and len(units) == 5
     parts = verify.split(units, mode, 2)
     assert parts == [[0, 4], [1, 2, 3]]  # 100 + 40 against 60 + 50 + 10 (+ 1 index byte each): every unit once
     huge = [dict(s, bytes=verify.FULL_AUTO_BYTES) for s in shards]
-    assert verify.plan([("k", tmp_path, {"shards": huge})], "auto", world=2)[1] == "index"
-    assert verify.plan([("k", tmp_path, {"shards": huge})], "auto", world=8)[1] == "full"
-    assert verify.plan([("k", tmp_path, {"shards": huge})], "none", world=1)[0] == []
+    assert verify.work_units([("k", tmp_path, {"shards": huge})], "auto", world=2)[1] == "index"
+    assert verify.work_units([("k", tmp_path, {"shards": huge})], "auto", world=8)[1] == "full"
+    assert verify.work_units([("k", tmp_path, {"shards": huge})], "none", world=1)[0] == []
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])

@@ -42,7 +42,8 @@ def test_mpirun_trains_like_torchrun(tiny_recipe, reference_run, tmp_path):
     run(["-m", "megannm", "train", str(tiny_recipe), f"logging.dir={tmp_path}"], nproc=2, launcher="mpirun")
     m = metrics(tmp_path)
     for launcher, records in (("torchrun", reference), ("mpirun", m)):
-        assert f"world 2 = tensor 1 x data 2 x pipeline 1 (launcher {launcher})" in events(records, "start")[0]["layout"]
+        layout = events(records, "start")[0]["layout"]
+        assert f"world 2 = tensor 1 x data 2 x pipeline 1 (launcher {launcher})" in layout
     assert sorted(losses(reference)) == list(range(1, TINY_STEPS + 1))
     assert losses(reference)[TINY_STEPS] < losses(reference)[1] - 0.5  # it learned something
     assert losses(m) == losses(reference)

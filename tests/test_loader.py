@@ -71,7 +71,7 @@ def test_pack_next_fit_matches_a_plain_loop():
     for _ in range(20):
         cap = int(rng.integers(4, 40))
         lengths = rng.integers(1, cap + 1, size=int(rng.integers(0, 200)))
-        bounds, fill, ref = [0], 0, []
+        bounds, fill = [0], 0
         for i, n in enumerate(lengths):  # the definition, one piece at a time
             if fill + n > cap:
                 bounds.append(i)
@@ -157,7 +157,7 @@ def test_packed_batch_positions_documents_and_loss_mask(data):
 def test_one_epoch_covers_every_document_once_and_every_transition_once(data):
     order = build_order([(data["a"], 1.0)], V, SEQ, seed=5)
     stream = order.streams[0]
-    n = stream.plan(0).num_samples
+    n = stream.epoch_index(0).num_samples
     batch = order.batch(0, n)
     seen = Counter()
     for b in range(n):
@@ -170,7 +170,7 @@ def test_one_epoch_covers_every_document_once_and_every_transition_once(data):
     docs = [p[0] for _, pieces in order.samples(0, n) for p in pieces if p[2] == 0]
     assert sorted(docs) == list(range(len(data["docs_a"])))
     assert order.samples(n, 1)[0][1] == stream.pieces(n)  # then epoch 1, a different permutation
-    assert stream.locate(n) == (1, 0) and stream.plan(1).doc.tolist() != stream.plan(0).doc.tolist()
+    assert stream.locate(n) == (1, 0) and stream.epoch_index(1).doc.tolist() != stream.epoch_index(0).doc.tolist()
 
 
 def test_document_loss_masks_reach_the_batch(tmp_path):
@@ -266,17 +266,17 @@ def test_caption_dropout_is_deterministic_and_at_the_rate(data):
     rates, plans = [], []
     for epoch in range(8):
         o = build_order([(data["a"], 1.0)], V, SEQ, seed=9, caption_dropout=0.3)
-        p = o.streams[0].plan(epoch)
+        p = o.streams[0].epoch_index(epoch)
         dropped = {d for d, x in zip(p.doc.tolist(), p.drop.tolist()) if x}
         assert all(eligible[d] for d in dropped)  # image-first documents are never touched
         rates.append(len(dropped) / eligible.sum())
         plans.append(dropped)
-    again = build_order([(data["a"], 1.0)], V, SEQ, seed=9, caption_dropout=0.3).streams[0].plan(3)
+    again = build_order([(data["a"], 1.0)], V, SEQ, seed=9, caption_dropout=0.3).streams[0].epoch_index(3)
     assert {d for d, x in zip(again.doc.tolist(), again.drop.tolist()) if x} == plans[3]
     assert abs(np.mean(rates) - 0.3) < 0.04 and len({frozenset(p) for p in plans}) == 8  # new draws each epoch
     # a dropped document reaches the batch as <bos> <boi> ... : its caption removed, the rest intact
     o = build_order([(data["a"], 1.0)], V, SEQ, seed=9, caption_dropout=0.3)
-    p = o.streams[0].plan(0)
+    p = o.streams[0].epoch_index(0)
     j = int(np.flatnonzero(p.drop & (p.start == 0))[0])
     k = int(np.searchsorted(p.bounds, j, side="right")) - 1
     s = j - int(p.bounds[k])

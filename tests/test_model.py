@@ -103,7 +103,8 @@ def test_routing_groups_by_a_stable_permutation_and_its_gradient_is_the_inverse_
     (grouped * weights).sum().backward()
     assert x.grad.flatten().tolist() == [0, 5, 6, 1, 7, 8, 2, 3, 4, 9]  # each row's gradient back in its place
     only_text = Routing(torch.zeros(2, 3, dtype=torch.long), 2)
-    assert only_text.counts == [6, 0] and only_text.group(torch.ones(2, 3, 4)).split(only_text.counts)[1].shape == (0, 4)
+    assert only_text.counts == [6, 0]
+    assert only_text.group(torch.ones(2, 3, 4)).split(only_text.counts)[1].shape == (0, 4)
     dense = Routing(modality, 1)
     assert dense.order is None and dense.counts == [10] and torch.equal(dense.group(x), x.view(10, 1))
     with pytest.raises(ValueError, match="modality ids must be < 2"):
@@ -436,7 +437,8 @@ def reference_logits(w: dict, args, ids, position_ids, document_ids):
         out = (scores.masked_fill(~allowed[:, None], float("-inf")).softmax(-1) @ v).transpose(1, 2).flatten(2)
         h = h + per_set(lambda m: out @ w[f"{p}attn.o_proj.{m}.weight"].T)
         x = per_set(lambda m: norm(h, w[f"{p}ffn.norm.{m}.weight"]))
-        h = h + per_set(lambda m: (F.silu(x @ w[f"{p}ffn.gate_proj.{m}.weight"].T) * (x @ w[f"{p}ffn.up_proj.{m}.weight"].T))
+        h = h + per_set(lambda m: (F.silu(x @ w[f"{p}ffn.gate_proj.{m}.weight"].T)
+                                   * (x @ w[f"{p}ffn.up_proj.{m}.weight"].T))
                         @ w[f"{p}ffn.down_proj.{m}.weight"].T)
     h = per_set(lambda m: norm(h, w[f"head.norm.{m}.weight"]))
     return (h @ w["head.output.weight"].T)[..., :args.vocab_size]

@@ -67,7 +67,7 @@ def take(it, n):
 def test_readme_example_phase_trains_on_text_targets_only(registered, toy_data, tmp_path):
     from megannm import parallel
     from megannm.data.loader import build_train_iterator
-    from megannm.runner import build_trainer
+    from megannm.stage import build_trainer
     from megannm.train.logging import read_metrics
     r = recipe(toy_data["shards"], tmp_path)
     layout = parallel.init_parallel(1, 1)

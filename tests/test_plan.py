@@ -36,7 +36,7 @@ def measured(toy_data, tmp_path_factory):
 
 def test_memory_model_is_within_25_percent_of_measured_peaks(measured):
     from megannm.config import recipe_from_dict
-    from megannm.plan import make_plan
+    from megannm.estimate import estimate_recipe
     out, shards = measured
     rows = []
     for f in sorted(out.glob("*.rank*.json")):
@@ -44,7 +44,7 @@ def test_memory_model_is_within_25_percent_of_measured_peaks(measured):
         c = memory_cases.CASES[m["case"]]
         world = c.get("world", c.get("tp", 1) * c.get("pp", 1))
         r = recipe_from_dict(memory_cases.recipe_dict(m["case"], shards), world_size=world)
-        estimate = make_plan(r, world, "cpu").stages[m["pp_rank"]].total
+        estimate = estimate_recipe(r, world, "cpu").stages[m["pp_rank"]].total
         rows.append((m["case"], m["rank"], m["peak"] / 2 ** 20, estimate / 2 ** 20, m["peak"] / estimate))
     print("\ncase      rank  measured MiB  plan MiB  measured/plan")
     for row in rows:
@@ -55,19 +55,19 @@ def test_memory_model_is_within_25_percent_of_measured_peaks(measured):
 
 
 def test_planning_counts_the_engine_s_buckets():
-    from megannm import plan
+    from megannm import estimate
     from megannm.train import engine
-    assert plan.BUCKET_ELEMENTS == engine.BUCKET_ELEMENTS
+    assert estimate.BUCKET_ELEMENTS == engine.BUCKET_ELEMENTS
 
 
 def _plan(recipe, world, gpu="h100", overrides=()):
     from megannm.config import load_recipe
-    from megannm.plan import make_plan
-    return make_plan(load_recipe(recipe, list(overrides)), world, gpu, source=str(recipe))
+    from megannm.estimate import estimate_recipe
+    return estimate_recipe(load_recipe(recipe, list(overrides)), world, gpu, source=str(recipe))
 
 
 def test_nmm_7b_joint_fits_64_h100s_without_warnings():
-    from megannm.plan import GiB
+    from megannm.estimate import GiB
     p = _plan(NMM / "joint.yaml", 64)
     assert (p.tp, p.pp, p.dp, p.zero_stage, p.precision) == (2, 1, 32, 1, "bf16")
     assert p.total_params == pytest.approx(11.95e9, rel=1e-3) and p.active_params == pytest.approx(6.28e9, rel=1e-3)
@@ -81,7 +81,7 @@ def test_nmm_7b_joint_fits_64_h100s_without_warnings():
 
 def test_every_nmm_7b_stage_fits_its_slurm_resources():
     from megannm import slurm
-    jobs = slurm.plan(NMM / "chain.yaml", run_dir="/runs/nmm-7b")["stages"]
+    jobs = slurm.chain_jobs(NMM / "chain.yaml", run_dir="/runs/nmm-7b")["stages"]
     assert [j["kind"] for j in jobs] == ["train"] * 5  # one layout throughout: no conversion job
     for j in jobs:
         p = _plan(j["recipe"], j["world_size"], overrides=j["overrides"])
@@ -89,7 +89,7 @@ def test_every_nmm_7b_stage_fits_its_slurm_resources():
 
 
 def test_plan_command_prints_the_table_and_json():
-    from megannm.plan import main
+    from megannm.cli.train import estimate as main
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         main([str(NMM / "joint.yaml"), "--world-size", "64", "--gpu", "h100"])
@@ -118,12 +118,12 @@ def test_plan_warns_when_a_layout_wastes_or_overflows_the_devices(overrides, wor
 
 def test_plan_errors_are_one_line():
     from megannm.config import load_recipe
-    from megannm.plan import make_plan
+    from megannm.estimate import estimate_recipe
     with pytest.raises(ValueError) as e:
-        make_plan(load_recipe(NMM / "joint.yaml"), 63, "h100", source="joint.yaml")
+        estimate_recipe(load_recipe(NMM / "joint.yaml"), 63, "h100", source="joint.yaml")
     assert str(e.value).startswith("joint.yaml: parallel.world_size: ") and "\n" not in str(e.value)
     with pytest.raises(ValueError, match="--gpu must be one of a100, h100, h200, b200"):
-        make_plan(load_recipe(NMM / "joint.yaml"), 64, "v100")
+        estimate_recipe(load_recipe(NMM / "joint.yaml"), 64, "v100")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

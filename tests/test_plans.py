@@ -11,7 +11,7 @@ import torch
 
 from megannm.data import packing
 from megannm.data.loader import build_eval_batches, build_order, build_train_iterator, step_micro_batches
-from megannm.data.plans import PlanError, PlanSpec
+from megannm.data.epochs import EpochError, EpochSpec
 from megannm.data.shards import ShardDataset, write_dataset
 from megannm.vocab import Vocab
 from tests import dist
@@ -127,12 +127,12 @@ def test_plans_are_built_once_and_keyed_by_what_determines_them(data, tmp_path):
     spec = order.streams[0].spec
     for change in ({"seed": 8}, {"seq_len": 64}, {"pack": False}, {"caption_dropout": 0.2}, {"stream": 1},
                    {"data": "0" * 24}, {"window_frames": 8}):
-        assert PlanSpec(**{**spec.__dict__, **change}).key() != spec.key(), change
+        assert EpochSpec(**{**spec.__dict__, **change}).key() != spec.key(), change
     assert build_order([(data / "a", 1)], V, plan_dir=tmp_path, **{**base, "seed": 8}).key() != \
         build_order([(data / "a", 1)], V, plan_dir=tmp_path, **base).key()
     # the plans are .npy files read with mmap; the reader holds no whole-data-set index
     stream = again.streams[0]
-    plan = stream.plan(0)
+    plan = stream.epoch_index(0)
     assert isinstance(plan.bounds.base, np.memmap) and isinstance(plan.pieces.base, np.memmap)  # views of maps
     stream.pieces(5)
     assert stream.ds.lazy and len(stream.ds._indexes) <= stream.ds.index_cache
@@ -155,12 +155,12 @@ def test_damaged_plans_are_rebuilt_or_refused(data, tmp_path):
     raw = bytearray(data_file.read_bytes())
     raw[len(raw) // 2] ^= 0x40
     data_file.write_bytes(bytes(raw))
-    with pytest.raises(PlanError, match=r"pieces\.npy: corrupt sample plan \(crc32 mismatch in MiB 0\); delete"):
+    with pytest.raises(EpochError, match=r"pieces\.npy: corrupt sample plan \(crc32 mismatch in MiB 0\); delete"):
         build_order(*args, plan_dir=tmp_path).samples(0, 200)
     # a plan folder whose description is not its key's: refused
     marker = order.streams[0].store.dir / "plan.json"
     marker.write_text(json.dumps({**json.loads(marker.read_text()), "seed": 99}))
-    with pytest.raises(PlanError, match=r"plan\.json: describes another plan than its key"):
+    with pytest.raises(EpochError, match=r"plan\.json: describes another plan than its key"):
         build_order(*args, plan_dir=tmp_path).samples(0, 1)
 
 
@@ -311,14 +311,14 @@ def test_tp2_dp2_tensor_ranks_see_identical_batches_read_once(data, tmp_path):
 
 
 def test_offline_command_builds_a_recipes_plans(data, tmp_path, capsys):
-    from megannm.data import plans
+    from megannm.cli import main
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"name: offline\ndata:\n  train: [{{path: {data / 'b'}}}, {{path: {data / 'c'}, weight: 0.5}}]\n"
                       f"  seq_len: 32\n  micro_batch_size: 2\n  global_batch_size: 8\nschedule: {{train_steps: 100}}\n")
-    assert plans.main([str(recipe), f"data.plan_dir={tmp_path / 'plans'}"]) == 0
+    assert main(["sample-order", str(recipe), f"data.plan_dir={tmp_path / 'plans'}"]) == 0
     assert "800 training samples ready" in capsys.readouterr().out
     it = build_train_iterator([(data / "b", 1.0), (data / "c", 0.5)], None, 32, 2, 8, 0, 1, seed=1234,
                               plan_dir=tmp_path / "plans", plan_samples=800)
     assert [s.store.built for s in it.order.streams] == [[], []]  # the run finds every epoch it needs built
-    assert plans.main([str(tmp_path / "nope.yaml")]) == 2
+    assert main(["sample-order", str(tmp_path / "nope.yaml")]) == 2
     assert capsys.readouterr().err.count("\n") == 1

@@ -156,7 +156,7 @@ def test_first_step_gradient_is_the_advantage_weighted_policy_gradient(toy_data,
     clipped, KL-penalised objective's gradient must be -(1/N) sum_i A_i sum_t grad log pi(t), N the answer tokens of
     the mini-batch (token-level normalisation)."""
     from megannm.model.build import build_model
-    from megannm.runner import build_trainer
+    from megannm.stage import build_trainer
     r = rl_cases.recipe(tmp_path, str(toy_data["tokenizers"]), "grad", steps=1, micro=4, prompts_per_step=2,
                         group_size=4, ppo_epochs=2, mini_batches=1, kl_coef=0.5, max_new_tokens=4)
     trainer = build_trainer(r, layout, source="grad")
@@ -193,7 +193,7 @@ def test_each_loss_normalisation_gives_the_hand_computed_gradient(toy_data, layo
     N = G; dr_grpo w = 1/L (L = max_new_tokens), N = G and A not divided by the group's std; token w = 1,
     N = sum_i keep_i |o_i|, keep_i = 0 for a group of equal rewards (dynamic sampling), else 1."""
     from megannm.model.build import build_model
-    from megannm.runner import build_trainer
+    from megannm.stage import build_trainer
     g, max_new = 4, 4
     r = rl_cases.recipe(tmp_path, str(toy_data["tokenizers"]), "norm", steps=1, micro=4, prompts_per_step=4,
                         group_size=g, ppo_epochs=2, mini_batches=1, kl_coef=0.5, max_new_tokens=max_new,
@@ -247,7 +247,7 @@ def test_dr_grpo_refuses_std_scaled_advantages(toy_data, tmp_path):
 
 def test_short_grpo_run_raises_the_reward_and_the_reference_never_changes(toy_data, layout, tmp_path):
     from megannm.model.build import build_model
-    from megannm.runner import build_trainer
+    from megannm.stage import build_trainer
     r = rl_cases.recipe(tmp_path, str(toy_data["tokenizers"]), "learn", steps=12, micro=32, lr=3e-2,
                         prompts_per_step=4, group_size=8, ppo_epochs=1, mini_batches=1, kl_coef=0.01)
     trainer = build_trainer(r, layout, source="learn")
@@ -279,7 +279,7 @@ def _pairs(tok, n, seed):
 def test_short_dpo_run_learns_the_preference_and_keeps_the_reference(toy_data, layout, tok, tmp_path):
     from megannm.phases.rl.pairs import write_pairs
     from megannm.model.build import build_model
-    from megannm.runner import build_trainer
+    from megannm.stage import build_trainer
     write_pairs(tmp_path / "pairs", _pairs(tok, 64, 0), {"vocab_fingerprint": tok.vocab.fingerprint})
     r = rl_cases.recipe(tmp_path, str(toy_data["tokenizers"]), "dpo", steps=8, micro=16, lr=1e-2,
                         global_batch=16, kind="dpo", pairs=str(tmp_path / "pairs"), beta=0.5)

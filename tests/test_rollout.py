@@ -102,7 +102,7 @@ def test_reference_is_the_policys_starting_weights_in_bf16(toy_data, layout, tmp
     """bf16 training (ZeRO-1, fp32 master in the optimizer): the reference taken at step 0 is the live policy's
     bf16 weights bit for bit, while the policy itself moves in that step."""
     from megannm.config import recipe_from_dict
-    from megannm.runner import build_trainer
+    from megannm.stage import build_trainer
     base = rl_cases.recipe(tmp_path, str(toy_data["tokenizers"]), "bf16", steps=1, micro=4, prompts_per_step=2,
                            group_size=4, ppo_epochs=1, mini_batches=1, kl_coef=0.5, max_new_tokens=3)
     d = base.model_dump(mode="json")

@@ -65,7 +65,8 @@ def test_hand_written_conversation_masks_exactly_the_assistant_turns(tok, tmp_pa
     Image.fromarray(img).save(tmp_path / "a.png")
     record = {"messages": [
         {"role": "system", "content": "you draw shapes"},
-        {"role": "user", "content": [{"type": "image", "image": "a.png"}, {"type": "text", "text": "what colour is it?"}]},
+        {"role": "user", "content": [{"type": "image", "image": "a.png"},
+                                     {"type": "text", "text": "what colour is it?"}]},
         {"role": "assistant", "content": "blue"},
         {"role": "user", "content": [{"type": "text", "text": "now make it red"}]},
         {"role": "assistant", "content": [{"type": "image", "image": "a.png"}]}]}
@@ -235,7 +236,7 @@ def test_no_attention_crosses_a_conversation(engines, convs):
 @pytest.fixture(scope="module")
 def trained(toy_data, tmp_path_factory, parallel_state):
     from megannm.train.logging import read_metrics
-    from megannm.runner import build_trainer
+    from megannm.stage import build_trainer
     out = tmp_path_factory.mktemp("sft_run")
     r = recipe(toy_data, out)
     trainer = build_trainer(r, parallel_state, source="test")

@@ -10,7 +10,8 @@ import pytest
 
 from megannm.toy import world as toy
 from megannm.data.image_tokenizer import PatchVQ
-from megannm.data.preprocess import preprocess, preprocess_main
+from megannm.cli.data import preprocess as preprocess_main
+from megannm.data.preprocess import preprocess
 from megannm.data.shards import ShardDataset, ShardError, ShardWriter, caption_length, write_dataset
 from megannm.data.text_tokenizer import train_text_tokenizer
 from megannm.data.tokenize import RecordError, Tokenizers, decode_tokens, encode_record

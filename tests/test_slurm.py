@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from megannm import slurm
+from megannm.cli.slurm import stage
 
 pytest.register_assert_rewrite("tests.slurm_cluster")
 from tests.slurm_cluster import PYTHON, TINY_STEPS, events, losses, metrics  # noqa: E402
@@ -46,7 +47,7 @@ def stage_jobs(run: Path) -> dict[str, str]:
 
 
 def test_nmm_7b_chain_validates():
-    p = slurm.plan(REPO / "recipes" / "nmm-7b" / "chain.yaml", run_dir="/runs/nmm-7b")
+    p = slurm.chain_jobs(REPO / "recipes" / "nmm-7b" / "chain.yaml", run_dir="/runs/nmm-7b")
     jobs = {j["name"]: j for j in p["stages"]}
     # one tensor x pipeline layout throughout (tensor 2, no pipeline): no conversion job between stages
     assert list(jobs) == ["align", "joint", "anneal", "sft", "grpo"]
@@ -70,8 +71,9 @@ def test_nmm_7b_chain_validates():
 
 def test_a_stage_that_changes_the_layout_starts_from_a_consolidated_copy(tmp_path, tiny_recipe):
     """Between stages of different tensor x pipeline layouts the chain converts the previous checkpoint once."""
-    chain = write_chain(tmp_path, tiny_recipe, [{"name": "a"}, {"name": "b", "overrides": ["parallel.tensor_parallel=2"]}])
-    p = slurm.plan(chain, run_dir="/runs/t")
+    chain = write_chain(tmp_path, tiny_recipe,
+                        [{"name": "a"}, {"name": "b", "overrides": ["parallel.tensor_parallel=2"]}])
+    p = slurm.chain_jobs(chain, run_dir="/runs/t")
     jobs = {j["name"]: j for j in p["stages"]}
     assert list(jobs) == ["a", "b:convert", "b"]
     assert jobs["b"]["init_from"] == "/runs/t/b/init-consolidated"
@@ -84,7 +86,7 @@ def test_dry_run_prints_runnable_commands(tmp_path, tiny_recipe, capsys):
     chain = write_chain(tmp_path, tiny_recipe, [{"name": "a"}, {"name": "b", "overrides": ["schedule.train_steps=3"],
                                                                  "slurm": {"time": "00:10:00"}}])
     run = tmp_path / "run"
-    assert slurm.main([str(chain), "--dry-run", "--run-dir", str(run)]) == 0
+    assert stage([str(chain), "--dry-run", "--run-dir", str(run)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[1] == f"mkdir -p {run / 'a'} {run / 'b'}"
     a, b = lines[2], lines[3]
@@ -117,7 +119,8 @@ def test_dry_run_prints_runnable_commands(tmp_path, tiny_recipe, capsys):
      "stages.0.recipe: R: parallel.world_size: world size is not tensor x pipeline x data (got 3"),
     ({"slurm": {"gpus_per_node": 4, "ntasks_per_node": 2}, "stages": [{"name": "a", "recipe": "R"}]},
      "stages.0.slurm.ntasks_per_node: one task per device (got 2, expected gpus_per_node=4)"),
-    ({"overrides": ["checkpoint.dir=/tmp/same"], "stages": [{"name": "a", "recipe": "R"}, {"name": "b", "recipe": "R"}]},
+    ({"overrides": ["checkpoint.dir=/tmp/same"],
+      "stages": [{"name": "a", "recipe": "R"}, {"name": "b", "recipe": "R"}]},
      "stages.1.recipe: checkpoint.dir /tmp/same is also stage a's: a stage would resume from another stage's"),
 ])
 def test_chain_errors_are_one_line(tmp_path, tiny_recipe, chain, expected):
@@ -126,7 +129,7 @@ def test_chain_errors_are_one_line(tmp_path, tiny_recipe, chain, expected):
     path = tmp_path / "chain.yaml"
     path.write_text(yaml.safe_dump(chain))
     with pytest.raises(slurm.ChainError) as e:
-        slurm.plan(path, run_dir=str(tmp_path / "run"))
+        slurm.chain_jobs(path, run_dir=str(tmp_path / "run"))
     msg = str(e.value).replace(str(tiny_recipe), "R")
     assert msg.startswith(f"{path}: ") and expected in msg, msg
     assert "\n" not in msg
@@ -137,12 +140,12 @@ def test_recipe_slurm_section_is_checked(tmp_path, tiny_recipe):
     bad.write_text(f"base: {tiny_recipe}\nslurm: {{nodez: 2}}\n")
     path = write_chain(tmp_path, bad, [{"name": "a"}])
     with pytest.raises(slurm.ChainError, match=r"stages\.0\.recipe: .*bad\.yaml: slurm\.nodez: unknown key"):
-        slurm.plan(path)
+        slurm.chain_jobs(path)
 
 
 @pytest.mark.parametrize("chain", sorted((REPO / "recipes").glob("*/chain.yaml")), ids=lambda p: p.parent.name)
 def test_every_chain_in_the_repo_validates(chain, tmp_path):
-    p = slurm.plan(chain, run_dir=str(tmp_path))
+    p = slurm.chain_jobs(chain, run_dir=str(tmp_path))
     assert p["stages"] and all(s["world_size"] >= 1 for s in p["stages"])
 
 
@@ -157,7 +160,7 @@ def chain_run(slurm_cluster, tiny_recipe, tmp_path_factory):
     root = tmp_path_factory.mktemp("chain")
     chain = write_chain(root, tiny_recipe, [{"name": "s1"}, {"name": "s2", "overrides": ["schedule.train_steps=3"]}])
     run = root / "run"
-    assert slurm.main([str(chain), "--run-dir", str(run)]) == 0
+    assert stage([str(chain), "--run-dir", str(run)]) == 0
     jobs = stage_jobs(run)
     # The trainer installs its signal handler before it logs "start": signal then, well before its last step.
     deadline = time.time() + 300
@@ -187,7 +190,7 @@ def test_chain_runs_stage_2_after_stage_1_from_its_checkpoint(chain_run, slurm_c
         run / "s1" / "checkpoints")
     l1, l2 = losses(m1), losses(m2)
     assert sorted(l2) == [1, 2, 3] and l2[1] < l1[1] - 0.5, (l1[1], l2)
-    assert slurm.main(["status", str(run)]) == 0
+    assert stage(["status", str(run)]) == 0
     rows = table(capsys.readouterr().out)
     assert rows == {"s1": [chain_run["jobs"]["s1"], "COMPLETED", f"{TINY_STEPS}/{TINY_STEPS}"],
                     "s2": [chain_run["jobs"]["s2"], "COMPLETED", "3/3"]}
@@ -215,7 +218,7 @@ def failed_run(slurm_cluster, tiny_recipe, tmp_path_factory):
     chain = write_chain(root, tiny_recipe, [
         {"name": "f1", "overrides": [f"data.train=[{{path: {root / 'no-such-shards'}}}]"]}, {"name": "f2"}])
     run = root / "run"
-    assert slurm.main([str(chain), "--run-dir", str(run)]) == 0
+    assert stage([str(chain), "--run-dir", str(run)]) == 0
     jobs = stage_jobs(run)
     info1 = slurm_cluster.wait_finished(jobs["f1"])
     info2 = slurm_cluster.wait(jobs["f2"], lambda i: i.get("Reason") == "DependencyNeverSatisfied" or
@@ -229,7 +232,7 @@ def test_failed_stage_leaves_the_next_never_started(failed_run, slurm_cluster, c
     assert "no-such-shards" in Path(failed_run["info1"]["StdOut"]).read_text()  # the trainer's one-line error
     assert failed_run["info2"]["JobState"] == "PENDING"
     assert not (run / "f2" / "metrics.jsonl").exists() and not list((run / "f2").glob("slurm-*.out"))
-    assert slurm.main(["status", str(run)]) == 0
+    assert stage(["status", str(run)]) == 0
     rows = table(capsys.readouterr().out)
     assert rows["f1"][:2] == [jobs["f1"], "FAILED (exit 2:0)"], rows
     assert rows["f2"] == [jobs["f2"], "never (DependencyNeverSatisfied)", "-"], rows
@@ -244,8 +247,8 @@ def test_resubmitting_a_live_run_is_refused_then_cancel(failed_run, slurm_cluste
     err = out.stderr.strip()
     assert len(err.splitlines()) == 1 and f"f2 (job {jobs['f2']}, never (DependencyNeverSatisfied))" in err, err
     assert slurm_cluster.run(["squeue", "-h", "-o", "%i"]).stdout.split() == queued  # nothing submitted
-    assert slurm.main(["cancel", str(run)]) == 0
+    assert stage(["cancel", str(run)]) == 0
     assert f"cancelled: f2 (job {jobs['f2']}" in capsys.readouterr().out
     assert slurm_cluster.wait_finished(jobs["f2"], timeout=30)["JobState"] == "CANCELLED"
-    assert slurm.main(["status", str(run)]) == 0
+    assert stage(["status", str(run)]) == 0
     assert table(capsys.readouterr().out)["f2"][1] == "CANCELLED"

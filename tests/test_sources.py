@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from megannm.data.image_tokenizer import PatchVQ
-from megannm.data.preprocess import preprocess, preprocess_main
+from megannm.cli.data import preprocess as preprocess_main
+from megannm.data.preprocess import preprocess
 from megannm.data.shards import ShardDataset
 from megannm.data.sources import SourceOptions
 from megannm.data.text_tokenizer import train_text_tokenizer

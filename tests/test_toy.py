@@ -244,7 +244,8 @@ def test_every_toy_name_resolves_through_entry_points():
     for name in ("toy_image", "toy_caption", "toy_draw"):
         assert find_generator(name) is getattr(prompts, name)
     assert get_benchmark("toy") is evaluate.TOY and isinstance(get_benchmark("toy-chat"), Benchmark)
-    with pytest.raises(ValueError, match=r"unknown reward 'nope' \(registered: format, (.*, )?toy_caption, .*toy_image_size"):
+    with pytest.raises(ValueError,
+                       match=r"unknown reward 'nope' \(registered: format, (.*, )?toy_caption, .*toy_image_size"):
         rewards.get("nope")
     with pytest.raises(ValueError, match=r"unknown benchmark 'nope' \(registered: toy, toy-chat"):
         get_benchmark("nope")

@@ -6,4 +6,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
-exec "${PYTHON:-python3}" -m megannm.toy.selfcheck --gpu ${1:+--out "$1"}
+exec "${PYTHON:-python3}" -m megannm selfcheck --gpu ${1:+--out "$1"}

@@ -5,7 +5,7 @@
 """
 import sys
 
-from megannm.data.preprocess import preprocess_main
+from megannm.cli.data import preprocess as preprocess_main
 
 if __name__ == "__main__":
     sys.exit(preprocess_main(sys.argv[1:]))

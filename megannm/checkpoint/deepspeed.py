@@ -4,7 +4,8 @@
 ``megannm.train.load`` loads module-only into a live engine and ``megannm.checkpoint.opened`` into a model for
 sampling; ``read_deepspeed`` joins the ranks into the consolidated form that conversions write. File names are
 ``megannm.checkpoint.names``'. Every file is read with ``torch.load(mmap=True, weights_only=True)`` after its crc32 is
-checked against ``megannm.json`` (``tensors.load_torch``); the module's names are the canonical ones. Which weights (``choose_weights``, ``--weights``):
+checked against ``megannm.json`` (``tensors.load_torch``); the module's names are the canonical ones. Which
+weights (``choose_weights``, ``--weights``):
 
 - ``module``: the module files (``mp_rank_XX_model_states.pt``; under a pipeline the layer files
   ``layer_{c:02d}-model_{tp:02d}-model_states.pt``, names inside the stage, mapped by

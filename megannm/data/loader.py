@@ -5,7 +5,7 @@ sample's global index:
 
 1. blending (``packing.blend``) gives global index g to data set d as its k-th sample;
 2. data set d's k-th sample is sample j of its epoch e (each data set counts its own epochs);
-3. epoch e of data set d is its sample plan (``plans.py``): a seeded frame-local permutation of its documents,
+3. epoch e of data set d is its epoch index (``epochs.py``): a seeded frame-local permutation of its documents,
    caption dropout decided per document, documents longer than a sample cut into pieces, and pieces packed
    greedily into samples of ``seq_len + 1`` tokens (``pack=False``: one document per sample, truncated or padded).
    Plans are built once, kept as .npy files in a cache folder and memory-mapped, so a rank's memory does not grow
@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from megannm.data import packing
-from megannm.data.plans import PlanSpec, PlanStore, data_fingerprint, image_token_counts
+from megannm.data.epochs import EpochSpec, EpochStore, data_fingerprint, image_token_counts
 from megannm.data.shards import ShardDataset
 from megannm.fileio import atomic_write_json
 from megannm.vocab import Vocab
@@ -62,15 +62,15 @@ class SampleStream:
             raise ValueError(f"{ds.folder}: data set has no documents")
         self.ds, self.stream_id, self.seq_len, self.seed = ds, stream_id, seq_len, seed
         self.pack, self.caption_dropout = pack, caption_dropout
-        self.spec = PlanSpec(data_fingerprint(ds.manifest), stream_id, int(seed), int(seq_len), bool(pack),
+        self.spec = EpochSpec(data_fingerprint(ds.manifest), stream_id, int(seed), int(seq_len), bool(pack),
                              float(caption_dropout), bool(shuffle), int(window_frames))
         self.plan_dir = plan_dir
-        self.store = PlanStore(self.spec, ds, plan_dir)
+        self.store = EpochStore(self.spec, ds, plan_dir)
         self._epoch_starts = [0]  # cumulative samples before epoch e (grown lazily)
         self._warned = False
         self._image_tokens = None
 
-    def plan(self, epoch: int):
+    def epoch_index(self, epoch: int):
         p = self.store.epoch(epoch)
         cut = p.info.get("truncated", 0)
         if cut and not self._warned:  # truncation silently drops document ends (an image's last codes, <eos>)
@@ -86,7 +86,7 @@ class SampleStream:
             return divmod(k, len(self.ds))
         starts = self._epoch_starts
         while starts[-1] <= k:  # epochs differ in sample count (packing), so they are counted, in order, once
-            starts.append(starts[-1] + self.plan(len(starts) - 1).num_samples)
+            starts.append(starts[-1] + self.epoch_index(len(starts) - 1).num_samples)
         e = bisect.bisect_right(starts, k) - 1
         return e, k - starts[e]
 
@@ -106,7 +106,7 @@ class SampleStream:
 
     def pieces(self, k: int) -> list[tuple[int, bool, int, int]]:
         e, j = self.locate(k)
-        return self.plan(e).sample(j)
+        return self.epoch_index(e).sample(j)
 
     def read(self, doc: int, drop: bool) -> tuple[np.ndarray, np.ndarray | None]:
         tokens, mask = self.ds.get(doc)
@@ -444,7 +444,7 @@ def build_eval_batches(datasets, vocab, seq_len: int, micro_batch_size: int, dp_
     for path, _ in _pairs(datasets):
         order = build_order([(path, 1.0)], vocab, seq_len, seed=0, pack=pack, shuffle=False, cache=False)
         stream = order.streams[0]
-        total = stream.plan(0).num_samples
+        total = stream.epoch_index(0).num_samples
         per_rank = -(-total // (micro_batch_size * dp_size))
         if num_batches is not None:
             per_rank = min(per_rank, num_batches)
@@ -453,3 +453,19 @@ def build_eval_batches(datasets, vocab, seq_len: int, micro_batch_size: int, dp_
             samples = [(stream, stream.pieces(k) if k < total else []) for k in range(first, first + micro_batch_size)]
             out.append(collate(samples, seq_len, order.vocab.pad_id))
     return out
+
+
+def build_recipe_order(recipe) -> int:
+    """Build (or find built) every epoch a recipe's run reads: the train order for all its steps (and its image
+    counts when ``data.balance``), and each validation set's order. Returns the run's training samples."""
+    d = recipe.data
+    samples = recipe.schedule.train_steps * d.global_batch_size
+    if d.train:
+        order = build_order(d.train, d.vocab, d.seq_len, d.seed, d.pack, d.caption_dropout, plan_dir=d.plan_dir)
+        order.ensure(samples)
+        if d.balance:
+            for stream in order.streams:
+                stream.image_counts()
+    for ref in d.valid:
+        build_order([ref], d.vocab, d.seq_len, seed=0, pack=d.pack, shuffle=False, plan_dir=d.plan_dir).ensure(1)
+    return samples

@@ -1,4 +1,4 @@
-"""Records -> a shard folder (``megannm preprocess``).
+"""Records -> a shard folder (what ``megannm preprocess`` runs).
 
 Records come from a source (``megannm.data.sources``: JSONL, WebDataset tar shards, an Energon data set, Parquet
 files or a saved Hugging Face data set), streamed in a fixed order and cut into fixed-size chunks; worker processes
@@ -11,7 +11,6 @@ which ones are skipped does not depend on the workers either.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing as mp
 import os
@@ -19,8 +18,8 @@ import re
 import sys
 from pathlib import Path
 
-from megannm.data.shards import ShardError, ShardWriter, token_summary
-from megannm.data.sources import SOURCES, SourceOptions, open_source
+from megannm.data.shards import ShardWriter
+from megannm.data.sources import SourceOptions, open_source
 from megannm.data.tokenize import RecordError, Tokenizers, encode_records
 
 CHUNK_RECORDS = 256  # records per worker task: big enough to batch image encoding, small enough to balance
@@ -164,52 +163,3 @@ def preprocess(inputs, out_dir, tokenizers_dir, workers: int = 1, docs_per_shard
         _TOK = None
     return manifest
 
-
-def preprocess_main(argv: list[str] | None = None) -> int:
-    """``megannm preprocess`` / ``tools/preprocess_data.py``: exit 0, or 2 with one line on bad input."""
-    p = argparse.ArgumentParser(prog="megannm preprocess",
-                                description="Tokenise records (interleaved 'parts' or chat 'messages'; caption pairs "
-                                            "from WebDataset, Energon, Parquet or Hugging Face data sets) into a "
-                                            "folder of zstd token shards with a manifest.")
-    p.add_argument("--input", "-i", required=True, nargs="+", action="extend", type=Path,
-                   help="JSONL file(s) (image paths in records are relative to their file), .tar shards or a "
-                        "folder of them, an Energon data set folder, .parquet file(s), or a saved HF data set")
-    p.add_argument("--source", choices=["auto", *SOURCES], default="auto",
-                   help="kind of input (default: detected from the inputs)")
-    p.add_argument("--image-column", default="image", help="Parquet/HF: column of encoded images (default image)")
-    p.add_argument("--text-column", default="text", help="Parquet/HF: column of texts (default text)")
-    p.add_argument("--image-first", action="store_true",
-                   help="caption pairs as image then text (understanding) instead of text then image")
-    p.add_argument("--split", default="train", help="Energon / HF DatasetDict: the split to read (default train)")
-    p.add_argument("--skip-bad", type=int, default=0, metavar="N",
-                   help="skip up to N bad samples (each reported on one line, counted in the manifest); the next "
-                        "one aborts (default 0: the first aborts)")
-    p.add_argument("--output", "-o", required=True, type=Path, help="shard folder to create")
-    p.add_argument("--tokenizers", "-t", required=True, type=Path,
-                   help="tokenizer bundle folder (text/, image_tokenizer.*, vocab.json)")
-    p.add_argument("--workers", "-w", type=int, default=max(1, (os.cpu_count() or 1) - 1),
-                   help="tokenising processes (default: CPUs - 1); the output does not depend on it")
-    p.add_argument("--docs-per-shard", type=int, default=100_000, help="documents per shard file")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    a = p.parse_args(argv)
-    try:
-        options = SourceOptions(image_column=a.image_column, text_column=a.text_column, image_first=a.image_first,
-                                split=a.split)
-        m = preprocess(a.input, a.output, a.tokenizers, workers=a.workers, docs_per_shard=a.docs_per_shard,
-                       progress=not a.no_progress and sys.stderr.isatty(), overwrite=a.overwrite,
-                       source=a.source, options=options, skip_bad=a.skip_bad)
-    except (RecordError, ShardError, ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
-        if os.environ.get("MEGANNM_TRACEBACK") == "1":
-            raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"megannm preprocess: error: {msg}", file=sys.stderr)
-        return 2
-    print(f"{a.output}: {m['num_docs']} documents, {m['num_tokens']} tokens, {len(m['shards'])} shard(s), "
-          f"{sum(s['bytes'] for s in m['shards'])} bytes (vocabulary {m['vocab_fingerprint']})")
-    print("\n".join(token_summary(m)))  # per-document sizes and the seq_len that fits them (shards.py)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(preprocess_main())

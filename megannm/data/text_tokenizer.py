@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from megannm.fileio import atomic_output, atomic_write_json
 
 REQUIRED_FILE = "tokenizer.json"
 
@@ -23,8 +23,8 @@ def train_text_tokenizer(texts: Iterable[str], out_dir, vocab_size: int = 512) -
     """Train a byte-level BPE of at most ``vocab_size`` tokens on ``texts`` and save it to ``out_dir``.
 
     ``vocab_size`` is a ceiling: on a small corpus BPE runs out of merges earlier (the toy captions give ~330-350,
-    of which 256 are the byte alphabet); the real size is ``len(load_text_tokenizer(out_dir))``. The files are
-    written to a temporary folder and moved into ``out_dir`` one by one with an atomic rename. Deterministic: the
+    of which 256 are the byte alphabet); the real size is ``len(load_text_tokenizer(out_dir))``. ``out_dir``
+    appears whole or not at all (``fileio.atomic_output``; a folder already there is replaced). Deterministic: the
     same texts give the same ``tokenizer.json`` bytes.
     """
     from transformers import PreTrainedTokenizerFast
@@ -40,12 +40,9 @@ def train_text_tokenizer(texts: Iterable[str], out_dir, vocab_size: int = 512) -
     tok.train_from_iterator(texts, trainer=trainer)
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".tmp-tokenizer-") as tmp:
+    with atomic_output(out_dir, overwrite=True) as tmp:
         PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False).save_pretrained(tmp)
-        _portable_class_name(Path(tmp) / "tokenizer_config.json")
-        for f in sorted(Path(tmp).iterdir()):
-            os.replace(f, out_dir / f.name)
+        _portable_class_name(tmp / "tokenizer_config.json")
     return out_dir
 
 
@@ -55,7 +52,7 @@ def _portable_class_name(config: Path) -> None:
     the old name resolves in both."""
     cfg = json.loads(config.read_text())
     cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-    config.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    atomic_write_json(config, cfg, sort_keys=True)
 
 
 def load_text_tokenizer(folder):

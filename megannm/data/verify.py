@@ -96,7 +96,7 @@ class Unit:
         return int(self.shard.get("index_bytes", 0)) + (int(self.shard.get("bytes", 0)) if mode == "full" else 0)
 
 
-def plan(found: list[tuple[str, Path, dict]], mode: str, world: int) -> tuple[list[Unit], str]:
+def work_units(found: list[tuple[str, Path, dict]], mode: str, world: int) -> tuple[list[Unit], str]:
     """Every shard as a unit of work, and the mode ``auto`` stands for at this world size."""
     units = []
     for key, folder, m in found:

@@ -18,7 +18,7 @@ import torch.nn as nn
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 
-from megannm.model.block import Block, BlockShape, Linears, RMSNorm
+from megannm.model.block import Block, Linears, RMSNorm
 
 if TYPE_CHECKING:
     from megannm.model.args import ModelArgs

@@ -96,7 +96,8 @@ def lm_loss(logits_parallel: torch.Tensor, labels: torch.Tensor, loss_mask: Opti
     (already shifted), ``loss_mask`` 1 where a target counts (None = everywhere). ``logits_parallel`` is consumed:
     fp32 logits are overwritten by the cross entropy.
 
-        loss = sum_t w[modality(label_t)] * CE_t * mask_t / sum_t mask_t  +  z_loss * sum_t lse_t^2 mask_t / sum_t mask_t
+        loss = sum_t w[modality(label_t)] * CE_t * mask_t / sum_t mask_t
+               + z_loss * sum_t lse_t^2 mask_t / sum_t mask_t
 
     i.e. the per-modality weight (by the modality of the TARGET token) scales each token's term, and the divisor is
     the micro-batch's count of loss tokens whatever the weights: a weight scales its modality's gradient linearly and
@@ -201,7 +202,8 @@ class NMMModel(nn.Module):
         if max_len > self.args.max_seq_len:
             raise ValueError(f"KV cache: max_len {max_len} exceeds the model's max_seq_len={self.args.max_seq_len}")
         p = next(self.parameters())
-        return KVCache(self.args.layers, batch, self.args.kv_heads // self.layout.tp, max_len, self.args.head_dim, p.dtype,
+        return KVCache(self.args.layers, batch, self.args.kv_heads // self.layout.tp, max_len, self.args.head_dim,
+                       p.dtype,
                        p.device)
 
     # counts -------------------------------------------------------------------------------------------------------

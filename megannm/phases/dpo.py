@@ -11,7 +11,8 @@ training dtype (copied from the live policy when the run starts, read from this 
 without gradient. Logged: the loss, reward accuracy (the fraction of pairs whose implicit reward
 ``beta * (log pi - log pi_ref)`` ranks the chosen answer first), the mean margin and both implicit rewards.
 
-Pairs come from ``megannm pairs`` (``phases/rl/pairs.py``): two answers sampled per prompt from a checkpoint, ranked by the
+Pairs come from ``megannm pairs`` (``phases/rl/pairs.py``): two answers sampled per prompt from a checkpoint, ranked by
+the
 verifiable rewards of ``megannm.rewards``; pairs with equal rewards are dropped. They are written as one JSONL file
 of token ids (``pairs.jsonl``: prompt, chosen, rejected, both rewards, the truth) beside a ``manifest.json`` (vocab
 fingerprint, counts, source checkpoint, rewards) that the phase checks.

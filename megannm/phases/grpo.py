@@ -175,7 +175,8 @@ class GRPOPhase(Phase):
         return (grouped != grouped[:, :1]).any(dim=1).repeat_interleave(g)
 
     def _weights(self, scored: Scored) -> tuple[np.ndarray, np.ndarray]:
-        """Every answer's per-token weight and normaliser share (``phases/rl/objective.py``) under the recipe's options."""
+        """Every answer's per-token weight and normaliser share (``phases/rl/objective.py``) under the recipe's
+        options."""
         o = self.opts
         lengths = np.array([len(a) for a in scored.answers])
         longest = np.array([self.vocab.image_grid if it.prompt.kind == "image" else o.max_new_tokens

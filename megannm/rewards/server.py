@@ -12,7 +12,6 @@ whatever it is sent through the reward and has no authentication.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import threading
@@ -73,25 +72,19 @@ def make_server(name: str, host: str = "127.0.0.1", port: int = 0, log=None) -> 
     return server
 
 
-def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="megannm reward-server", description=__doc__.splitlines()[0].split(": ", 1)[1])
-    p.add_argument("--reward", required=True, help="a registered reward name, an installed one (entry point of "
-                                                   "megannm.rewards) or package.module:function")
-    p.add_argument("--port", type=int, required=True, help="TCP port (0: any free one; the line printed says which)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--quiet", action="store_true", help="no line per scored batch")
-    a = p.parse_args(argv)
+def serve(name: str, host: str = "127.0.0.1", port: int = 0, quiet: bool = False) -> None:
+    """What ``megannm reward-server`` runs: serve the reward ``name`` until Ctrl-C, one line per batch unless
+    ``quiet``; a port that cannot be listened on is one ValueError line naming ``--port``."""
     say = lambda m: print(m, flush=True)  # noqa: E731
     try:
-        server = make_server(a.reward, a.host, a.port, log=None if a.quiet else say)
+        server = make_server(name, host, port, log=None if quiet else say)
     except OSError as e:  # the port is taken, or the address is not this machine's
-        raise ValueError(f"--port: cannot listen on {a.host}:{a.port} ({e.strerror or e})") from None
-    host, port = server.server_address[:2]
-    say(f"reward {a.reward} served at http://{host}:{port}/ (POST {FORMAT} batches; Ctrl-C stops)")
+        raise ValueError(f"--port: cannot listen on {host}:{port} ({e.strerror or e})") from None
+    bound_host, bound_port = server.server_address[:2]
+    say(f"reward {name} served at http://{bound_host}:{bound_port}/ (POST {FORMAT} batches; Ctrl-C stops)")
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         print("megannm reward-server: stopped", file=sys.stderr)
     finally:
         server.server_close()
-    return 0

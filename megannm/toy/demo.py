@@ -15,7 +15,6 @@ held-out prompts, with the wall time of every stage.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -165,7 +164,7 @@ def run_chain(chain: Path, data: dict, out: Path, extra: list[str], layout, say=
     seconds of every stage trained (and of every pairs build, as ``<stage>.pairs``) in this call."""
     from megannm import checkpoint
     from megannm.config import load_recipe
-    from megannm.runner import build_trainer
+    from megannm.stage import build_trainer
 
     shards = data["shards"]
     fill = lambda o: (o.replace("{shards}", str(shards)).replace("{tokenizers}", str(data["tokenizers"]))  # noqa
@@ -208,42 +207,26 @@ def run_chain(chain: Path, data: dict, out: Path, extra: list[str], layout, say=
     return previous
 
 
-def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="megannm demo", description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="runs/demo", help="output folder")
-    p.add_argument("--benchmark", default="toy", choices=BENCHMARKS,
-                   help="toy: the single-shape world; toy-geneval: the compositional scenes, before/after GRPO and DPO")
-    p.add_argument("--chain", default=None, help="recipe chain to train (default: the benchmark's)")
-    p.add_argument("--n-train", type=int, default=None, help="pretraining records (default 14000; toy-geneval 20000)")
-    p.add_argument("--n-valid", type=int, default=200)
-    p.add_argument("--eval-n", type=int, default=None, help="examples per split in the evaluation (default 100; "
-                                                            "toy-geneval: per category or question type and split, "
-                                                            "default 50)")
-    p.add_argument("--eval-temperature", type=float, default=1.0,
-                   help="toy-geneval: sampling temperature of the evaluation (0 = greedy)")
-    p.add_argument("--eval-chat-n", type=int, default=10,
-                   help="chat evaluation (when the chain ends with an SFT stage): drawing and edit prompts per split "
-                        "(twice as many questions per question type)")
-    p.add_argument("--image-to-text", type=float, default=0.35,
-                   help="fraction of pretraining records that put the image first (the rest: caption -> image)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("overrides", nargs="*", help="key.path=value applied to every stage (e.g. a shorter schedule)")
-    a = p.parse_args(argv)
-    scenes = a.benchmark == "toy-geneval"
-    chain = Path(a.chain or (GENEVAL_CHAIN if scenes else TOY_CHAIN))
-    a.n_train = a.n_train or (20000 if scenes else 14000)
-    a.eval_n = a.eval_n or (50 if scenes else 100)
+def run_demo(out, benchmark: str = "toy", chain=None, n_train: int | None = None, n_valid: int = 200,
+             eval_n: int | None = None, eval_temperature: float = 1.0, eval_chat_n: int = 10,
+             image_to_text: float = 0.35, seed: int = 0, workers: int = 2, overrides: tuple = ()) -> int:
+    """What ``megannm demo`` runs (the module docstring); returns the exit code. ``None`` sizes: the benchmark's."""
+    if benchmark not in BENCHMARKS:
+        raise ValueError(f"--benchmark: {benchmark!r} is not one of {', '.join(BENCHMARKS)}")
+    scenes = benchmark == "toy-geneval"
+    chain = Path(chain or (GENEVAL_CHAIN if scenes else TOY_CHAIN))
+    n_train = n_train or (20000 if scenes else 14000)
+    eval_n = eval_n or (50 if scenes else 100)
+    overrides = list(overrides)
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     import torch
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     t0 = time.time()
-    out = Path(a.out)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    data = build_data(out, a.n_train, a.n_valid, a.seed, a.workers, image_to_text=a.image_to_text,
-                      benchmark=a.benchmark)
-    if a.benchmark == "toy-geneval":
-        return geneval_demo(a, chain, data, out, t0)
+    data = build_data(out, n_train, n_valid, seed, workers, image_to_text=image_to_text, benchmark=benchmark)
+    if scenes:
+        return geneval_demo(chain, data, out, t0, overrides, eval_n, eval_temperature, seed)
 
     from megannm import checkpoint, parallel
     from megannm.config import load_recipe
@@ -253,7 +236,7 @@ def main(argv: list[str]) -> int:
     from megannm.toy.evaluate import evaluate, evaluate_chat, format_report
     layout = parallel.init_parallel(1, 1)  # one world of one for every stage and the evaluation
     try:
-        final = run_chain(chain, data, out, a.overrides, layout)
+        final = run_chain(chain, data, out, overrides, layout)
         tok = Tokenizers.load(data["tokenizers"])
         stages = load_chain(chain)
         sft = load_recipe(stages[-1]["recipe"]).phase.kind == "sft" and len(stages) > 1
@@ -261,10 +244,10 @@ def main(argv: list[str]) -> int:
         # model, prompted with the chat template) is scored on chat, against that same pretrained model.
         base = out / "runs" / stages[-2]["name"] / "checkpoints" if sft else final
         model, _ = load_model(base, layout, vocab=tok.vocab)
-        report = evaluate(model, tok, n_per_split=a.eval_n, out_dir=out)
+        report = evaluate(model, tok, n_per_split=eval_n, out_dir=out)
         report["checkpoint"] = str(checkpoint.latest(base))
         if sft:
-            n = {"n_per_task": a.eval_chat_n, "n_per_question": 2 * a.eval_chat_n}
+            n = {"n_per_task": eval_chat_n, "n_per_question": 2 * eval_chat_n}
             report["chat_before_sft"] = evaluate_chat(model, tok, **n)
             model, _ = load_model(final, layout, vocab=tok.vocab)
             report["chat"] = evaluate_chat(model, tok, **n)
@@ -279,7 +262,8 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def geneval_demo(a, chain: Path, data: dict, out: Path, t0: float) -> int:
+def geneval_demo(chain: Path, data: dict, out: Path, t0: float, overrides: list, eval_n: int,
+                 eval_temperature: float, seed: int) -> int:
     """Train the compositional chain, then score every checkpoint its ``evaluate`` names (``before``: one stage,
     ``after``: a list) on the toy-geneval benchmark and write ``report.json``: per checkpoint, the benchmark's
     report; ``headline``: text -> image per split and category, before and after; the wall seconds of every
@@ -299,7 +283,7 @@ def geneval_demo(a, chain: Path, data: dict, out: Path, t0: float) -> int:
     seconds: dict = {"data": round(time.time() - t0, 1)}
     layout = parallel.init_parallel(1, 1)
     try:
-        run_chain(chain, data, out, a.overrides, layout, seconds=seconds)
+        run_chain(chain, data, out, overrides, layout, seconds=seconds)
         tok = Tokenizers.load(data["tokenizers"])
         report = {"benchmark": "toy-geneval", "chain": str(chain), "checkpoints": {}, "evaluations": {}}
         names = [n for n in names if checkpoint.latest(out / "runs" / n / "checkpoints") is not None]
@@ -308,8 +292,8 @@ def geneval_demo(a, chain: Path, data: dict, out: Path, t0: float) -> int:
             ckpt = out / "runs" / name / "checkpoints"
             model, _ = load_model(ckpt, layout, vocab=tok.vocab)
             (out / "eval" / name).mkdir(parents=True, exist_ok=True)
-            report["evaluations"][name] = evaluate_geneval(model, tok, n=a.eval_n, seed=a.seed,
-                                                           temperature=a.eval_temperature, out_dir=out / "eval" / name)
+            report["evaluations"][name] = evaluate_geneval(model, tok, n=eval_n, seed=seed,
+                                                           temperature=eval_temperature, out_dir=out / "eval" / name)
             report["checkpoints"][name] = str(checkpoint.latest(ckpt))
             seconds[f"evaluate {name}"] = round(time.time() - t, 1)
             del model
@@ -319,7 +303,7 @@ def geneval_demo(a, chain: Path, data: dict, out: Path, t0: float) -> int:
                                   for g in (*CATEGORIES, "overall")} for split in SPLITS}
     report["before"], report["after"] = names[0], names[1:]
     report["skipped"] = [n for n in [spec["before"], *spec.get("after", [])] if n not in names]
-    report["eval"] = {"n_per_category": a.eval_n, "temperature": a.eval_temperature, "seed": a.seed}
+    report["eval"] = {"n_per_category": eval_n, "temperature": eval_temperature, "seed": seed}
     report["wall_seconds"] = seconds
     report["demo_wall_seconds"] = round(time.time() - t0, 1)
     write_report(report, out)

@@ -1,4 +1,4 @@
-"""``python -m megannm.toy.selfcheck [--gpu] [--out DIR]``: does this machine train, sample and export in bf16?
+"""``megannm selfcheck [--gpu] [--out DIR]``: does this machine train, sample and export in bf16?
 
 One line per item, each ``ok``, ``FAIL`` or ``skipped: no GPU``, in under 8 minutes on one GPU:
 
@@ -17,7 +17,6 @@ the toy world's.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import os
@@ -114,7 +113,7 @@ def write_toy_pairs(tokenizers: Path, folder: Path, n: int = 16, seed: int = 0) 
 def train(recipe: dict, layout, world: int = 1) -> tuple[list[float], object]:
     """Run ``recipe`` on ``layout``; (per-step losses, the Trainer)."""
     from megannm.config import recipe_from_dict
-    from megannm.runner import build_trainer
+    from megannm.stage import build_trainer
     from megannm.train.logging import read_metrics
     r = recipe_from_dict(recipe, source=recipe["name"], world_size=world)
     trainer = build_trainer(r, layout, source=r.name)
@@ -269,8 +268,8 @@ class Check:
         """Tokens/s and MFU of bf16 training steps at a GPU-sized shape, and the peak memory against the plan;
         ``compiled``: with ``model.compile`` (each block compiled: Triton kernels for its element-wise work)."""
         from megannm.config import recipe_from_dict
-        from megannm.plan import DEVICES, GiB, make_plan
-        from megannm.runner import build_trainer
+        from megannm.estimate import DEVICES, GiB, estimate_recipe
+        from megannm.stage import build_trainer
         from megannm.vocab import Vocab
         d = phase_recipe("pretrain", self.data, self.out, steps=100,
                          name=f"speed_{'mot' if mot else 'dense'}{'_compiled' if compiled else ''}",
@@ -307,7 +306,7 @@ class Check:
         peak = torch.cuda.max_memory_allocated()
         name = torch.cuda.get_device_name().lower()
         kind = next((k for k in ("h200", "h100", "a100", "b200") if k in name), None)
-        plan = make_plan(r, 1, kind or "h100", vocab=vocab)
+        plan = estimate_recipe(r, 1, kind or "h100", vocab=vocab)
         estimate = plan.peak.total - plan.peak.parts["overhead"]  # the allocator's view: no CUDA context
         flops = trainer.flops_per_token * tps
         mfu = f", MFU {flops / (DEVICES[kind].peak_tflops['bf16'] * 1e12):.1%}" if kind else ""
@@ -334,24 +333,18 @@ class Check:
         return 1 if self.failures else 0
 
 
-def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="python -m megannm.toy.selfcheck", description="bf16 steps of every phase, "
-                                 "sampling, Hugging Face export, and on a GPU memory and speed, one line each.")
-    ap.add_argument("--gpu", action="store_true", help="fail unless a CUDA device is visible")
-    ap.add_argument("--out", default=None, help="working folder (default: a new temporary folder)")
-    a = ap.parse_args(argv)
-    out = Path(a.out) if a.out else Path(tempfile.mkdtemp(prefix="megannm-selfcheck-"))
+def selfcheck(gpu: bool = False, out=None) -> int:
+    """What ``megannm selfcheck`` runs: every item, one line each; 1 when one failed. ``gpu``: fail unless a CUDA
+    device is visible; ``out``: the working folder (default: a new temporary folder)."""
+    out = Path(out) if out else Path(tempfile.mkdtemp(prefix="megannm-selfcheck-"))
     out.mkdir(parents=True, exist_ok=True)
     print(f"selfcheck: working folder {out} (the runs' own output: {out / 'selfcheck.log'})", flush=True)
     with _output_to(out / "selfcheck.log"):
         from megannm import parallel
-        check = Check(out, a.gpu)
+        check = Check(out, gpu)
     try:
         return check.run()
     finally:
         with _output_to(out / "selfcheck.log"):
             parallel.shutdown()
 
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -113,6 +113,6 @@ def load_local(engine, args, layout, get_local: Callable[[str], torch.Tensor], s
         # checkpoint's full precision instead, so a stage boundary rounds nothing (Adam's moments still start fresh:
         # a warm start, not a resume).
         from deepspeed.utils import safe_set_full_fp32_param
-        for name_c, _, p, parts in params:
-            safe_set_full_fp32_param(p, _module_tensor(name_c, parts, get_local).float())
+        for name_c, _, p in params:
+            safe_set_full_fp32_param(p, get_local(name_c).float())
     return count

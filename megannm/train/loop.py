@@ -4,7 +4,7 @@ The ``Trainer`` is the one owner of a step. For every phase and layout it asks t
 (``Phase.step_work``: optimizer updates of ``accum`` micro-batches each), runs forward and backward through the
 DeepSpeed engine (or ``PipelineEngine.train_batch`` with pipeline stages), steps the optimizer once per update and
 the learning-rate schedule once per step, reduces the statistics over the data-parallel group, checks the step for
-divergence (``guard``), logs, evaluates and saves atomically. ``megannm.runner.run`` builds it on every rank.
+divergence (``guard``), logs, evaluates and saves atomically. ``megannm.stage.run_stage`` builds it on every rank.
 
 Once per step, one all-reduce (max) over every rank carries what all ranks must agree on: the divergence guard's
 evidence, a stop signal (preemption or Ctrl-C: save and exit with ``signals.EXIT_PREEMPTED`` / ``EXIT_INTERRUPTED``)
@@ -63,10 +63,10 @@ def verify_data(recipe: Recipe, layout, vocab: Vocab, source: str = "recipe") ->
     """The recipe's data sets checked before anything is built (``megannm.data.verify``, by ``data.verify``), every
     rank reading its share; one all-reduce makes every rank raise for the same problem, which rank 0 prints."""
     found = verify.check_manifests(recipe.data, vocab, source)
-    units, mode = verify.plan(found, recipe.data.verify, layout.world_size)
+    units, mode = verify.work_units(found, recipe.data.verify, layout.world_size)
     failed = verify.first_problem(units, mode, layout.rank, layout.world_size)
     t = torch.tensor([float(len(units) - failed[0]) if failed else 0.0], device=parallel.device())
-    parallel.all_reduce(t, op="max")  # the max picks the first failing unit in plan order
+    parallel.all_reduce(t, op="max")  # the max picks the first failing unit in unit order
     if float(t) == 0:
         return
     i = len(units) - int(t)

@@ -30,7 +30,7 @@ STEPS = 6
 
 def run(name: str, kind: str, precision: str, resume: bool = False, **extra):
     from megannm.config import recipe_from_dict
-    from megannm.runner import build_trainer
+    from megannm.stage import build_trainer
     d = phase_recipe(kind, DATA, OUT, name=name, precision=precision, steps=STEPS, world=WORLD, **extra)
     r = recipe_from_dict(d, source=name, world_size=WORLD)
     layout = parallel.init_parallel(r.parallel.tensor_parallel, r.parallel.pipeline_parallel)
@@ -59,7 +59,7 @@ def init_master(source: str) -> None:
     """The fp32 master right after ``init_from`` a bf16 checkpoint, before any step (``init_master.pt``)."""
     from deepspeed.utils import safe_get_full_fp32_param
     from megannm.config import recipe_from_dict
-    from megannm.runner import build_trainer
+    from megannm.stage import build_trainer
     d = phase_recipe("sft", DATA, OUT, name="init_master", precision="bf16", steps=STEPS, world=WORLD,
                      checkpoint__init_from=source)
     r = recipe_from_dict(d, source="init_master", world_size=WORLD)

@@ -58,7 +58,7 @@ def _status(key: str) -> int:
 def measure(case: str, data: str, out: Path, warmup: bool = False) -> None:
     from megannm import parallel
     from megannm.config import recipe_from_dict
-    from megannm.runner import build_trainer
+    from megannm.stage import build_trainer
     world = int(os.environ.get("WORLD_SIZE", 1))
     r = recipe_from_dict(recipe_dict(case, data, str(out)), source=case, world_size=world)
     layout = parallel.init_parallel(r.parallel.tensor_parallel, r.parallel.pipeline_parallel)

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from megannm import parallel
 from megannm.config import recipe_from_dict
 from megannm.train.logging import read_metrics
-from megannm.runner import build_trainer
+from megannm.stage import build_trainer
 
 OUT, DATA = Path(sys.argv[1]), Path(sys.argv[2])
 CASES = sys.argv[3:]

@@ -50,7 +50,7 @@ def checksum(engine, zero: int) -> float:
 
 
 def run_case(out: Path, tokenizers: str, case: str) -> None:
-    from megannm.runner import build_trainer
+    from megannm.stage import build_trainer
     from megannm.train.logging import read_metrics
     world = int(__import__("os").environ.get("WORLD_SIZE", 1))
     tp, zero = {"tp2": (2, 1), "z3": (1, 3), "z0": (1, 0), "ref": (1, 0)}[case]

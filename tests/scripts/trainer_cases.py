@@ -13,7 +13,7 @@ import torch
 
 from megannm import parallel
 from megannm.config import recipe_from_dict
-from megannm.runner import build_trainer
+from megannm.stage import build_trainer
 from megannm.train.logging import read_metrics
 
 OUT, DATA = Path(sys.argv[1]), Path(sys.argv[2])

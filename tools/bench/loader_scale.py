@@ -6,7 +6,7 @@ the same document lengths (caption pairs: <bos>, an 8-64 token caption, <boi>, 2
 megannm shards (the real format, written vectorised, token payload all zeros: only the index matters here) and as
 a megatron-core IndexedDataset (.idx with the same lengths, .bin a sparse file). Then, each in a fresh process:
 
-  ours build   build the epoch-0 sample plan into the cache (``PlanStore.ensure``): seconds, peak RSS
+  ours build   build the epoch-0 sample plan into the cache (``EpochStore.ensure``): seconds, peak RSS
   ours run     with the cache built: build_train_iterator for data-parallel rank 0 of 8, time to the first
                micro-batch, then 200 micro-batches; resident memory split into anonymous (the process's own) and
                file-backed (mmaps, page cache) at start-up and in steady state, all measured above the RSS the
@@ -139,7 +139,7 @@ def worker_ours_build(folder: str, plans: str, seq_len: int) -> dict:
     t = time.perf_counter()
     order = build_order([(folder, 1.0)], None, seq_len, seed=1234, caption_dropout=0.1, plan_dir=plans)
     order.streams[0].store.ensure([0])
-    plan = order.streams[0].plan(0)
+    plan = order.streams[0].epoch_index(0)
     return {"build_s": time.perf_counter() - t, "samples": plan.num_samples, "base": base, "peak": rss()["VmHWM"],
             "plan_bytes": sum(p.stat().st_size for p in Path(plans).rglob("*.npy"))}
 

@@ -6,7 +6,7 @@ once per modality, global attention) reaches the dense model's quality with a fr
 two models are trained SIDE BY SIDE in ONE process: ``model.mot: true`` and its dense twin ``mot: false``, built
 from the same recipe (default ``recipes/toy/joint.yaml``, the demo's joint stage: hidden 192, 4 layers, micro-batch
 32 x 80 tokens, fp32 on the CPU) with the same seed and the same FLOPs per token (``megannm.model.flops``: each
-token passes exactly one set of weights of the same sizes). Each is a real megannm ``Trainer`` (the runner's
+token passes exactly one set of weights of the same sizes). Each is a real megannm ``Trainer`` (``megannm.stage``'s
 ``build_trainer``: DeepSpeed engine, the recipe's optimizer, warm-up and cosine schedule, gradient clipping) and
 makes its real ``train_step``; the steps are interleaved (dense, MoT, then MoT, dense, ...) and both get the very
 same micro-batches, read once from one loader, so that data order and machine noise hit both alike.
@@ -221,7 +221,7 @@ def run(a: argparse.Namespace) -> None:
     import torch
     torch.set_num_threads(a.threads)
     from megannm import parallel
-    from megannm.runner import build_trainer
+    from megannm.stage import build_trainer
     from megannm.toy.demo import build_data
 
     out = Path(a.out)

@@ -9,7 +9,8 @@ contender alike; a ratio is the median over rounds of the two contenders' step t
 slow stretch of the machine shifts both), beside each contender's median step time. On a CPU these ratios are
 guards, not targets (no complexity enters the model for a CPU figure): megannm dense >= 1.0x HF's tokens/s, MoT step
 time <= 1.15x its dense twin. The summary's headline ratios are the default setting's (eager); ``settings`` has
-both (eager, and each block compiled: ``model.compile``). Each contender's minor page faults per step are printed too: a step that frees and
+both (eager, and each block compiled: ``model.compile``). Each contender's minor page faults per step are printed
+too: a step that frees and
 re-allocates large temporaries pays the kernel for fresh pages every step (glibc's allocator returns them).
 (When all contenders shared one process, HF's step mapped 15-30k fresh pages a step there, and the heap it left made
 megannm's dense step at the demo's shape pay 5-13k faults a step that it does not pay alone.)

@@ -14,7 +14,6 @@ Parameter names are megannm's canonical ones under ``model.`` (``model.layers.0.
 0's image query projection), ``model.embed_tokens.weight``, ``model.norm.{m}.weight`` and ``lm_head.weight``.
 """
 import dataclasses
-from typing import Optional
 
 import torch
 import torch.nn as nn

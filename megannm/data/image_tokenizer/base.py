@@ -12,8 +12,8 @@ installed package declares; ``package.module:Class`` written as the kind itself.
 from __future__ import annotations
 
 import importlib
+import io
 import json
-import os
 import zipfile
 from abc import ABC, abstractmethod
 from importlib.metadata import entry_points
@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from megannm.data.image_tokenizer.images import PAD_COLOR, check_policy, fit_image
+from megannm.fileio import atomic_write
 
 FORMAT_VERSION = 1  # of the .npz files and of image_tokenizer.json
 FOLDER_FORMAT = "megannm-image-tokenizer"
@@ -101,14 +102,9 @@ class ImageTokenizer(ABC):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         arrays = {"kind": np.array(self.kind), "format_version": np.array(FORMAT_VERSION), **self._arrays()}
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:  # a file object, so numpy does not append ".npz" to the temporary name
-                np.savez(f, **arrays)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
+        buf = io.BytesIO()  # a file object, so numpy does not append ".npz" to the name (arrays: a codebook's size)
+        np.savez(buf, **arrays)
+        return atomic_write(path, buf.getvalue())
 
     def meta(self, **extra) -> dict:
         """The ``image_tokenizer.json`` of a folder kind."""
@@ -248,11 +244,35 @@ def read_meta(folder: Path) -> dict:
     return meta
 
 
+# transformers' model_type -> megannm kind, for folders without image_tokenizer.json
+MODEL_TYPES = {"janus_vqgan": "janus", "janus": "janus", "emu3_vqgan": "emu3", "emu3": "emu3",
+               "chameleon_vqgan": "chameleon", "chameleon": "chameleon"}
+
+
+def read_hf_config(folder: Path) -> dict:
+    """The ``config.json`` transformers wrote into ``folder``, or one line saying why not."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: not an image tokenizer folder (no {META_FILE} and no config.json)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+
+
+def infer_kind(folder: Path) -> str:
+    """The kind of a folder transformers wrote, from its config.json's model_type."""
+    mt = read_hf_config(folder).get("model_type")
+    if mt not in MODEL_TYPES:
+        raise ValueError(f"{folder / 'config.json'}: model_type {mt!r} is not an image tokenizer (expected an Emu3, "
+                         f"Janus or Chameleon VQ model: {', '.join(sorted(MODEL_TYPES))})")
+    return MODEL_TYPES[mt]
+
+
 def _load_folder(folder: Path) -> ImageTokenizer:
     if (folder / META_FILE).is_file():
         meta = read_meta(folder)
     else:  # a folder straight from transformers' save_pretrained (or a whole downloaded model)
-        from megannm.data.image_tokenizer.hf import infer_kind
         meta = {"kind": infer_kind(folder)}
     cls = kind_class(str(meta["kind"]), str(folder / META_FILE))
     if cls.storage != "folder":

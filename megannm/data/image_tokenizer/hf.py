@@ -17,33 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from megannm.data.image_tokenizer.base import META_FILE, ImageTokenizer
+from megannm.data.image_tokenizer.base import META_FILE, ImageTokenizer, read_hf_config
 from megannm.data.image_tokenizer.images import check_policy
 from megannm.fileio import atomic_output, atomic_write_json
-
-# transformers' model_type -> megannm kind, for folders without image_tokenizer.json
-MODEL_TYPES = {"janus_vqgan": "janus", "janus": "janus", "emu3_vqgan": "emu3", "emu3": "emu3",
-               "chameleon_vqgan": "chameleon", "chameleon": "chameleon"}
-
-
-def _read_config(folder: Path) -> dict:
-    path = folder / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{folder}: not an image tokenizer folder (no {META_FILE} and no config.json)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
-
-
-def infer_kind(folder: Path) -> str:
-    """The kind of a folder transformers wrote, from its config.json's model_type."""
-    mt = _read_config(folder).get("model_type")
-    if mt not in MODEL_TYPES:
-        raise ValueError(f"{folder / 'config.json'}: model_type {mt!r} is not an image tokenizer (expected an Emu3, "
-                         f"Janus or Chameleon VQ model: {', '.join(sorted(MODEL_TYPES))})")
-    return MODEL_TYPES[mt]
-
 
 def quiet_transformers():
     """transformers' loading chatter (unused weights of a whole model, per-file progress bars) says nothing a user
@@ -186,7 +162,7 @@ class HFVQ(ImageTokenizer):
         folder = Path(folder)
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder}: image tokenizer folder not found")
-        cfg = _read_config(folder)
+        cfg = read_hf_config(folder)
         mt = cfg.get("model_type")
         quiet_transformers()
         try:

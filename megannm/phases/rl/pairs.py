@@ -6,9 +6,7 @@ On disk: ``pairs.jsonl`` (one pair a line: prompt, chosen and rejected token ids
 """
 from __future__ import annotations
 
-import argparse
 import json
-import time
 from pathlib import Path
 
 from megannm.fileio import atomic_write, atomic_write_json
@@ -73,36 +71,21 @@ def write_pairs(folder, pairs: list[dict], manifest: dict) -> Path:
     return folder
 
 
-def main(argv: list[str]) -> int:
-    """``megannm pairs``: sample two answers per prompt from a checkpoint, rank them with the verifier, write pairs."""
-    p = argparse.ArgumentParser(prog="megannm pairs", description="Preference pairs for DPO: two sampled answers "
-                                "per prompt from a checkpoint, ranked by verifiable rewards; ties dropped.")
-    p.add_argument("checkpoint", help="checkpoint folder (or its parent holding `latest`)")
-    p.add_argument("--tokenizers", required=True)
-    p.add_argument("--out", required=True, help="folder for pairs.jsonl + manifest.json")
-    p.add_argument("--prompts", required=True, help="a JSONL prompt file, a registered prompt source (e.g. the "
-                                                     "toy world's toy_image) or package.module:function")
-    p.add_argument("--split", default="seen", choices=("seen", "heldout", "all"))
-    p.add_argument("--n", type=int, default=1000, help="prompts (pairs before dropping ties)")
-    p.add_argument("--rewards", required=True, help="comma-separated reward names (name=weight allowed)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--cfg-scale", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
+def make_pairs(checkpoint, tokenizers, out, prompts: str, rewards: str, split: str = "seen", n: int = 1000,
+               temperature: float = 1.0, cfg_scale: float = 1.0, max_new_tokens: int = 32,
+               seed: int = 0) -> tuple[int, int]:
+    """What ``megannm pairs`` runs: two sampled answers for each of ``n`` prompts from ``checkpoint``, ranked by
+    ``rewards`` (``parse_weights``), ties dropped, written to ``out``. Returns (pairs written, ties dropped)."""
     from megannm.generate import SamplingConfig
     from megannm.checkpoint.opened import open_checkpoint
-    t0 = time.time()
-    combined = Combined(parse_weights(a.rewards))
-    source = PromptSource(a.prompts, key="--prompts")
-    with open_checkpoint(a.checkpoint, a.tokenizers) as ck:
-        items = source.sample(ck.tok, a.n, [a.seed, 17], a.split)
-        sampling = SamplingConfig.from_options(temperature=a.temperature, seed=a.seed, greedy=False)
-        pairs, ties = build_pairs(ck.model, ck.tok, items, combined, sampling, a.cfg_scale, a.max_new_tokens)
-        write_pairs(a.out, pairs, {"vocab_fingerprint": ck.tok.vocab.fingerprint, "checkpoint": str(a.checkpoint),
-                                   "prompts": a.prompts, "split": a.split, "rewards": combined.weights,
-                                   "temperature": a.temperature, "cfg_scale": a.cfg_scale, "seed": a.seed,
-                                   "prompts_sampled": a.n, "ties_dropped": ties})
-    print(f"{len(pairs)} pairs ({ties} ties dropped of {a.n} prompts) -> {Path(a.out) / PAIRS} "
-          f"({time.time() - t0:.0f} s)")
-    return 0
+    combined = Combined(parse_weights(rewards))
+    source = PromptSource(prompts, key="--prompts")
+    with open_checkpoint(checkpoint, tokenizers) as ck:
+        items = source.sample(ck.tok, n, [seed, 17], split)
+        sampling = SamplingConfig.from_options(temperature=temperature, seed=seed, greedy=False)
+        pairs, ties = build_pairs(ck.model, ck.tok, items, combined, sampling, cfg_scale, max_new_tokens)
+        write_pairs(out, pairs, {"vocab_fingerprint": ck.tok.vocab.fingerprint, "checkpoint": str(checkpoint),
+                                 "prompts": prompts, "split": split, "rewards": combined.weights,
+                                 "temperature": temperature, "cfg_scale": cfg_scale, "seed": seed,
+                                 "prompts_sampled": n, "ties_dropped": ties})
+    return len(pairs), ties

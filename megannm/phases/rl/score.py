@@ -10,8 +10,6 @@ registered reward of that name (e.g. one per attribute). Prints a table and one 
 """
 from __future__ import annotations
 
-import argparse
-import json
 import time
 
 import torch
@@ -42,58 +40,46 @@ def win_rate(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a > b).double().mean() + 0.5 * (a == b).double().mean())
 
 
-def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="megannm score", description=__doc__.splitlines()[0].split(": ", 1)[1])
-    p.add_argument("checkpoint")
-    p.add_argument("--tokenizers", required=True)
-    p.add_argument("--against", default=None, help="another checkpoint: its scores and the win rate")
-    p.add_argument("--prompts", required=True, help="a registered prompt generator (e.g. toy_image), "
-                                                    "package.module:function, or a JSONL prompt file")
-    p.add_argument("--split", default="heldout", choices=("seen", "heldout", "all"))
-    p.add_argument("--n", type=int, default=200, help="prompts")
-    p.add_argument("--samples", type=int, default=1, help="answers per prompt")
-    p.add_argument("--rewards", required=True, help="comma-separated names (name=weight allowed; weight 0: "
-                                                    "reported, not counted; name_* for a family)")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--cfg-scale", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, help="also write the result here")
-    a = p.parse_args(argv)
-    from megannm.checkpoint.opened import open_checkpoint
-    from megannm.fileio import atomic_write
+def score_checkpoints(checkpoint, tokenizers, prompts: str, rewards: str, against=None, split: str = "heldout",
+                      n: int = 200, samples: int = 1, temperature: float = 1.0, cfg_scale: float = 1.0,
+                      max_new_tokens: int = 32, seed: int = 0) -> dict:
+    """What ``megannm score`` runs: the mean rewards of ``checkpoint``'s answers (and of ``against``'s, with the win
+    rate), ``rewards`` as ``parse_weights`` reads it. Returns the result that the command prints as JSON."""
     from megannm.generate import SamplingConfig
+    from megannm.checkpoint.opened import open_checkpoint
     from megannm.phases.rl.prompts import PromptSource
     t0 = time.time()
-    weights = parse_weights(a.rewards)
+    weights = parse_weights(rewards)
     combined = Combined(weights)
-    source = PromptSource(a.prompts, key="--prompts")
-    sampling = SamplingConfig.from_options(temperature=a.temperature, seed=a.seed)
-    result = {"prompts": a.prompts, "split": a.split, "n": a.n, "samples": a.samples, "temperature": a.temperature,
-              "cfg_scale": a.cfg_scale, "rewards": {k: v for k, v in weights.items() if v}}
+    source = PromptSource(prompts, key="--prompts")
+    sampling = SamplingConfig.from_options(temperature=temperature, seed=seed)
+    result = {"prompts": prompts, "split": split, "n": n, "samples": samples, "temperature": temperature,
+              "cfg_scale": cfg_scale, "rewards": {k: v for k, v in weights.items() if v}}
     scored = {}
-    with open_checkpoint(a.checkpoint, a.tokenizers) as ck:
+    with open_checkpoint(checkpoint, tokenizers) as ck:
         # [seed, 17]: the prompts of `megannm pairs` with the same seed, kept apart from the sampling seed's stream
-        items = source.sample(ck.tok, a.n, [a.seed, 17], a.split)
-        for name, path in (("model", a.checkpoint), ("against", a.against)):
+        items = source.sample(ck.tok, n, [seed, 17], split)
+        for name, path in (("model", checkpoint), ("against", against)):
             if path is None:
                 continue
             model = ck.model if name == "model" else ck.load(path)
-            scored[name] = score_model(model, ck.tok, items, combined, sampling, a.cfg_scale, a.max_new_tokens,
-                                       a.samples)
+            scored[name] = score_model(model, ck.tok, items, combined, sampling, cfg_scale, max_new_tokens, samples)
             result[name] = {"checkpoint": str(path), **summary(scored[name])}
     if "against" in scored:
         result["win_rate"] = win_rate(scored["model"].rewards, scored["against"].rewards)
     result["seconds"] = round(time.time() - t0, 1)
+    return result
+
+
+def format_scores(result: dict) -> str:
+    """The table ``megannm score`` prints above its JSON line."""
+    lines = []
     for name in ("model", "against"):
         if name in result:
             r = result[name]
-            print(f"{name:8s} reward {r['reward']:.3f}  " + "  ".join(f"{k} {v:.3f}" for k, v in r.items()
-                                                                  if k not in ("checkpoint", "reward")))
+            lines.append(f"{name:8s} reward {r['reward']:.3f}  " + "  ".join(f"{k} {v:.3f}" for k, v in r.items()
+                                                                         if k not in ("checkpoint", "reward")))
     if "win_rate" in result:
-        print(f"win rate of {a.checkpoint} against {a.against}: {result['win_rate']:.3f}")
-    line = json.dumps(result)
-    print(line)
-    if a.json:
-        atomic_write(a.json, line + "\n")
-    return 0
+        lines.append(f"win rate of {result['model']['checkpoint']} against {result['against']['checkpoint']}: "
+                     f"{result['win_rate']:.3f}")
+    return "\n".join(lines)

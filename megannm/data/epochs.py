@@ -1,12 +1,12 @@
-"""Sample plans: each data set's per-epoch order and packing, built once, written as .npy files, memory-mapped.
+"""Epoch indexes: each data set's per-epoch order and packing, built once, written as .npy files, memory-mapped.
 
-The epoch plan of one data set (how the loader's global order uses it: ``loader.py``) is two arrays:
+The epoch index of one data set (how the loader's global order uses it: ``loader.py``) is two arrays:
 
     pieces  [P]      (doc u4, start u4, length u4, drop u1): the epoch's document pieces, in order
     bounds  [S + 1]  int64: sample s of the epoch is pieces ``bounds[s]:bounds[s + 1]``
 
 ``build_epoch`` computes it from the data set's document lengths, caption lengths and frames (``packing.py``'s
-pure functions: a pure function of the ``PlanSpec`` and the epoch). A ``PlanStore`` keeps the epochs of one data
+pure functions: a pure function of the ``EpochSpec`` and the epoch). A ``EpochStore`` keeps the epochs of one data
 set either in memory (``folder=None``) or in a cache folder named by a hash of everything that determines them::
 
     <plan_dir>/<data set name>-<key>/plan.json                what the key hashes (checked on open)
@@ -21,7 +21,7 @@ maps what it wrote: an epoch is built once per file system, not once per rank. A
 rebuilt when opened; a flipped byte is caught by the crc32 of its MiB block the first time a reader touches it,
 and refused with the file named. Resident memory of a reader is the pages it touches, not the plan's size.
 
-``python -m megannm.data.plans RECIPE.yaml [key=value ...]`` builds a recipe's plans offline.
+``megannm sample-order RECIPE.yaml [key=value ...]`` builds a recipe's epoch indexes before training.
 """
 from __future__ import annotations
 
@@ -29,7 +29,6 @@ import contextlib
 import hashlib
 import json
 import os
-import sys
 import time
 import warnings
 import zlib
@@ -49,7 +48,7 @@ BLOCK = 1 << 20  # bytes per crc32: a reader checks a MiB the first time it touc
 _PURPOSE_ORDER, _PURPOSE_CAPTION = 0, 1
 
 
-class PlanError(ValueError):
+class EpochError(ValueError):
     """A sample plan that cannot be used; one line naming the file at fault."""
 
 
@@ -62,7 +61,7 @@ def data_fingerprint(manifest: dict) -> str:
 
 
 @dataclass(frozen=True)
-class PlanSpec:
+class EpochSpec:
     """Everything an epoch plan of one data set depends on (besides the epoch)."""
     data: str  # data_fingerprint of its manifest
     stream: int  # its position in the blend (the random streams are keyed by it)
@@ -78,7 +77,7 @@ class PlanSpec:
                               ).hexdigest()[:20]
 
 
-def build_epoch(spec: PlanSpec, lengths: np.ndarray, captions: np.ndarray, frames: np.ndarray, num_frames: int,
+def build_epoch(spec: EpochSpec, lengths: np.ndarray, captions: np.ndarray, frames: np.ndarray, num_frames: int,
                 epoch: int) -> tuple[np.ndarray, np.ndarray, dict]:
     """Epoch ``epoch``'s (pieces, bounds, info) from the data set's per-document arrays.
 
@@ -129,7 +128,7 @@ class _Checked:
             for blk in range(a * size // BLOCK, ((b * size) - 1) // BLOCK + 1):
                 if not self._ok[blk]:
                     if zlib.crc32(self._raw[blk * BLOCK:(blk + 1) * BLOCK]) != self.crcs[blk]:
-                        raise PlanError(f"{self.path}: corrupt sample plan (crc32 mismatch in MiB {blk}); delete "
+                        raise EpochError(f"{self.path}: corrupt sample plan (crc32 mismatch in MiB {blk}); delete "
                                         f"{self.path.parent} to rebuild it")
                     self._ok[blk] = True
         return self.array[a:b]
@@ -216,13 +215,13 @@ def _locked(folder: Path):
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-class PlanStore:
-    """The epoch plans of one data set (``ds``: a ``ShardDataset``) for one ``PlanSpec``.
+class EpochStore:
+    """The epoch plans of one data set (``ds``: a ``ShardDataset``) for one ``EpochSpec``.
 
     ``folder=None`` keeps them in memory (built in this process, the last three kept); otherwise they live in
     ``folder/<name>-<key>/`` as described in the module docstring."""
 
-    def __init__(self, spec: PlanSpec, ds, folder: Optional[Path] = None):
+    def __init__(self, spec: EpochSpec, ds, folder: Optional[Path] = None):
         self.spec, self.ds = spec, ds
         self.dir = None if folder is None else Path(folder) / f"{ds.folder.name}-{spec.key()}"
         self._open_plans: OrderedDict[int, EpochPlan] = OrderedDict()
@@ -242,7 +241,7 @@ class PlanStore:
             return  # none yet (or unreadable: rewritten by the next build)
         have.pop("data_set", None)
         if have != {"version": VERSION, **asdict(self.spec)}:
-            raise PlanError(f"{marker}: describes another plan than its key (hash collision or an edited file); "
+            raise EpochError(f"{marker}: describes another plan than its key (hash collision or an edited file); "
                             f"delete {self.dir}")
         self._checked = True
 
@@ -250,7 +249,7 @@ class PlanStore:
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise PlanError(f"{self.dir}: cannot create the sample plan folder ({e.strerror}); set data.plan_dir "
+            raise EpochError(f"{self.dir}: cannot create the sample plan folder ({e.strerror}); set data.plan_dir "
                             f"to a writable folder") from None
         self._check_marker()
         if not self._checked:
@@ -317,7 +316,7 @@ class PlanStore:
                 self.ensure([e])
                 plan = self._load(e)
                 if plan is None:
-                    raise PlanError(f"{self._epoch_dir(e)}: sample plan missing right after it was built")
+                    raise EpochError(f"{self._epoch_dir(e)}: sample plan missing right after it was built")
         self._open_plans[e] = plan
         if len(self._open_plans) > 3:
             self._open_plans.popitem(last=False)
@@ -385,43 +384,3 @@ def _remove_tree(folder: Path) -> None:
         return
     shutil.rmtree(aside, ignore_errors=True)
 
-
-# ---------------------------------------------------------------------------------------------------------------------
-# offline: python -m megannm.data.plans RECIPE.yaml [key=value ...]
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    from megannm.config import load_recipe
-    from megannm.data.loader import build_order
-
-    p = argparse.ArgumentParser(prog="python -m megannm.data.plans",
-                                description="Build a recipe's sample plans (train order for the whole run, and "
-                                            "the validation order) before training starts.")
-    p.add_argument("recipe", type=Path)
-    p.add_argument("overrides", nargs="*", help="key=value recipe overrides, as for megannm train")
-    a = p.parse_args(argv)
-    try:
-        r = load_recipe(a.recipe, a.overrides)
-        d = r.data
-        t = time.perf_counter()
-        samples = r.schedule.train_steps * d.global_batch_size
-        if d.train:
-            order = build_order(d.train, d.vocab, d.seq_len, d.seed, d.pack, d.caption_dropout,
-                                plan_dir=d.plan_dir)
-            order.ensure(samples)
-            if d.balance:
-                for stream in order.streams:
-                    stream.image_counts()
-        for ref in d.valid:
-            build_order([ref], d.vocab, d.seq_len, seed=0, pack=d.pack, shuffle=False, plan_dir=d.plan_dir).ensure(1)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"megannm plans: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
-        return 2
-    print(f"{a.recipe}: sample plans for {samples} training samples ready ({time.perf_counter() - t:.1f} s)")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -13,7 +13,7 @@ from megannm.phases import build_phase
 from megannm.train.loop import Trainer, load_vocab
 
 
-def run(recipe: Recipe, source: str = "recipe", resume: bool = False) -> int:
+def run_stage(recipe: Recipe, source: str = "recipe", resume: bool = False) -> int:
     p = recipe.parallel
     layout = parallel.init_parallel(p.tensor_parallel, p.pipeline_parallel, timeout_s=60 * p.timeout_minutes)
     try:

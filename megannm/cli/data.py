@@ -1,22 +1,37 @@
-"""``megannm tokenizers``: make the tokenizers folder for your own data.
+"""``megannm tokenizers``, ``megannm preprocess`` and ``megannm sample-order``: your records, ready to train on.
 
     megannm tokenizers build --input train.jsonl --out tok/ [--image-kind patch_vq|learned|janus|emu3|chameleon]
     megannm tokenizers train-image --input train.jsonl --out vq/ [--steps N] [--resume]
     megannm tokenizers info tok/
+    megannm preprocess --input train.jsonl --tokenizers tok/ --output shards/
+    megannm sample-order RECIPE.yaml [key=value ...]
 
 ``build`` writes the whole folder (text tokenizer, image tokenizer, vocab.json) that ``preprocess``, ``train``,
 ``generate`` and ``evaluate`` take, and prints its sizes and how well the image tokenizer fits your pictures.
 ``train-image`` trains a learned VQ image tokenizer on your pictures (resumable; pass the folder to ``build
---image-tokenizer``). ``info`` prints the sizes of a tokenizers folder or of an image tokenizer.
+--image-tokenizer``). ``info`` prints the sizes of a tokenizers folder or of an image tokenizer. ``preprocess``
+tokenises records into zstd token shards; ``sample-order`` builds a recipe's sample order (``data/epochs.py``) before
+training, so that no rank waits for it.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
-from megannm.data.quiet import quiet_library_warnings
+TOKENIZERS_HELP = """Make the tokenizers folder for your own data:
+
+    megannm tokenizers build --input train.jsonl --out tok/ [--image-kind patch_vq|learned|janus|emu3|chameleon]
+    megannm tokenizers train-image --input train.jsonl --out vq/ [--steps N] [--resume]
+    megannm tokenizers info tok/
+
+build: the whole folder (text tokenizer, image tokenizer, vocab.json) that preprocess, train, generate and evaluate
+take, with its sizes and how well the image tokenizer fits your pictures. train-image: a learned VQ image tokenizer
+trained on your pictures (resumable; pass its folder to build --image-tokenizer). info: the sizes of a tokenizers
+folder or of an image tokenizer. megannm tokenizers SUBCOMMAND --help: its options."""
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -76,7 +91,6 @@ def _build(argv: list[str]) -> int:
     p.add_argument("--patch", type=int, default=4, help="patch_vq: pixels per patch side")
     _common(p)
     a = p.parse_args(argv)
-    quiet_library_warnings(a.verbose)
     from megannm.data.build_tokenizers import build_tokenizers
     opts = _train_options(a)
     if a.image_kind == "learned":
@@ -100,7 +114,6 @@ def _train_image(argv: list[str]) -> int:
     p.add_argument("--save-every", type=int, default=None, help="steps between saves (default 250)")
     _common(p)
     a = p.parse_args(argv)
-    quiet_library_warnings(a.verbose)
     from megannm.data.build_tokenizers import image_files, load_pictures
     from megannm.data.image_tokenizer.learned import config_from, train_image_tokenizer
     given = _train_options(a)  # what this command line says; the rest comes from the run it resumes, or defaults
@@ -131,7 +144,6 @@ def _info(argv: list[str]) -> int:
     p.add_argument("path", type=Path)
     p.add_argument("--verbose", action="store_true", help="keep library warnings")
     a = p.parse_args(argv)
-    quiet_library_warnings(a.verbose)
     from megannm.data.image_tokenizer import load_image_tokenizer
     from megannm.data.tokenize import Tokenizers
     if (a.path / "vocab.json").exists():
@@ -153,11 +165,77 @@ def _info(argv: list[str]) -> int:
 SUBCOMMANDS = {"build": _build, "train-image": _train_image, "info": _info}
 
 
-def main(argv: list[str]) -> int:
+def tokenizers(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
-        print(__doc__.strip(), file=sys.stdout if argv and argv[0] in ("-h", "--help") else sys.stderr)
+        print(TOKENIZERS_HELP, file=sys.stdout if argv and argv[0] in ("-h", "--help") else sys.stderr)
         if argv and argv[0] not in ("-h", "--help"):
             print(f"megannm tokenizers: unknown subcommand {argv[0]!r} (expected one of {', '.join(SUBCOMMANDS)})",
                   file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     return SUBCOMMANDS[argv[0]](argv[1:])
+
+
+def preprocess(argv: list[str] | None = None) -> int:
+    """``megannm preprocess`` / ``tools/preprocess_data.py``: exit 0, or 2 with one line on bad input."""
+    from megannm.data.preprocess import preprocess as run_preprocess
+    from megannm.data.shards import ShardError, token_summary
+    from megannm.data.sources import SOURCES, SourceOptions
+    from megannm.data.tokenize import RecordError
+    p = argparse.ArgumentParser(prog="megannm preprocess",
+                                description="Tokenise records (interleaved 'parts' or chat 'messages'; caption pairs "
+                                            "from WebDataset, Energon, Parquet or Hugging Face data sets) into a "
+                                            "folder of zstd token shards with a manifest.")
+    p.add_argument("--input", "-i", required=True, nargs="+", action="extend", type=Path,
+                   help="JSONL file(s) (image paths in records are relative to their file), .tar shards or a "
+                        "folder of them, an Energon data set folder, .parquet file(s), or a saved HF data set")
+    p.add_argument("--source", choices=["auto", *SOURCES], default="auto",
+                   help="kind of input (default: detected from the inputs)")
+    p.add_argument("--image-column", default="image", help="Parquet/HF: column of encoded images (default image)")
+    p.add_argument("--text-column", default="text", help="Parquet/HF: column of texts (default text)")
+    p.add_argument("--image-first", action="store_true",
+                   help="caption pairs as image then text (understanding) instead of text then image")
+    p.add_argument("--split", default="train", help="Energon / HF DatasetDict: the split to read (default train)")
+    p.add_argument("--skip-bad", type=int, default=0, metavar="N",
+                   help="skip up to N bad samples (each reported on one line, counted in the manifest); the next "
+                        "one aborts (default 0: the first aborts)")
+    p.add_argument("--output", "-o", required=True, type=Path, help="shard folder to create")
+    p.add_argument("--tokenizers", "-t", required=True, type=Path,
+                   help="tokenizer bundle folder (text/, image_tokenizer.*, vocab.json)")
+    p.add_argument("--workers", "-w", type=int, default=max(1, (os.cpu_count() or 1) - 1),
+                   help="tokenising processes (default: CPUs - 1); the output does not depend on it")
+    p.add_argument("--docs-per-shard", type=int, default=100_000, help="documents per shard file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    a = p.parse_args(argv)
+    try:
+        options = SourceOptions(image_column=a.image_column, text_column=a.text_column, image_first=a.image_first,
+                                split=a.split)
+        m = run_preprocess(a.input, a.output, a.tokenizers, workers=a.workers, docs_per_shard=a.docs_per_shard,
+                           progress=not a.no_progress and sys.stderr.isatty(), overwrite=a.overwrite,
+                           source=a.source, options=options, skip_bad=a.skip_bad)
+    except (RecordError, ShardError, ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+        if os.environ.get("MEGANNM_TRACEBACK") == "1":
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"megannm preprocess: error: {msg}", file=sys.stderr)
+        return 2
+    print(f"{a.output}: {m['num_docs']} documents, {m['num_tokens']} tokens, {len(m['shards'])} shard(s), "
+          f"{sum(s['bytes'] for s in m['shards'])} bytes (vocabulary {m['vocab_fingerprint']})")
+    print("\n".join(token_summary(m)))  # per-document sizes and the seq_len that fits them (shards.py)
+    return 0
+
+
+def sample_order(argv: list[str]) -> int:
+    """``megannm sample-order``: a recipe's sample order built before training (``data.loader.build_recipe_order``)."""
+    p = argparse.ArgumentParser(prog="megannm sample-order",
+                                description="Build a recipe's sample order (the train order for the whole run, and "
+                                            "the validation order) before training starts.")
+    p.add_argument("recipe", type=Path)
+    p.add_argument("overrides", nargs="*", help="key=value recipe overrides, as for megannm train")
+    a = p.parse_args(argv)
+    from megannm.config import load_recipe
+    from megannm.data.loader import build_recipe_order
+    t = time.perf_counter()
+    samples = build_recipe_order(load_recipe(a.recipe, a.overrides))
+    print(f"{a.recipe}: sample order for {samples} training samples ready ({time.perf_counter() - t:.1f} s)")
+    return 0

@@ -1,9 +1,9 @@
-"""Silence what libraries print that a user cannot act on (kept with ``--verbose``).
+"""Silence what libraries print that a user cannot act on (kept with ``megannm --verbose``).
 
 megatron-core warns on import that Transformer Engine and apex are missing (it falls back to torch, which is
 what a CPU machine should do), DeepSpeed logs that it picked the CPU when there is no GPU, and transformers
 reports unused weights when a VQ model is read out of a whole model. None of it is a user's mistake; real errors
-still raise. Call ``quiet_library_warnings`` before the first import of those libraries.
+still raise. ``megannm.cli.main`` calls ``quiet_library_warnings`` before any command imports those libraries.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``megannm plan RECIPE --world-size N [--gpu h100|h200|a100|b200]``: will this recipe fit, and how fast will it run?
+"""``megannm estimate RECIPE --world-size N [--gpu h100|h200|a100|b200]``: will this recipe fit, how fast will it run?
 
 From the recipe alone (no process group, no device): parameters (total and active per token), training FLOPs per
 token (``megannm.model.flops``), per-GPU memory by part for the pipeline stage that needs the most, the 1F1B bubble,
@@ -26,15 +26,13 @@ data-parallel size and e the bytes of the recipe's precision (2 for bf16/fp16, 4
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from megannm.config import Recipe, check_recipe, load_recipe
+from megannm.config import Recipe, check_recipe
 
 GiB = 2 ** 30
 
@@ -67,7 +65,7 @@ DEVICES = {
                   whole_buckets=False),
 }
 
-# Without a vocab.json to read, the planner assumes a 65,536-id text tokenizer and an 8,192-code image tokenizer.
+# Without a vocab.json to read, the estimate assumes a 65,536-id text tokenizer and an 8,192-code image tokenizer.
 DEFAULT_TEXT_VOCAB, DEFAULT_IMAGE_CODES = 65536, 8192
 
 
@@ -103,7 +101,7 @@ def head_bytes(args, tp: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# the plan
+# the estimate
 
 
 @dataclass
@@ -120,7 +118,7 @@ class StageMemory:
 
 
 @dataclass
-class Plan:
+class Estimate:
     recipe: str
     device: str
     world_size: int
@@ -212,15 +210,16 @@ def _model_states(p: int, block: int, dp: int, zero: int, precision: str, dev: D
     return parts, transient
 
 
-def make_plan(recipe: Recipe, world_size: int, device: str = "h100", vocab=None, mfu: float = 0.4,
-              source: str = "recipe") -> Plan:
-    """The plan of ``recipe`` on ``world_size`` devices of kind ``device`` (a key of ``DEVICES``). ``vocab``: a
+def estimate_recipe(recipe: Recipe, world_size: int, device: str = "h100", vocab=None, mfu: float = 0.4,
+              source: str = "recipe") -> Estimate:
+    """The estimate for ``recipe`` on ``world_size`` devices of kind ``device`` (a key of ``DEVICES``). ``vocab``: a
     ``Vocab``; None reads ``data.vocab`` when it exists, else assumes the default sizes (said in ``vocab_note``)."""
     from megannm.model import flops
     from megannm.model.args import ModelArgs
     from megannm.vocab import Vocab
     if device not in DEVICES:
-        raise ValueError(f"plan: --gpu must be one of {', '.join(k for k in DEVICES if k != 'cpu')} (got {device!r})")
+        gpus = ", ".join(k for k in DEVICES if k != "cpu")
+        raise ValueError(f"estimate: --gpu must be one of {gpus} (got {device!r})")
     dev = DEVICES[device]
     errs = check_recipe(recipe, world_size=world_size)
     if errs:
@@ -282,34 +281,34 @@ def make_plan(recipe: Recipe, world_size: int, device: str = "h100", vocab=None,
     peak = dev.peak_tflops[recipe.precision] * 1e12
     compute = fpt * d.global_batch_size * d.seq_len / (world_size * peak * mfu)
     step = compute / (1 - bubble)
-    plan = Plan(recipe=source, device=device, world_size=world_size, tp=tp, pp=pp, dp=dp, zero_stage=p.zero_stage,
+    est = Estimate(recipe=source, device=device, world_size=world_size, tp=tp, pp=pp, dp=dp, zero_stage=p.zero_stage,
                 precision=recipe.precision, phase=kind, vocab_note=note, total_params=flops.num_params(args),
                 active_params=flops.num_params(args, active_only=True), flops_per_token=fpt, micro_batches=accum,
                 activation_checkpointing=p.activation_checkpointing, stages=stages, bubble=bubble, mfu=mfu,
                 step_time_s=step, tokens_per_s=d.global_batch_size * d.seq_len / step, warnings=[])
-    plan.warnings = _warnings(plan, dev)
-    return plan
+    est.warnings = _warnings(est, dev)
+    return est
 
 
-def _warnings(plan: Plan, dev: Device) -> list[str]:
+def _warnings(est: Estimate, dev: Device) -> list[str]:
     out = []
-    if plan.tp > dev.node_size:
-        out.append(f"tensor_parallel={plan.tp} is above the {dev.node_size} devices of a node: its all-reduces "
+    if est.tp > dev.node_size:
+        out.append(f"tensor_parallel={est.tp} is above the {dev.node_size} devices of a node: its all-reduces "
                    f"(two per block, forward and backward) would cross the inter-node network")
     if dev.memory_gib is not None:
-        used = plan.peak.total / (dev.memory_gib * GiB)
+        used = est.peak.total / (dev.memory_gib * GiB)
         if used > 1:
-            out.append(f"does not fit: stage {plan.peak.stage} needs {plan.peak.total / GiB:.1f} GiB of "
+            out.append(f"does not fit: stage {est.peak.stage} needs {est.peak.total / GiB:.1f} GiB of "
                        f"{dev.memory_gib:.0f} (raise tensor/pipeline parallelism or the ZeRO stage, turn on "
                        f"parallel.activation_checkpointing, or lower data.micro_batch_size)")
         elif used < 0.3:
-            fewer = (f"fewer model-parallel ranks (tensor x pipeline = {plan.tp * plan.pp}), " if plan.tp * plan.pp > 1
+            fewer = (f"fewer model-parallel ranks (tensor x pipeline = {est.tp * est.pp}), " if est.tp * est.pp > 1
                      else "")
-            lower = "a lower ZeRO stage (less communication), " if plan.zero_stage >= 2 else ""
+            lower = "a lower ZeRO stage (less communication), " if est.zero_stage >= 2 else ""
             out.append(f"memory under 30% used ({used:.0%} on the fullest stage): the layout wastes devices; "
                        f"{fewer}{lower}or a larger data.micro_batch_size would do the same work faster")
-    if plan.bubble > 0.2:
-        out.append(f"pipeline bubble {plan.bubble:.0%}: more micro-batches per step (data.global_batch_size) or "
+    if est.bubble > 0.2:
+        out.append(f"pipeline bubble {est.bubble:.0%}: more micro-batches per step (data.global_batch_size) or "
                    f"fewer stages")
     return out
 
@@ -322,55 +321,38 @@ def _gib(x: float) -> str:
     return f"{x / GiB:8.2f} GiB"
 
 
-def format_plan(plan: Plan) -> str:
-    dev = DEVICES[plan.device]
-    lines = [f"{plan.recipe}: {plan.world_size} x {dev.name} = tensor {plan.tp} x pipeline {plan.pp} x data "
-             f"{plan.dp}, ZeRO {plan.zero_stage}, {plan.precision}, activation checkpointing "
-             f"{'on' if plan.activation_checkpointing else 'off'}",
-             f"  parameters        {plan.total_params / 1e9:8.2f} B total, {plan.active_params / 1e9:.2f} B active per "
-             f"token   (vocabulary {plan.vocab_note})",
-             f"  FLOPs per token   {plan.flops_per_token / 1e9:8.2f} GFLOP (training: 6 x active matmul weights "
+def format_estimate(est: Estimate) -> str:
+    dev = DEVICES[est.device]
+    lines = [f"{est.recipe}: {est.world_size} x {dev.name} = tensor {est.tp} x pipeline {est.pp} x data "
+             f"{est.dp}, ZeRO {est.zero_stage}, {est.precision}, activation checkpointing "
+             f"{'on' if est.activation_checkpointing else 'off'}",
+             f"  parameters        {est.total_params / 1e9:8.2f} B total, {est.active_params / 1e9:.2f} B active per "
+             f"token   (vocabulary {est.vocab_note})",
+             f"  FLOPs per token   {est.flops_per_token / 1e9:8.2f} GFLOP (training: 6 x active matmul weights "
              f"+ attention)",
-             f"  micro-batches     {plan.micro_batches:8d} per step and data-parallel rank; 1F1B bubble "
-             f"{plan.bubble:.1%}",
+             f"  micro-batches     {est.micro_batches:8d} per step and data-parallel rank; 1F1B bubble "
+             f"{est.bubble:.1%}",
              "  memory per GPU (one rank of each pipeline stage; activations: the micro-batches in flight under 1F1B, "
              "each kept whole or, with checkpointing, as its blocks' inputs plus one block recomputed):"]
-    names = list(plan.stages[0].parts)
+    names = list(est.stages[0].parts)
     w = 30
-    lines.append("    " + "part".ljust(w) + "".join(f"stage {s.stage}".rjust(13) for s in plan.stages))
+    lines.append("    " + "part".ljust(w) + "".join(f"stage {s.stage}".rjust(13) for s in est.stages))
     for n in names:
-        lines.append("    " + n.ljust(w) + "".join(_gib(s.parts[n]).rjust(13) for s in plan.stages))
-    lines.append("    " + "total".ljust(w) + "".join(_gib(s.total).rjust(13) for s in plan.stages))
+        lines.append("    " + n.ljust(w) + "".join(_gib(s.parts[n]).rjust(13) for s in est.stages))
+    lines.append("    " + "total".ljust(w) + "".join(_gib(s.total).rjust(13) for s in est.stages))
     for mode in ("kept", "checkpointed"):
         lines.append("    " + f"one micro-batch, {mode}".ljust(w)
-                     + "".join(_gib(s.per_micro_batch[mode]).rjust(13) for s in plan.stages))
-    lines.append("    " + "micro-batches in flight".ljust(w) + "".join(f"{s.in_flight:13d}" for s in plan.stages))
+                     + "".join(_gib(s.per_micro_batch[mode]).rjust(13) for s in est.stages))
+    lines.append("    " + "micro-batches in flight".ljust(w) + "".join(f"{s.in_flight:13d}" for s in est.stages))
     if dev.memory_gib is not None:
-        lines.append(f"    of {dev.memory_gib:.1f} GiB: {plan.peak.total / (dev.memory_gib * GiB):.0%} on the fullest "
-                     f"stage ({plan.peak.stage})")
-    lines.append(f"  step time         {plan.step_time_s:8.2f} s at {plan.mfu:.0%} MFU "
-                 f"({dev.peak_tflops[plan.precision]:.0f} TFLOP/s peak {plan.precision}), "
-                 f"{plan.tokens_per_s:,.0f} tokens/s")
-    if plan.phase in ("grpo", "dpo"):
-        lines.append(f"    (the step time counts the updates only: {plan.phase}'s "
-                     f"{'rollout and ' if plan.phase == 'grpo' else ''}reference forwards come on top)")
-    lines += [f"  warning: {w}" for w in plan.warnings] or ["  no warnings"]
+        lines.append(f"    of {dev.memory_gib:.1f} GiB: {est.peak.total / (dev.memory_gib * GiB):.0%} on the fullest "
+                     f"stage ({est.peak.stage})")
+    lines.append(f"  step time         {est.step_time_s:8.2f} s at {est.mfu:.0%} MFU "
+                 f"({dev.peak_tflops[est.precision]:.0f} TFLOP/s peak {est.precision}), "
+                 f"{est.tokens_per_s:,.0f} tokens/s")
+    if est.phase in ("grpo", "dpo"):
+        lines.append(f"    (the step time counts the updates only: {est.phase}'s "
+                     f"{'rollout and ' if est.phase == 'grpo' else ''}reference forwards come on top)")
+    lines += [f"  warning: {w}" for w in est.warnings] or ["  no warnings"]
     return "\n".join(lines)
 
-
-def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="megannm plan", description="Parameters, FLOPs, per-GPU memory and speed of "
-                                 "a recipe at a world size, before asking for the GPUs.")
-    ap.add_argument("recipe")
-    ap.add_argument("overrides", nargs="*", help="key.path=value overrides")
-    ap.add_argument("--world-size", type=int, required=True, help="devices (ranks) in all")
-    ap.add_argument("--gpu", default="h100", choices=[k for k in DEVICES if k != "cpu"])
-    ap.add_argument("--mfu", type=float, default=0.4, help="model-FLOPs utilisation the step time assumes")
-    ap.add_argument("--json", action="store_true", help="print the plan as one JSON object")
-    a = ap.parse_args(argv)
-    if not 0 < a.mfu <= 1:
-        raise ValueError(f"plan: --mfu must be in (0, 1] (got {a.mfu})")
-    recipe = load_recipe(a.recipe, a.overrides)
-    plan = make_plan(recipe, a.world_size, a.gpu, mfu=a.mfu, source=a.recipe)
-    print(json.dumps(plan.to_dict()) if a.json else format_plan(plan))
-    return 0

@@ -44,8 +44,8 @@ def layout():
 TIERS = ("unit", "distributed", "system")  # in increasing order: a test takes the highest that applies
 # Every test module's tier. A new module must be listed here (collection fails otherwise).
 MODULE_TIER = {
-    "test_bf16": "unit", "test_cli": "unit", "test_config": "unit", "test_convert": "unit", "test_demo": "unit", "test_errors": "unit",
-    "test_geneval": "unit", "test_guard": "unit", "test_image_tokenizers": "unit",
+    "test_bf16": "unit", "test_cli": "unit", "test_config": "unit", "test_convert": "unit", "test_demo": "unit",
+    "test_errors": "unit", "test_geneval": "unit", "test_guard": "unit", "test_image_tokenizers": "unit",
     "test_launchers": "unit", "test_layers": "unit", "test_loader": "unit",
     "test_model": "unit", "test_model_tp": "distributed", "test_own_data": "unit", "test_phase_example": "unit",
     "test_pipeline": "unit", "test_plan": "unit", "test_plans": "unit", "test_readme": "unit",

@@ -24,7 +24,7 @@ its tokens: skipping them would make ZeRO's collectives differ between data-para
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -160,6 +160,15 @@ def per_modality(n: int, make: Callable[[], nn.Module]) -> PerModality:
     return PerModality([make() for _ in range(n)])
 
 
+def by_modality(fn: Callable[..., tuple], x: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+    """``fn(m, x_m)`` on each modality's slice of the rows of x (grouped by ``Routing``), each of its outputs joined
+    over the modalities: one concatenation per output however many steps ``fn`` takes per modality."""
+    outs = [fn(m, part) for m, part in enumerate(x.split(counts))]
+    if len(outs) == 1:
+        return list(outs[0])
+    return [torch.cat(parts) for parts in zip(*outs)]
+
+
 @dataclass
 class Context:
     """What every block of a micro-batch shares, computed once per micro-batch (per pipeline stage) and passed to
@@ -194,23 +203,25 @@ class Attention(nn.Module):
             self.q_norm = per_modality(n, lambda: linears.make_norm(hd, shape.eps, shared=True))
             self.k_norm = per_modality(n, lambda: linears.make_norm(hd, shape.eps, shared=True))
 
-    def heads_in_sequence(self, x: torch.Tensor, ctx: Context, norm: Optional[PerModality]) -> torch.Tensor:
-        """[N, H * hd] grouped by modality -> [B, H, S, hd] in sequence order (QK-norm per modality first)."""
-        x = x.unflatten(-1, (-1, self.head_dim))
-        if norm is not None:
-            x = norm(x, ctx.routing.counts)
-        return ctx.routing.ungroup(x).transpose(1, 2)
+    def qkv(self, m: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Modality m's queries, keys and values [n_m, heads, hd] of its tokens h [n_m, D]."""
+        x = h if self.norm_reorder else self.norm[m](h)
+        q, k, v = (proj[m](x).unflatten(-1, (-1, self.head_dim)) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        if self.qk_norm:
+            q, k = self.q_norm[m](q), self.k_norm[m](k)
+        return q, k, v
+
+    def out(self, m: int, o: torch.Tensor) -> tuple[torch.Tensor]:
+        o = self.o_proj[m](o)
+        return (self.norm[m](o) if self.norm_reorder else o),
 
     def forward(self, h: torch.Tensor, ctx: Context) -> torch.Tensor:
         counts = ctx.routing.counts
-        x = h if self.norm_reorder else self.norm(h, counts)
-        q = self.heads_in_sequence(self.q_proj(x, counts), ctx, self.q_norm if self.qk_norm else None)
-        k = self.heads_in_sequence(self.k_proj(x, counts), ctx, self.k_norm if self.qk_norm else None)
-        v = self.heads_in_sequence(self.v_proj(x, counts), ctx, None)
+        # per modality: q, k, v; then ONE attention in sequence order: every token attends to every earlier one
+        q, k, v = (ctx.routing.ungroup(t).transpose(1, 2) for t in by_modality(self.qkv, h, counts))
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
-        out = ctx.routing.group(ctx.attend(q, k, v, self.layer))  # every token attends to every earlier one
-        out = self.o_proj(out, counts)
-        return self.norm(out, counts) if self.norm_reorder else out
+        o = ctx.routing.group(ctx.attend(q, k, v, self.layer))
+        return by_modality(self.out, o, counts)[0]
 
 
 class FeedForward(nn.Module):
@@ -225,11 +236,14 @@ class FeedForward(nn.Module):
         self.up_proj = per_modality(n, lambda: linears.column(d, f))
         self.down_proj = per_modality(n, lambda: linears.row(f, d))
 
+    def swiglu(self, m: int, h: torch.Tensor) -> tuple[torch.Tensor]:
+        """Modality m's FFN on its tokens h [n_m, D]."""
+        x = h if self.norm_reorder else self.norm[m](h)
+        out = self.down_proj[m](F.silu(self.gate_proj[m](x)) * self.up_proj[m](x))
+        return (self.norm[m](out) if self.norm_reorder else out),
+
     def forward(self, h: torch.Tensor, ctx: Context) -> torch.Tensor:
-        counts = ctx.routing.counts
-        x = h if self.norm_reorder else self.norm(h, counts)
-        out = self.down_proj(F.silu(self.gate_proj(x, counts)) * self.up_proj(x, counts), counts)
-        return self.norm(out, counts) if self.norm_reorder else out
+        return by_modality(self.swiglu, h, ctx.routing.counts)[0]
 
 
 class Block(nn.Module):

@@ -108,7 +108,7 @@ def test_bf16_pipeline_matches_data_parallel(runs):
 def test_bf16_checkpoint_converts_exactly(runs, tmp_path):
     """The consolidated weights are the engine's fp32 master (BF16_Optimizer's partitions over 2 ranks joined)."""
     from safetensors.torch import load_file
-    from megannm.convert.cli import main as convert
+    from megannm.cli.convert import convert
     out = tmp_path / "consolidated"
     assert convert([str(runs / "pretrain_bf16" / "checkpoints"), str(out), "--to", "consolidated"]) in (0, None)
     state = {}

@@ -313,7 +313,7 @@ torch.save(out, sys.argv[1] + ".out")
 
 def test_mot_export_loads_as_remote_code_without_megannm(runs, toy_data, toy_vocab, tmp_path):
     from megannm.checkpoint import consolidated
-    from megannm.convert.cli import main as convert_main
+    from megannm.cli.convert import convert as convert_main
     # the trained MoT model, and the dense twin with Chameleon's norm placement (no stock class has it)
     reorder = random_consolidated(toy_vocab, mot=False, norm_reorder=True)
     consolidated.write(reorder, tmp_path / "reorder")
@@ -487,7 +487,7 @@ warnings.filterwarnings("ignore")
 opened = []
 sys.addaudithook(lambda event, args: opened.append(str(args[0])) if event == "open" and args and
                  isinstance(args[0], str) else None)
-from megannm.convert.cli import main
+from megannm.cli.convert import convert as main
 report = []
 for argv in json.loads(sys.argv[1]):
     del opened[:]

@@ -4,7 +4,7 @@
     hf.py            consolidated -> Hugging Face (Llama / Qwen3 / the MoT remote-code class); a Llama-architecture
                      LLM -> a native multimodal model
     hf_modeling/     the MoT model as a ``transformers`` class, copied into MoT exports
-    cli.py           ``megannm convert SRC DST --to {consolidated,deepspeed,hf}``
+    route.py         one conversion, SRC (recognised by what it holds) -> DST (``megannm convert`` parses, calls it)
 
 The formats themselves are read and written in ``megannm.checkpoint`` (DeepSpeed checkpoints of any TP x PP x ZeRO
 layout -> canonical: ``checkpoint.deepspeed``; the consolidated folder: ``checkpoint.consolidated``; tensor files

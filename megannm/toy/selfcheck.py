@@ -245,10 +245,10 @@ class Check:
     def hf(self) -> str:
         from transformers import AutoModelForCausalLM
 
-        from megannm.convert.cli import main as convert
+        from megannm.convert.route import convert
         cons, hf = self.out / "consolidated", self.out / "hf"
-        convert([str(self.ckpt), str(cons), "--to", "consolidated", "--overwrite"])
-        convert([str(cons), str(hf), "--to", "hf", "--tokenizers", str(self.data["tokenizers"]), "--overwrite"])
+        convert(self.ckpt, cons, "consolidated", overwrite=True, say=lambda line: None)
+        convert(cons, hf, "hf", tokenizers=Path(self.data["tokenizers"]), overwrite=True, say=lambda line: None)
         model, tok = self._model()
         theirs = AutoModelForCausalLM.from_pretrained(hf, trust_remote_code=True, dtype=torch.bfloat16)
         theirs = theirs.to(self.device).eval()

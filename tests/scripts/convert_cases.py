@@ -110,7 +110,7 @@ def train(kind, name, tp, pp, zero, arch, src=None):
 
 def convert(src, dst, *args):
     if not dist.is_initialized() or dist.get_rank() == 0:
-        from megannm.convert.cli import main as convert_main
+        from megannm.cli.convert import convert as convert_main
         convert_main([path(src), path(dst), *args])
     parallel.barrier()
 

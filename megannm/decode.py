@@ -61,6 +61,7 @@ class Row:
     cfg_scale: float = 1.0
     stop_ids: tuple = ()
     keep_stop: bool = False
+    ignore_eos: bool = False  # a text row runs to ``max_new`` tokens unless one of ``stop_ids`` ends it
     logprobs: bool = False
     on_tokens: Optional[Callable] = None
     on_done: Optional[Callable] = None
@@ -225,6 +226,7 @@ class Decoder:
         self.waiting: list[Row] = []
         self.steps = 0
         self.tokens_generated = 0
+        self.cancelled_rows = 0
         self._tp = model.layout.tp_group
 
     # rows in and out ------------------------------------------------------------------------------------------------
@@ -310,7 +312,7 @@ class Decoder:
             self.kind[idx] = int(row.kind == "image")
             stop = self.stops[c].zero_()
             if row.kind == "text":
-                stop[v.eos_id] = True
+                stop[v.eos_id] = not row.ignore_eos
                 for t in row.stop_ids:
                     stop[t] = True
             self.stops[u] = stop
@@ -356,6 +358,7 @@ class Decoder:
             self.busy[idx] = 0
         row._slots = ()
         row.finish = why
+        self.cancelled_rows += why == "cancelled"
         if row.on_done is not None:
             row.on_done(row)
 

@@ -41,7 +41,9 @@ class Limits:
 
 
 def make_app(engine: Engine, tok, model_name: str, api_key: Optional[str] = None, limits: Limits = Limits(),
-             media_root: Optional[Path] = None, cfg_scale: float = DEFAULT_CFG_SCALE) -> FastAPI:
+             media_root: Optional[Path] = None, cfg_scale: float = DEFAULT_CFG_SCALE):
+    """The ASGI application (the FastAPI app inside the API-key, body-size and metrics guard); ``.state`` holds
+    the engine and the metrics."""
     app = FastAPI(title="megannm", docs_url=None, redoc_url=None)
     v = tok.vocab
     context = engine.decoder.max_len
@@ -72,20 +74,34 @@ def make_app(engine: Engine, tok, model_name: str, api_key: Optional[str] = None
         return JSONResponse(HTTPProblem(404, f"no such endpoint: {request.method} {request.url.path}").body(),
                             status_code=404)
 
-    @app.middleware("http")
-    async def _guard(request: Request, call_next):
-        t0 = time.perf_counter()
-        if request.url.path != "/health" and not key_matches(request.headers.get("authorization"), api_key):
-            resp = JSONResponse(HTTPProblem(401, "missing or wrong API key (send Authorization: Bearer KEY)",
-                                            kind="authentication_error").body(), status_code=401)
-        elif int(request.headers.get("content-length") or 0) > limits.max_body:
-            resp = JSONResponse(HTTPProblem(413, f"the body is {request.headers['content-length']} bytes, more than "
-                                                 f"--max-body {limits.max_body}").body(), status_code=413)
-        else:
-            resp = await call_next(request)
-        path = request.url.path if request.url.path in routes else "other"  # bounded label values
-        metrics.request(path, resp.status_code, time.perf_counter() - t0)
-        return resp
+    async def guard(scope, receive, send):
+        """API key, body size and metrics around every request: a plain ASGI middleware (Starlette's
+        BaseHTTPMiddleware would hide a client's disconnect from the handlers)."""
+        if scope["type"] != "http":
+            return await inner(scope, receive, send)
+        t0, status = time.perf_counter(), [500]
+        headers = {k.decode().lower(): val.decode() for k, val in scope["headers"]}
+        path = scope["path"]
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        problem = None
+        if path != "/health" and not key_matches(headers.get("authorization"), api_key):
+            problem = HTTPProblem(401, "missing or wrong API key (send Authorization: Bearer KEY)",
+                                  kind="authentication_error")
+        elif int(headers.get("content-length") or 0) > limits.max_body:
+            problem = HTTPProblem(413, f"the body is {headers['content-length']} bytes, more than --max-body "
+                                       f"{limits.max_body}")
+        try:
+            if problem is not None:
+                await JSONResponse(problem.body(), status_code=problem.status)(scope, receive, sending)
+            else:
+                await inner(scope, receive, sending)
+        finally:
+            metrics.request(path if path in routes else "other", status[0], time.perf_counter() - t0)
 
     # helpers ----------------------------------------------------------------------------------------------------------
     def check_model(name: Optional[str]) -> None:
@@ -97,12 +113,12 @@ def make_app(engine: Engine, tok, model_name: str, api_key: Optional[str] = None
         if n > limits.max_n:
             raise HTTPProblem(400, f"n={n} is over this server's limit of {limits.max_n} (--max-n)", "n")
 
-    def answer_budget(prompt_len: int, asked: Optional[int], kind: str) -> int:
+    def answer_budget(prompt_len: int, asked: Optional[int], kind: str, prompt_param: str) -> int:
         if kind == "image":
             need = v.image_grid
             if prompt_len + need > context:
-                raise HTTPProblem(400, f"the prompt is {prompt_len} tokens and a picture {need}: more than the "
-                                       f"model's context of {context} tokens", "messages")
+                raise HTTPProblem(400, f"this model's maximum context length is {context} tokens; the prompt is "
+                                       f"{prompt_len} tokens and a picture {need}", prompt_param)
             return need
         if asked is not None and asked > limits.max_tokens:
             raise HTTPProblem(400, f"max_tokens={asked} is over this server's limit of {limits.max_tokens} "
@@ -111,13 +127,15 @@ def make_app(engine: Engine, tok, model_name: str, api_key: Optional[str] = None
         if room < 1 or (asked is not None and asked > room):
             raise HTTPProblem(400, f"this model's maximum context length is {context} tokens; the prompt is "
                                    f"{prompt_len} tokens and max_tokens {asked if asked is not None else 1}",
-                              "max_tokens" if asked else "messages")
+                              prompt_param if room < 1 else "max_tokens")
         return asked if asked is not None else min(room, limits.max_tokens)
 
-    def rows_for(prompt: list[int], kind: str, n: int, body, budget: int, stop_ids=(), scale=1.0) -> list[Row]:
+    def rows_for(prompt: list[int], kind: str, n: int, body, budget: int, stop_ids=(), scale=1.0,
+                 keep_stop: bool = False) -> list[Row]:
         seeds = [None if body.seed is None else body.seed + i for i in range(n)]
         return [Row(list(prompt), kind, budget, body.temperature, body.top_k, body.top_p, seed=s,
-                    cfg_scale=scale if kind == "image" else 1.0, stop_ids=tuple(stop_ids)) for s in seeds]
+                    cfg_scale=scale if kind == "image" else 1.0, stop_ids=tuple(stop_ids),
+                    keep_stop=keep_stop, ignore_eos=getattr(body, "ignore_eos", False)) for s in seeds]
 
     async def run(request: Request, rows: list[Row], on_tokens=None) -> None:
         """Submit ``rows`` and wait for all of them (cancelled if the client goes away)."""
@@ -139,8 +157,8 @@ def make_app(engine: Engine, tok, model_name: str, api_key: Optional[str] = None
                 try:
                     what, row, new = await asyncio.wait_for(events.get(), 0.5)
                 except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        raise asyncio.CancelledError()
+                    if await request.is_disconnected():  # its rows are cancelled below; nobody reads this
+                        raise HTTPProblem(499, "the client closed the request")
                     continue
                 if what == "done":
                     pending -= 1
@@ -214,7 +232,7 @@ def make_app(engine: Engine, tok, model_name: str, api_key: Optional[str] = None
         messages = P.chat_messages(tok, body.messages, media_root)
         prompt = await on_engine(lambda: chat_prompt(tok, messages, kind))
         asked = body.max_completion_tokens or body.max_tokens
-        budget = answer_budget(len(prompt), asked, kind)
+        budget = answer_budget(len(prompt), asked, kind, "messages")
         scale = body.guidance_scale if body.guidance_scale is not None else cfg_scale
         rows = rows_for(prompt, kind, body.n, body, budget, (end,), scale)
         rid, created = new_id("chatcmpl"), now()
@@ -293,7 +311,7 @@ def make_app(engine: Engine, tok, model_name: str, api_key: Optional[str] = None
         if not tok.image.can_decode:
             raise HTTPProblem(400, f"the image tokenizer ({tok.image.kind}) encodes only: this model cannot draw")
         prompt = image_prompt(tok, body.prompt)
-        budget = answer_budget(len(prompt), None, "image")
+        budget = answer_budget(len(prompt), None, "image", "prompt")
         scale = body.guidance_scale if body.guidance_scale is not None else cfg_scale
         rows = rows_for(prompt, "image", body.n, body, budget, (), scale)
         await run(request, rows)
@@ -333,8 +351,9 @@ def make_app(engine: Engine, tok, model_name: str, api_key: Optional[str] = None
                                            f"{len(ids)} tokens", "prompt")
                 rows.append([])
                 continue
-            budget = answer_budget(len(ids), body.max_tokens, "text")
-            rows.append(rows_for(ids, "text", body.n, body, budget))
+            budget = answer_budget(len(ids), body.max_tokens, "text", "prompt")
+            # the stop token is part of the answer's tokens (and log-probs), as a completion's <eos> is in vLLM's
+            rows.append(rows_for(ids, "text", body.n, body, budget, keep_stop=True))
         flat = [r for rs in rows for r in rs]
         if flat:
             await run(request, flat)
@@ -383,4 +402,6 @@ def make_app(engine: Engine, tok, model_name: str, api_key: Optional[str] = None
 
     routes.update(r.path for r in app.routes)
     app.state.engine, app.state.metrics = engine, metrics
-    return app
+    inner = app
+    guard.state = app.state
+    return guard

@@ -16,6 +16,8 @@ class Metrics:
         Gauge("megannm_running_rows", "Rows decoding now", registry=r).set_function(lambda: engine.running)
         Gauge("megannm_tokens_per_second", "Generated tokens per second over the last steps",
               registry=r).set_function(engine.tokens_per_second)
+        Gauge("megannm_cancelled_rows", "Rows cancelled since start (their clients went away)",
+              registry=r).set_function(lambda: engine.decoder.cancelled_rows)
         Counter("megannm_generated_tokens", "Tokens generated since start", registry=r)  # see render
         self._tokens = r._names_to_collectors["megannm_generated_tokens_total"]
         self._engine, self._seen = engine, 0

@@ -47,6 +47,7 @@ class Sampling(_Body):
     seed: Optional[int] = None
     stop: Union[str, list[str], None] = None
     stream: bool = False
+    ignore_eos: bool = False
 
 
 class ChatRequest(Sampling):

@@ -385,7 +385,6 @@ metric_list:
 def test_lm_eval_scores_the_served_model(server, tmp_path, checkpoint, tok, layout):
     """lm-eval's local-completions backend with the server's own tokenizer (tokenizer_backend=remote), offline,
     on a multiple-choice task written here: its accuracy equals the one computed from the checkpoint directly."""
-    pytest.importorskip("lm_eval")
     from megannm.checkpoint.opened import load_model
     docs = [{"context": f"a {size}", "choices": [" red circle", " blue square", " green triangle"], "answer": i % 3}
             for i, size in enumerate(["small", "large", "small red", "large blue", "small green", "large"])]
@@ -395,7 +394,8 @@ def test_lm_eval_scores_the_served_model(server, tmp_path, checkpoint, tok, layo
     tasks.mkdir()
     (tasks / "toy_colours.yaml").write_text(TASK % {"data": data})
     out = tmp_path / "results"
-    args = f"model={MODEL},base_url={server[0]}/v1/completions,tokenizer_backend=remote,num_concurrent=2"
+    args = (f"model={MODEL},base_url={server[0]}/v1/completions,tokenizer_backend=remote,num_concurrent=2,"
+            f"auth_token={KEY}")
     done = subprocess.run([sys.executable, "-m", "lm_eval", "run", "--model", "local-completions", "--model_args",
                            args, "--include_path", str(tasks), "--tasks", "toy_colours", "--output_path", str(out)],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600,
@@ -403,6 +403,7 @@ def test_lm_eval_scores_the_served_model(server, tmp_path, checkpoint, tok, layo
     assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
     result = json.loads(next(out.rglob("results_*.json")).read_text())
     acc = result["results"]["toy_colours"]["acc,none"]
+    assert result["n-samples"]["toy_colours"]["effective"] == len(docs)
 
     from megannm.serve.prompts import encode_text
     model, _ = load_model(checkpoint, layout, tok.vocab)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import os
+import socket
 from typing import Optional
 
 API_KEY_ENV = "MEGANNM_API_KEY"
@@ -44,3 +45,16 @@ def key_matches(header: Optional[str], api_key: Optional[str]) -> bool:
     if not header or not header.startswith("Bearer "):
         return False
     return hmac.compare_digest(header[len("Bearer "):].strip().encode(), api_key.encode())
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A bound socket (port 0: any free one); a port that cannot be listened on is one ValueError naming --port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"--port: cannot listen on {host}:{port} ({e.strerror or e})") from None
+    return sock

@@ -2,25 +2,11 @@
 Ctrl-C or SIGTERM (in-flight requests finish, queued rows drain, then the process exits)."""
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 from typing import Optional
 
 from megannm.generate import DEFAULT_CFG_SCALE
-from megannm.web import check_bind
-
-
-def listen(host: str, port: int) -> socket.socket:
-    """A bound socket (port 0: any free one); a port that cannot be listened on is one ValueError naming --port."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        raise ValueError(f"--port: cannot listen on {host}:{port} ({e.strerror or e})") from None
-    return sock
+from megannm.web import check_bind, listen
 
 
 def serve(checkpoint, tokenizers, host: str = "127.0.0.1", port: int = 8000, api_key: Optional[str] = None,

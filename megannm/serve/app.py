@@ -137,13 +137,14 @@ def make_app(engine: Engine, tok, model_name: str, api_key: Optional[str] = None
                     cfg_scale=scale if kind == "image" else 1.0, stop_ids=tuple(stop_ids),
                     keep_stop=keep_stop, ignore_eos=getattr(body, "ignore_eos", False)) for s in seeds]
 
-    async def run(request: Request, rows: list[Row], on_tokens=None) -> None:
-        """Submit ``rows`` and wait for all of them (cancelled if the client goes away)."""
+    def submit(rows: list[Row], stream: bool = False) -> asyncio.Queue:
+        """Queue ``rows`` on the decoder (429 when the queue is full) before any answer starts; their tokens
+        (``stream``) and ends arrive in the returned queue."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         for r in rows:
             r.on_done = lambda row: loop.call_soon_threadsafe(events.put_nowait, ("done", row, None))
-            if on_tokens is not None:
+            if stream:
                 r.on_tokens = lambda row, new: loop.call_soon_threadsafe(events.put_nowait, ("tokens", row, new))
         try:
             engine.submit(rows)
@@ -151,6 +152,12 @@ def make_app(engine: Engine, tok, model_name: str, api_key: Optional[str] = None
             raise HTTPProblem(429, str(e), kind="rate_limit_error") from None
         except ValueError as e:
             raise HTTPProblem(400, str(e)) from None
+        return events
+
+    async def run(request: Request, rows: list[Row], events: Optional[asyncio.Queue] = None, on_tokens=None) -> None:
+        """Wait for every row of ``rows`` (submitted now unless ``events`` says they were); a client that goes
+        away has them cancelled."""
+        events = events if events is not None else submit(rows)
         pending = len(rows)
         try:
             while pending:
@@ -237,7 +244,9 @@ def make_app(engine: Engine, tok, model_name: str, api_key: Optional[str] = None
         rows = rows_for(prompt, kind, body.n, body, budget, (end,), scale)
         rid, created = new_id("chatcmpl"), now()
         if body.stream:
-            return StreamingResponse(stream_chat(request, rows, rid, created, body), media_type="text/event-stream")
+            events = submit(rows, stream=True)
+            return StreamingResponse(stream_chat(request, rows, events, rid, created, body),
+                                     media_type="text/event-stream")
         await run(request, rows)
         choices = []
         if kind == "image":
@@ -253,7 +262,8 @@ def make_app(engine: Engine, tok, model_name: str, api_key: Optional[str] = None
         return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
                 "choices": choices, "usage": usage(len(prompt), rows)}
 
-    async def stream_chat(request: Request, rows: list[Row], rid: str, created: int, body: ChatRequest):
+    async def stream_chat(request: Request, rows: list[Row], events: asyncio.Queue, rid: str, created: int,
+                          body: ChatRequest):
         def chunk(i: int, delta: dict, finish: Optional[str] = None) -> str:
             c = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
                  "choices": [{"index": i, "delta": delta, "finish_reason": finish, "logprobs": None}]}
@@ -278,7 +288,7 @@ def make_app(engine: Engine, tok, model_name: str, api_key: Optional[str] = None
 
         async def produce():
             try:
-                await run(request, rows, on_tokens)
+                await run(request, rows, events, on_tokens)
                 for i, r in enumerate(rows):
                     await out.put(chunk(i, {}, "stop" if done_text[id(r)] else finish_reason(r)))
                 await out.put("data: [DONE]\n\n")

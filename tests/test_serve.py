@@ -363,6 +363,54 @@ def test_a_non_local_host_needs_an_api_key(checkpoint, toy_data):
         "MEGANNM_API_KEY); without one, bind 127.0.0.1 and reach it through an SSH tunnel"]
 
 
+@pytest.mark.distributed
+def test_two_tensor_parallel_ranks_serve_what_one_serves(server, checkpoint, toy_data, tmp_path):
+    """`torchrun --nproc-per-node 2 megannm serve`: rank 0 serves, rank 1 follows every step; greedy answers and
+    log-probs equal the one-rank server's, concurrent requests and a cancelled one included; SIGTERM ends both."""
+    port, master = free_port(), free_port()
+    log = tmp_path / "tp2.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                                 "--master-port", str(master), "-m", "megannm", "serve", str(checkpoint),
+                                 "--tokenizers", str(toy_data["tokenizers"]), "--port", str(port),
+                                 "--served-model-name", MODEL, "--max-rows", "4"], cwd=REPO, stdout=out,
+                                stderr=subprocess.STDOUT, env={**env(), "MEGANNM_API_KEY": KEY})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert proc.poll() is None, log.read_text()
+            assert time.time() < deadline, log.read_text()
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=1)
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(0.2)
+        assert "tensor parallel 2" in log.read_text()
+        bodies = [{"model": MODEL, "prompt": p, "max_tokens": 6, "temperature": 0, "logprobs": 2, "echo": True,
+                   "ignore_eos": True} for p in ("a small red", "a large blue square at the", "a")]
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            two = list(pool.map(lambda b: post(f"{url}/v1/completions", b), bodies))
+            left = pool.submit(post, f"{url}/v1/completions", {**bodies[0], "max_tokens": 400, "n": 2}, KEY,
+                               None, 0.5)
+            with pytest.raises(Exception):  # noqa: B017 - a client that gives up: its rows are cancelled
+                left.result()
+        one = [post(f"{server[0]}/v1/completions", b) for b in bodies]
+        for (s2, a2), (s1, a1) in zip(two, one):
+            assert s2 == s1 == 200
+            c2, c1 = a2["choices"][0], a1["choices"][0]
+            assert c2["text"] == c1["text"] and c2["logprobs"]["tokens"] == c1["logprobs"]["tokens"]
+            assert c2["logprobs"]["token_logprobs"][1:] == pytest.approx(c1["logprobs"]["token_logprobs"][1:],
+                                                                         abs=1e-4)
+        drawn = post(f"{url}/v1/images/generations", {"prompt": "a red circle", "n": 2, "temperature": 0})
+        assert drawn[0] == 200 and len(drawn[1]["data"]) == 2
+    finally:
+        proc.terminate()  # torchrun passes SIGTERM on: rank 0 drains and stops rank 1 (torchrun itself exits 1)
+        proc.wait(90)
+    text = log.read_text()
+    assert "/megannm/" not in text and "ChildFailedError" not in text, text  # no rank failed
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # lm-eval through its OpenAI-compatible backend
 

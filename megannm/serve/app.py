@@ -376,24 +376,17 @@ def make_app(engine: Engine, tok, model_name: str, api_key: Optional[str] = None
                 choice = {"index": len(choices), "text": (P.decode_ids(tok, ids) if body.echo else "") + text,
                           "finish_reason": "stop" if stopped or r is None else finish_reason(r), "logprobs": None}
                 if body.logprobs is not None:
-                    choice["logprobs"] = await on_engine(lambda: logprobs(ids, gen, body.logprobs, body.echo))
+                    choice["logprobs"] = await logprobs(ids, gen, body.logprobs, body.echo)
                 choices.append(choice)
         prompt_tokens = sum(len(ids) for ids in batch)
         return {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": model_name,
                 "choices": choices, "usage": usage(prompt_tokens, flat)}
 
-    def logprobs(prompt: list[int], gen: list[int], k: int, echo: bool) -> dict:
+    async def logprobs(prompt: list[int], gen: list[int], k: int, echo: bool) -> dict:
         """OpenAI's legacy logprobs of the echoed prompt (if ``echo``) and the generated tokens: one forward over
         both on the decoding thread (exact, whatever sampled the answer)."""
-        import torch
         seq = prompt + gen
-        model = engine.model
-        dev = next(model.parameters()).device
-        ids = torch.tensor([seq], device=dev)
-        pos = torch.arange(len(seq), device=dev)[None]
-        logp = torch.log_softmax(model(ids, position_ids=pos, document_ids=torch.zeros_like(pos))[0].float(), -1)
-        chosen = logp[:-1].gather(1, ids[0, 1:, None]).squeeze(1).tolist()
-        top_v, top_i = logp[:-1].topk(max(k, 1), -1)
+        chosen, top_v, top_i = await asyncio.wrap_future(engine.forward("logprobs", seq, k))
         first = 0 if echo else len(prompt)
         tokens, lps, tops, offsets, at = [], [], [], [], 0
         for j in range(first, len(seq)):

@@ -146,15 +146,15 @@ class SlotCache:
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-           noise: Callable[[tuple], torch.Tensor]) -> torch.Tensor:
+           noise: Callable[[tuple], torch.Tensor], all_greedy: bool, filtered: bool) -> torch.Tensor:
     """logits [n, V] (disallowed ids -inf), per-row temperature (<= 0: greedy), top_k (0: all), top_p -> ids [n].
     Sampling is the exponential race (``argmax p / E``, E ~ Exp(1) from ``noise(shape)``): a draw of the
-    categorical with no host round trip, whose randomness can come from a generator per row."""
+    categorical with no host round trip, whose randomness can come from a generator per row. ``all_greedy`` and
+    ``filtered`` (some row has a top-k or top-p) are known on the host, so that no step reads them back."""
     greedy = logits.argmax(-1)
-    if bool((temperature <= 0).all()):
+    if all_greedy:
         return greedy
     scaled = logits / temperature.clamp(min=1e-6)[:, None]
-    filtered = bool((top_k > 0).any()) or bool((top_p < 1).any())
     order = None
     if filtered:
         scaled, order = torch.sort(scaled, descending=True, dim=-1)
@@ -390,7 +390,9 @@ class Decoder:
             u = logits[self.partner[:n]]
             logits = u + self.scale[:n, None] * (logits - u)
         logits = logits.masked_fill(~(self.allowed[self.kind[:n]] | self.stops[:n]), float("-inf"))
-        ids = sample(logits, self.temperature[:n], self.top_k[:n], self.top_p[:n], self._noise(live, n))
+        ids = sample(logits, self.temperature[:n], self.top_k[:n], self.top_p[:n], self._noise(live, n),
+                     all_greedy=all(r.temperature <= 0 for r in live),
+                     filtered=any(r.temperature > 0 and (r.top_k > 0 or r.top_p < 1) for r in live))
         ids = parallel.broadcast(ids[self.leader[:n]].contiguous(), self._tp)
         write = ~self.stopped[:n] & (self.count[:n] < self.limit[:n])
         col = self.count[:n].clamp(max=self.max_len - 1)

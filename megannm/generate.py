@@ -67,7 +67,8 @@ def pick(logits: torch.Tensor, cfg: SamplingConfig, generator: Optional[torch.Ge
     full = lambda x, dtype=None: torch.full((n,), x, dtype=dtype, device=logits.device)  # noqa: E731
     temperature = 0.0 if cfg.greedy else cfg.temperature
     return sample(logits, full(float(temperature)), full(int(cfg.top_k), torch.long), full(float(cfg.top_p)),
-                  lambda shape: torch.empty(shape, device=logits.device).exponential_(generator=generator))
+                  lambda shape: torch.empty(shape, device=logits.device).exponential_(generator=generator),
+                  all_greedy=temperature <= 0, filtered=cfg.top_k > 0 or cfg.top_p < 1)
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from megannm.decode import Row
-from megannm.generate import DEFAULT_CFG_SCALE, caption_prompt, chat_prompt, codes_to_images, image_prompt, png_bytes
+from megannm.generate import DEFAULT_CFG_SCALE, chat_prompt, codes_to_images, image_prompt, png_bytes
 from megannm.serve import prompts as P
 from megannm.serve.engine import Engine, QueueFull
 from megannm.serve.metrics import Metrics
@@ -30,7 +30,7 @@ from megannm.serve.protocol import (ChatRequest, CompletionRequest, DetokenizeRe
                                     TokenizeRequest, new_id, now)
 from megannm.web import key_matches
 
-__all__ = ["make_app", "caption_prompt"]
+__all__ = ["make_app", "Limits"]
 
 
 class Limits:

@@ -243,23 +243,37 @@ def _load(engine, folder: Path, args, layout, vocab) -> dict:
     meta = fmt.read_meta(folder)
     fmt.check_compatible(meta, args, vocab.fingerprint, str(folder), layout=layout.to_dict())
     _verify(folder, meta, layout)
-    if meta.get("module_only"):
+    from megannm.train import elastic
+    other_dp = elastic.needs_conversion(meta, engine, layout)
+    if meta.get("module_only") or (other_dp and layout.pp > 1):
         from megannm.train.load import load_module_only
         load_module_only(engine, folder, layout)
         if getattr(engine, "lr_scheduler", None) is not None:  # the schedule goes on from the saved step
             engine.lr_scheduler.last_epoch = int(meta.get("step") or 0) - 1
             engine.lr_scheduler.step()
+        if other_dp:
+            meta = dict(meta, elastic=elastic.describe(meta, layout, folder, moments_kept=False))
         return meta
+    universal = None
     try:
-        load_path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
+        if other_dp:  # ZeRO partitions of another data-parallel size: through DeepSpeed's universal checkpoint
+            load_path, universal = elastic.load(engine, folder, layout)
+            meta = dict(meta, elastic=elastic.describe(meta, layout, folder, moments_kept=True))
+        else:
+            load_path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True)
         rng = fmt.rng_file(folder, layout.rank)
         if rng.exists():
             set_rng_state(torch.load(rng, weights_only=True))
+    except fmt.CheckpointError:
+        raise
     except (RuntimeError, OSError, EOFError, ValueError) as e:  # a checkpoint without file records: find the file
         raise fmt.CorruptCheckpoint(f"{_unreadable(folder) or folder}: cannot be loaded "
                                     f"({str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__})"
                                     ) from None
+    finally:
+        if universal is not None:
+            elastic.cleanup(universal, layout)
     if load_path is None:
         raise fmt.CheckpointError(f"{folder}: DeepSpeed found no loadable files for this rank ({layout.rank})")
     return meta

@@ -172,7 +172,9 @@ class Trainer:
             self.last_checkpoint = path
             changed = self._recipe_learning_rate()
             return [("fallback", f"skipped {s}") for s in skipped] + [
-                ("resumed", f"resumed from {path} at step {self.step}")] + ([("schedule", changed)] if changed else [])
+                ("resumed", f"resumed from {path} at step {self.step}")] + (
+                [("elastic", meta["elastic"])] if meta.get("elastic") else []) + (
+                [("schedule", changed)] if changed else [])
         if c.init_from:
             from megannm.train.load import init_from
             return [("initialised", init_from(self.engine, self.args, self.layout, self.vocab, c.init_from))]

@@ -126,7 +126,8 @@ def test_a_live_holder_is_refused_even_where_the_file_system_drops_the_kernel_lo
 def test_a_holder_on_another_host_is_alive_until_its_heartbeat_is_stale(tmp_path, monkeypatch):
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     _record(tmp_path, host="node-elsewhere", pid=4242, boot_id="x")
-    with pytest.raises(RunLocked, match="host node-elsewhere pid 4242"):
+    with pytest.raises(RunLocked, match="host node-elsewhere pid 4242 started .*, its lock refreshed [0-9]+ s ago: "
+                                        "taken as gone 600 s after the last refresh"):
         RunLock([tmp_path]).acquire()
     old = time.time() - runlock.STALE_S - 60
     os.utime(tmp_path / LOCK, (old, old))

@@ -17,13 +17,13 @@ The lock is two things in one file:
   reboot, is not the holder), ``SLURM_JOB_ID`` and ``SLURM_RESTART_COUNT``. The holder touches the file's
   modification time every ``HEARTBEAT_S`` seconds (a daemon thread).
 
-A record found when the kernel lock was granted is judged: on this host its process is alive if a process with that
-pid and start time runs (same boot). On another host (where the kernel lock may not see the holder) it is alive
-unless its Slurm job is over (``squeue``, else ``sacct``; an earlier incarnation of this very job, requeued, is over)
-or its heartbeat is older than ``STALE_S`` seconds. A live holder is refused; a dead one's lock is taken over and the
-run logs that it did. Releasing removes the lock file while still holding the kernel lock (a run that opened the old
-file meanwhile sees that the path no longer names it and starts again), and removes a folder the run created if
-nothing else was written to it.
+A record found when the kernel lock was granted is judged: on this host (same name, same boot) its process is alive if
+a process with that pid and start time runs. On another host, or a host of the same name booted since (where the
+kernel lock may not see the holder), it is alive unless its Slurm job is over (``squeue``, else ``sacct``; an earlier
+incarnation of this very job, requeued, is over) or its heartbeat is older than ``STALE_S`` seconds. A live holder is
+refused; a dead one's lock is taken over and the run logs that it did. Releasing removes the lock file while still
+holding the kernel lock (a run that opened the old file meanwhile sees that the path no longer names it and starts
+again), and removes a folder the run created if nothing else was written to it.
 
 Hand-written because no library here does this: ``filelock`` covers the kernel lock only, with no record of who
 holds it, no stale-holder rules across hosts and no heartbeat.
@@ -93,9 +93,7 @@ class Holder:
 
 
 def _alive_here(h: Holder) -> bool:
-    """A process with the holder's pid and start time runs on this host, since the same boot."""
-    if h.boot_id and h.boot_id != _boot_id():
-        return False
+    """A process with the holder's pid and start time runs on this host."""
     try:
         return abs(psutil.Process(h.pid).create_time() - h.started) < 1.0
     except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
@@ -130,8 +128,14 @@ def _slurm_job_over(h: Holder) -> Optional[bool]:
     return None
 
 
+def _here(h: Holder) -> bool:
+    """Recorded on this host since its last boot (a host name alone is not enough: containers on several nodes may
+    share one, and a reboot reuses pids)."""
+    return h.host == socket.gethostname() and (not h.boot_id or h.boot_id == _boot_id())
+
+
 def _alive(h: Holder, heartbeat: float) -> bool:
-    if h.host == socket.gethostname():
+    if _here(h):
         return _alive_here(h)
     over = _slurm_job_over(h)
     if over is not None:
@@ -223,6 +227,11 @@ class RunLock:
 
     def _refuse(self, folder: Path, path: Path, holder: Optional[Holder]) -> None:
         who = holder.describe() if holder is not None else "a process that has not recorded itself yet"
+        if holder is not None and not _here(holder):
+            with contextlib.suppress(OSError):
+                age = time.time() - path.stat().st_mtime
+                who += (f", its lock refreshed {age:.0f} s ago: taken as gone {STALE_S:.0f} s after the last "
+                        f"refresh")
         raise RunLocked(f"{folder}: another run is using this folder ({who}; lock {path}): wait for it to end or "
                         f"stop it, or give this run another logging.dir / checkpoint.dir")
 

@@ -5,9 +5,11 @@ load them at another (``ZeRORuntimeException``). DeepSpeed's own answer is its u
 parameter's fp32 master weight, Adam moments and step as whole tensors (``deepspeed.checkpoint.ds_to_universal``),
 which any ZeRO stage at any data-parallel size loads by cutting its own partitions (the engine's
 ``checkpoint.load_universal``). This module converts a checkpoint into that form in a hidden temporary folder beside
-it (rank 0; removed after the load, and reclaimed by the next run's prune if the process dies on the way) and loads it
-on every rank. The data position needs nothing: the loader's global order is cut from ``consumed_samples`` at any
-data-parallel size (``megannm.data.loader``), so a fixed global batch sees the same samples in the same steps.
+it (rank 0, one process: it needs free space for the fp32 weights and both moments, 12 bytes a parameter; removed
+after the load, and reclaimed by the next run if the process dies on the way) and loads it on every rank. Tested at
+tensor and pipeline size 1, ZeRO-1 and ZeRO-3. The data position needs nothing: the loader's global order is cut
+from ``consumed_samples`` at any data-parallel size (``megannm.data.loader``), so a fixed global batch sees the same
+samples in the same steps.
 
 What is kept: weights, Adam moments and step, the learning-rate schedule, DeepSpeed's step counters, the data
 position. What cannot be: a rank that did not exist when the checkpoint was saved has no RNG state of its own (it
@@ -24,7 +26,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import random
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -94,14 +98,25 @@ def load(engine, folder: Path, layout) -> tuple[str | None, str]:
     calls this. Returns DeepSpeed's load path and the universal folder's parent (removed by ``cleanup``)."""
     error = None
     parent = folder.parent / (UNIVERSAL_PREFIX + folder.name)
+    # The conversion reads and writes the whole optimizer state on rank 0 (minutes for a large model): the other
+    # ranks wait for a marker file rather than in a collective, which would time out (parallel.timeout_minutes).
+    nonce = torch.tensor([float(random.SystemRandom().randrange(1, 2 ** 31)) if layout.rank == 0 else 0.0],
+                         device=parallel.device())
+    parallel.all_reduce(nonce, op="max")
+    marker = folder.parent / f"{UNIVERSAL_PREFIX}{folder.name}.{int(nonce)}.done"
     if layout.rank == 0:
         try:
             convert(folder)
         except Exception as e:  # noqa: BLE001 (every rank must learn it; rank 0 names it)
             error = e
+        marker.touch()
+    else:
+        while not marker.exists():
+            time.sleep(1.0)
     if _any(error is not None):
         if layout.rank == 0:
             shutil.rmtree(parent, ignore_errors=True)
+            marker.unlink(missing_ok=True)
         if isinstance(error, fmt.CheckpointError):  # a damaged or refused file: its own line (fallback skips it)
             raise error
         if error is not None:
@@ -133,7 +148,9 @@ def load(engine, folder: Path, layout) -> tuple[str | None, str]:
 
 
 def cleanup(parent: str, layout) -> None:
-    """Remove the universal folder once every rank has loaded it."""
+    """Remove the universal folder (and its marker) once every rank has loaded it."""
     parallel.barrier()
     if layout.rank == 0:
         shutil.rmtree(parent, ignore_errors=True)
+        for marker in Path(parent).parent.glob(Path(parent).name + ".*.done"):
+            marker.unlink(missing_ok=True)

@@ -72,3 +72,16 @@ def test_dp1_dp2_dp1_matches_an_uninterrupted_dp2_run_at_zero1_and_zero3(toy_dat
         ckpts = run_dir / "checkpoints"
         assert fmt.latest(ckpts).name == "step00000006"
         assert not [p.name for p in ckpts.iterdir() if p.name.startswith(".")]  # the universal folders are gone
+
+
+def test_the_line_says_what_starts_afresh_where_the_state_cannot_be_kept(tmp_path):
+    from types import SimpleNamespace
+
+    from megannm.train import elastic
+    meta = {"layout": {"world_size": 4, "tp": 2, "pp": 1, "dp": 2}}
+    layout = SimpleNamespace(world_size=8, tp=2, pp=1, dp=4)
+    assert not elastic.keeps_moments(layout)
+    assert elastic.describe(meta, layout, tmp_path / "step00000004", elastic.keeps_moments(layout)) == (
+        f"{tmp_path / 'step00000004'}: saved at data-parallel size 2, resumed at 4: weights, schedule and data "
+        f"position kept; Adam moments and step reset (the optimizer state is re-partitioned at tensor and pipeline "
+        f"size 1 only); ranks 4-7 had no saved RNG state and keep the recipe's seed")

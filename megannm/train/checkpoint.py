@@ -270,7 +270,7 @@ def _load(engine, folder: Path, args, layout, vocab) -> dict:
     _verify(folder, meta, layout)
     from megannm.train import elastic
     other_dp = elastic.needs_conversion(meta, engine, layout)
-    if meta.get("module_only") or (other_dp and layout.pp > 1):
+    if meta.get("module_only") or (other_dp and not elastic.keeps_moments(layout)):
         from megannm.train.load import load_module_only
         load_module_only(engine, folder, layout)
         if getattr(engine, "lr_scheduler", None) is not None:  # the schedule goes on from the saved step

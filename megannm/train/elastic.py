@@ -13,9 +13,8 @@ samples in the same steps.
 
 What is kept: weights, Adam moments and step, the learning-rate schedule, DeepSpeed's step counters, the data
 position. What cannot be: a rank that did not exist when the checkpoint was saved has no RNG state of its own (it
-keeps the recipe's seed); ``describe`` says so in the one line the Trainer logs. Under pipeline stages (whose layer
-files the universal form does not cover here) the weights and schedule load and the Adam moments start afresh, also
-said in that line.
+keeps the recipe's seed); ``describe`` says so in the one line the Trainer logs. With tensor or pipeline stages
+(``keeps_moments``) the weights and schedule load and the Adam moments start afresh, also said in that line.
 
 ds_to_universal unpickles DeepSpeed's files with ``weights_only=False``; every file it reads is first opened here with
 ``megannm.checkpoint.tensors.load_torch`` (``weights_only=True``, checked against its crc32 record), so a file that
@@ -49,12 +48,19 @@ def needs_conversion(meta: dict, engine, layout) -> bool:
             and bool(engine.zero_optimization()) and int(meta.get("zero_stage") or 0) > 0)
 
 
+def keeps_moments(layout) -> bool:
+    """Whether the optimizer state is re-partitioned at this layout (else the weights load and Adam starts afresh):
+    without tensor and pipeline stages. DeepSpeed's converter joins tensor-parallel slices by patterns a model must
+    declare and does not cover pipeline layer files; megannm does not rely on either untested."""
+    return layout.tp == 1 and layout.pp == 1
+
+
 def describe(meta: dict, layout, folder: Path, moments_kept: bool) -> str:
     """The one line the Trainer logs: what was kept and what starts afresh."""
     old = saved_dp(meta)
     kept = ("weights, Adam moments and step, schedule and data position kept (DeepSpeed universal checkpoint)"
-            if moments_kept else "weights, schedule and data position kept; Adam moments and step reset (a "
-                                 "pipeline's optimizer state is not re-partitioned)")
+            if moments_kept else "weights, schedule and data position kept; Adam moments and step reset (the "
+                                 "optimizer state is re-partitioned at tensor and pipeline size 1 only)")
     world_then = int((meta.get("layout") or {}).get("world_size") or old)
     new = layout.world_size - world_then
     ranks = f"rank {world_then} had" if new == 1 else f"ranks {world_then}-{layout.world_size - 1} had"

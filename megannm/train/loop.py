@@ -12,7 +12,10 @@ and the wall clock (``schedule.exit_duration_minutes``). Nothing is saved from a
 bad steps in a row raise ``guard.Diverged`` (exit code 3).
 
 Nothing is written before the inputs are known good: the data is verified before the model is built, and the run
-folder (``metrics.jsonl``, ``recipe.yaml``, TensorBoard) appears only once the checkpoint and the data are open.
+folder (``metrics.jsonl``, ``recipe.yaml``, TensorBoard) appears only once the checkpoint and the data are open. One
+run per folder: the run holds ``runlock``'s lock on its logging and checkpoint folders from before it reads its
+checkpoint until it exits (a folder it created only for the lock goes with it), and a live holder there stops a
+second run before its model is built.
 """
 from __future__ import annotations
 

@@ -85,3 +85,28 @@ def test_the_line_says_what_starts_afresh_where_the_state_cannot_be_kept(tmp_pat
         f"{tmp_path / 'step00000004'}: saved at data-parallel size 2, resumed at 4: weights, schedule and data "
         f"position kept; Adam moments and step reset (the optimizer state is re-partitioned at tensor and pipeline "
         f"size 1 only); ranks 4-7 had no saved RNG state and keep the recipe's seed")
+
+
+class _Planted:
+    """Unpickling it would create a file (what a hostile checkpoint would do instead)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        from pathlib import Path
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_a_file_that_would_run_code_is_refused_before_deepspeeds_converter_reads_it(tmp_path):
+    """DeepSpeed's converter unpickles with weights_only=False: every file is first opened the safe way."""
+    import torch
+
+    from megannm.train import elastic
+    folder = tmp_path / "step00000002"
+    folder.mkdir()
+    planted = folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save({"optimizer_state_dict": _Planted(tmp_path / "ran")}, planted)
+    with pytest.raises(fmt.CheckpointError, match=f"^{planted}: cannot read"):
+        elastic.convert(folder)
+    assert not (tmp_path / "ran").exists() and not (tmp_path / ".tmp-universal-step00000002").exists()

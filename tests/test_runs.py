@@ -51,7 +51,7 @@ def test_a_second_run_into_a_live_runs_folder_is_refused_and_the_first_is_unharm
     first = subprocess.Popen([sys.executable, "-m", "megannm", "train", str(recipe)], cwd=dist.REPO,
                              env=dist.base_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        for _ in range(600):  # training: its run folder has its files and a logged step
+        for _ in range(1500):  # training: its run folder has its files and a logged step
             if (run_dir / "metrics.jsonl").exists() and '"split": "train"' in (run_dir / "metrics.jsonl").read_text():
                 break
             assert first.poll() is None, first.communicate()

@@ -29,6 +29,7 @@ setup(
         "tensorboard>=2.16",
         "tqdm>=4.66",
         "pillow>=10.0",
+        "psutil>=5.9",  # the run lock: a holder's process start time (pid reuse)
         # `megannm serve` and `megannm reward-server`: the ecosystem's serving stack, and /metrics
         "fastapi>=0.110,<1",
         "uvicorn>=0.29,<1",

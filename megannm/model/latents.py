@@ -84,6 +84,17 @@ def interpolate(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple
     return (1 - tt) * x0 + tt * noise, noise - x0
 
 
+def flow_arguments(batch: dict) -> dict:
+    """A micro-batch's continuous-image tensors (clean ``latents`` [B, S, C] at the image slots, ``noise``
+    [B, S, C], ``timesteps`` [B, S], ``flow_mask`` [B, S]: 1 at the slots of the images it generates) -> the model's
+    keyword arguments: the noised latents, the timesteps, the velocity target and the mask. {} for a batch without
+    images in latents (discrete images, or text only)."""
+    if "latents" not in batch:
+        return {}
+    xt, target = interpolate(batch["latents"], batch["noise"], batch["timesteps"])
+    return {"latents": xt, "timesteps": batch["timesteps"], "flow_target": target, "flow_mask": batch["flow_mask"]}
+
+
 def flow_loss(velocity: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean squared velocity error over the slots where ``mask`` [B, S] is 1 (each slot's error averaged over its
     channels, in fp32). Returns (loss, number of slots)."""

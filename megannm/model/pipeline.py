@@ -42,6 +42,7 @@ from megannm.model import flops, layers
 from megannm.model.args import ModelArgs
 from megannm.model.block import Block
 from megannm.model.embedding import EmbeddingStage
+from megannm.model.latents import flow_arguments
 from megannm.model.transformer import HeadStage, draw_init_seed, model_loss, run_chain, seeded
 from megannm.parallel import Layout
 
@@ -196,8 +197,15 @@ def canonical_to_pipeline(name: str, num_layers: int) -> tuple[int, str]:
 
 
 def pipeline_batch(batch: dict) -> tuple[tuple, tuple]:
-    """A loader micro-batch dict -> DeepSpeed's ``((first stage inputs), (loss_fn labels))``."""
-    return ((batch["input_ids"], batch["position_ids"], batch["document_ids"]), (batch["labels"], batch["loss_mask"]))
+    """A loader micro-batch dict -> DeepSpeed's ``((first stage inputs), (loss_fn labels))``; continuous images add
+    the noised latents and timesteps to the inputs, the velocity target and its mask to the labels."""
+    inputs, labels = (batch["input_ids"], batch["position_ids"], batch["document_ids"]), (batch["labels"],
+                                                                                           batch["loss_mask"])
+    flow = flow_arguments(batch)
+    if flow:
+        inputs += (flow["latents"], flow["timesteps"])
+        labels += (flow["flow_target"], flow["flow_mask"])
+    return inputs, labels
 
 
 def stage_bounds(module: PipelineModule) -> tuple[int, int]:

@@ -154,6 +154,9 @@ def export_hf(c: Consolidated, dst: str | Path, tokenizers: Optional[Path] = Non
     """A Hugging Face folder (config, weights, generation config, tokenizer) from the canonical form, the weights
     written one shard at a time (renamed, cast to ``dtype`` when given; config.json records the dtype written)."""
     args, vocab = c.args, c.vocab
+    if getattr(args, "latent_channels", 0):
+        raise ConvertError(f"{dst}: a model with continuous images (latent_channels={args.latent_channels}) has no "
+                           f"Hugging Face export yet; convert it --to consolidated or --to deepspeed")
     arch = architecture(args)
     per_set = arch == "megannm_mot"
     specs = specs_of(c.state)

@@ -84,7 +84,8 @@ class ModelArgs:
                    z_loss=m.z_loss, norm_reorder=m.norm_reorder, rope_theta=m.rope_theta, eps=m.norm_eps,
                    init_std=m.init_std, max_seq_len=m.max_seq_len,
                    loss_weights=tuple(float(m.loss_weights.get(n, 1.0)) for n in MODALITY_NAMES),
-                   params_dtype=dtype_name(params_dtype), compile=m.compile)
+                   params_dtype=dtype_name(params_dtype), compile=m.compile,
+                   latent_channels=getattr(vocab, "latent_channels", 0))
 
     def to_dict(self) -> dict:
         d = asdict(self)

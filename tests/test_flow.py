@@ -193,16 +193,36 @@ def test_a_tiny_model_learns_the_velocity_of_a_caption_conditioned_latent():
         losses.append(float(stats["image_loss"]))
     assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
     model.eval()
-    x = torch.randn(4, 3, C, generator=gen)
-    with torch.no_grad():
-        for i in range(10):  # Euler from t = 1 (noise) to t = 0 (the latent)
-            t = 1.0 - i / 10
-            lat = torch.zeros(4, ids.shape[1], C)
-            lat[slot] = x.reshape(-1, C)
-            _, vel = model(ids, latents=lat, timesteps=torch.full(ids.shape, t))
-            x = x - 0.1 * vel[slot].reshape(4, 3, C)
-    err = (x - targets).pow(2).mean()
-    assert err < 0.5 * targets.pow(2).mean()
+    from megannm.model.draw import draw_latents
+    prompts = torch.tensor([[BOS, k + 1, BOI] for k in range(4)])
+    x = draw_latents(model, prompts, slots=3, steps=10, generator=torch.Generator().manual_seed(6))
+    own, others = (x - targets).pow(2).mean(), (x - targets.roll(1, 0)).pow(2).mean()
+    assert own < 0.5 * others  # each caption draws its own latent
+
+
+def test_the_sampler_steps_over_the_cache_as_the_full_sequence_would_and_guides_by_the_written_rule():
+    """Two Euler steps with guidance: ``draw_latents`` (prompt cached once, slots re-run each step) against the
+    same steps written out with full, uncached forwards of prompt + slots."""
+    from megannm.model.draw import draw_latents
+    model = make(seed=8).eval()
+    torch.nn.init.normal_(model.head.velocity.proj.weight, std=0.3)
+    prompts, uncond = torch.tensor([[BOS, 1, 2, BOI], [BOS, 3, 4, BOI]]), torch.tensor([[BOS, BOI]] * 2)
+    got = draw_latents(model, prompts, slots=3, steps=2, cfg_scale=2.5, uncond=uncond,
+                       generator=torch.Generator().manual_seed(9))
+
+    def velocity(prefix, x, t):
+        ids = torch.cat([prefix, torch.full((2, 3), SLOT)], dim=1)
+        lat = torch.cat([torch.zeros(2, prefix.shape[1], C), x], dim=1)
+        with torch.no_grad():
+            return model(ids, latents=lat, timesteps=torch.full(ids.shape, t))[1][:, -3:]
+
+    x = torch.randn(2, 3, C, generator=torch.Generator().manual_seed(9))
+    for t, dt in ((1.0, -0.5), (0.5, -0.5)):
+        u = velocity(uncond, x, t)
+        x = x + dt * (u + 2.5 * (velocity(prompts, x, t) - u))
+    torch.testing.assert_close(got, x, rtol=1e-4, atol=1e-5)
+    assert (got - draw_latents(model, prompts, slots=3, steps=2, generator=torch.Generator().manual_seed(9))
+            ).abs().max() > 1e-3  # guidance changed the picture
 
 
 def test_pipeline_names_of_the_latent_modules_round_trip():

@@ -133,6 +133,13 @@ class KVCache:
     def advance(self, n: int) -> None:
         self.length += n
 
+    def rewind(self, length: int) -> None:
+        """Forget every position from ``length`` on (their keys are overwritten by the next chunk): a denoising
+        step re-runs an image's slots over the same cached prefix."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"KV cache: cannot rewind to {length} (holds {self.length})")
+        self.length = length
+
     def rows_view(self, r0: int, r1: int, offset: int) -> "KVCache":
         """Rows [r0, r1) from position ``offset`` on, as an empty cache whose tensors are views of this one's: a
         group of left-padded prompts prefills there, right-aligned, and its keys and values land in this cache."""

@@ -26,6 +26,7 @@ they are tiny (C x D) beside a block.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -76,6 +77,17 @@ class VelocityHead(nn.Module):
 def sample_timesteps(shape, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
     """Logit-normal timesteps in (0, 1)."""
     return torch.sigmoid(torch.randn(shape, generator=generator, device=device))
+
+
+def euler(velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noise: torch.Tensor, steps: int
+          ) -> torch.Tensor:
+    """Integrate dx/dt = velocity(x, t) from t = 1 (``noise``) to t = 0 in ``steps`` equal Euler steps; t is a 0-d
+    tensor on the noise's device (no host sync)."""
+    ts = torch.linspace(1.0, 0.0, steps + 1, device=noise.device)
+    x = noise
+    for i in range(steps):
+        x = x + (ts[i + 1] - ts[i]) * velocity(x, ts[i]).to(x.dtype)
+    return x
 
 
 def interpolate(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -264,3 +264,34 @@ def test_conversion_round_trips_the_latent_modules_through_every_layout(tmp_path
         want = model.eval()(ids, latents=lat, timesteps=t)[1]
         got = loaded(ids, latents=lat, timesteps=t)[1]
     assert torch.equal(got, want) and want.abs().max() > 1e-3
+
+
+def test_hugging_face_export_gives_the_logits_velocities_and_drawings_of_the_model(tmp_path):
+    """The MoT remote-code class with megannm's latent modules: equal logits and velocities on a sequence with an
+    image, and ``draw`` (DynamicCache, cropped each step) equal to ``draw_latents``."""
+    from transformers import AutoModelForCausalLM
+
+    from megannm.checkpoint.consolidated import Consolidated, normalise_args
+    from megannm.convert.hf import export_hf
+    from megannm.model.draw import draw_latents
+    model = make(seed=10).eval()
+    torch.nn.init.normal_(model.head.velocity.proj.weight, std=0.3)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for k in ("embedding.embed_tokens.weight", "head.output.weight"):
+        state[k] = state[k][:VOCAB.size].clone()
+    export_hf(Consolidated(state, normalise_args(model.args, VOCAB), VOCAB, {"kind": "test"}), tmp_path / "hf")
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
+    ids = torch.tensor([row([1, 2], 4, [3, 4])])
+    lat, t = torch.randn(1, ids.shape[1], C), torch.full((1, ids.shape[1]), 0.7)
+    with torch.no_grad():
+        logits, vel = model(ids, latents=lat, timesteps=t)
+        out = theirs(input_ids=ids, latents=lat, timesteps=t)
+    torch.testing.assert_close(out.logits, logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.velocity, vel, rtol=1e-4, atol=1e-5)
+    assert vel.abs().max() > 1e-2
+    prompts, uncond = torch.tensor([[BOS, 1, 2, BOI]]), torch.tensor([[BOS, BOI]])
+    ours = draw_latents(model, prompts, slots=4, steps=3, cfg_scale=2.0, uncond=uncond,
+                        generator=torch.Generator().manual_seed(11))
+    drawn = theirs.draw(prompts, slots=4, steps=3, cfg_scale=2.0, uncond_ids=uncond,
+                        generator=torch.Generator().manual_seed(11))
+    torch.testing.assert_close(drawn, ours, rtol=1e-4, atol=1e-5)

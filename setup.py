@@ -29,14 +29,20 @@ setup(
         "tensorboard>=2.16",
         "tqdm>=4.66",
         "pillow>=10.0",
+        "psutil>=5.9",  # the run lock: a holder's process start time (pid reuse)
+        # `megannm serve` and `megannm reward-server`: the ecosystem's serving stack, and /metrics
+        "fastapi>=0.110,<1",
+        "uvicorn>=0.29,<1",
+        "prometheus_client>=0.20,<1",
     ],
     extras_require={
         # preprocessing sources beyond JSONL (each imported only when its kind of input is read)
         "sources": SOURCES,
         # scikit-image: the real photographs it ships inside its package (image tokenizer tests, benchmark);
-        # ruff and import-linter: the style and import rules (ruff.toml, .importlinter) that .ci/run checks
+        # ruff and import-linter: the style and import rules (ruff.toml, .importlinter) that .ci/run checks;
+        # openai and lm-eval: the real clients `megannm serve` is tested with
         "test": ["pytest>=8.0", "hypothesis>=6.100", "scikit-image>=0.22", "ruff>=0.17", "import-linter>=2.17",
-                 *SOURCES, *MPI],
+                 "openai>=1.30,<4", "lm-eval[api]>=0.4.8,<0.5", *SOURCES, *MPI],
         # rank discovery from MPI itself under mpirun / srun --mpi=pmix (builds against the MPI's headers:
         # Debian's libopenmpi-dev, which setup.sh installs)
         "mpi": MPI,

@@ -49,9 +49,10 @@ MODULE_TIER = {
     "test_launchers": "unit", "test_layers": "unit", "test_loader": "unit",
     "test_model": "unit", "test_model_tp": "distributed", "test_own_data": "unit", "test_phase_example": "unit",
     "test_pipeline": "unit", "test_plan": "unit", "test_plans": "unit", "test_readme": "unit",
-    "test_reward_server": "unit", "test_rl": "unit", "test_rollout": "unit", "test_sft": "unit",
+    "test_reward_server": "unit", "test_rl": "unit", "test_rollout": "unit", "test_serve": "unit", "test_sft": "unit",
     "test_shards": "unit", "test_slurm": "unit", "test_sources": "unit", "test_tiers": "unit",
     "test_tokenizers": "unit", "test_toy": "unit", "test_trainer": "unit",
+    "test_elastic": "distributed", "test_runs": "distributed",
     "test_flow": "unit", "test_flow_train": "distributed",
 }
 # Fixtures that start several ranks or a cluster: a test that uses one (directly or through another fixture) takes

@@ -831,6 +831,42 @@ def _(b):
     return code, err.getvalue().strip(), ["r.yaml", "1 task(s)", "sbatch", "--ntasks-per-node=2"]
 
 
+# --- runs (h-runs) ---
+
+
+@row("run-folder-in-use", 2)
+def _(b):
+    import socket
+
+    from megannm.train.runlock import RunLock
+    recipe = b.recipe()
+    held = RunLock([b.tmp / "run"])  # a live run of this very process holds the folder
+    held.acquire()
+    try:
+        code, line = b.cli("train", recipe)
+    finally:
+        held.release()
+    return code, line, [f"{b.tmp / 'run'}: another run is using this folder", f"host {socket.gethostname()}",
+                        f"pid {os.getpid()} started ", "logging.dir / checkpoint.dir"]
+
+
+@row("resume-other-data-parallel-size", 0)
+def _(b):
+    recipe, ckpts = b.trained()
+    meta_path = ckpts / "step00000004" / "megannm.json"  # as if saved by 2 data-parallel ranks
+    meta = json.loads(meta_path.read_text())
+    meta["layout"].update(world_size=2, dp=2)
+    meta_path.write_text(json.dumps(meta))
+    os.environ.pop("MEGANNM_QUIET")
+    try:
+        code, out = b.cli("train", recipe, "--resume", "schedule.train_steps=5")
+    finally:
+        os.environ["MEGANNM_QUIET"] = "1"
+    line = next((x for x in out.splitlines() if "elastic" in x), out)
+    return code, line, ["[step 4] elastic", "step00000004: saved at data-parallel size 2, resumed at 1",
+                        "Adam moments and step", "data position kept"]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # the table and the cases
 

@@ -78,6 +78,7 @@ def test_lr_1e9_stops_within_a_few_steps_with_one_line(toy_data, tmp_path, capsy
         f"it again; step00000003 after it holds the weights the first bad step ran on)"], lines
     assert [p.name for p in fmt.complete(ckpts)] == ["step00000002", "step00000003"]
     assert fmt.latest(ckpts).name == "step00000002" and fmt.protected(ckpts) == {"step00000003"}
+    assert fmt.diverged(ckpts) == {"step00000003"}
     integrity.verify(ckpts / "step00000002", fmt.read_meta(ckpts))
     bad = events(tmp_path / "run", "bad_step")
     assert [e["step"] for e in bad] == [4, 5, 6] and all(e["skipped_by_deepspeed"] == 1 for e in bad)
@@ -89,14 +90,27 @@ def test_lr_1e9_stops_within_a_few_steps_with_one_line(toy_data, tmp_path, capsy
     assert events(tmp_path / "run", "resumed")[-1]["step"] == 2
 
 
-def test_a_first_update_that_diverges_leaves_no_good_checkpoint_but_names_the_saved_one(toy_data, tmp_path,
-                                                                                       capsys):
+def test_a_first_update_that_diverges_leaves_no_good_checkpoint_and_latest_names_none(toy_data, tmp_path, capsys):
+    """Step 1 is good and saved, its update blows the weights up: step00000001 holds the weights the first bad step
+    ran on. It stays (protected, for a look) but `latest` no longer names it and resuming passes it by, so a
+    --resume starts afresh instead of diverging again; the next save of step 1 replaces it and clears the mark. What
+    killed runs left in the folders (a pointer half-written, a save's temporary folder) goes at the next start."""
     recipe = write_recipe(tmp_path, toy_data, checkpoint="{save_interval: 1}")
     code, lines = train(capsys, recipe, "optimizer.lr=1e9")
     ckpts = tmp_path / "run" / "checkpoints"
     assert code == 3 and len(lines) == 1 and lines[0].endswith(
-        f"last good checkpoint: none ({ckpts / 'step00000001'} holds the weights the first bad step ran on)")
-    assert fmt.latest(ckpts).name == "step00000001"  # intact, and what the user decides to do with
+        f"last good checkpoint: none ({ckpts / 'step00000001'} holds the weights the first bad step ran on; latest "
+        f"removed: --resume starts afresh)"), lines
+    assert fmt.latest(ckpts) is None and fmt.diverged(ckpts) == {"step00000001"}
+    assert [p.name for p in fmt.complete(ckpts)] == ["step00000001"]
+    litter = [ckpts / ".latest.tmp-4242", ckpts / ".tmp-step00000002", tmp_path / "run" / ".recipe.yaml.tmp-4242"]
+    litter[0].write_text("step0000")
+    litter[1].mkdir()
+    (litter[1] / "mp_rank_00_model_states.pt").write_bytes(b"half")
+    litter[2].write_text("name: half")
+    assert train(capsys, recipe, "--resume", "schedule.train_steps=1") == (0, [])
+    assert not events(tmp_path / "run", "resumed") and not any(p.exists() for p in litter)
+    assert fmt.latest(ckpts).name == "step00000001" and fmt.diverged(ckpts) == set()
 
 
 def test_an_isolated_bad_step_is_skipped_unsaved_and_its_last_good_checkpoint_kept(toy_data, tmp_path, capsys,

@@ -60,13 +60,13 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def server(tmp_path, reward: str, env: dict | None = None):
+def server(tmp_path, reward: str, env: dict | None = None, args: tuple = ()):
     """``megannm reward-server`` in a subprocess on a free localhost port; yields (process, url, log path)."""
     port = free_port()
     log = tmp_path / f"server-{port}.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "megannm", "reward-server", "--reward", reward,
-                                 "--port", str(port)], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                 "--port", str(port), *args], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
                                 env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     url = f"http://127.0.0.1:{port}/score"
     try:
@@ -195,3 +195,28 @@ def test_grpo_run_whose_reward_server_dies_exits_with_one_line_and_keeps_its_che
     last = checkpoint.latest(ckpts)
     assert last.name == checkpoint.tag_for(1) and checkpoint.read_meta(last)["step"] == 1  # the step before
     assert [p.name for p in ckpts.iterdir() if p.is_dir()] == [last.name]  # nothing half-written after it
+
+
+def test_an_api_key_guards_the_batches_and_a_non_local_host_needs_one(tmp_path, monkeypatch):
+    """With --api-key a batch without the key (or with another) is a 401 and the client that sends
+    MEGANNM_API_KEY is scored; without a key the server refuses to listen beyond this machine, in one line."""
+    from megannm.rewards import Prompt, Sample, get
+    from megannm.rewards.remote import RemoteRewardError
+    p, s = Prompt([1], "text"), Sample([1, 2], "text", text="x")
+    with server(tmp_path, "tests.test_reward_server:scripted", args=("--api-key", "k-28")) as (_, url, log):
+        monkeypatch.delenv("MEGANNM_API_KEY", raising=False)
+        with pytest.raises(RemoteRewardError, match=r"HTTP 401: missing or wrong API key \(set MEGANNM_API_KEY "
+                                                    r"where the recipe runs.*\(1 try\)$"):
+            get(url).score_batch([p], [s], [None])
+        monkeypatch.setenv("MEGANNM_API_KEY", "k-29")
+        with pytest.raises(RemoteRewardError, match=r"HTTP 401"):
+            get(url).score_batch([p], [s], [None])
+        monkeypatch.setenv("MEGANNM_API_KEY", "k-28")
+        assert get(url).score_batch([p, p], [s, s], [None, None]) == [0.2, 0.2]
+        assert batches_scored(log) == 1
+    out = subprocess.run([sys.executable, "-m", "megannm", "reward-server", "--reward", "format", "--port", "0",
+                          "--host", "0.0.0.0"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={k: v for k, v in os.environ.items() if k != "MEGANNM_API_KEY"})
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        "megannm reward-server: error: --host 0.0.0.0: listening beyond this machine needs --api-key KEY (or "
+        "MEGANNM_API_KEY); without one, bind 127.0.0.1 and reach it through an SSH tunnel"]

@@ -38,7 +38,7 @@ def test_batched_rollout_equals_one_by_one_greedy_decoding(layout, tok, monkeypa
     """Mixed image and text prompts of different lengths, text answers stopping at different steps: the batched
     decoding (one KV cache, prompts prefilled in slices of similar lengths, finished rows dropped) gives every row
     the tokens it gets decoded alone."""
-    from megannm import generate as generate_module
+    from megannm import decode as decode_module
     from megannm.generate import generate
     model = tiny_model(tok, layout, seed=2)  # a seed whose greedy captions differ from prompt to prompt
     prompts, kinds = mixed_prompts(tok)
@@ -56,7 +56,7 @@ def test_batched_rollout_equals_one_by_one_greedy_decoding(layout, tok, monkeypa
         together = generate(model, tok.vocab, prompts, kinds, max_new, stop_ids=stops, keep_stop=True, pad=True,
                             batch_size=batch_size)
         assert together == alone, batch_size
-    monkeypatch.setattr(generate_module, "PREFILL_TOKENS", 80)  # an image prompt's rows prefill one at a time
+    monkeypatch.setattr(decode_module, "PREFILL_TOKENS", 80)  # an image prompt's rows prefill one at a time
     assert generate(model, tok.vocab, prompts, kinds, max_new, stop_ids=stops, keep_stop=True, pad=True) == alone
     # classifier-free guidance (generate / evaluate): the unconditional stream follows the image rows of the batch
     guided = generate(model, tok.vocab, prompts, kinds, max_new, cfg_scale=2.0, pad=True)

@@ -113,6 +113,7 @@ def killed(tmp_path_factory, toy_data):
     recipe = _recipe(tmp_path, toy_data, "killed")
     out = dist.run(["-m", "megannm", "train", str(recipe)], nproc=1, launcher="single", check=False,
                    MEGANNM_FAULT="save_mid:4")
+    out.half_written = (tmp_path / "killed" / "checkpoints" / ".tmp-step00000004").exists()  # before any next run
     return tmp_path, recipe, out
 
 
@@ -151,7 +152,7 @@ def test_sigkill_during_save_leaves_previous_checkpoint(killed):
     assert out.returncode == -9, out.stderr[-2000:]
     ckpts = tmp_path / "killed" / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "step00000002"
-    assert (ckpts / ".tmp-step00000004").exists()  # the half-written save, invisible to loaders
+    assert out.half_written  # the half-written save, invisible to loaders (the next run into the folder reclaims it)
     assert checkpoint.latest(ckpts).name == "step00000002"
     # and it is loadable: resume finishes the run from step 2 and cleans the half-written folder away
     dist.run(["-m", "megannm", "train", str(recipe), "--resume"], nproc=1, launcher="single")
@@ -174,9 +175,11 @@ def test_nan_loss_on_one_rank_stops_every_rank_at_the_same_step(runs):
     assert r0["message"].startswith("diverged at step 4: 3 bad steps in a row"), r0["message"]
     assert "the first at step 2: non-finite loss on rank 1" in r0["message"]
     assert r0["message"].endswith("last good checkpoint: none (" + str(runs) + "/guard_nan/checkpoints/step00000001 "
-                                  "holds the weights the first bad step ran on)"), r0["message"]
+                                  "holds the weights the first bad step ran on; latest removed: --resume starts "
+                                  "afresh)"), r0["message"]
     assert (r0["silent"], r1["silent"]) == (False, True)
     assert [t for t in r0["tags"] if t.startswith("step")] == ["step00000001"] and "protected" in r0["tags"]
+    assert "diverged" in r0["tags"] and "latest" not in r0["tags"]
 
 
 def test_preemption_signal_on_one_rank_saves_on_every_rank(runs):

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from megannm.checkpoint.names import CONSOLIDATED_META, LATEST, META, PROTECTED, is_tag
+from megannm.checkpoint.names import CONSOLIDATED_META, DIVERGED, LATEST, META, PROTECTED, is_tag
 from megannm.fileio import atomic_write, atomic_write_json
 
 
@@ -77,6 +77,41 @@ def protect(ckpt_dir: str | Path, tag: str) -> Path:
     """Keep ``tag`` whatever ``keep_last`` says (the divergence guard's last good checkpoint); atomic, durable."""
     tags = sorted(protected(ckpt_dir) | {tag})
     return atomic_write(Path(ckpt_dir) / PROTECTED, "".join(t + "\n" for t in tags), fsync=True)
+
+
+def diverged(ckpt_dir: str | Path) -> set[str]:
+    """The tags ``mark_diverged`` recorded: resuming never picks them by itself."""
+    path = Path(ckpt_dir) / DIVERGED
+    if not path.exists():
+        return set()
+    return {t for t in path.read_text(errors="replace").split() if is_tag(t)}
+
+
+def _write_tags(ckpt_dir: str | Path, name: str, tags: set[str]) -> None:
+    path = Path(ckpt_dir) / name
+    if tags:
+        atomic_write(path, "".join(t + "\n" for t in sorted(tags)), fsync=True)
+    elif path.exists():
+        path.unlink()
+
+
+def mark_diverged(ckpt_dir: str | Path, tag: str) -> None:
+    """Record that a divergence's first bad step ran on ``tag``'s weights; atomic, durable."""
+    _write_tags(ckpt_dir, DIVERGED, diverged(ckpt_dir) | {tag})
+
+
+def unmark_diverged(ckpt_dir: str | Path, tag: str) -> None:
+    """A new save of ``tag`` replaced the weights that diverged."""
+    if tag in diverged(ckpt_dir):
+        _write_tags(ckpt_dir, DIVERGED, diverged(ckpt_dir) - {tag})
+
+
+def remove_latest(ckpt_dir: str | Path) -> None:
+    """No checkpoint to resume from: ``latest`` goes (a missing pointer is a fresh folder's state)."""
+    try:
+        (Path(ckpt_dir) / LATEST).unlink()
+    except FileNotFoundError:
+        pass
 
 
 def resolve(path: str | Path) -> Path:

@@ -5,10 +5,14 @@ A checkpoint dir::
 
     latest                 the tag of the newest complete checkpoint (a pointer, replaced atomically)
     protected              tags pruning never deletes: the last checkpoint before each detected divergence
+    diverged               tags whose weights a divergence's first bad step ran on: ``latest``, resuming and
+                           ``checkpoint.fallback`` pass them by (a save of the same step later clears its tag)
     step00000100/          DeepSpeed's files (see below) + rng/rank00000.pt ... + megannm.json (written last,
                            with every file's size and crc32)
-    .tmp-step00000200/     a save in progress (or a folder being pruned): invisible to loaders, removed by the
-                           next save
+    .tmp-step00000200/     a save in progress (or a folder being pruned, or a universal copy being loaded):
+                           invisible to loaders; what a killed run left is removed by the next run and every save
+    .latest.tmp-<pid>      a pointer being replaced (``megannm.fileio.atomic_file``): the same
+    .megannm-lock          held by the run writing here (``megannm.train.runlock``)
 
 DeepSpeed's files inside a tag: ``mp_rank_XX_model_states.pt`` (the module weights of model-parallel rank XX; under
 a pipeline ``module: None`` and XX = stage * tp + tensor rank), ``zero_pp_rank_D_mp_rank_XX_{model,optim}_states.pt``
@@ -25,10 +29,12 @@ LATEST = "latest"
 TMP_PREFIX = ".tmp-"
 RNG_DIR = "rng"
 PROTECTED = "protected"  # beside `latest`: tags kept by the divergence guard, one a line
+DIVERGED = "diverged"  # beside `latest`: tags whose weights ran a divergence's first bad step, one a line
 FILES_DIR = ".files"  # inside a tag being saved: each rank's file records, merged into megannm.json
 CONSOLIDATED_META = "consolidated.json"  # the metadata (written last) of a consolidated safetensors folder
 
 _TAG = re.compile(r"step\d{8}")
+_ATOMIC_TMP = re.compile(r"\..+\.tmp-\d+")  # megannm.fileio's temporary names: .<name>.tmp-<pid>
 _LAYER = re.compile(r"layer_(\d+)-model_(\d+)-model_states\.pt")
 
 
@@ -38,6 +44,11 @@ def tag_for(step: int) -> str:
 
 def is_tag(name: str) -> bool:
     return _TAG.fullmatch(name) is not None
+
+
+def is_temporary(name: str) -> bool:
+    """A temporary checkpoint folder (``.tmp-...``) or a file being written atomically (``.<name>.tmp-<pid>``)."""
+    return name.startswith(TMP_PREFIX) or _ATOMIC_TMP.fullmatch(name) is not None
 
 
 def rng_file(folder: Path, rank: int) -> Path:

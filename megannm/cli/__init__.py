@@ -39,6 +39,7 @@ checkpoints:
   convert        DeepSpeed <-> consolidated safetensors <-> Hugging Face; re-shard tensor / pipeline parallelism
   generate       sample captions for pictures, or pictures for captions, from a checkpoint
   evaluate       a registered benchmark (e.g. toy), or losses and caption exact match over your own records
+  serve          an OpenAI-compatible HTTP server (chat with pictures in and out, completions, images)
 
 reinforcement learning:
   pairs          DPO preference pairs: two sampled answers per prompt, ranked by verifiable rewards
@@ -69,6 +70,7 @@ COMMANDS = {
     "convert": ("convert", "convert"),
     "generate": ("generate", "generate"),
     "evaluate": ("generate", "evaluate"),
+    "serve": ("serve", "serve"),
     "pairs": ("rl", "pairs"),
     "score": ("rl", "score"),
     "reward-server": ("rl", "reward_server"),

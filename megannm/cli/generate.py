@@ -12,9 +12,12 @@ def generate(argv: list[str]) -> int:
                                                                      "pictures, from a checkpoint.")
     p.add_argument("checkpoint", help="checkpoint folder (or its parent holding `latest`)")
     p.add_argument("--tokenizers", required=True, help="tokenizer bundle folder (text/, image tokenizer, vocab.json)")
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--caption", action="append", help="text -> image: generate an image for this caption")
-    g.add_argument("--image", action="append", help="image -> text: caption this PNG")
+    p.add_argument("--caption", action="extend", nargs="+", default=[],
+                   help="text -> image: generate an image for each caption (repeatable)")
+    p.add_argument("--image", action="extend", nargs="+", default=[], help="image -> text: caption each picture")
+    p.add_argument("--prompts", default=None, help='a JSONL of prompts, one {"caption": TEXT} or {"image": PATH} '
+                                                   'a line (with --caption/--image: all of them, one results file)')
+    p.add_argument("--batch-size", type=int, default=64, help="rows decoding together (KV cache slots)")
     p.add_argument("--out", default="generated", help="folder for PNGs and results.json")
     p.add_argument("--cfg-scale", type=float, default=DEFAULT_CFG_SCALE,
                    help=f"classifier-free guidance scale (1 = off; default {DEFAULT_CFG_SCALE:g})")
@@ -25,10 +28,16 @@ def generate(argv: list[str]) -> int:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--verbose", action="store_true", help="keep library warnings")
     a = p.parse_args(argv)
-    from megannm.generate import SamplingConfig, generate_files
+    from megannm.generate import SamplingConfig, generate_files, read_prompts
+    captions, images = list(a.caption), list(a.image)
+    if a.prompts:
+        more = read_prompts(a.prompts)
+        captions, images = captions + more[0], images + more[1]
+    if a.batch_size <= 0:
+        raise ValueError(f"--batch-size must be positive (got {a.batch_size})")
     sampling = SamplingConfig.from_options(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
-    generate_files(a.checkpoint, a.tokenizers, a.out, captions=a.caption, images=a.image, sampling=sampling,
-                   cfg_scale=a.cfg_scale, max_new_tokens=a.max_new_tokens)
+    generate_files(a.checkpoint, a.tokenizers, a.out, captions=captions, images=images, sampling=sampling,
+                   cfg_scale=a.cfg_scale, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size)
     return 0
 
 

@@ -74,14 +74,18 @@ def score(argv: list[str]) -> int:
 
 def reward_server(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="megannm reward-server", description="Serve any registered reward over HTTP, "
-                                "for recipes that name it by URL (no authentication: it binds to this machine "
-                                "unless told otherwise).")
+                                "for recipes that name it by URL (it binds to this machine unless given an API "
+                                "key).")
     p.add_argument("--reward", required=True, help="a registered reward name, an installed one (entry point of "
                                                    "megannm.rewards) or package.module:function")
     p.add_argument("--port", type=int, required=True, help="TCP port (0: any free one; the line printed says which)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; any "
+                                                       "other needs --api-key)")
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (or set MEGANNM_API_KEY, "
+                                                   "which the training ranks' clients send)")
     p.add_argument("--quiet", action="store_true", help="no line per scored batch")
     a = p.parse_args(argv)
     from megannm.rewards.server import serve
-    serve(a.reward, a.host, a.port, quiet=a.quiet)
+    from megannm.web import api_key_of
+    serve(a.reward, a.host, a.port, quiet=a.quiet, api_key=api_key_of(a.api_key))
     return 0

@@ -33,6 +33,8 @@ from urllib.parse import parse_qsl, urldefrag
 
 import numpy as np
 
+from megannm.web import api_key_of
+
 FORMAT = "megannm-reward/1"
 DEFAULTS = {"timeout": 60.0, "retries": 2, "batch": 64}
 BACKOFF_S = 0.5  # first pause between tries; doubled after each
@@ -158,8 +160,9 @@ class RemoteReward:
             if attempt:
                 time.sleep(pause)
                 pause *= 2
-            req = urllib.request.Request(self.url, data=body, method="POST",
-                                         headers={"Content-Type": "application/json"})
+            key = api_key_of(None)  # a server beyond localhost wants the key it was started with
+            req = urllib.request.Request(self.url, data=body, method="POST", headers={
+                "Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})})
             try:
                 with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                     return _rewards_of(resp.read())

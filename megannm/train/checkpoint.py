@@ -120,6 +120,7 @@ def save(engine, ckpt_dir: str | Path, step: int, meta: dict, layout, keep_last:
                 _remove(final)
             os.replace(tmp, final)
             _fault("save_before_latest", step)
+            fmt.unmark_diverged(ckpt_dir, tag)  # new weights under a tag that once diverged
             fmt.write_latest(ckpt_dir, tag)
         except OSError as e:
             error = e
@@ -194,10 +195,30 @@ def prune(ckpt_dir: Path, keep_last: int, keep: set[str] = frozenset()) -> None:
     for old in fmt.complete(ckpt_dir)[:-keep_last]:
         if old.name not in spare:
             _remove(old)
+    reclaim(ckpt_dir)
+
+
+def reclaim(ckpt_dir: Path, run_dir: Optional[Path] = None) -> list[str]:
+    """Remove what killed runs and interrupted saves left (rank 0 of the run holding the folders' locks, so nothing
+    here belongs to a live writer): temporary checkpoint folders, half-written pointers and files
+    (``fmt.is_temporary``), tag folders left by a deletion killed half-way; in ``run_dir``, half-written files.
+    Returns the names removed."""
+    gone = []
     for orphan in fmt.orphans(ckpt_dir):  # a deletion killed half-way (before deletions renamed first)
         shutil.rmtree(orphan, ignore_errors=True)
-    for stale in Path(ckpt_dir).glob(fmt.TMP_PREFIX + "*"):
-        shutil.rmtree(stale, ignore_errors=True)
+        gone.append(orphan.name)
+    for folder in {Path(ckpt_dir), Path(run_dir or ckpt_dir)}:
+        if not folder.is_dir():
+            continue
+        for stale in folder.iterdir():
+            if not fmt.is_temporary(stale.name):
+                continue
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+            gone.append(stale.name)
+    return gone
 
 
 # resuming -------------------------------------------------------------------------------------------------------------
@@ -210,7 +231,10 @@ def resume(engine, ckpt_dir: str | Path, args, layout, vocab,
 
     A checkpoint saved by training resumes exactly (weights, optimizer, schedule, this rank's RNG). A module-only one
     (``megannm convert --to deepspeed``) loads its weights and continues the schedule from its step, with fresh Adam
-    moments. Either must match this run's vocabulary, model structure and tensor/pipeline layout. A damaged one
+    moments. Either must match this run's vocabulary, model structure and tensor/pipeline layout; at another
+    data-parallel size the optimizer state is re-partitioned (``megannm.train.elastic``). Without a pointer (a fresh
+    folder, a crash between a save's rename and its pointer, a divergence that left no good checkpoint) the newest
+    complete checkpoint not marked ``diverged`` is taken. A damaged one
     (``CorruptCheckpoint``) stops the run with one line naming the file, or with ``fallback`` is skipped for the
     newest older complete checkpoint."""
     ckpt_dir = Path(ckpt_dir)
@@ -221,7 +245,8 @@ def resume(engine, ckpt_dir: str | Path, args, layout, vocab,
         if not fallback:
             raise
         named, skipped = None, [str(e)]
-    done = fmt.complete(ckpt_dir)
+    bad = fmt.diverged(ckpt_dir)  # (``latest`` never names one; an older pointer or a fallback might)
+    done = [p for p in fmt.complete(ckpt_dir) if p.name not in bad]
     if named is None and not skipped:  # no pointer: a fresh folder, or a crash between a save's rename and pointer
         order = done[-1:]
     else:
@@ -243,23 +268,37 @@ def _load(engine, folder: Path, args, layout, vocab) -> dict:
     meta = fmt.read_meta(folder)
     fmt.check_compatible(meta, args, vocab.fingerprint, str(folder), layout=layout.to_dict())
     _verify(folder, meta, layout)
-    if meta.get("module_only"):
+    from megannm.train import elastic
+    other_dp = elastic.needs_conversion(meta, engine, layout)
+    if meta.get("module_only") or (other_dp and not elastic.keeps_moments(layout)):
         from megannm.train.load import load_module_only
         load_module_only(engine, folder, layout)
         if getattr(engine, "lr_scheduler", None) is not None:  # the schedule goes on from the saved step
             engine.lr_scheduler.last_epoch = int(meta.get("step") or 0) - 1
             engine.lr_scheduler.step()
+        if other_dp:
+            meta = dict(meta, elastic=elastic.describe(meta, layout, folder, moments_kept=False))
         return meta
+    universal = None
     try:
-        load_path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
+        if other_dp:  # ZeRO partitions of another data-parallel size: through DeepSpeed's universal checkpoint
+            load_path, universal = elastic.load(engine, folder, layout)
+            meta = dict(meta, elastic=elastic.describe(meta, layout, folder, moments_kept=True))
+        else:
+            load_path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True)
         rng = fmt.rng_file(folder, layout.rank)
         if rng.exists():
             set_rng_state(torch.load(rng, weights_only=True))
+    except fmt.CheckpointError:
+        raise
     except (RuntimeError, OSError, EOFError, ValueError) as e:  # a checkpoint without file records: find the file
         raise fmt.CorruptCheckpoint(f"{_unreadable(folder) or folder}: cannot be loaded "
                                     f"({str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__})"
                                     ) from None
+    finally:
+        if universal is not None:
+            elastic.cleanup(universal, layout)
     if load_path is None:
         raise fmt.CheckpointError(f"{folder}: DeepSpeed found no loadable files for this rank ({layout.rank})")
     return meta

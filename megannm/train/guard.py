@@ -100,10 +100,11 @@ class Guard:
         limit = self.cfg.max_bad_steps
         return Verdict(True, reason, grad_norm, self.streak, stop=bool(limit) and self.streak >= limit)
 
-    def stop_message(self, step: int, good, suspect=None, why: Optional[str] = None) -> str:
+    def stop_message(self, step: int, good, suspect=None, why: Optional[str] = None, fallback=None) -> str:
         """The one line a stopped run prints. ``good``: the newest checkpoint whose weights passed a good step;
         ``suspect``: a newer one, saved just before the first bad step (it holds the weights that step ran on);
-        ``why`` defaults to the current streak."""
+        ``why`` defaults to the current streak; ``fallback``: without ``good``, what ``latest`` names now (an
+        older checkpoint saved before this run; None: ``latest`` was removed)."""
         if why is None:
             first_step, first_reason = self.first or (step, "?")
             why = (f"{self.streak} bad step{'s' if self.streak > 1 else ''} in a row (guard.max_bad_steps="
@@ -112,6 +113,9 @@ class Guard:
             after = f"{suspect.name} after it" if good else str(suspect)
             note = (f"{'latest names it again; ' if good else ''}{after} holds the weights the first bad step ran "
                     f"on")
+            if not good:
+                note += (f"; latest names {fallback.name}, saved before this run" if fallback is not None else
+                         "; latest removed: --resume starts afresh")
         else:
             note = "nothing saved after it" if good else "this run saved no checkpoint"
         return f"diverged at step {step}: {why}; last good checkpoint: {good or 'none'} ({note})"

@@ -12,7 +12,10 @@ and the wall clock (``schedule.exit_duration_minutes``). Nothing is saved from a
 bad steps in a row raise ``guard.Diverged`` (exit code 3).
 
 Nothing is written before the inputs are known good: the data is verified before the model is built, and the run
-folder (``metrics.jsonl``, ``recipe.yaml``, TensorBoard) appears only once the checkpoint and the data are open.
+folder (``metrics.jsonl``, ``recipe.yaml``, TensorBoard) appears only once the checkpoint and the data are open. One
+run per folder: the run holds ``runlock``'s lock on its logging and checkpoint folders from before it reads its
+checkpoint until it exits (a folder it created only for the lock goes with it), and a live holder there stops a
+second run before its model is built.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ from megannm.data import verify
 from megannm.data.shards import ShardError
 from megannm.fileio import atomic_write
 from megannm.model.build import build_model
-from megannm.train import checkpoint, signals
+from megannm.train import checkpoint, runlock, signals
 from megannm.train.engine import build_engine
 from megannm.train.guard import Diverged, Guard
 from megannm.train.logging import MetricsLogger
@@ -104,14 +107,15 @@ class Trainer:
         if layout.pp > 1 and not phase.pipeline:  # (the recipe schema refuses this first; a phase built by hand)
             raise ValueError(f"recipe: parallel.pipeline_parallel: phase {phase.name} cannot run with pipeline "
                              f"stages (got pipeline_parallel={layout.pp}, expected 1)")
+        self.run_dir = Path(recipe.logging.dir)
+        self.ckpt_dir = Path(recipe.checkpoint.dir) if recipe.checkpoint.dir else self.run_dir / "checkpoints"
+        runlock.check([self.run_dir, self.ckpt_dir], layout)  # another live run there: refused before the build
         verify_data(recipe, layout, vocab, source)  # before the engine: a bad shard costs seconds, not a build
         self.args, module = build_model(recipe, vocab, layout)
         self.flops_per_token = float(module.flops_per_token(recipe.data.seq_len))
         self.engine = build_engine(recipe, layout, module, pipeline=layout.pp > 1)
         self.phase.attach(self.engine, self.args)
         self.device = parallel.device()
-        self.run_dir = Path(recipe.logging.dir)
-        self.ckpt_dir = Path(recipe.checkpoint.dir) if recipe.checkpoint.dir else self.run_dir / "checkpoints"
         self.step = 0
         self.consumed_samples = 0
         self.accum = recipe.grad_accum(layout.world_size)
@@ -151,11 +155,22 @@ class Trainer:
 
     def _diverged(self, why: Optional[str] = None):
         """Stop every rank; ``latest`` goes back to the newest known-good checkpoint, so that a plain ``--resume``
-        (or a requeue) continues from weights that trained well, not from those the first bad step ran on."""
+        (or a requeue) continues from weights that trained well, not from those the first bad step ran on: these are
+        marked ``diverged`` (resuming passes them by). Without a known-good checkpoint of this run, ``latest`` names
+        the newest one saved before it, or is removed (``--resume`` then starts afresh)."""
         good, suspect = self.good_checkpoint, self.last_checkpoint
-        if self.layout.rank == 0 and good is not None and good != suspect:
-            fmt.write_latest(self.ckpt_dir, good.name)
-        e = Diverged(self.guard.stop_message(self.step, good, suspect, why))
+        fallback = None  # without a good checkpoint of this run: the newest older one, saved before it
+        if suspect is not None and suspect != good:
+            bad = fmt.diverged(self.ckpt_dir) | {suspect.name}
+            older = [p for p in fmt.complete(self.ckpt_dir) if p.name < suspect.name and p.name not in bad]
+            fallback = older[-1] if good is None and older else None
+            if self.layout.rank == 0:
+                fmt.mark_diverged(self.ckpt_dir, suspect.name)
+                if good is not None or fallback is not None:
+                    fmt.write_latest(self.ckpt_dir, (good or fallback).name)
+                else:
+                    fmt.remove_latest(self.ckpt_dir)
+        e = Diverged(self.guard.stop_message(self.step, good, suspect, why, fallback))
         e.silent = self.layout.rank != 0  # every rank stops; one prints
         raise e
 
@@ -172,7 +187,9 @@ class Trainer:
             self.last_checkpoint = path
             changed = self._recipe_learning_rate()
             return [("fallback", f"skipped {s}") for s in skipped] + [
-                ("resumed", f"resumed from {path} at step {self.step}")] + ([("schedule", changed)] if changed else [])
+                ("resumed", f"resumed from {path} at step {self.step}")] + (
+                [("elastic", meta["elastic"])] if meta.get("elastic") else []) + (
+                [("schedule", changed)] if changed else [])
         if c.init_from:
             from megannm.train.load import init_from
             return [("initialised", init_from(self.engine, self.args, self.layout, self.vocab, c.init_from))]
@@ -254,8 +271,10 @@ class Trainer:
 
     def run(self, resume: bool = False) -> dict:
         r = self.recipe
-        with signals.installed():
-            notes = self.restore(resume)
+        with signals.installed(), runlock.held([self.run_dir, self.ckpt_dir], self.layout) as taken_over:
+            if self.layout.rank == 0:  # the folders are this run's now: what killed runs left is litter
+                checkpoint.reclaim(self.ckpt_dir, self.run_dir)
+            notes = [("lock", note) for note in taken_over] + self.restore(resume)
             batches = self.phase.train_batches(self.consumed_samples)
             eval_batches = self.phase.eval_batches()
             # the inputs are open and checked: only now does the run folder get its files

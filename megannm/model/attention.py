@@ -171,10 +171,12 @@ class Attender:
                  spans: Optional[torch.Tensor] = None):
         self.cache, self.start = cache, 0 if cache is None else cache.length
         if cache is not None:
-            # cached keys are all earlier than the chunk: causality shows them, so their spans never match (-2)
-            key_spans = None if spans is None else torch.cat([torch.full_like(cache.docs[:, :self.start], -2),
-                                                              spans], dim=1)
-            self.mask: Mask = attention_mask(document_ids, cache.extend(document_ids), self.start, spans, key_spans)
+            key_docs = cache.extend(document_ids)
+            key_spans = None
+            if spans is not None:  # cached keys are all earlier than the chunk (the last keys): causality shows
+                key_spans = torch.full_like(key_docs, -2)  # them, so their spans never match (-2)
+                key_spans[:, key_docs.shape[1] - spans.shape[1]:] = spans
+            self.mask: Mask = attention_mask(document_ids, key_docs, self.start, spans, key_spans)
         elif spans is None and bool((document_ids == document_ids[:, :1]).all()):
             self.mask = None  # one document per row: SDPA's causal fast path, no [B, S, S] mask to build or read
         elif use_flex(document_ids.device):

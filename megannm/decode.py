@@ -66,6 +66,7 @@ class Row:
     on_tokens: Optional[Callable] = None
     on_done: Optional[Callable] = None
     tag: object = None  # the caller's
+    latents: object = None  # continuous images: the prompt's slot latents [slots, C] (clean pictures to read)
     # filled in by the decoder
     tokens: list = field(default_factory=list)
     token_logprobs: list = field(default_factory=list)
@@ -186,6 +187,11 @@ def _prefill_groups(lengths: list[int]) -> list[list[int]]:
 # the decoder
 
 
+def _logits(out):
+    """The logits of a forward (a model with continuous images returns them with the velocities)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
 class Decoder:
     """Continuous batching for ``model`` (an ``NMMModel``): ``add`` rows at any time, ``step`` until
     ``idle``. ``max_rows``: slots (the KV cache's memory; a guided image row takes two); ``max_len``: positions
@@ -236,6 +242,9 @@ class Decoder:
             raise ValueError(f"kind must be text or image (got {row.kind!r})")
         if row.kind == "image" and not self.vocab.image_grid:
             raise ValueError("the vocabulary does not record the image grid size (vocab.image_grid)")
+        if row.kind == "image" and self.vocab.continuous:
+            raise ValueError("continuous images are drawn by the flow sampler (megannm.model.draw), not decoded "
+                             "token by token")
         if row.kind == "text" and row.max_new <= 0:
             raise ValueError(f"max_new_tokens must be positive for text (got {row.max_new})")
         if not row.prompt:
@@ -293,17 +302,19 @@ class Decoder:
         if not joining:
             return
         v = self.vocab
-        prompts, slots = [], []
+        prompts, slots, latents = [], [], []
         for row, s in joining:
             row._slots, row._limit, row._count, row._delivered = tuple(s), self._limit_of(row), 0, 0
             for i in s:
                 self.rows[i] = row
             prompts.append(row.prompt)
             slots.append(s[0])
+            latents.append(row.latents)
             if len(s) == 2:
                 prompts.append([v.bos_id, v.boi_id])
                 slots.append(s[1])
-        self._prefill(prompts, slots)
+                latents.append(None)
+        self._prefill(prompts, slots, latents)
         dev = self.device
         for row, s in joining:
             c = s[0]
@@ -330,7 +341,7 @@ class Decoder:
                               if row.seed is not None and row.temperature > 0 else None)
 
     @torch.no_grad()
-    def _prefill(self, prompts: list[list[int]], slots: list[int]) -> None:
+    def _prefill(self, prompts: list[list[int]], slots: list[int], latents: list) -> None:
         dev, model = self.device, self.model
         for group in _prefill_groups([len(p) for p in prompts]):
             lengths = torch.tensor([len(prompts[i]) for i in group], dtype=torch.long, device=dev)
@@ -342,7 +353,14 @@ class Decoder:
             real = idx < lengths[:, None]
             # right-padded: the padding is a document of its own (0), so no prompt token attends to it
             tmp = model.new_cache(len(group), width)
-            logits = model(ids, position_ids=idx * real, document_ids=real.long(), cache=tmp)
+            extra = {}
+            if model.args.continuous:  # the prompts' pictures enter at their slots, clean (t = 0)
+                lat = torch.zeros(len(group), width, model.args.latent_channels, device=dev)
+                for r, i in enumerate(group):
+                    if latents[i] is not None:
+                        lat[r, ids[r] == self.vocab.slot_id] = torch.as_tensor(latents[i], device=dev).float()
+                extra = {"latents": lat.to(next(model.parameters()).dtype), "timesteps": real.float() * 0}
+            logits = _logits(model(ids, position_ids=idx * real, document_ids=real.long(), cache=tmp, **extra))
             at = torch.tensor([slots[i] for i in group], device=dev)
             self.logits[at] = logits[torch.arange(len(group), device=dev), lengths - 1].float()
             self.cache.fill(at, tmp, lengths, width)
@@ -411,9 +429,9 @@ class Decoder:
         at_limit = any(r._count >= r._limit for r in live)
         self.cache.use(int(max(len(r.prompt) + r._count for r in live)) + 1)
         pos = self.cache.pos
-        self.logits[:n] = self.model(ids[:, None], position_ids=pos[:n, None],
-                                     document_ids=torch.ones(n, 1, dtype=torch.long, device=self.device),
-                                     cache=self.cache)[:, -1].float()
+        self.logits[:n] = _logits(self.model(ids[:, None], position_ids=pos[:n, None],
+                                             document_ids=torch.ones(n, 1, dtype=torch.long, device=self.device),
+                                             cache=self.cache))[:, -1].float()
         pos[:n] += self.busy[:n]
         if at_limit or self.steps % self.sync_every == 0 or any(r.cancelled for r in live):
             self._sync(live, n)

@@ -74,7 +74,8 @@ def pick(logits: torch.Tensor, cfg: SamplingConfig, generator: Optional[torch.Ge
 @torch.no_grad()
 def generate(model, vocab: Vocab, prompts: list[list[int]], kind, max_new_tokens: int = 0,
              sampling: SamplingConfig = SamplingConfig(), cfg_scale: float = 1.0, batch_size: int = 64,
-             device=None, stop_ids: tuple = (), keep_stop: bool = False, pad: bool = True) -> list[list[int]]:
+             device=None, stop_ids: tuple = (), keep_stop: bool = False, pad: bool = True,
+             latents: Optional[list] = None, flow_steps: int = 25) -> list:
     """Continue every prompt with a span of ``kind`` ("text" or "image", or a list of one of them per prompt: image
     and text answers decoding together). Image spans are exactly ``vocab.image_grid`` codes (unified ids); text
     spans stop at ``<eos>`` or any of ``stop_ids`` (e.g. ``<|end|>`` for a chat answer; not returned unless
@@ -82,7 +83,11 @@ def generate(model, vocab: Vocab, prompts: list[list[int]], kind, max_new_tokens
     ``megannm.decode.Decoder``: ``batch_size`` rows decode together (the KV cache's slots; a guided image row takes
     two), and a row that ends hands its slot to the next prompt at once. ``pad`` is accepted for callers of the
     bucketed decoder this replaced (prompts of every length now share the batch). ``model``: an ``NMMModel``, whose
-    ``layout`` names the tensor-parallel group that samples together."""
+    ``layout`` names the tensor-parallel group that samples together.
+
+    Continuous images: ``latents`` gives each prompt's slot latents (None for a prompt without pictures), and an
+    image answer is drawn by the flow sampler (``flow_steps`` Euler steps, guided by ``cfg_scale``; prompts of one
+    length at a time) and returned as its latents, float32 [slots, C] (``codes_to_images`` decodes them)."""
     kinds = [kind] * len(prompts) if isinstance(kind, str) else list(kind)
     if len(kinds) != len(prompts):
         raise ValueError(f"generate: {len(kinds)} kinds for {len(prompts)} prompts")
@@ -97,14 +102,29 @@ def generate(model, vocab: Vocab, prompts: list[list[int]], kind, max_new_tokens
         raise ValueError(f"generate: batch_size must be positive (got {batch_size})")
     if not prompts:
         return []
+    out: list = [None] * len(prompts)
+    if vocab.continuous and "image" in kinds:
+        drawn = [i for i, k in enumerate(kinds) if k == "image"]
+        for i, lat in zip(drawn, _draw(model, vocab, [prompts[i] for i in drawn], sampling, cfg_scale, flow_steps)):
+            out[i] = lat
+        rest = [i for i, k in enumerate(kinds) if k != "image"]
+        if rest:
+            texts = generate(model, vocab, [prompts[i] for i in rest], "text", max_new_tokens, sampling, cfg_scale,
+                             batch_size, device, stop_ids, keep_stop,
+                             latents=None if latents is None else [latents[i] for i in rest])
+            for i, r in zip(rest, texts):
+                out[i] = r
+        return out
     limit = max((vocab.image_grid if k == "image" else max_new_tokens) for k in kinds)
     rows = max(min(batch_size, len(prompts) * (2 if cfg_scale != 1.0 else 1)), 2 if cfg_scale != 1.0 else 1)
     decoder = Decoder(model, vocab, max_rows=rows, max_len=max(len(p) for p in prompts) + limit,
                       seed=sampling.seed, sync_every=8)
     temperature = 0.0 if sampling.greedy else sampling.temperature
+    lats = latents if latents is not None else [None] * len(prompts)
     todo = [Row(list(p), k, max_new_tokens, temperature, sampling.top_k, sampling.top_p,
-                cfg_scale=cfg_scale if k == "image" else 1.0, stop_ids=tuple(stop_ids), keep_stop=keep_stop)
-            for p, k in zip(prompts, kinds)]
+                cfg_scale=cfg_scale if k == "image" else 1.0, stop_ids=tuple(stop_ids), keep_stop=keep_stop,
+                latents=lat)
+            for p, k, lat in zip(prompts, kinds, lats)]
     was_training = model.training
     model.eval()
     try:
@@ -116,15 +136,48 @@ def generate(model, vocab: Vocab, prompts: list[list[int]], kind, max_new_tokens
     return [r.tokens for r in todo]
 
 
+def _draw(model, vocab: Vocab, prompts: list[list[int]], sampling: SamplingConfig, cfg_scale: float,
+          steps: int) -> list[np.ndarray]:
+    """Continuous images for ``prompts`` (each ending in ``<boi>``), drawn by ``megannm.model.draw`` in groups of one
+    prompt length; the starting noise from ``sampling.seed`` on the model's device."""
+    from megannm.model.draw import draw_latents
+    dev = next(model.parameters()).device
+    gen = torch.Generator(device=dev).manual_seed(int(sampling.seed))
+    out: list = [None] * len(prompts)
+    by_length: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_length.setdefault(len(p), []).append(i)
+    was_training = model.training
+    model.eval()
+    try:
+        for idx in by_length.values():
+            ids = torch.tensor([prompts[i] for i in idx], device=dev)
+            uncond = torch.tensor([[vocab.bos_id, vocab.boi_id]] * len(idx), device=dev)
+            lat = draw_latents(model, ids, vocab.image_grid, steps, cfg_scale, uncond, gen).float().cpu().numpy()
+            for i, x in zip(idx, lat):
+                out[i] = x
+    finally:
+        model.train(was_training)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # prompts in the document layouts of megannm.data.tokenize
 
 
 def caption_prompt(tok, image: np.ndarray) -> list[int]:
-    """``<bos> <boi> codes <eoi>``: the model continues with a caption."""
+    """``<bos> <boi> codes <eoi>``: the model continues with a caption (continuous images: the latent slots, whose
+    numbers ``caption_latents`` gives)."""
     v = tok.vocab
+    if v.continuous:
+        return [v.bos_id, v.boi_id, *[v.slot_id] * tok.image.num_tokens, v.eoi_id]
     codes = tok.image.encode(image[None])[0]
     return [v.bos_id, v.boi_id, *v.image_ids(codes).tolist(), v.eoi_id]
+
+
+def caption_latents(tok, image: np.ndarray) -> np.ndarray:
+    """Continuous images: the latents [slots, C] of a picture, for the slots of ``caption_prompt``."""
+    return np.asarray(tok.image.encode(image[None])[0], dtype=np.float32)
 
 
 def image_prompt(tok, text: str) -> list[int]:
@@ -151,10 +204,12 @@ def chat_prompt(tok, messages: list[dict], answer: str = "text") -> list[int]:
     return ids + [v.boi_id] if answer == "image" else ids
 
 
-def codes_to_images(tok, rows: list[list[int]]) -> np.ndarray:
+def codes_to_images(tok, rows: list) -> np.ndarray:
     """Generated image spans (unified ids) -> uint8 [N, H, W, 3] through whichever image tokenizer the bundle
-    holds (an encode-only kind refuses with one line)."""
+    holds (an encode-only kind refuses with one line); continuous images: their drawn latents [slots, C]."""
     v = tok.vocab
+    if v.continuous:
+        return tok.image.decode(np.stack([np.asarray(r, dtype=np.float32) for r in rows]))
     codes = np.asarray([[i - v.image_start for i in r] for r in rows], dtype=np.int64)
     return tok.image.decode(codes)
 
@@ -246,8 +301,10 @@ def generate_files(checkpoint, tokenizers, out, captions: Optional[list[str]] = 
         out.mkdir(parents=True, exist_ok=True)
         prompts = [image_prompt(tok, c) for c in captions] + [caption_prompt(tok, im) for im in imgs]
         kinds = ["image"] * len(captions) + ["text"] * len(imgs)
+        latents = ([None] * len(captions) + [caption_latents(tok, im) for im in imgs]) if tok.vocab.continuous \
+            else None
         rows = generate(model, tok.vocab, prompts, kinds, max_new_tokens=max_new_tokens, sampling=sampling,
-                        cfg_scale=cfg_scale, batch_size=batch_size)
+                        cfg_scale=cfg_scale, batch_size=batch_size, latents=latents)
         results = []
         drawn = codes_to_images(tok, rows[:len(captions)]) if captions else []
         for i, (c, img) in enumerate(zip(captions, drawn)):

@@ -1,7 +1,9 @@
 """The unified vocabulary shared by data and model: ``[text | image codes | specials | padding]``.
 
 A token's modality is a pure function of its id (``Vocab.is_image``): image codes are modality 1, everything else
-(text, specials, ``<boi>``/``<eoi>``, padding rows) is modality 0, as in Chameleon and the MoT paper. The padded size
+(text, specials, ``<boi>``/``<eoi>``, padding rows) is modality 0, as in Chameleon and the MoT paper. With continuous
+images (``latent_channels > 0``) the image range holds one id, the latent slot: an image is ``<boi>``, a slot per
+latent patch, ``<eoi>``, and each slot's ``latent_channels`` numbers travel beside the ids. The padded size
 divides by ``tensor_parallel_size * pad_multiple`` (Megatron's convention, so each vocab-parallel shard is equal); the
 model masks the padding rows out of the softmax, so the padding never changes a loss.
 
@@ -39,12 +41,16 @@ class Vocab:
     text_digest: str = ""  # sha256 of the text tokenizer's tokenizer.json ("" when none)
     image_grid: int = 0  # image tokens per image (side * side), 0 if unknown
     pad_multiple: int = 128
+    latent_channels: int = 0  # continuous images: numbers per latent slot (0: images are discrete codes)
     _special_ids: dict = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.text_size <= 0 or self.image_codes <= 0:
             raise ValueError(f"vocab: text_size and image_codes must be positive (got {self.text_size}, "
                              f"{self.image_codes})")
+        if self.latent_channels < 0 or (self.latent_channels and self.image_codes != 1):
+            raise ValueError(f"vocab: continuous images have one image id, the latent slot (got image_codes="
+                             f"{self.image_codes}, latent_channels={self.latent_channels})")
         if len(set(self.specials)) != len(self.specials):
             raise ValueError(f"vocab: duplicate special tokens in {self.specials}")
         object.__setattr__(self, "specials", tuple(self.specials))
@@ -111,6 +117,15 @@ class Vocab:
     def is_image(self, ids):
         return (ids >= self.image_start) & (ids < self.image_end)
 
+    @property
+    def continuous(self) -> bool:
+        return self.latent_channels > 0
+
+    @property
+    def slot_id(self) -> int:
+        """The latent slot (continuous images)."""
+        return self.image_start
+
     def token_dtype(self):
         """The narrowest unsigned numpy dtype that holds every id."""
         return np.uint16 if self.size <= np.iinfo(np.uint16).max + 1 else np.uint32
@@ -120,11 +135,15 @@ class Vocab:
     def fingerprint(self) -> str:
         ident = {"text_size": self.text_size, "image_codes": self.image_codes, "specials": list(self.specials),
                  "text_digest": self.text_digest, "image_grid": self.image_grid}
+        if self.latent_channels:  # (absent for discrete images: their fingerprints stay what they were)
+            ident["latent_channels"] = self.latent_channels
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("_special_ids", None)
+        if not self.latent_channels:
+            d.pop("latent_channels")
         d["specials"] = list(self.specials)
         d["fingerprint"] = self.fingerprint
         return d

@@ -98,7 +98,7 @@ def test_image_tokenizer_errors(vq, tmp_path):
     with pytest.raises(ValueError, match=r"junk\.npz: not a readable image tokenizer file"):
         load_image_tokenizer(tmp_path / "junk.npz")
     np.savez(tmp_path / "other.npz", kind=np.array("vqgan_v9"), format_version=np.array(1))
-    with pytest.raises(ValueError, match=r"unknown image tokenizer kind 'vqgan_v9' \(known: patch_vq\)"):
+    with pytest.raises(ValueError, match=r"unknown image tokenizer kind 'vqgan_v9' \(known: patch_vq, pixels\)"):
         load_image_tokenizer(tmp_path / "other.npz")
 
     codes = np.zeros((2, 64), np.int64)

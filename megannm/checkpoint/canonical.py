@@ -4,7 +4,8 @@ The canonical form is ``NMMModel``'s state dict at TP = 1 without the vocabulary
 the output layer have exactly ``vocab_size`` rows. Each TP layout pads them to its own ``padded_vocab_size`` (which
 depends on the TP size) before splitting. Splits follow ``megannm/model/transformer.py``: the embedding, the head,
 q/k/v and gate/up are split along dim 0 (whole heads, contiguous), o_proj and down_proj along dim 1, and the norms
-(QK-norms included) are replicated on every TP rank. Every reader and writer checks names and shapes against these
+(QK-norms included) and the continuous images' latent modules (``embedding.latents.*``, ``head.velocity.*``) are
+replicated on every TP rank. Every reader and writer checks names and shapes against these
 (``check_names``, ``check_shape_map``): one line naming the first missing, unexpected or misshapen parameter.
 """
 from __future__ import annotations
@@ -39,6 +40,12 @@ def canonical_shapes(args) -> dict[str, tuple[int, ...]]:
     q, kv = args.heads * hd, args.kv_heads * hd
     sets = range(args.n_sets)
     out = {"embedding.embed_tokens.weight": (v, d)}
+    c = getattr(args, "latent_channels", 0)
+    if c:  # continuous images (model/latents.py)
+        from megannm.model.latents import FREQUENCIES
+        out.update({"embedding.latents.patch.weight": (d, c), "embedding.latents.patch.bias": (d,),
+                    "embedding.latents.time.0.weight": (d, FREQUENCIES), "embedding.latents.time.0.bias": (d,),
+                    "embedding.latents.time.2.weight": (d, d), "embedding.latents.time.2.bias": (d,)})
     for i in range(args.layers):
         a, b = f"layers.{i}.attn", f"layers.{i}.ffn"
         groups = [("norm", (d,)), ("q_proj", (q, d)), ("k_proj", (kv, d)), ("v_proj", (kv, d)), ("o_proj", (d, q))]
@@ -53,6 +60,8 @@ def canonical_shapes(args) -> dict[str, tuple[int, ...]]:
     for m in sets:
         out[f"head.norm.{m}.weight"] = (d,)
     out["head.output.weight"] = (v, d)
+    if c:
+        out.update({"head.velocity.proj.weight": (c, d), "head.velocity.proj.bias": (c,)})
     return out
 
 

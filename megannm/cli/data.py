@@ -85,7 +85,8 @@ def _build(argv: list[str]) -> int:
     i.add_argument("--image-tokenizer", type=Path, default=None,
                    help="an image tokenizer saved before (any kind: train-image's output, a patch_vq .npz, ...)")
     i.add_argument("--image-kind", default="patch_vq",
-                   help="patch_vq (default), learned (trained here), janus, emu3, chameleon (with --image-model)")
+                   help="patch_vq (default), learned (trained here), janus, emu3, chameleon (with --image-model); "
+                        "pixels: continuous images (pixel patches as latents, flow matching)")
     p.add_argument("--image-model", type=Path, default=None,
                    help="janus / emu3 / chameleon: a local transformers folder (the VQ model or a whole model)")
     p.add_argument("--patch", type=int, default=4, help="patch_vq: pixels per patch side")

@@ -54,6 +54,10 @@ def hf_name(name: str, per_set: bool) -> str:
         return "model.embed_tokens.weight"
     if name == "head.output.weight":
         return "lm_head.weight"
+    if name.startswith("embedding.latents."):  # continuous images (the MoT class only)
+        return "model." + name[len("embedding."):]
+    if name.startswith("head.velocity."):
+        return name[len("head."):]
     m = re.fullmatch(r"head\.norm\.(\d+)\.weight", name)
     if m:
         return f"model.norm.{m.group(1)}.weight" if per_set else "model.norm.weight"
@@ -70,7 +74,7 @@ def hf_name(name: str, per_set: bool) -> str:
 
 
 def architecture(args) -> str:
-    if args.mot or args.norm_reorder:
+    if args.mot or args.norm_reorder or getattr(args, "latent_channels", 0):
         return "megannm_mot"
     return "qwen3" if args.qk_norm else "llama"
 
@@ -99,6 +103,7 @@ def hf_config(args, vocab) -> dict:
                    num_weight_sets=args.n_sets, image_token_start=args.image_start, image_token_end=args.image_end,
                    qk_norm=args.qk_norm, norm_reorder=args.norm_reorder, rope_theta=args.rope_theta,
                    initializer_range=args.init_std, use_cache=True, dtype="float32",
+                   latent_channels=getattr(args, "latent_channels", 0),
                    transformers_version=version("transformers"))
         return cfg
     import transformers

@@ -22,7 +22,7 @@ from megannm.data.tokenize import RecordError, Tokenizers, load_image
 from megannm.fileio import atomic_write_json
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-DEFAULT_SIZES = {"patch_vq": 32, "learned": 32}  # native side when --image-size is not given
+DEFAULT_SIZES = {"patch_vq": 32, "learned": 32, "pixels": 32}  # native side when --image-size is not given
 IMAGE_BYTES = 1 << 30  # pictures held in memory to train an image tokenizer (--max-images caps the count too)
 
 
@@ -160,6 +160,11 @@ def make_image_tokenizer(kind: str, images_from, out: Path, *, image_model=None,
         raise ValueError(f"--image-model is for the pretrained kinds (janus, emu3, chameleon), not {kind}")
     side = image_size or DEFAULT_SIZES[kind]
     images = load_pictures(images_from, (side, side), resize, limit=max_images, seed=seed)
+    if kind == "pixels":  # continuous images: pixel patches as latents, nothing to train, lossless
+        from megannm.data.image_tokenizer.pixels import PixelPatches
+        tok = PixelPatches((side, side), patch, resize)
+        fit = {"latent_channels": tok.latent_channels, "lossless": True}
+        return tok, tok.save(out / "image_tokenizer.npz"), fit, []
     if kind == "patch_vq":
         t = time.time()
         tok = PatchVQ.train(images, codebook_size=codebook_size or 1024, patch=patch, seed=seed, resize=resize)

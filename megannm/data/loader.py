@@ -22,7 +22,12 @@ consumed), so resume stays exact.
 A batch (``collate``) is a dict of tensors ``input_ids``, ``labels`` (next token), ``loss_mask`` (1 where the label
 is a real target of the same document and the document's own mask trains it), ``position_ids`` (reset at each
 document start) and ``document_ids`` (segment index within the sample; padding is a segment of its own), from
-which the model builds its block-diagonal causal mask.
+which the model builds its block-diagonal causal mask. With continuous images also ``latents`` (the clean latent
+of every slot, [B, seq_len, C]), ``noise`` ([B, seq_len, C]), ``timesteps`` and ``flow_mask`` ([B, seq_len]): an
+image the sample generates (its slots are trained and no trained text follows it in its document) gets a
+logit-normal timestep, noise and the flow loss; an image it reads (a picture to caption) is clean (t = 0) and
+carries no loss. Timesteps and noise are a pure function of (seed, data set, the sample's index in its data set),
+so they are the same at every layout and on resume.
 
 Within a tensor-parallel group only the group's first rank reads: it builds each micro-batch (on a background
 thread with ``prefetch`` > 0) and broadcasts it over the group, so the other ranks open no data set and hold no plan.
@@ -50,6 +55,9 @@ from megannm.vocab import Vocab
 # what a micro-batch holds, for receivers that do not read: name -> dtype (every tensor is [B, seq_len])
 BATCH_DTYPES = {"input_ids": torch.int64, "labels": torch.int64, "loss_mask": torch.float32,
                 "position_ids": torch.int64, "document_ids": torch.int64}
+# and with continuous images ([B, seq_len], or [B, seq_len, latent_channels] for the latents and noise)
+FLOW_DTYPES = {"latents": torch.float32, "noise": torch.float32, "timesteps": torch.float32,
+               "flow_mask": torch.float32}
 
 
 class SampleStream:
@@ -104,9 +112,9 @@ class SampleStream:
                 return
             e += 1
 
-    def pieces(self, k: int) -> list[tuple[int, bool, int, int]]:
+    def pieces(self, k: int) -> "Pieces":
         e, j = self.locate(k)
-        return self.epoch_index(e).sample(j)
+        return Pieces(self.epoch_index(e).sample(j), k)
 
     def read(self, doc: int, drop: bool) -> tuple[np.ndarray, np.ndarray | None]:
         tokens, mask = self.ds.get(doc)
@@ -131,6 +139,15 @@ class SampleStream:
             full = self.ds.length_of(doc) - (self.ds.caption_of(doc) if drop else 0)
             total += img if n >= full else round(img * n / full)  # a piece of a longer document: its share
         return total
+
+
+class Pieces(list):
+    """A sample: its (document, caption dropped, start, length) pieces, and ``key``, the sample's index in its data
+    set's stream (what its continuous images' timesteps and noise are drawn from)."""
+
+    def __init__(self, pieces, key: int):
+        super().__init__(pieces)
+        self.key = key
 
 
 class GlobalOrder:
@@ -180,9 +197,15 @@ class GlobalOrder:
         return img, tok
 
 
+FLOW_DRAWS = 7  # rng_for purpose of a sample's timesteps and noise (continuous images)
+
+
 def collate(samples: list[tuple[SampleStream, list]], seq_len: int, pad_id: int) -> dict:
-    """Samples (stream, pieces) -> the micro-batch dict of tensors (shapes [B, seq_len])."""
+    """Samples (stream, pieces) -> the micro-batch dict of tensors (shapes [B, seq_len]; see the module
+    docstring)."""
     B, L = len(samples), seq_len + 1
+    vocab = samples[0][0].ds.vocab if samples else None
+    lat = np.zeros((B, L, vocab.latent_channels), np.float32) if vocab is not None and vocab.continuous else None
     tokens = np.full((B, L), pad_id, np.int64)
     seg = np.zeros((B, L), np.int64)
     pos = np.zeros((B, L), np.int64)
@@ -193,6 +216,11 @@ def collate(samples: list[tuple[SampleStream, list]], seq_len: int, pad_id: int)
         for s, (doc, drop, start, n) in enumerate(pieces):
             t, m = stream.read(doc, drop)
             tokens[b, at:at + n] = t[start:start + n]
+            if lat is not None:  # this piece's slots take the document's latents from the slots before it on
+                slots = t[:start + n] == vocab.slot_id
+                first = int(np.count_nonzero(slots[:start]))
+                here = np.flatnonzero(slots[start:]) + at
+                lat[b, here] = stream.ds.latents(doc)[first:first + len(here)]
             seg[b, at:at + n] = s
             pos[b, at:at + n] = ar[:n]
             train[b, at:at + n] = True if m is None else m[start:start + n].astype(bool)
@@ -203,13 +231,40 @@ def collate(samples: list[tuple[SampleStream, list]], seq_len: int, pad_id: int)
     # target of input t is token t+1: real only inside one segment, and only where that document trains token t+1
     same = seg[:, 1:] == seg[:, :-1]
     loss_mask = same & train[:, 1:]
-    return {
+    out = {
         "input_ids": torch.from_numpy(tokens[:, :-1].copy()),
         "labels": torch.from_numpy(tokens[:, 1:].copy()),
         "loss_mask": torch.from_numpy(loss_mask.astype(np.float32)),
         "position_ids": torch.from_numpy(pos[:, :-1].copy()),
         "document_ids": torch.from_numpy(seg[:, :-1].copy()),
     }
+    if lat is not None:
+        out.update(_flow_fields(samples, tokens[:, :-1], seg[:, :-1], train[:, :-1], lat[:, :-1], vocab))
+    return out
+
+
+def _flow_fields(samples, tokens, seg, train, lat, vocab) -> dict:
+    """The continuous images' tensors of a micro-batch (see the module docstring): which images are generated,
+    their timesteps and noise, drawn per sample from ``(seed, data set, sample key)``."""
+    B, S, C = lat.shape
+    noise = np.zeros_like(lat)
+    t = np.zeros((B, S), np.float32)
+    flow = np.zeros((B, S), np.float32)
+    slot = tokens == vocab.slot_id
+    trained_text = train & (tokens < vocab.text_size)
+    for b, (stream, pieces) in enumerate(samples):
+        rng = packing.rng_for(stream.seed, stream.stream_id, getattr(pieces, "key", 0), FLOW_DRAWS)
+        starts = np.flatnonzero(slot[b] & ~np.concatenate([[False], slot[b, :-1]]))
+        for a in starts.tolist():
+            e = a + int(np.argmin(slot[b, a:])) if not slot[b, a:].all() else S
+            later = (seg[b, e:] == seg[b, a]) & trained_text[b, e:]
+            if not train[b, a:e].any() or later.any():
+                continue  # read, not generated: clean, no loss
+            t[b, a:e] = 1.0 / (1.0 + np.exp(-rng.standard_normal()))  # logit-normal
+            noise[b, a:e] = rng.standard_normal((e - a, C))
+            flow[b, a:e] = 1.0
+    return {"latents": torch.from_numpy(np.ascontiguousarray(lat)), "noise": torch.from_numpy(noise),
+            "timesteps": torch.from_numpy(t), "flow_mask": torch.from_numpy(flow)}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -263,7 +318,7 @@ class TrainIterator:
 
     def __init__(self, order: Optional[GlobalOrder], micro_batch_size: int, global_batch_size: int, dp_rank: int,
                  dp_size: int, consumed_samples: int = 0, *, seq_len: Optional[int] = None, prefetch: int = 0,
-                 tp_group=None, balance: bool = False):
+                 tp_group=None, balance: bool = False, latent_channels: int = 0):
         check_batch_sizes(global_batch_size, micro_batch_size, dp_size, dp_rank)
         if order is None and tp_group is None:
             raise ValueError("loader: a rank that does not read needs the tensor-parallel group to receive from")
@@ -272,6 +327,7 @@ class TrainIterator:
         self.seq_len = order.seq_len if order is not None else int(seq_len)
         self.consumed_samples = int(consumed_samples)
         self.prefetch, self.tp_group, self.balance = int(prefetch), tp_group, bool(balance)
+        self.latent_channels = int(latent_channels)
         self._per_step = global_batch_size // (micro_batch_size * dp_size)
         self._left = 0  # micro-batches of the current global batch still to hand out
         self._made = self._produce(self.consumed_samples) if order is not None else None
@@ -306,6 +362,10 @@ class TrainIterator:
         if self.tp_group is not None:
             from megannm import parallel
             shapes = {k: ((self.mbs, self.seq_len), dt) for k, dt in BATCH_DTYPES.items()}
+            if self.latent_channels:
+                c = self.latent_channels
+                shapes.update({k: ((self.mbs, self.seq_len) + ((c,) if k in ("latents", "noise") else ()), dt)
+                               for k, dt in FLOW_DTYPES.items()})
             batch = parallel.broadcast_tensors(batch, shapes, self.tp_group)
         return batch
 
@@ -424,7 +484,8 @@ def build_train_iterator(datasets, vocab, seq_len: int, micro_batch_size: int, g
             for stream in order.streams:
                 stream.image_counts()
     return TrainIterator(order, micro_batch_size, global_batch_size, dp_rank, dp_size, consumed_samples,
-                         seq_len=seq_len, prefetch=prefetch, tp_group=tp_group, balance=balance)
+                         seq_len=seq_len, prefetch=prefetch, tp_group=tp_group, balance=balance,
+                         latent_channels=getattr(vocab, "latent_channels", 0))
 
 
 def build_eval_batches(datasets, vocab, seq_len: int, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,

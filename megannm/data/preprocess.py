@@ -38,7 +38,8 @@ def _init_worker(tokenizers_dir: str) -> None:
 
 def _encode(records: list, base: Path, wheres: list[str]) -> list:
     dtype = _TOK.vocab.token_dtype()
-    return [(t.astype(dtype), m) for t, m in encode_records(records, _TOK, base, wheres)]  # narrow before pickling
+    # narrowed before pickling; continuous images add the document's latents (float16) as a third element
+    return [(d[0].astype(dtype), *d[1:]) for d in encode_records(records, _TOK, base, wheres)]
 
 
 def _encode_chunk(chunk: tuple[str | None, list[tuple[str, object, str]]]) -> list[tuple]:
@@ -73,8 +74,8 @@ def _encode_chunk(chunk: tuple[str | None, list[tuple[str, object, str]]]) -> li
                 out[k] = (where, re.sub(r" at 0x[0-9a-fA-F]+", "", str(e).strip().splitlines()[0]))
         docs = _encode([r for _, r, _ in keep], folder, [w for *_, w in keep]) if keep else []
         good = keep
-    for (k, _, where), (tokens, mask) in zip(good, docs):
-        out[k] = (where, tokens, mask)
+    for (k, _, where), doc in zip(good, docs):
+        out[k] = (where, *doc)  # (tokens, mask[, latents])
     return out
 
 
@@ -143,7 +144,7 @@ def preprocess(inputs, out_dir, tokenizers_dir, workers: int = 1, docs_per_shard
                                           f"{doc[0]} (bad sample {len(bad)}, more than --skip-bad {skip_bad})")
                     say(doc[0])
                     continue
-                writer.add(doc[0], doc[1], where=where)
+                writer.add(*doc, where=where)
                 written += 1
             bar.update(len(docs))
         if not written:  # an empty data set would only be refused later, by training

@@ -8,8 +8,9 @@ A dataset folder holds::
     shard-00000.idx     the shard's index (zstd-compressed): per document (frame, offset, length, mask offset,
                         caption length), per frame (byte offset, compressed size, size, crc32 of the compressed bytes)
 
-A frame's payload is the tokens of its documents (``vocab.token_dtype()``, little-endian)
-followed by the bit-packed loss masks of those documents that have one. Frames are independent, so reading a
+A frame's payload is the tokens of its documents (``vocab.token_dtype()``, little-endian), then (continuous images)
+the float16 latents of their latent slots, ``latent_channels`` numbers a slot in the order the slots appear, then
+the bit-packed loss masks of those documents that have one. Frames are independent, so reading a
 document costs one ``pread`` and one ~1 MiB decompression, amortised over every other document of that frame (the
 loader reads documents frame-locally and keeps recent frames decompressed).
 
@@ -132,7 +133,7 @@ class ShardWriter:
         self._file = open(self.tmp / shard_name(self._k), "wb")
         self._docs: list[tuple] = []
         self._frames: list[tuple] = []
-        self._pending: list[tuple[np.ndarray, np.ndarray | None]] = []  # (tokens, mask) of the open frame
+        self._pending: list[tuple] = []  # (tokens, mask, latents or None) of the open frame
         self._wheres: dict[int, str] = {}  # pending document (global index) -> where it came from, for errors
         self._pending_tokens = 0
         self._bytes = 0
@@ -140,16 +141,18 @@ class ShardWriter:
     def _flush_frame(self):
         if not self._pending:
             return
-        tokens = np.concatenate([t for t, _ in self._pending])
-        lengths = np.array([len(t) for t, _ in self._pending], np.int64)
+        tokens = np.concatenate([t for t, _, _ in self._pending])
+        lengths = np.array([len(t) for t, _, _ in self._pending], np.int64)
         starts = np.cumsum(lengths) - lengths
         self._check_ids(tokens, starts)
         caps = caption_lengths(tokens, starts, lengths, self.vocab).tolist()
         tokens = tokens.astype(self.dtype, copy=False)
         payload = [tokens.tobytes()]
-        mask_at = len(payload[0])
+        if self.vocab.continuous:
+            payload += [lat.astype("<f2").tobytes() for _, _, lat in self._pending]
+        mask_at = sum(len(b) for b in payload)
         frame, first_doc, offset = len(self._frames), len(self._docs), 0
-        for (t, m), cap in zip(self._pending, caps):
+        for (t, m, _), cap in zip(self._pending, caps):
             if m is None:
                 self._docs.append((frame, offset, len(t), NO_MASK, cap))
             else:
@@ -195,8 +198,9 @@ class ShardWriter:
             raise ValueError(f"{where}: token id {int(tokens[at])} outside the vocabulary [0, {self.vocab.size})")
 
     # public -------------------------------------------------------------------------------------------------------
-    def add(self, tokens, mask=None, where: str = "") -> None:
-        """Append one document: token ids (any integer array) and an optional per-token loss mask (0/1)."""
+    def add(self, tokens, mask=None, latents=None, where: str = "") -> None:
+        """Append one document: token ids (any integer array), an optional per-token loss mask (0/1) and, with
+        continuous images, the latents [slots, latent_channels] of its latent slots in order."""
         tokens = np.asarray(tokens)
         if tokens.ndim != 1 or len(tokens) == 0 or tokens.dtype.kind not in "iu":
             raise ValueError(f"{where or f'document {self._num_docs}'}: a document is a non-empty 1-d array of "
@@ -210,12 +214,26 @@ class ShardWriter:
                                  f"from tokens {tokens.shape}")
             self._num_masked += 1
         n_image = int(np.count_nonzero((tokens >= self.vocab.image_start) & (tokens < self.vocab.image_end)))
+        if self.vocab.continuous:
+            c = self.vocab.latent_channels
+            latents = np.zeros((0, c), np.float16) if latents is None and n_image == 0 else latents
+            if latents is None or np.shape(latents) != (n_image, c):
+                raise ValueError(f"{where or f'document {self._num_docs}'}: latents of shape "
+                                 f"{None if latents is None else list(np.shape(latents))} for {n_image} latent slots "
+                                 f"(expected [{n_image}, {c}])")
+            latents = np.asarray(latents, np.float16)
+            if not np.isfinite(latents).all():
+                raise ValueError(f"{where or f'document {self._num_docs}'}: latents not finite in float16 (an "
+                                 f"autoencoder's latents must be scaled to a few units)")
+        elif latents is not None:
+            raise ValueError(f"{where or f'document {self._num_docs}'}: latents given, but the vocabulary's images "
+                             f"are discrete codes")
         self._image_counts.append(n_image)
         self._text_counts.append(len(tokens) - n_image)
         self._num_images += int(np.count_nonzero(tokens == self.vocab.boi_id))
         if self._pending_tokens and self._pending_tokens + len(tokens) > self.frame_tokens:
             self._flush_frame()  # whole documents per frame: a long document gets a frame of its own size
-        self._pending.append((tokens, mask))
+        self._pending.append((tokens, mask, latents))
         self._pending_tokens += len(tokens)
         self._num_docs += 1
         self._num_tokens += len(tokens)
@@ -236,6 +254,8 @@ class ShardWriter:
             "shards": self._shards,
             # what a recipe's seq_len must hold (check_seq_len): an image's span, and documents' sizes per modality
             "image_tokens_per_image": int(self.vocab.image_grid), "num_images": self._num_images,
+            **({"latent_channels": self.vocab.latent_channels, "latent_dtype": "float16"}
+               if self.vocab.continuous else {}),
             "tokens_per_doc": tokens_per_doc(np.frombuffer(self._text_counts, np.uint32),
                                              np.frombuffer(self._image_counts, np.uint32)),
             **self.metadata,
@@ -328,11 +348,11 @@ def token_summary(manifest: dict) -> list[str]:
 
 
 def write_dataset(out_dir, docs, vocab: Vocab, **kwargs) -> dict:
-    """Write an iterable of ``tokens`` or ``(tokens, mask)`` documents; returns the manifest."""
+    """Write an iterable of ``tokens``, ``(tokens, mask)`` or ``(tokens, mask, latents)`` documents; returns the
+    manifest."""
     with ShardWriter(out_dir, vocab, **kwargs) as w:
         for d in docs:
-            tokens, mask = d if isinstance(d, tuple) else (d, None)
-            w.add(tokens, mask)
+            w.add(*(d if isinstance(d, tuple) else (d,)))
         return w.close()
 
 
@@ -415,6 +435,7 @@ class ShardDataset:
         self._fds: dict[int, int] = {}  # shard -> file descriptor, opened on first read (pread: no shared offset)
         self._dctx = zstandard.ZstdDecompressor()
         self._cache: dict[int, tuple[np.ndarray, bytes]] = {}  # frame -> (tokens, raw payload), insertion order
+        self._slot_cache: OrderedDict[int, np.ndarray] = OrderedDict()  # frame -> latent slots before each token
         self.cache_frames = max(1, int(cache_frames))
         if not self.lazy:
             self._all = self._load_indexes()
@@ -594,6 +615,33 @@ class ShardDataset:
 
     def __getitem__(self, i: int):
         return self.get(i)
+
+    def latents(self, i: int) -> np.ndarray:
+        """Continuous images: document ``i``'s latents, float16 [its latent slots, latent_channels] (read-only)."""
+        if not self.vocab.continuous:
+            raise ShardError(f"{self.folder}: images are discrete codes (no latents)")
+        tokens, _ = self.get(i)  # the frame is now cached
+        k = bisect.bisect_right(self._shard_docs, i) - 1
+        idx = self._all if not self.lazy else (self._indexes.get(k) or self._shard_index(k))
+        frames, offsets, _, _ = idx.mv
+        j = i - idx.first_doc
+        frame, off = frames[j], offsets[j]
+        frame_tokens, raw = self._cache.get(frame) or self._frame(frame, i)
+        before = self._slots_before(frame, frame_tokens)
+        c, first = self.vocab.latent_channels, int(before[off])
+        n = int(before[off + len(tokens)]) - first
+        start = frame_tokens.nbytes + first * c * 2
+        return np.frombuffer(raw, "<f2", n * c, start).reshape(n, c)
+
+    def _slots_before(self, frame: int, frame_tokens: np.ndarray) -> np.ndarray:
+        """[frame tokens + 1]: latent slots before each token position of a frame (cached with the last few)."""
+        cache = self._slot_cache
+        hit = cache.get(frame)
+        if hit is None:
+            hit = cache[frame] = np.concatenate([[0], np.cumsum(frame_tokens == self.vocab.slot_id)])
+            if len(cache) > self.cache_frames:
+                cache.popitem(last=False)
+        return hit
 
     def image_token_counts(self) -> np.ndarray:
         """Per document, how many of its tokens are image codes (uint32): one pass over every frame, vectorised

@@ -47,7 +47,7 @@ class Tokenizers:
     @staticmethod
     def vocab_for(text, image, text_digest: str) -> Vocab:
         return Vocab(text_size=len(text), image_codes=int(image.codebook_size), text_digest=text_digest,
-                     image_grid=int(image.num_tokens))
+                     image_grid=int(image.num_tokens), latent_channels=int(getattr(image, "latent_channels", 0)))
 
     @classmethod
     def build(cls, text_dir, image_tokenizer_path) -> "Tokenizers":
@@ -261,8 +261,7 @@ def _plan_messages(record: dict, tok: Tokenizers, base_dir: Path, where: str, im
     return doc
 
 
-def encode_records(records: list[dict], tok: Tokenizers, base_dir: Path, wheres: list[str]
-                   ) -> list[tuple[np.ndarray, np.ndarray | None]]:
+def encode_records(records: list[dict], tok: Tokenizers, base_dir: Path, wheres: list[str]) -> list[tuple]:
     """``encode_record`` over many records, with all their images encoded in one batch (much faster for a VQ)."""
     base_dir = Path(base_dir)
     plans, images = [], []
@@ -278,25 +277,34 @@ def encode_records(records: list[dict], tok: Tokenizers, base_dir: Path, wheres:
         if not doc.has_text:
             raise RecordError(f"{where}: record has no text (every document needs at least one non-empty text part)")
         plans.append((doc, "messages" in record))
-    codes = tok.image.encode(np.stack(images)) if images else None
-    if codes is not None:
-        codes = tok.vocab.image_ids(np.asarray(codes, dtype=np.int64))
-
     v, out = tok.vocab, []
+    encoded = tok.image.encode(np.stack(images)) if images else None
+    if encoded is None:
+        codes = latents = None
+    elif v.continuous:  # an image is a run of latent slots; its numbers travel beside the ids (16-bit)
+        latents = np.asarray(encoded, dtype=np.float16)
+        codes = np.full(latents.shape[:2], v.slot_id, np.int64)
+    else:
+        codes, latents = v.image_ids(np.asarray(encoded, dtype=np.int64)), None
+
     for doc, chat in plans:
         chunks = [np.asarray(codes[c[1]] if isinstance(c, tuple) else c, dtype=np.int64) for c in doc.chunks]
         tokens = np.concatenate([[v.bos_id], *chunks, [v.eos_id]]).astype(np.int64)
-        if not chat:
-            out.append((tokens, None))
+        mask = None
+        if chat:
+            mask = np.concatenate([[0], *[np.full(len(c), t, np.uint8) for c, t in zip(chunks, doc.train)], [0]])
+            mask = mask.astype(np.uint8)
+        if not v.continuous:
+            out.append((tokens, mask))
             continue
-        mask = np.concatenate([[0], *[np.full(len(c), t, np.uint8) for c, t in zip(chunks, doc.train)], [0]])
-        out.append((tokens, mask.astype(np.uint8)))
+        mine = [latents[c[1]] for c in doc.chunks if isinstance(c, tuple)]
+        out.append((tokens, mask, np.concatenate(mine) if mine else np.zeros((0, v.latent_channels), np.float16)))
     return out
 
 
-def encode_record(record: dict, tok: Tokenizers, base_dir: Path, where: str
-                  ) -> tuple[np.ndarray, np.ndarray | None]:
-    """One record -> (token ids int64 [T], loss mask uint8 [T] or None meaning "train every token")."""
+def encode_record(record: dict, tok: Tokenizers, base_dir: Path, where: str) -> tuple:
+    """One record -> (token ids int64 [T], loss mask uint8 [T] or None meaning "train every token"); with
+    continuous images also the latents float16 [slots, latent_channels] of its slots, in order."""
     return encode_records([record], tok, base_dir, [where])[0]
 
 
@@ -304,11 +312,14 @@ def encode_record(record: dict, tok: Tokenizers, base_dir: Path, where: str
 # documents -> parts
 
 
-def decode_tokens(ids, tok: Tokenizers) -> list[dict]:
+def decode_tokens(ids, tok: Tokenizers, latents=None) -> list[dict]:
     """Token ids -> parts: ``{"text": str}``, ``{"image": uint8 [H,W,3]}`` for a complete image span, ``{"image":
     None, "codes": int64 [n]}`` for an incomplete one, ``{"special": "<|user|>"}`` for role markers and ``<|end|>``.
-    ``<bos>``, ``<eos>`` and ``<pad>`` are dropped. Used by generation and evaluation."""
+    ``<bos>``, ``<eos>`` and ``<pad>`` are dropped. Used by generation and evaluation. Continuous images: ``latents``
+    [slots, C] are the numbers of the ids' slots, in order (without them an image part has ``codes`` only)."""
     v = tok.vocab
+    slot_latents = None if latents is None else np.asarray(latents, dtype=np.float32)
+    used = 0
     ids = np.asarray(ids, dtype=np.int64).ravel()
     silent = {v.bos_id, v.eos_id, v.pad_id}
     is_img = v.is_image(ids)
@@ -327,7 +338,12 @@ def decode_tokens(ids, tok: Tokenizers) -> list[dict]:
             k = j
             while k < n and is_img[k]:
                 k += 1
-            parts.append(_image_from_codes(v.image_codes_of(ids[j:k]), tok))
+            if v.continuous:
+                got = None if slot_latents is None else slot_latents[used:used + k - j]
+                parts.append({"image": None, "codes": ids[j:k]} if got is None else _image_from_latents(got, tok))
+                used += k - j
+            else:
+                parts.append(_image_from_codes(v.image_codes_of(ids[j:k]), tok))
             i = k + 1 if k < n and ids[k] == v.eoi_id else k
         else:
             if t not in silent:
@@ -335,6 +351,12 @@ def decode_tokens(ids, tok: Tokenizers) -> list[dict]:
                 parts.append({"special": name})
             i += 1
     return parts
+
+
+def _image_from_latents(latents: np.ndarray, tok: Tokenizers) -> dict:
+    if len(latents) != tok.image.num_tokens or not tok.image.can_decode:
+        return {"image": None, "codes": np.full(len(latents), tok.vocab.slot_id)}
+    return {"image": np.asarray(tok.image.decode(latents[None]))[0]}
 
 
 def _image_from_codes(codes: np.ndarray, tok: Tokenizers) -> dict:

@@ -17,7 +17,7 @@ from megannm.vocab import MODALITY_NAMES
 # model built from a recipe. Training settings (z_loss, loss_weights, init_std, max_seq_len, rope_theta, dtype,
 # compile) and the TP-dependent vocabulary padding may change from one stage to the next.
 STRUCTURAL = ("hidden", "layers", "heads", "kv_heads", "ffn", "vocab_size", "image_start", "image_end", "mot",
-              "n_modalities", "qk_norm", "norm_reorder", "eps")
+              "n_modalities", "qk_norm", "norm_reorder", "eps", "latent_channels")
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -66,6 +66,9 @@ class ModelArgs:
     loss_weights: tuple = (1.0, 1.0)  # per modality, in MODALITY_NAMES order (text, image)
     params_dtype: str = "float32"
     compile: bool = False  # each block compiled by torch.compile (``layers.compile_blocks``)
+    # continuous images (``megannm.model.latents``): numbers per latent slot (a patch of an autoencoder's latent);
+    # 0: images are discrete codes. The image loss (weighted by loss_weights' image entry) is then the flow loss.
+    latent_channels: int = 0
 
     @classmethod
     def from_config(cls, model_cfg, vocab, tp: int = 1, params_dtype: str = "float32") -> "ModelArgs":
@@ -81,7 +84,8 @@ class ModelArgs:
                    z_loss=m.z_loss, norm_reorder=m.norm_reorder, rope_theta=m.rope_theta, eps=m.norm_eps,
                    init_std=m.init_std, max_seq_len=m.max_seq_len,
                    loss_weights=tuple(float(m.loss_weights.get(n, 1.0)) for n in MODALITY_NAMES),
-                   params_dtype=dtype_name(params_dtype), compile=m.compile)
+                   params_dtype=dtype_name(params_dtype), compile=m.compile,
+                   latent_channels=getattr(vocab, "latent_channels", 0))
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -103,6 +107,11 @@ class ModelArgs:
         return cls(**d)
 
     # derived ------------------------------------------------------------------------------------------------------
+    @property
+    def continuous(self) -> bool:
+        """Images are latent slots with a flow objective (``latent_channels > 0``), not discrete codes."""
+        return self.latent_channels > 0
+
     @property
     def n_sets(self) -> int:
         """Weight sets per block: one per modality under MoT, one for the dense twin."""

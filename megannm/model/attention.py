@@ -53,8 +53,11 @@ def rotary(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch
 # masks and the cache
 
 
-def attention_mask(query_docs: torch.Tensor, key_docs: torch.Tensor, start: int) -> torch.Tensor:
-    """Boolean [B, 1, S, T], True = may attend: causal by sequence index AND the same document.
+def attention_mask(query_docs: torch.Tensor, key_docs: torch.Tensor, start: int,
+                   query_spans: Optional[torch.Tensor] = None, key_spans: Optional[torch.Tensor] = None
+                   ) -> torch.Tensor:
+    """Boolean [B, 1, S, T], True = may attend: causal by sequence index AND the same document; with image spans
+    (continuous images, ``latents.image_spans``: -1 for text), also every key of the query's own image.
 
     ``start`` is the index of the first query in the key sequence (the cache length before this chunk), so query i
     sees keys 0 .. start + i. Causality is by index, not by position id: positions restart in every document.
@@ -62,20 +65,28 @@ def attention_mask(query_docs: torch.Tensor, key_docs: torch.Tensor, start: int)
     s, t = query_docs.shape[1], key_docs.shape[1]
     q_idx = torch.arange(start, start + s, device=query_docs.device)
     k_idx = torch.arange(t, device=query_docs.device)
-    causal = k_idx[None, :] <= q_idx[:, None]  # [S, T]
+    visible = (k_idx[None, :] <= q_idx[:, None])[None]  # [1, S, T]
+    if query_spans is not None:
+        visible = visible | ((query_spans[:, :, None] == key_spans[:, None, :]) & (query_spans[:, :, None] >= 0))
     same_doc = query_docs[:, :, None] == key_docs[:, None, :]  # [B, S, T]
-    return (causal & same_doc)[:, None]
+    return (visible & same_doc)[:, None]
 
 
-def document_block_mask(document_ids: torch.Tensor):
-    """flex_attention's ``BlockMask`` for packed rows [B, S] (no cache): the same rule as ``attention_mask`` (causal
-    by index AND the same document), evaluated per 128 x 128 block so that blocks across documents are skipped."""
+def document_block_mask(document_ids: torch.Tensor, spans: Optional[torch.Tensor] = None):
+    """flex_attention's ``BlockMask`` for rows [B, S] (no cache): the same rule as ``attention_mask`` (causal by
+    index or the same image, AND the same document), evaluated per 128 x 128 block so that blocks across documents
+    are skipped."""
     b, s = document_ids.shape
 
     def causal_same_document(batch, head, q_idx, kv_idx):
         return (kv_idx <= q_idx) & (document_ids[batch, q_idx] == document_ids[batch, kv_idx])
 
-    return create_block_mask(causal_same_document, b, None, s, s, device=document_ids.device)
+    def causal_or_same_image(batch, head, q_idx, kv_idx):
+        same_image = (spans[batch, q_idx] == spans[batch, kv_idx]) & (spans[batch, q_idx] >= 0)
+        return ((kv_idx <= q_idx) | same_image) & (document_ids[batch, q_idx] == document_ids[batch, kv_idx])
+
+    rule = causal_same_document if spans is None else causal_or_same_image
+    return create_block_mask(rule, b, None, s, s, device=document_ids.device)
 
 
 def use_flex(device: torch.device) -> bool:
@@ -122,6 +133,13 @@ class KVCache:
     def advance(self, n: int) -> None:
         self.length += n
 
+    def rewind(self, length: int) -> None:
+        """Forget every position from ``length`` on (their keys are overwritten by the next chunk): a denoising
+        step re-runs an image's slots over the same cached prefix."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"KV cache: cannot rewind to {length} (holds {self.length})")
+        self.length = length
+
     def rows_view(self, r0: int, r1: int, offset: int) -> "KVCache":
         """Rows [r0, r1) from position ``offset`` on, as an empty cache whose tensors are views of this one's: a
         group of left-padded prompts prefills there, right-aligned, and its keys and values land in this cache."""
@@ -146,18 +164,25 @@ Mask = Union[torch.Tensor, "BlockMask", None]
 
 class Attender:
     """The attention kernel of one micro-batch, as ``block.Context.attend``: its mask (or none), and the KV cache
-    whose layer ``layer`` stores the new keys and values first when decoding."""
+    whose layer ``layer`` stores the new keys and values first when decoding. ``spans`` (continuous images): each
+    token's image, whose slots see each other both ways."""
 
-    def __init__(self, document_ids: torch.Tensor, cache: Optional[KVCache] = None):
+    def __init__(self, document_ids: torch.Tensor, cache: Optional[KVCache] = None,
+                 spans: Optional[torch.Tensor] = None):
         self.cache, self.start = cache, 0 if cache is None else cache.length
         if cache is not None:
-            self.mask: Mask = attention_mask(document_ids, cache.extend(document_ids), self.start)
-        elif bool((document_ids == document_ids[:, :1]).all()):
+            key_docs = cache.extend(document_ids)
+            key_spans = None
+            if spans is not None:  # cached keys are all earlier than the chunk (the last keys): causality shows
+                key_spans = torch.full_like(key_docs, -2)  # them, so their spans never match (-2)
+                key_spans[:, key_docs.shape[1] - spans.shape[1]:] = spans
+            self.mask: Mask = attention_mask(document_ids, key_docs, self.start, spans, key_spans)
+        elif spans is None and bool((document_ids == document_ids[:, :1]).all()):
             self.mask = None  # one document per row: SDPA's causal fast path, no [B, S, S] mask to build or read
         elif use_flex(document_ids.device):
-            self.mask = document_block_mask(document_ids)
+            self.mask = document_block_mask(document_ids, spans)
         else:
-            self.mask = attention_mask(document_ids, document_ids, 0)
+            self.mask = attention_mask(document_ids, document_ids, 0, spans, spans)
         BACKENDS_USED[backend(self.mask, document_ids.device)] += 1
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:

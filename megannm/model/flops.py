@@ -30,6 +30,16 @@ def block_norm_params(args: "ModelArgs") -> int:
     return 2 * args.hidden + (2 * args.head_dim if args.qk_norm else 0)
 
 
+def latent_params(args: "ModelArgs") -> tuple[int, int]:
+    """Continuous images' parameters (weights and biases): (embedding side: patch projection and timestep MLP, head
+    side: velocity projection); (0, 0) for discrete images."""
+    if not args.continuous:
+        return 0, 0
+    from megannm.model.latents import FREQUENCIES
+    c, d = args.latent_channels, args.hidden
+    return c * d + d + FREQUENCIES * d + d + d * d + d, d * c + c
+
+
 def num_params(args: "ModelArgs", active_only: bool = False, embeddings: bool = True) -> int:
     """Parameters of the whole model (all TP ranks together, vocabulary padding rows excluded).
 
@@ -40,9 +50,10 @@ def num_params(args: "ModelArgs", active_only: bool = False, embeddings: bool = 
     n = args.layers * sets * (block_matmul_params(args) + block_norm_params(args)) + sets * args.hidden
     if embeddings:
         n += 2 * args.vocab_size * args.hidden  # untied embedding and head
-    return n
+    return n + sum(latent_params(args))
 
 
 def flops_per_token(args: "ModelArgs", seq_len: int) -> float:
-    n_matmul = args.layers * block_matmul_params(args) + args.hidden * args.vocab_size
+    # continuous images: every token passes the latent and velocity projections (computed at every slot)
+    n_matmul = args.layers * block_matmul_params(args) + args.hidden * args.vocab_size + sum(latent_params(args))
     return float(6 * n_matmul + 12 * args.layers * seq_len * args.heads * args.head_dim)

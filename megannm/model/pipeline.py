@@ -42,7 +42,8 @@ from megannm.model import flops, layers
 from megannm.model.args import ModelArgs
 from megannm.model.block import Block
 from megannm.model.embedding import EmbeddingStage
-from megannm.model.transformer import HeadStage, draw_init_seed, lm_loss, run_chain, seeded
+from megannm.model.latents import flow_arguments
+from megannm.model.transformer import HeadStage, draw_init_seed, model_loss, run_chain, seeded
 from megannm.parallel import Layout
 
 __all__ = ["build_pipeline_module", "NMMPipeline", "PipelineLoss", "pipeline_batch", "pipeline_to_canonical",
@@ -66,16 +67,15 @@ class SeededLayerSpec(LayerSpec):
 
 
 class PipelineLoss:
-    """``loss_fn(logits, (labels, loss_mask))`` of the last stage: ``lm_loss``, keeping each micro-batch's
-    (loss, stats) for the step's logs (``take`` empties the list)."""
+    """``loss_fn(output, (labels, loss_mask[, flow_target, flow_mask]))`` of the last stage: ``model_loss``,
+    keeping each micro-batch's (loss, stats) for the step's logs (``take`` empties the list)."""
 
     def __init__(self, args: ModelArgs, layout: Layout):
         self.args, self.layout = args, layout
         self.kept: list[tuple[torch.Tensor, dict]] = []
 
-    def __call__(self, logits: torch.Tensor, labels) -> torch.Tensor:
-        labels, loss_mask = labels
-        loss, stats = lm_loss(logits, labels, loss_mask, self.args, self.layout)
+    def __call__(self, output, labels) -> torch.Tensor:
+        loss, stats = model_loss(output, *labels[:2], self.args, self.layout, *labels[2:])
         self.kept.append((loss.detach(), stats))
         return loss
 
@@ -103,7 +103,8 @@ class NMMPipeline(PipelineModule):
         a = self.args
         table = a.padded_vocab_size * a.hidden  # embedding; the output layer has the same shape
         block = a.n_sets * (flops.block_matmul_params(a) + flops.block_norm_params(a))
-        return [table] + [block] * a.layers + [a.n_sets * a.hidden + table]
+        latent_in, velocity = flops.latent_params(a)
+        return [table + latent_in] + [block] * a.layers + [a.n_sets * a.hidden + table + velocity]
 
     def flops_per_token(self, seq_len: int) -> float:
         """The whole model's training FLOPs per token (what MFU is measured against), not this stage's."""
@@ -165,7 +166,7 @@ def pipeline_to_canonical(name: str, layer_offset: int = 0) -> str:
         position, inner = int(head) + layer_offset, rest
     else:
         position, inner = layer_offset, name
-    if inner.startswith("embed_tokens."):
+    if inner.startswith(("embed_tokens.", "latents.")):
         if position != 0:
             raise ValueError(f"pipeline name {name!r}: the embedding is chain position 0 (got {position})")
         return f"embedding.{inner}"
@@ -173,7 +174,7 @@ def pipeline_to_canonical(name: str, layer_offset: int = 0) -> str:
         if position < 1:
             raise ValueError(f"pipeline name {name!r}: blocks are chain positions >= 1 (got {position})")
         return f"layers.{position - 1}.{inner}"
-    if inner.startswith(("norm.", "output.")):
+    if inner.startswith(("norm.", "output.", "velocity.")):
         return f"head.{inner}"
     raise ValueError(f"pipeline name {name!r}: not a parameter of EmbeddingStage, Block or HeadStage")
 
@@ -196,8 +197,15 @@ def canonical_to_pipeline(name: str, num_layers: int) -> tuple[int, str]:
 
 
 def pipeline_batch(batch: dict) -> tuple[tuple, tuple]:
-    """A loader micro-batch dict -> DeepSpeed's ``((first stage inputs), (loss_fn labels))``."""
-    return ((batch["input_ids"], batch["position_ids"], batch["document_ids"]), (batch["labels"], batch["loss_mask"]))
+    """A loader micro-batch dict -> DeepSpeed's ``((first stage inputs), (loss_fn labels))``; continuous images add
+    the noised latents and timesteps to the inputs, the velocity target and its mask to the labels."""
+    inputs, labels = (batch["input_ids"], batch["position_ids"], batch["document_ids"]), (batch["labels"],
+                                                                                           batch["loss_mask"])
+    flow = flow_arguments(batch)
+    if flow:
+        inputs += (flow["latents"], flow["timesteps"])
+        labels += (flow["flow_target"], flow["flow_mask"])
+    return inputs, labels
 
 
 def stage_bounds(module: PipelineModule) -> tuple[int, int]:

@@ -19,6 +19,12 @@ under MoT; only 0 for the dense twin)::
     head.norm.{m}.weight                       [D]                 model.norm
     head.output.weight                         [V_pad, D]          lm_head.weight (untied)
 
+and with continuous images (``latents.py``; replicated on every tensor-parallel rank, C = latent_channels)::
+
+    embedding.latents.patch.{weight,bias}      [D, C], [D]         a latent patch -> the hidden state
+    embedding.latents.time.{0,2}.{weight,bias} [D, 256], [D, D]    the timestep's sinusoidal features -> MLP
+    head.velocity.proj.{weight,bias}           [C, D], [C]         the image-normed hidden state -> velocity
+
 These are the module's own state-dict names: checkpoints, conversion and the export use them as they are.
 
 Tensor-parallel shards of the canonical tensors are all contiguous (no strided weights): embedding, head, q/k/v
@@ -41,37 +47,48 @@ from megannm.model.args import ModelArgs
 from megannm.model.attention import Attender, KVCache, rotary
 from megannm.model.block import Block, Context, Routing, per_modality
 from megannm.model.embedding import EmbeddingStage, modality_of_ids
+from megannm.model.latents import VelocityHead, flow_loss, image_spans
 from megannm.parallel import Layout
 from megannm.vocab import MODALITY_NAMES
 
-__all__ = ["ModelArgs", "EmbeddingStage", "Block", "HeadStage", "lm_loss", "NMMModel", "KVCache", "run_chain"]
+__all__ = ["ModelArgs", "EmbeddingStage", "Block", "HeadStage", "lm_loss", "model_loss", "NMMModel", "KVCache",
+           "run_chain"]
 
 
 class HeadStage(nn.Module):
-    """Final norm (per modality under MoT) and the untied output layer: vocab-parallel logits [B, S, V_pad/tp]."""
+    """Final norm (per modality under MoT) and the untied output layer: vocab-parallel logits [B, S, V_pad/tp]; with
+    continuous images also the velocity [B, S, C] at every position (read at the image slots)."""
 
     def __init__(self, args: ModelArgs, layout: Layout):
         super().__init__()
         spec = layers.linears(args, layout)
         self.norm = per_modality(args.n_sets, lambda: spec.make_norm(args.hidden, args.eps))
         self.output = layers.column(args, layout, args.hidden, args.padded_vocab_size, init=args.vocab_init_method())
+        if args.continuous:
+            self.velocity = VelocityHead(args.hidden, args.latent_channels)
 
-    def forward(self, h: torch.Tensor, ctx: Context) -> torch.Tensor:
-        """h [N, D] grouped by modality -> logits [B, S, V_pad / tp] in sequence order."""
-        return self.output(ctx.routing.ungroup(self.norm(h, ctx.routing.counts)))
+    def forward(self, h: torch.Tensor, ctx: Context):
+        """h [N, D] grouped by modality -> logits [B, S, V_pad / tp] in sequence order (and the velocity)."""
+        normed = ctx.routing.ungroup(self.norm(h, ctx.routing.counts))
+        if hasattr(self, "velocity"):
+            return self.output(normed), self.velocity(normed)
+        return self.output(normed)
 
 
 def context(args: ModelArgs, hidden: torch.Tensor, modality, position_ids, document_ids,
             cache: Optional[KVCache] = None) -> Context:
-    """The micro-batch's ``block.Context``: routing, RoPE tables in the activations' dtype, the attention kernel."""
+    """The micro-batch's ``block.Context``: routing, RoPE tables in the activations' dtype, the attention kernel
+    (which lets an image's slots see each other both ways under continuous images)."""
     cos, sin = rotary(position_ids, args.head_dim, args.rope_theta, hidden.dtype)
-    return Context(Routing(modality, args.n_sets), cos[:, None], sin[:, None], Attender(document_ids, cache))
+    spans = image_spans(modality, document_ids) if args.continuous else None
+    return Context(Routing(modality, args.n_sets), cos[:, None], sin[:, None], Attender(document_ids, cache, spans))
 
 
 def run_chain(args: ModelArgs, modules, x: tuple, recompute: bool = False, cache: Optional[KVCache] = None):
-    """Run a contiguous part of the chain on ``x``: the ids ``(input_ids, position_ids, document_ids)`` when it
-    starts with the embedding, else the carried activations. Returns the logits when it ends with the head, else
-    the carried activations. ``recompute``: each block's activations are recomputed in the backward
+    """Run a contiguous part of the chain on ``x``: the ids ``(input_ids, position_ids, document_ids)`` (and, under
+    continuous images, ``latents, timesteps``) when it starts with the embedding, else the carried activations.
+    Returns the head's output (the logits; and the velocity) when it ends with the head, else the carried
+    activations. ``recompute``: each block's activations are recomputed in the backward
     (``torch.utils.checkpoint``, non-reentrant) instead of kept."""
     modules = list(modules)
     if isinstance(modules[0], EmbeddingStage):
@@ -102,7 +119,8 @@ def lm_loss(logits_parallel: torch.Tensor, labels: torch.Tensor, loss_mask: Opti
     i.e. the per-modality weight (by the modality of the TARGET token) scales each token's term, and the divisor is
     the micro-batch's count of loss tokens whatever the weights: a weight scales its modality's gradient linearly and
     a weight of 0 removes it without scaling the other modality up. lse is the log partition over the real
-    vocabulary; the z-loss is not modality-weighted.
+    vocabulary; the z-loss is not modality-weighted. Under continuous images an image slot is no target of the
+    cross entropy (its loss is the flow loss, ``model_loss``): only text targets count.
 
     Returns (loss, stats) with stats = text_loss, image_loss (unweighted mean CE over that modality's targets),
     text_tokens, image_tokens (counts) and z_loss (the added term), all detached 0-d tensors.
@@ -111,12 +129,14 @@ def lm_loss(logits_parallel: torch.Tensor, labels: torch.Tensor, loss_mask: Opti
     logits = vocab_parallel.mask_padding(logits_parallel, args.vocab_size, layout.tp_rank, consume=True)
     if loss_mask is None:
         loss_mask = torch.ones_like(labels)
+    modality = modality_of_ids(labels, args)
     mask = loss_mask.float()
+    if args.continuous:
+        mask = mask * (modality == 0)
     count = mask.sum().clamp(min=1.0)
     # one pass set for the cross entropy and the log partition (the z-loss's), which consumes the logits
     ce, lse = vocab_parallel.cross_entropy(logits, labels, layout)
     lse = lse if args.z_loss > 0 else None
-    modality = modality_of_ids(labels, args)
     weight = torch.tensor(args.loss_weights, dtype=ce.dtype, device=ce.device)[modality]
     loss = (weight * ce * mask).sum() / count
     stats = {}
@@ -131,6 +151,25 @@ def lm_loss(logits_parallel: torch.Tensor, labels: torch.Tensor, loss_mask: Opti
         loss = loss + z
     stats["z_loss"] = z.detach()
     return loss, stats
+
+
+def model_loss(output, labels: torch.Tensor, loss_mask: Optional[torch.Tensor], args: ModelArgs, layout: Layout,
+               flow_target: Optional[torch.Tensor] = None, flow_mask: Optional[torch.Tensor] = None):
+    """The head's output -> (loss, stats). Discrete images: ``lm_loss``. Continuous images: the text targets' cross
+    entropy plus ``loss_weights``' image entry times the flow loss over the slots where ``flow_mask`` [B, S] is 1
+    (``latents.flow_loss`` against ``flow_target`` [B, S, C] = noise - x_0); ``image_loss`` / ``image_tokens``
+    then report the flow loss and its slot count. Text and image terms are each a mean over their own targets
+    (Transfusion's ``L_LM + lambda * L_flow``)."""
+    if not args.continuous:
+        return lm_loss(output, labels, loss_mask, args, layout)
+    logits, velocity = output
+    loss, stats = lm_loss(logits, labels, loss_mask, args, layout)
+    if flow_target is None:  # text only: the velocity head still takes part (zero gradient), as every module does
+        flow, slots = velocity.sum() * 0.0, torch.zeros((), device=velocity.device)
+    else:
+        flow, slots = flow_loss(velocity, flow_target, flow_mask)
+    stats["image_loss"], stats["image_tokens"] = flow.detach(), slots.detach()
+    return loss + args.loss_weights[1] * flow, stats
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -178,25 +217,29 @@ class NMMModel(nn.Module):
             layers.compile_blocks(self.layers)
 
     def forward(self, input_ids, position_ids=None, document_ids=None, labels=None, loss_mask=None,
-                cache: Optional[KVCache] = None, parallel_logits: bool = False):
+                cache: Optional[KVCache] = None, parallel_logits: bool = False, latents=None, timesteps=None,
+                flow_target=None, flow_mask=None):
         """Logits [B, S, vocab_size] (gathered over TP, real vocabulary only) when ``labels`` is None, else
-        ``lm_loss``'s (loss, stats); ``parallel_logits`` returns the head's vocab-parallel logits [B, S, V_pad/tp]
+        ``model_loss``'s (loss, stats); ``parallel_logits`` returns the head's vocab-parallel logits [B, S, V_pad/tp]
         instead (what ``megannm.model.vocab_parallel`` takes). With ``cache`` the ids are a continuation:
         keys/values are appended and the chunk attends to everything cached; position ids then default to
-        continuing from the cache length."""
+        continuing from the cache length. Continuous images: ``latents`` [B, S, C] and ``timesteps`` [B, S] enter
+        at the image slots (``EmbeddingStage``), the logits come with the velocity [B, S, C] as a pair, and the loss
+        takes ``flow_target`` / ``flow_mask`` (``model_loss``)."""
         if cache is not None and position_ids is None:
             b, s = input_ids.shape
             position_ids = torch.arange(cache.length, cache.length + s, device=input_ids.device).repeat(b, 1)
         recompute = self.checkpoint_activations and self.training and cache is None and torch.is_grad_enabled()
-        logits = run_chain(self.args, [self.embedding, *self.layers, self.head],
-                           (input_ids, position_ids, document_ids), recompute=recompute, cache=cache)
+        x = (input_ids, position_ids, document_ids) + ((latents, timesteps) if self.args.continuous else ())
+        out = run_chain(self.args, [self.embedding, *self.layers, self.head], x, recompute=recompute, cache=cache)
         if cache is not None:
             cache.advance(input_ids.shape[1])
-        if parallel_logits:
-            return logits
-        if labels is None:
-            return parallel.gather_last_dim(logits, self.layout.tp_group)[..., :self.args.vocab_size]
-        return lm_loss(logits, labels, loss_mask, self.args, self.layout)
+        if labels is not None:
+            return model_loss(out, labels, loss_mask, self.args, self.layout, flow_target, flow_mask)
+        logits, velocity = out if self.args.continuous else (out, None)
+        if not parallel_logits:
+            logits = parallel.gather_last_dim(logits, self.layout.tp_group)[..., :self.args.vocab_size]
+        return logits if velocity is None else (logits, velocity)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         if max_len > self.args.max_seq_len:

@@ -7,6 +7,7 @@ statistics with another normalisation. This is the one objective a pipeline's la
 """
 from __future__ import annotations
 
+from megannm.model.latents import flow_arguments
 from megannm.train.phase import Phase, data_iterator
 from megannm.train.stats import Stats
 
@@ -25,7 +26,8 @@ class PretrainPhase(Phase):
     # objective ----------------------------------------------------------------------------------------------------
     def model_loss(self, model, batch: dict):
         return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                     document_ids=batch["document_ids"], labels=batch["labels"], loss_mask=batch["loss_mask"])
+                     document_ids=batch["document_ids"], labels=batch["labels"], loss_mask=batch["loss_mask"],
+                     **flow_arguments(batch))
 
     def loss(self, model, batch: dict):
         loss, model_stats = self.model_loss(model, batch)

@@ -96,6 +96,24 @@ def build_data(out: Path, n_train: int, n_valid: int, seed: int, workers: int, s
     return {"raw": raw, "chat": chat, "tokenizers": tok_dir, "shards": shards}
 
 
+def continuous_data(data: dict, out: Path, patch: int = 4) -> dict:
+    """The toy data set of ``build_data`` with continuous images: the same records and text tokenizer, pixel patches
+    as latents (``--image-kind pixels``), shards for the same splits. Skips what exists. Returns paths."""
+    from megannm.data.image_tokenizer.pixels import PixelPatches
+    from megannm.data.preprocess import preprocess
+    from megannm.data.tokenize import Tokenizers
+    tok_dir, shards = out / "tokenizers", out / "data" / "shards"
+    if not (tok_dir / "vocab.json").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        side = Tokenizers.load(data["tokenizers"]).image_size()
+        PixelPatches(side, patch).save(out / "pixels.npz")
+        Tokenizers.build(Path(data["tokenizers"]) / "text", out / "pixels.npz").save(tok_dir)
+    for name in ("train", "valid_seen", "valid_heldout"):
+        if not (shards / name / "manifest.json").exists():
+            preprocess([Path(data["raw"]) / f"{name}.jsonl"], shards / name, tok_dir, progress=False)
+    return {"raw": data["raw"], "tokenizers": tok_dir, "shards": shards}
+
+
 STAGE_KEYS = {"name", "recipe", "overrides", "from", "pairs"}
 PAIRS_KEYS = {"from", "prompts", "rewards", "n", "temperature", "cfg_scale", "seed"}
 

@@ -36,7 +36,11 @@ curves (both models, both modalities, vs step) are written as a PNG under ``OUT`
 raw numbers (the curves, every step's time); nothing else (no checkpoints). Extra ``key.path=value`` arguments
 override both recipes (e.g. ``precision=bf16`` on a GPU).
 
+``--images continuous``: the same records with continuous images (pixel patches as latents, the flow objective;
+``megannm.toy.demo.continuous_data``): the image loss is then the flow loss, the text loss the captions'.
+
     PYTHONPATH=. python tools/bench/mot_vs_dense.py [--steps 400 --eval-interval 25 --threads 2 --out DIR]
+                                                    [--images continuous]
 """
 from __future__ import annotations
 
@@ -72,6 +76,8 @@ def parse_args() -> argparse.Namespace:
                    help="pretraining recipe both models are built from (model.mot is set for each)")
     p.add_argument("--valid", default="valid_seen", help="held-out split under data/shards/ to evaluate on")
     p.add_argument("--eval-batches", type=int, default=8, help="validation micro-batches per evaluation (at most)")
+    p.add_argument("--images", choices=("discrete", "continuous"), default="discrete",
+                   help="image codes (default), or continuous latents with the flow objective")
     p.add_argument("overrides", nargs="*", help="key.path=value applied to both recipes")
     a = p.parse_args()
     for name in ("steps", "eval_interval", "threads", "eval_batches"):
@@ -231,6 +237,9 @@ def run(a: argparse.Namespace) -> None:
     if a.data and not (data_dir / "data" / "shards" / "train" / "manifest.json").is_file():
         raise ValueError(f"--data: {data_dir}: no data/shards/train/manifest.json there (a `megannm demo` folder)")
     data = build_data(data_dir, n_train=14000, n_valid=256, seed=0, workers=1, say=lambda *_: None)
+    if a.images == "continuous":
+        from megannm.toy.demo import continuous_data
+        data = continuous_data(data, data_dir / "continuous")
     print(f"toy data: {data['shards']} ({time.time() - t:.1f} s)", flush=True)
     layout = parallel.init_parallel(1, 1)
     try:
@@ -345,6 +354,7 @@ def report(a, recipe, trainers: dict, result: dict, out: Path) -> None:
     r3 = lambda x: None if x is None else round(x, 4)
     print(json.dumps({
         "bench": "mot_vs_dense", "baseline": "dense twin (mot: false), same data/seed/FLOPs per token",
+        "images": a.images,
         **{f"{m}_steps_fraction": r3(rows[m]["steps_fraction"]) for m in MODALITIES},
         **{f"{m}_wall_fraction": r3(rows[m]["wall_fraction"]) for m in MODALITIES},
         "final_loss": {name: {m: round(curves[name][m][-1], 4) for m in MODALITIES} for name in NAMES},

@@ -8,7 +8,10 @@ trust_remote_code=True)``, no megannm install needed. This file adds what ``tran
 - every token's modality is a function of its id (image codes -> 1, everything else -> 0), which routes it to its
   weight set;
 - the attention kernel the blocks call: SDPA over Hugging Face's KV cache, with its padding mask;
-- untied embedding and output layer over the unified vocabulary, the final norm per weight set.
+- untied embedding and output layer over the unified vocabulary, the final norm per weight set;
+- continuous images (``latent_channels > 0``): megannm's latent modules (``megannm/model/latents.py``, copied as
+  ``megannm_latents.py``): latent patches and timesteps in at the latent slots, a velocity out (``velocity`` of the
+  output), attention bidirectional inside an image, and ``draw``, the Euler sampler with classifier-free guidance.
 
 Parameter names are megannm's canonical ones under ``model.`` (``model.layers.0.attn.q_proj.1.weight`` is layer
 0's image query projection), ``model.embed_tokens.weight``, ``model.norm.{m}.weight`` and ``lm_head.weight``.
@@ -26,9 +29,17 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 try:  # relative imports when loaded as remote code, plain ones when the folder is on sys.path
     from .configuration_megannm_mot import MegannmMoTConfig
     from .megannm_block import Block, BlockShape, Context, Linears, PerModality, RMSNorm, Routing
+    from .megannm_latents import LatentInput, VelocityHead, euler, image_spans
 except ImportError:  # pragma: no cover
     from configuration_megannm_mot import MegannmMoTConfig
     from megannm_block import Block, BlockShape, Context, Linears, PerModality, RMSNorm, Routing
+    from megannm_latents import LatentInput, VelocityHead, euler, image_spans
+
+
+@dataclasses.dataclass
+class MegannmOutput(CausalLMOutputWithPast):
+    """The causal LM output, with the velocity [B, S, latent_channels] at every position (continuous images)."""
+    velocity: torch.FloatTensor = None
 
 
 def rotary(position_ids: torch.Tensor, head_dim: int, theta: float, dtype):
@@ -70,6 +81,8 @@ class MegannmMoTModel(MegannmMoTPreTrainedModel):
         self.layers = nn.ModuleList(Block(shape, Linears(), i) for i in range(config.num_hidden_layers))
         self.norm = PerModality(RMSNorm(config.hidden_size, config.rms_norm_eps)
                                 for _ in range(config.num_weight_sets))
+        if config.latent_channels:
+            self.latents = LatentInput(config.latent_channels, config.hidden_size, config.initializer_range)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -78,8 +91,10 @@ class MegannmMoTModel(MegannmMoTPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None):
-        """-> (final hidden states [B, S, D] after the per-set norm, the cache or None)."""
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None,
+                latents=None, timesteps=None):
+        """-> (final hidden states [B, S, D] after the per-set norm, the cache or None). Continuous images:
+        ``latents`` [B, S, C] and ``timesteps`` [B, S] enter at the latent slots."""
         c = self.config
         b, s = input_ids.shape
         use_cache = c.use_cache if use_cache is None else use_cache
@@ -92,8 +107,14 @@ class MegannmMoTModel(MegannmMoTPreTrainedModel):
         modality = ((input_ids >= c.image_token_start) & (input_ids < c.image_token_end)).long()
         routing = Routing(modality, c.num_weight_sets)
         h = self.embed_tokens(input_ids)
+        spans = None
+        if c.latent_channels:
+            if latents is None:
+                latents, timesteps = h.new_zeros(b, s, c.latent_channels), h.new_zeros(b, s)
+            h = torch.where(modality[..., None].bool(), h + self.latents(latents, timesteps), h)
+            spans = image_spans(modality, torch.zeros_like(modality))  # this chunk's images (cached ones are past)
         cos, sin = rotary(position_ids, c.head_dim, c.rope_theta, h.dtype)
-        mask = self._mask(attention_mask, b, s, past, input_ids.device)
+        mask = self._mask(attention_mask, b, s, past, input_ids.device, spans)
 
         def attend(q, k, v, layer):
             if cache is not None:
@@ -108,13 +129,17 @@ class MegannmMoTModel(MegannmMoTPreTrainedModel):
         return routing.ungroup(self.norm(h, routing.counts)), cache
 
     @staticmethod
-    def _mask(attention_mask, b, s, past, device):
-        """Boolean [B, 1, S, past + S]: causal, minus padded keys; a query with nothing left sees itself (its
-        output is never used, but NaN from an empty softmax row would spread through the padded keys)."""
+    def _mask(attention_mask, b, s, past, device, spans=None):
+        """Boolean [B, 1, S, past + S]: causal (and, with ``spans`` [B, S], every slot of the query's own image in
+        this chunk), minus padded keys; a query with nothing left sees itself (its output is never used, but NaN
+        from an empty softmax row would spread through the padded keys)."""
         t = past + s
         q_idx = torch.arange(past, t, device=device)
         k_idx = torch.arange(t, device=device)
         mask = (k_idx[None, :] <= q_idx[:, None])[None, None].expand(b, 1, s, t)
+        if spans is not None:
+            key_spans = torch.cat([torch.full((b, past), -2, device=device, dtype=spans.dtype), spans], dim=1)
+            mask = mask | ((spans[:, :, None] == key_spans[:, None, :]) & (spans[:, :, None] >= 0))[:, None]
         if attention_mask is not None:
             keys = attention_mask[:, -t:].bool() if attention_mask.shape[1] >= t else F.pad(
                 attention_mask.bool(), (t - attention_mask.shape[1], 0), value=True)
@@ -129,6 +154,8 @@ class MegannmMoTForCausalLM(MegannmMoTPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = MegannmMoTModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.latent_channels:
+            self.velocity = VelocityHead(config.hidden_size, config.latent_channels)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -144,14 +171,16 @@ class MegannmMoTForCausalLM(MegannmMoTPreTrainedModel, GenerationMixin):
         self.lm_head = value
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, cache=None, **kwargs):
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, cache=None, latents=None,
+                timesteps=None, **kwargs):
         # transformers <= 5.23 passes the KV cache as ``past_key_values``; 5.24 renamed it ``cache`` (in the
         # generation loop and in the output class): take whichever arrives, return it under the output's own name.
         past_key_values = cache if cache is not None else past_key_values
         if input_ids is None:
             raise ValueError("MegannmMoTForCausalLM needs input_ids: each token's modality is a function of its id "
                              "(inputs_embeds alone cannot route tokens to their weight set)")
-        h, cache = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache)
+        h, cache = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache, latents, timesteps)
+        velocity = self.velocity(h) if self.config.latent_channels else None
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             h = h[:, -logits_to_keep:]
         elif isinstance(logits_to_keep, torch.Tensor):
@@ -161,7 +190,40 @@ class MegannmMoTForCausalLM(MegannmMoTPreTrainedModel, GenerationMixin):
         if labels is not None:
             shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
             loss = F.cross_entropy(shift_logits, labels[:, 1:].reshape(-1), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache})
+        return MegannmOutput(loss=loss, logits=logits, velocity=velocity, **{_CACHE_FIELD: cache})
+
+    @torch.no_grad()
+    def draw(self, prompt_ids, slots: int, steps: int = 25, cfg_scale: float = 1.0, uncond_ids=None,
+             generator=None):
+        """Continuous images: the latents [B, slots, C] that ``prompt_ids`` [B, P] (each ending in the image-start
+        token) ask for, by ``steps`` Euler steps from noise, the prompt cached once and the slots re-run over it
+        each step; with ``cfg_scale != 1`` the unconditional prompts ``uncond_ids`` run beside (classifier-free
+        guidance). Decode the latents with the image tokenizer the model was trained with."""
+        c = self.config
+        if not c.latent_channels:
+            raise ValueError("draw: this model's images are discrete codes (generate them with generate())")
+        b, dev = prompt_ids.shape[0], prompt_ids.device
+        guided = cfg_scale != 1.0
+        prompts = [prompt_ids] + ([uncond_ids] if guided else [])
+        caches = []
+        for ids in prompts:
+            cache = DynamicCache()
+            self(input_ids=ids, past_key_values=cache, use_cache=True)
+            caches.append(cache)
+        slot_ids = torch.full((b, slots), c.image_token_start, device=dev, dtype=prompt_ids.dtype)
+
+        def velocity(x, t):
+            out = []
+            for ids, cache in zip(prompts, caches):
+                p = ids.shape[1]
+                pos = torch.arange(p, p + slots, device=dev).expand(b, slots)
+                out.append(self(input_ids=slot_ids, position_ids=pos, past_key_values=cache, use_cache=True,
+                                latents=x.to(self.dtype), timesteps=t.expand(b, slots)).velocity.float())
+                cache.crop(-slots)  # forget the slots: the next step re-runs them over the same prompt
+            return out[0] if not guided else out[1] + cfg_scale * (out[0] - out[1])
+
+        noise = torch.randn(b, slots, c.latent_channels, generator=generator, device=dev)
+        return euler(velocity, noise, steps)
 
 
 # The output's cache field: ``past_key_values`` up to transformers 5.23, ``cache`` from 5.24.

@@ -8,6 +8,7 @@ One module per kind behind the ``ImageTokenizer`` interface (``base.py``: sizes,
 - ``janus``      Janus / Janus-Pro's VQ through transformers' ``JanusVQVAE`` (``janus.py``)
 - ``emu3``       Emu3's vision tokenizer through transformers' ``Emu3VQVAE`` (``emu3.py``)
 - ``chameleon``  Chameleon's VQ through ``ChameleonVQVAE``: encode only (``chameleon.py``)
+- ``pixels``     continuous images: raw pixel patches as latents (``pixels.py``; no torch)
 
 Third-party kinds: a class deriving from ``ImageTokenizer``, named in a tokenizer's ``image_tokenizer.json`` as
 ``package.module:Class`` or by the name of an entry point in the ``megannm.image_tokenizers`` group.

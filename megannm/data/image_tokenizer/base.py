@@ -32,6 +32,7 @@ ENTRY_POINT_GROUP = "megannm.image_tokenizers"
 # megannm's own kinds: "module:Class" and how they are stored ("file": one .npz; "folder": image_tokenizer.json + files)
 BUILTIN_KINDS: dict[str, tuple[str, str]] = {
     "patch_vq": ("megannm.data.image_tokenizer.patch_vq:PatchVQ", "file"),
+    "pixels": ("megannm.data.image_tokenizer.pixels:PixelPatches", "file"),
     "learned": ("megannm.data.image_tokenizer.learned:LearnedVQ", "folder"),
     "janus": ("megannm.data.image_tokenizer.janus:JanusVQ", "folder"),
     "emu3": ("megannm.data.image_tokenizer.emu3:Emu3VQ", "folder"),
@@ -40,7 +41,9 @@ BUILTIN_KINDS: dict[str, tuple[str, str]] = {
 
 
 class ImageTokenizer(ABC):
-    """Maps uint8 images ``[N, H, W, 3]`` to int64 codes ``[N, num_tokens]`` (raster order) and back."""
+    """Maps uint8 images ``[N, H, W, 3]`` to int64 codes ``[N, num_tokens]`` (raster order) and back; a continuous
+    kind (``latent_channels > 0``) to float32 latents ``[N, num_tokens, latent_channels]`` instead, one latent slot
+    per token."""
 
     kind: str = ""  # written into the file or folder; ``load_image_tokenizer`` dispatches on it
     storage: str = "file"  # "file": one .npz (``_arrays``); "folder": ``save`` writes image_tokenizer.json + files
@@ -49,6 +52,7 @@ class ImageTokenizer(ABC):
     grid: tuple[int, int]  # (rows, columns) of tokens
     codebook_size: int
     resize: str = "crop"  # the resize policy (images.py): "crop" or "pad"
+    latent_channels: int = 0  # continuous kinds: numbers per latent slot (codebook_size is then 1: the slot id)
 
     @property
     def num_tokens(self) -> int:
@@ -78,9 +82,12 @@ class ImageTokenizer(ABC):
 
     def describe(self) -> dict:
         """Sizes for people: kind, native size, grid, codebook, policy."""
-        return {"kind": self.kind, "image_size": list(self.image_size), "grid": list(self.grid),
-                "tokens_per_image": self.num_tokens, "codebook_size": int(self.codebook_size), "resize": self.resize,
-                "decodes": self.can_decode}
+        out = {"kind": self.kind, "image_size": list(self.image_size), "grid": list(self.grid),
+               "tokens_per_image": self.num_tokens, "codebook_size": int(self.codebook_size), "resize": self.resize,
+               "decodes": self.can_decode}
+        if self.latent_channels:
+            out["latent_channels"] = int(self.latent_channels)
+        return out
 
     # saving ---------------------------------------------------------------------------------------------------------
     def _arrays(self) -> dict[str, np.ndarray]:
@@ -120,6 +127,14 @@ class ImageTokenizer(ABC):
             raise ValueError(f"{type(self).__name__}.encode: expected uint8 images [N, {h}, {w}, 3], "
                              f"got {images.dtype} {list(images.shape)} (fit pictures with .fit first)")
         return images
+
+    def _check_latents(self, latents: np.ndarray) -> np.ndarray:
+        latents = np.asarray(latents)
+        if latents.ndim != 3 or latents.shape[1:] != (self.num_tokens, self.latent_channels) or \
+                not np.issubdtype(latents.dtype, np.floating):
+            raise ValueError(f"{type(self).__name__}.decode: expected float latents [N, {self.num_tokens}, "
+                             f"{self.latent_channels}], got {latents.dtype} {list(latents.shape)}")
+        return latents
 
     def _check_codes(self, codes: np.ndarray) -> np.ndarray:
         if not self.can_decode:

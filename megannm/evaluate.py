@@ -42,10 +42,11 @@ ENTRY_POINT_GROUP = "megannm.benchmarks"
 
 
 @torch.no_grad()
-def modality_losses(model, vocab, docs: list, batch_size: int = 64) -> dict:
+def modality_losses(model, vocab, docs: list, batch_size: int = 64, latents: list | None = None) -> dict:
     """Mean next-token loss per modality, ``{"text_loss", "image_loss"}`` (NaN for a modality without tokens), over
     whole documents: token lists, or (tokens, loss mask or None) pairs as ``encode_records`` gives (a 0 in the
-    mask: that token is not scored). No packing, no dropout; documents are padded, never truncated."""
+    mask: that token is not scored). No packing, no dropout; documents are padded, never truncated. Continuous
+    images: ``latents`` gives each document's slot latents (clean); only the text loss is scored."""
     dev = next(model.parameters()).device
     docs = [(d, None) if not isinstance(d, tuple) else d for d in docs]
     docs = [([int(t) for t in d], m) for d, m in docs]
@@ -60,8 +61,15 @@ def modality_losses(model, vocab, docs: list, batch_size: int = 64) -> dict:
             mask[i, :len(d) - 1] = 1 if m is None else torch.as_tensor(np.asarray(m[1:], np.float32))
         ids, mask = ids.to(dev), mask.to(dev)
         pos = torch.arange(n - 1, device=dev).expand(len(chunk), n - 1)
+        extra = {}
+        if latents is not None:  # each document's pictures at its slots, clean
+            lat = torch.zeros(len(chunk), n - 1, vocab.latent_channels, device=dev)
+            for i, d in enumerate(latents[s:s + batch_size]):
+                if d is not None:
+                    lat[i, ids[i, :-1] == vocab.slot_id] = torch.as_tensor(d, device=dev).float()
+            extra = {"latents": lat, "timesteps": torch.zeros_like(pos, dtype=torch.float32)}
         _, st = model(ids[:, :-1], position_ids=pos, document_ids=torch.zeros_like(pos), labels=ids[:, 1:],
-                      loss_mask=mask)
+                      loss_mask=mask, **extra)
         for m in ("text", "image"):
             k = float(st[f"{m}_tokens"])
             sums[m][0] += float(st[f"{m}_loss"]) * k

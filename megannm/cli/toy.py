@@ -12,6 +12,8 @@ def demo(argv: list[str]) -> int:
     p.add_argument("--benchmark", default="toy", choices=BENCHMARKS,
                    help="toy: the single-shape world; toy-geneval: the compositional scenes, before/after GRPO and DPO")
     p.add_argument("--chain", default=None, help="recipe chain to train (default: the benchmark's)")
+    p.add_argument("--images", default="discrete", choices=("discrete", "continuous"),
+                   help="toy: image codes (default), or continuous latents (pixel patches) drawn by flow matching")
     p.add_argument("--n-train", type=int, default=None, help="pretraining records (default 14000; toy-geneval 20000)")
     p.add_argument("--n-valid", type=int, default=200)
     p.add_argument("--eval-n", type=int, default=None, help="examples per split in the evaluation (default 100; "
@@ -30,7 +32,7 @@ def demo(argv: list[str]) -> int:
     a = p.parse_args(argv)
     return run_demo(a.out, a.benchmark, a.chain, n_train=a.n_train, n_valid=a.n_valid, eval_n=a.eval_n,
                     eval_temperature=a.eval_temperature, eval_chat_n=a.eval_chat_n, image_to_text=a.image_to_text,
-                    seed=a.seed, workers=a.workers, overrides=a.overrides)
+                    seed=a.seed, workers=a.workers, overrides=a.overrides, images=a.images)
 
 
 def selfcheck(argv: list[str]) -> int:

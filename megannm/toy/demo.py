@@ -25,6 +25,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 TOY_CHAIN = REPO / "recipes" / "toy" / "chain.yaml"
 GENEVAL_CHAIN = REPO / "recipes" / "toy" / "geneval" / "chain.yaml"
+CONTINUOUS_CHAIN = REPO / "recipes" / "toy" / "continuous" / "chain.yaml"
 BENCHMARKS = ("toy", "toy-geneval")
 
 
@@ -227,12 +228,17 @@ def run_chain(chain: Path, data: dict, out: Path, extra: list[str], layout, say=
 
 def run_demo(out, benchmark: str = "toy", chain=None, n_train: int | None = None, n_valid: int = 200,
              eval_n: int | None = None, eval_temperature: float = 1.0, eval_chat_n: int = 10,
-             image_to_text: float = 0.35, seed: int = 0, workers: int = 2, overrides: tuple = ()) -> int:
-    """What ``megannm demo`` runs (the module docstring); returns the exit code. ``None`` sizes: the benchmark's."""
+             image_to_text: float = 0.35, seed: int = 0, workers: int = 2, overrides: tuple = (),
+             images: str = "discrete") -> int:
+    """What ``megannm demo`` runs (the module docstring); returns the exit code. ``None`` sizes: the benchmark's.
+    ``images="continuous"``: the same records with pixel patches as latents and the flow objective
+    (``continuous_data``, ``recipes/toy/continuous/chain.yaml``)."""
     if benchmark not in BENCHMARKS:
         raise ValueError(f"--benchmark: {benchmark!r} is not one of {', '.join(BENCHMARKS)}")
     scenes = benchmark == "toy-geneval"
-    chain = Path(chain or (GENEVAL_CHAIN if scenes else TOY_CHAIN))
+    if images not in ("discrete", "continuous") or (scenes and images == "continuous"):
+        raise ValueError(f"--images: {images!r} (expected discrete, or continuous with --benchmark toy)")
+    chain = Path(chain or (GENEVAL_CHAIN if scenes else CONTINUOUS_CHAIN if images == "continuous" else TOY_CHAIN))
     n_train = n_train or (20000 if scenes else 14000)
     eval_n = eval_n or (50 if scenes else 100)
     overrides = list(overrides)
@@ -243,6 +249,8 @@ def run_demo(out, benchmark: str = "toy", chain=None, n_train: int | None = None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data = build_data(out, n_train, n_valid, seed, workers, image_to_text=image_to_text, benchmark=benchmark)
+    if images == "continuous":
+        data = dict(data, **continuous_data(data, out / "continuous"))
     if scenes:
         return geneval_demo(chain, data, out, t0, overrides, eval_n, eval_temperature, seed)
 

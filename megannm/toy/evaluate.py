@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from megannm.evaluate import Benchmark, modality_losses, sample_grid, write_report
-from megannm.generate import (SamplingConfig, caption_prompt, chat_prompt, codes_to_images, generate, image_prompt,
-                              text_of)
+from megannm.generate import (SamplingConfig, caption_latents, caption_prompt, chat_prompt, codes_to_images, generate,
+                              image_prompt, text_of)
 from megannm.toy import chat, world
 from megannm.toy.rewards import caption_hits, image_hits
 
@@ -50,14 +50,18 @@ def chance() -> dict:
 def split_losses(model, tok, examples) -> dict:
     """Mean text and image loss over both document orders of ``examples``."""
     v = tok.vocab
-    docs = []
+    docs, latents = [], []
     for _, img, cap in examples:
-        codes = v.image_ids(tok.image.encode(img[None])[0]).tolist()
+        if v.continuous:  # the picture's latents at its slots, clean: the text loss reads it (no flow loss here)
+            codes, lat = [v.slot_id] * tok.image.num_tokens, caption_latents(tok, img)
+        else:
+            codes, lat = v.image_ids(tok.image.encode(img[None])[0]).tolist(), None
         text = tok.text.encode(cap, add_special_tokens=False)
         image_span = [v.boi_id, *codes, v.eoi_id]
         docs.append([v.bos_id, *image_span, *text, v.eos_id])
         docs.append([v.bos_id, *text, *image_span, v.eos_id])
-    return modality_losses(model, v, docs)
+        latents += [lat, lat]
+    return modality_losses(model, v, docs, latents=latents if v.continuous else None)
 
 
 # Greedy decoding without guidance by default: on the demo's pretrained checkpoints guidance measured worse or equal
@@ -74,8 +78,9 @@ def evaluate(model, tok, n_per_split: int = 100, seed: int = 7, cfg_scale: float
     for split in SPLITS:
         examples = world.make_examples(n_per_split, seed=seed + (0 if split == "seen" else 1), split=split)
         truths = [a for a, _, _ in examples]
+        latents = [caption_latents(tok, img) for _, img, _ in examples] if tok.vocab.continuous else None
         rows = generate(model, tok.vocab, [caption_prompt(tok, img) for _, img, _ in examples], "text",
-                        max_new_tokens=24, sampling=sampling)
+                        max_new_tokens=24, sampling=sampling, latents=latents)
         captions = [text_of(tok, r) for r in rows]
         prompts = [world.caption(a) for a in truths]
         drawn = codes_to_images(tok, generate(model, tok.vocab, [image_prompt(tok, c) for c in prompts], "image",

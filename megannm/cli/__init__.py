@@ -109,10 +109,37 @@ def main(argv: list[str] | None = None) -> int:
         # code (a failed save: 1, a divergence: 3); anything else is a bug and keeps its traceback
         code = getattr(e, "exit_code", 2 if isinstance(e, USER_ERRORS) else None)
         if not isinstance(code, int) or os.environ.get("MEGANNM_TRACEBACK") == "1":
+            record_for_launcher(None, e)  # a bug: its traceback is what the launcher's summary should show
             raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, KeyError):
+            msg = msg.strip("'\"")
+        line = f"megannm {cmd}: error: {msg}"
         if not getattr(e, "silent", False):  # every rank of a run raises it; one prints
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            if isinstance(e, KeyError):
-                msg = msg.strip("'\"")
-            print(f"megannm {cmd}: error: {msg}", file=sys.stderr)
+            print(line, file=sys.stderr)
+        record_for_launcher(line, e, code)
         return code
+
+
+def record_for_launcher(line: str | None, error: BaseException, code: int = 1) -> None:
+    """Under torchrun (torch.distributed.elastic), write this rank's failure into the error file the agent names in
+    ``TORCHELASTIC_ERROR_FILE``, so that torchrun's failure summary reports megannm's one line (and the rank's exit
+    code) as the root cause instead of "To enable traceback see ...". The file is the agent's documented JSON
+    (``ProcessFailure`` reads ``message.message`` and ``message.extraInfo``); ``line`` None: an unexpected error,
+    recorded with its traceback by torch's own ``ErrorHandler``. A rank whose error is silent (another rank says
+    why) records its line too: the agent reports whichever rank failed first."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    try:
+        if line is None:
+            from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+            ErrorHandler().record_exception(error)
+            return
+        import json
+        import time
+        data = {"message": {"message": line, "errorCode": code, "extraInfo": {"timestamp": str(int(time.time()))}}}
+        with open(path, "w") as f:  # the agent reads it only after this process has exited
+            json.dump(data, f)
+    except OSError:  # the summary then says what it says without us; the line is on stderr anyway
+        pass

@@ -39,10 +39,12 @@ folder or of an image tokenizer. megannm tokenizers SUBCOMMAND --help: its optio
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resize", choices=("crop", "pad"), default="crop",
                    help="fit pictures to the tokenizer's square: centre crop (default) or pad with grey")
-    p.add_argument("--image-size", type=int_at_least(1), default=None, help="native side in pixels (default: the kind's own; "
-                                                                 "32 for patch_vq and learned)")
-    p.add_argument("--codebook-size", type=int_at_least(2), default=None, help="image codes (default: patch_vq 1024, learned 512)")
-    p.add_argument("--max-images", type=int_at_least(1), default=None, help="pictures to train on at most (a seeded sample)")
+    p.add_argument("--image-size", type=int_at_least(1), default=None,
+                   help="native side in pixels (default: the kind's own; 32 for patch_vq and learned)")
+    p.add_argument("--codebook-size", type=int_at_least(2), default=None,
+                   help="image codes (default: patch_vq 1024, learned 512)")
+    p.add_argument("--max-images", type=int_at_least(1), default=None,
+                   help="pictures to train on at most (a seeded sample)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int_at_least(1), default=None, help="learned: training steps (default 2000)")
     p.add_argument("--batch-size", type=int_at_least(1), default=None, help="learned: pictures per step (default 8)")
@@ -82,7 +84,8 @@ def _build(argv: list[str]) -> int:
     t = p.add_mutually_exclusive_group()
     t.add_argument("--text-tokenizer", type=Path, default=None,
                    help="a Hugging Face tokenizer folder (with tokenizer.json) to use as it is, e.g. Llama's")
-    t.add_argument("--text-vocab-size", type=int_at_least(257), default=4096, help="train a byte-level BPE of at most this size")
+    t.add_argument("--text-vocab-size", type=int_at_least(257), default=4096,
+                   help="train a byte-level BPE of at most this size")
     i = p.add_mutually_exclusive_group()
     i.add_argument("--image-tokenizer", type=Path, default=None,
                    help="an image tokenizer saved before (any kind: train-image's output, a patch_vq .npz, ...)")

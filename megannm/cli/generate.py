@@ -44,8 +44,8 @@ def _evaluate_parser(bench, names: str) -> argparse.ArgumentParser:
     p.add_argument("--data", action="append", default=[], metavar="[NAME=]RECORDS.jsonl",
                    help="your own records, one split per file (repeatable)")
     p.add_argument("--out", default="eval", help="folder for report.json (and samples.png)")
-    p.add_argument("--n", type=int_at_least(1), default=None, help="examples (per split); default: the benchmark's own, or "
-                                                       "every record")
+    p.add_argument("--n", type=int_at_least(1), default=None,
+                   help="examples (per split); default: the benchmark's own, or every record")
     p.add_argument("--seed", type=int, default=None, help="sampling seed; default: the benchmark's own, or 0")
     p.add_argument("--temperature", type=float_in(0, note=" (0 = greedy)"), default=0.0, help="0 = greedy")
     p.add_argument("--cfg-scale", type=float_in(0), default=DEFAULT_CFG_SCALE,

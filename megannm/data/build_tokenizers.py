@@ -12,14 +12,13 @@ for 2,048 codes gave a held-out image loss near ln 2048), and nothing else would
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from megannm.data.tokenize import RecordError, Tokenizers, load_image
-from megannm.fileio import atomic_write_json
+from megannm.fileio import atomic_write_json, scratch_folder
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 DEFAULT_SIZES = {"patch_vq": 32, "learned": 32}  # native side when --image-size is not given
@@ -203,8 +202,7 @@ def build_tokenizers(inputs, out, *, text_tokenizer=None, text_vocab_size: int =
         raise ValueError(f"{', '.join(str(p) for p in inputs)}: no text in the records (a text tokenizer needs some)")
     say(f"records: {len(texts)} text parts, {len(images)} distinct image files")
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.build-") as staging:
-        staging = Path(staging)
+    with scratch_folder(out) as staging:  # (a killed build's staging folder is reclaimed by the next build)
         if text_tokenizer is not None:
             text_dir = Path(text_tokenizer)
             load_text_tokenizer(text_dir)  # one clear line now if it is not a tokenizer folder

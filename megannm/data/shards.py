@@ -22,6 +22,7 @@ and the document, never a silent short read.
 from __future__ import annotations
 
 import bisect
+import errno
 import hashlib
 import io
 import json
@@ -35,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
+from megannm.fileio import reclaim_stale, temp_name
 from megannm.vocab import Vocab, VocabMismatchError
 
 FORMAT = "megannm-shards"
@@ -95,6 +97,20 @@ def caption_lengths(tokens: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
 # writing
 
 
+class WriteError(OSError):
+    """A data set that could not be written (a full disk, an I/O error): one line naming the output folder; nothing
+    is left behind. Exit 1 (the machine's fault) or 2 (a folder this user may not write to): ``exit_code``."""
+    exit_code = 1
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
 class ShardWriter:
     """Append documents; ``close()`` makes the folder appear complete (or not at all: ``abort()``, or an exception
     inside a ``with`` block, removes the temporary folder).
@@ -114,9 +130,14 @@ class ShardWriter:
         self.docs_per_shard, self.frame_tokens = docs_per_shard, max(1, frame_bytes // self.dtype.itemsize)
         self.metadata = dict(metadata or {})
         self.overwrite = overwrite
-        self.tmp = self.out_dir.with_name(f".{self.out_dir.name}.tmp-{os.getpid()}")
+        self.tmp = temp_name(self.out_dir)
         shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
+        self._file = None
+        try:
+            reclaim_stale(self.out_dir)  # what killed runs into the same folder left
+            self.tmp.mkdir(parents=True)
+        except OSError as e:
+            raise self._failed(e) from None
         # content checksums inside each frame too (zstd's xxhash64 of the payload), on top of our crc32 of the bytes
         self._cctx = zstandard.ZstdCompressor(level=level, write_checksum=True)
         self._shards: list[dict] = []
@@ -194,9 +215,29 @@ class ShardWriter:
             where = self._wheres.get(doc, f"document {doc}")
             raise ValueError(f"{where}: token id {int(tokens[at])} outside the vocabulary [0, {self.vocab.size})")
 
+    def _failed(self, error: OSError) -> "WriteError":
+        """The temporary folder removed, and one line: the folder, why, the free space there."""
+        self.abort()
+        try:
+            free = f"{_human(shutil.disk_usage(self.out_dir.parent).free)} free there"
+        except OSError:
+            free = "free space unknown"
+        why = os.strerror(error.errno) if error.errno else str(error)
+        e = WriteError(f"{self.out_dir}: cannot write the data set: {why} ({free}); nothing was written (removed "
+                       f"{self.tmp.name})")
+        # a full disk or an I/O error is the machine's fault (1); a folder this user may not write to, the input's (2)
+        e.exit_code = 2 if isinstance(error, PermissionError) or error.errno in (errno.EACCES, errno.EROFS) else 1
+        return e
+
     # public -------------------------------------------------------------------------------------------------------
     def add(self, tokens, mask=None, where: str = "") -> None:
         """Append one document: token ids (any integer array) and an optional per-token loss mask (0/1)."""
+        try:
+            self._add(tokens, mask, where)
+        except OSError as e:
+            raise self._failed(e) from None
+
+    def _add(self, tokens, mask=None, where: str = "") -> None:
         tokens = np.asarray(tokens)
         if tokens.ndim != 1 or len(tokens) == 0 or tokens.dtype.kind not in "iu":
             raise ValueError(f"{where or f'document {self._num_docs}'}: a document is a non-empty 1-d array of "
@@ -227,6 +268,14 @@ class ShardWriter:
         """Finish the last shard, write index, manifest and vocab.json, and rename the folder into place."""
         if self._closed:
             raise RuntimeError("shards: writer already closed")
+        try:
+            return self._close()
+        except OSError as e:
+            if isinstance(e, FileExistsError):
+                raise
+            raise self._failed(e) from None
+
+    def _close(self) -> dict:
         self._close_shard()
         manifest = {
             "format": FORMAT, "version": VERSION,
@@ -248,7 +297,7 @@ class ShardWriter:
             if not self.overwrite:
                 self.abort()
                 raise FileExistsError(f"{self.out_dir}: appeared while writing (not overwritten)")
-            old = self.out_dir.with_name(f".{self.out_dir.name}.old-{os.getpid()}")
+            old = temp_name(self.out_dir, "old")
             self.out_dir.rename(old)
             self.tmp.rename(self.out_dir)
             shutil.rmtree(old)
@@ -260,7 +309,10 @@ class ShardWriter:
     def abort(self) -> None:
         self._closed = True
         try:
-            self._file.close()
+            if self._file is not None:
+                self._file.close()
+        except OSError:  # its buffer could not be flushed (a full disk): the folder goes anyway
+            pass
         finally:
             shutil.rmtree(self.tmp, ignore_errors=True)
 

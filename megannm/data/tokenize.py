@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megannm.fileio import atomic_output
 from megannm.vocab import Vocab, VocabMismatchError
 
 ROLES = ("system", "user", "assistant")
@@ -63,16 +64,17 @@ class Tokenizers:
     def save(self, folder) -> Path:
         """Write ``folder/{text/, image_tokenizer.<ext>, vocab.json}`` via a temporary folder and a rename."""
         folder = Path(folder)
-        tmp = folder.with_name(f".{folder.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        with atomic_output(folder, overwrite=True) as tmp:
+            self._save_into(tmp, folder)
+        return folder
+
+    def _save_into(self, tmp: Path, folder: Path) -> None:
         if self.text_dir is not None:
             shutil.copytree(self.text_dir, tmp / "text")
         else:  # a tokenizer built in memory: what we write must be what the vocabulary's digest describes
             from megannm.data.text_tokenizer import text_digest
             self.text.save_pretrained(tmp / "text")
             if text_digest(tmp / "text") != self.vocab.text_digest:
-                shutil.rmtree(tmp, ignore_errors=True)
                 raise VocabMismatchError(f"{folder}: the text tokenizer does not match the vocabulary's text_digest; "
                                          f"build the bundle with Tokenizers.build from a saved tokenizer folder")
         if self.image_path is not None:
@@ -84,8 +86,6 @@ class Tokenizers:
         else:
             self.image.save(tmp / self.image.default_name)
         self.vocab.save(tmp / "vocab.json")
-        _replace_dir(tmp, folder)
-        return folder
 
     @classmethod
     def load(cls, folder, device=None) -> "Tokenizers":
@@ -146,16 +146,6 @@ def _what_it_is(folder: Path) -> str:
         return (f"; it looks like a text tokenizer: make a bundle with `megannm tokenizers build --text-tokenizer "
                 f"{folder} ...`")
     return "; make one with `megannm tokenizers build`"
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Put ``tmp`` at ``final``; an existing ``final`` is moved aside first and removed only after the rename."""
-    old = final.with_name(f".{final.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -152,7 +152,8 @@ class RewardError(ValueError):
 
 def _which(i: int, prompt: Prompt) -> str:
     text = prompt.text if len(prompt.text) <= 60 else prompt.text[:57] + "..."
-    return f"on sample {i} (prompt {text!r}, a {prompt.kind} answer)" if text else f"on sample {i} ({prompt.kind} answer)"
+    return f"on sample {i} (prompt {text!r}, a {prompt.kind} answer)" if text else \
+        f"on sample {i} (a {prompt.kind} answer)"
 
 
 def _number(name: str, value, i: int, prompt: Prompt) -> float:

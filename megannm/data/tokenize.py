@@ -216,6 +216,15 @@ def _plan_parts(record: dict, tok: Tokenizers, base_dir: Path, where: str, image
     return doc
 
 
+def _has_substance(content) -> bool:
+    """Some non-whitespace text or an image: an answer worth training on (a turn of spaces would teach the model
+    to answer with nothing)."""
+    if isinstance(content, str):
+        return bool(content.strip())
+    return any(p.get("type") == "image" or (isinstance(p.get("text"), str) and p["text"].strip())
+               for p in content if isinstance(p, dict))
+
+
 def _plan_messages(record: dict, tok: Tokenizers, base_dir: Path, where: str, images: list) -> _Doc:
     doc = _Doc()
     messages = record["messages"]
@@ -245,8 +254,9 @@ def _plan_messages(record: dict, tok: Tokenizers, base_dir: Path, where: str, im
         elif content is not None:
             raise RecordError(f"{where}: messages[{m}]: content must be a string or a list of parts "
                               f"(got {type(content).__name__})")
-        if train and len(doc.chunks) == before:
-            raise RecordError(f"{where}: messages[{m}]: empty assistant turn (nothing to train on)")
+        if train and (len(doc.chunks) == before or not _has_substance(content)):
+            raise RecordError(f"{where}: messages[{m}]: empty assistant turn (nothing to train on"
+                              f"{': only whitespace' if len(doc.chunks) > before else ''})")
         doc.add([end], train)  # the assistant's <|end|> is trained: that is how the model learns to stop
     return doc
 

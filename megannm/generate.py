@@ -371,19 +371,23 @@ def generate_files(checkpoint, tokenizers, out, captions: Optional[list[str]] = 
         if not Path(f).is_file():
             raise FileNotFoundError(f"--image {f}: image not found")
     from megannm.checkpoint.opened import open_checkpoint
+    from megannm.data.tokenize import check_answer_room, check_captions
     with open_checkpoint(checkpoint, tokenizers) as ck:
         model, tok = ck.model, ck.tok
         tok.image.to(next(model.parameters()).device)  # a model-backed tokenizer encodes/decodes beside the model
         if captions:
             check_decodes(tok)
+            prompts = [image_prompt(tok, c) for c in captions]  # checked before the output folder is made
+            check_captions(tok, captions, prompts, model.args.max_seq_len)
         # fitted by the tokenizer's own resize policy, as preprocess fitted the training pictures
         imgs = [read_image(f, tok.image) for f in images or []]
+        if imgs:
+            check_answer_room(tok.vocab.image_grid + 3, max_new_tokens, model.args.max_seq_len)
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         results = []
         if captions:
-            rows = generate(model, tok.vocab, [image_prompt(tok, c) for c in captions], "image", sampling=sampling,
-                            cfg_scale=cfg_scale)
+            rows = generate(model, tok.vocab, prompts, "image", sampling=sampling, cfg_scale=cfg_scale)
             for i, (c, img) in enumerate(zip(captions, codes_to_images(tok, rows))):
                 path = atomic_write(out / f"image_{i:03d}.png", png_bytes(img))
                 results.append({"caption": c, "image": str(path)})

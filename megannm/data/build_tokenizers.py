@@ -179,6 +179,23 @@ def make_image_tokenizer(kind: str, images_from, out: Path, *, image_model=None,
     return tok, out / "image_tokenizer", fit, warnings
 
 
+def check_trained(path: Path) -> None:
+    """Refuse an image tokenizer whose training stopped early (killed, or interrupted and not resumed): its codes
+    would be those of an unfinished network, and every data set tokenised with it would carry them."""
+    from megannm.data.image_tokenizer.base import META_FILE
+    meta_file = path / META_FILE
+    if not meta_file.is_file():
+        return  # a file kind (patch_vq .npz) or a pretrained folder: no training of ours to finish
+    try:
+        training = json.loads(meta_file.read_text()).get("training") or {}
+        done, total = int(training.get("steps", 0)), int((training.get("config") or {}).get("steps", 0))
+    except (ValueError, TypeError, AttributeError):
+        return  # loading it says what is wrong with the file
+    if total and done < total:
+        raise ValueError(f"--image-tokenizer {path}: its training stopped at step {done} of {total} (finish it: "
+                         f"megannm tokenizers train-image --out {path} --input ... --resume)")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # the whole folder
 
@@ -196,6 +213,8 @@ def build_tokenizers(inputs, out, *, text_tokenizer=None, text_vocab_size: int =
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out}: already exists (pass --overwrite to replace it)")
     check_policy(resize, "--resize")
+    if image_tokenizer is not None:
+        check_trained(Path(image_tokenizer))
     t0 = time.time()
     texts, images = collect(inputs)
     if not texts:

@@ -586,7 +586,8 @@ def _(b):
 @row("source-inputs-of-several-kinds", 2)
 def _(b):
     return (*b.cli("preprocess", "-i", b.write("a.jsonl", GOOD + "\n"), b.write("b.tar", b""), "-o", b.tmp / "out",
-                   "-t", b.toy["tokenizers"], "--workers", "1", "--no-progress"), ["several kinds", "jsonl", "webdataset"])
+                   "-t", b.toy["tokenizers"], "--workers", "1", "--no-progress"),
+            ["several kinds", "jsonl", "webdataset"])
 
 
 @row("energon-not-a-data-set", 2)
@@ -642,7 +643,7 @@ def _(b):
 def _(b):
     from megannm.data.build_tokenizers import load_pictures
     from megannm.data.image_tokenizer.learned import config_from, train_image_tokenizer
-    files = sorted((b.toy["raw"] / "images").glob("*.png"))[:8]
+    files = [(f, f.name) for f in sorted((b.toy["raw"] / "images").glob("*.png"))[:8]]
     cfg = config_from({"steps": 300, "batch_size": 2, "codebook_size": 16, "holdout": 0, "save_every": 100})
     r = train_image_tokenizer(load_pictures(files, (32, 32), "crop"), b.tmp / "vq", cfg, stop_at=2, say=lambda *a: 0)
     assert r["stopped"] and r["steps"] == 2  # killed, or interrupted and never resumed
@@ -867,7 +868,7 @@ def _(b):  # rank 0 of a 3-rank torchrun world (its environment), a recipe of te
         for k, v in old.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     assert not (b.tmp / "run").exists()
-    return (*result, ["r.yaml", "parallel.world_size", "the launcher started 3 ranks", "tensor_parallel=2"])
+    return (*result, ["r.yaml", "parallel.world_size", "got 3", "tensor_parallel=2"])
 
 
 @row("torchrun-failure-summary", 1)
@@ -1098,7 +1099,7 @@ def score(b, rewards: str) -> tuple[int, str]:
     sys.path.insert(0, str(b.tmp))
     try:
         return b.cli("score", ck, "--tokenizers", b.toy["tokenizers"], "--prompts", "toy_caption", "--n", "2",
-                     "--rewards", rewards, "--temperature", "0")
+                     "--rewards", rewards, "--temperature", "0", "--max-new-tokens", "8")
     finally:
         sys.path.remove(str(b.tmp))
         sys.modules.pop("my_rewards_mod", None)
@@ -1107,7 +1108,7 @@ def score(b, rewards: str) -> tuple[int, str]:
 @row("reward-raises", 2)
 def _(b):
     return (*score(b, "format,my_rewards_mod:boom"),
-            ["rewards: my_rewards_mod:boom raised ZeroDivisionError", "on sample 0", "prompt"])
+            ["rewards: my_rewards_mod:boom raised ZeroDivisionError", "division by zero", "on sample 0"])
 
 
 @row("reward-not-a-number", 2)
@@ -1120,15 +1121,28 @@ def _(b):
     return (*score(b, "my_rewards_mod:word"), ["my_rewards_mod:word gave 'good' (str)", "sample 0", "finite number"])
 
 
+@row("score-answer-longer-than-the-context", 2)
+def _(b):
+    _, ck = b.trained()
+    return (*b.cli("score", ck, "--tokenizers", b.toy["tokenizers"], "--prompts", "toy_caption", "--n", "2",
+                   "--rewards", "format", "--max-new-tokens", "32"),
+            ["--max-new-tokens 32", "context of 96 tokens", "max_seq_len"])
+
+
+def grpo(b, prompts: str, rewards: str) -> Path:
+    return b.recipe(phase=f"{{kind: grpo, options: {{prompts_per_step: 1, group_size: 4, prompts: {prompts}, "
+                          f"rewards: {rewards}}}}}")
+
+
 @row("reward-unknown", 2)
 def _(b):
-    return (*b.cli("check", b.recipe(phase="{kind: grpo, options: {prompts: toy_caption, rewards: [formt]}}")),
+    return (*b.cli("check", grpo(b, "toy_caption", "[formt]")),
             ["r.yaml", "phase.options.rewards", "unknown reward 'formt'", "format"])
 
 
 @row("reward-cannot-import", 2)
 def _(b):
-    return (*b.cli("check", b.recipe(phase="{kind: grpo, options: {prompts: toy_caption, rewards: [nomod:f]}}")),
+    return (*b.cli("check", grpo(b, "toy_caption", "[nomod:f]")),
             ["r.yaml", "phase.options.rewards", "cannot import 'nomod:f'"])
 
 
@@ -1146,7 +1160,7 @@ def _(b):
 
 @row("rl-prompts-unknown", 2)
 def _(b):
-    return (*b.cli("check", b.recipe(phase="{kind: grpo, options: {prompts: nope_prompts, rewards: [format]}}")),
+    return (*b.cli("check", grpo(b, "nope_prompts", "[format]")),
             ["r.yaml", "phase.options.prompts", "nope_prompts"])
 
 

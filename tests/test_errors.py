@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import signal
+import time
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -1224,6 +1225,55 @@ def _(b):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# litter: what killed runs left is reclaimed by the next run into the same folder, and only that
+
+
+def test_killed_runs_litter_is_reclaimed_by_the_next_run_and_live_runs_are_left_alone(bench):
+    """A SIGKILLed ``preprocess`` (its shard writer's folder) and ``tokenizers build`` (its staging folder) leave
+    hidden folders named for their process; the next run into the same output removes those whose process is dead
+    on this host, and keeps a live process's folder and one of another host."""
+    import subprocess
+    import sys
+    from megannm.fileio import temp_name
+    b = bench
+    shutil.copytree(b.toy["raw"] / "images", b.tmp / "images")
+    inp = b.write("in.jsonl", GOOD + "\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(DOC.parents[1]),
+                                                                      os.environ.get("PYTHONPATH")]))}
+    killed = []
+    many = shutil.copy(b.toy["raw"] / "train.jsonl", b.tmp / "many.jsonl")  # 400 records: a long write
+    for out, argv in ((b.tmp / "out", ["preprocess", "-i", many, "-o", b.tmp / "out", "-t", b.toy["tokenizers"],
+                                       "--workers", "1", "--no-progress"]),
+                      (b.tmp / "tok", ["tokenizers", "build", "-i", inp, "-o", b.tmp / "tok"])):
+        # the run is killed (SIGKILL) as soon as its hidden folder appears: a crash mid-write
+        p = subprocess.Popen([sys.executable, "-m", "megannm", *map(str, argv)], env=env, cwd=b.tmp,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        litter = [temp_name(out, tag).name.replace(str(os.getpid()), str(p.pid)) for tag in ("tmp", "build")]
+        while p.poll() is None and not any((b.tmp / n).exists() for n in litter):
+            time.sleep(0.002)
+        p.kill()
+        p.wait()
+        left = [b.tmp / n for n in litter if (b.tmp / n).exists()]
+        if not left:
+            pytest.skip("the run finished before its hidden folder could be seen (a very fast machine)")
+        killed += left
+    sleeper = subprocess.Popen(["sleep", "300"])  # another run, still writing
+    live = b.tmp / temp_name(b.tmp / "out").name.replace(str(os.getpid()), str(sleeper.pid))
+    live.mkdir()
+    other_host = b.tmp / f".out.tmp-{killed[0].name.split('-')[-1].split('@')[0]}@another-node"
+    other_host.mkdir()
+    try:
+        assert preprocess(b, GOOD)[0] == 0
+        assert b.cli("tokenizers", "build", "-i", inp, "-o", b.tmp / "tok", "--overwrite")[0] == 0
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert not [p for p in killed if p.exists()], "a killed run's hidden folder was not reclaimed"
+    assert live.is_dir() and other_host.is_dir(), "a live run's (or another host's) folder was removed"
+    assert (b.tmp / "out" / "manifest.json").is_file() and (b.tmp / "tok" / "vocab.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # the table and the cases
 
 
@@ -1318,9 +1368,8 @@ def test_corrupt_or_truncated_shards_never_give_wrong_tokens(small_shards, tmp_p
     assert _read_all(work, docs) == len(docs)
 
 
-# no "base" yet: a base: that is not a file name is a traceback today (the pending row recipe-base-not-a-path)
-KEYS = ["model", "data", "optimizer", "schedule", "parallel", "phase", "checkpoint", "guard", "logging", "slurm",
-        "kind", "options", "hidden_size", "num_heads", "lr", "train", "path", "seq_len", "zero_stage", "x"]
+KEYS = ["base", "model", "data", "optimizer", "schedule", "parallel", "phase", "checkpoint", "guard", "logging",
+        "slurm", "kind", "options", "hidden_size", "num_heads", "lr", "train", "path", "seq_len", "zero_stage", "x"]
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-3, 2 ** 40), st.floats(allow_nan=True),
                     st.text(max_size=8), st.sampled_from(["12:00:00", "pretrain", "dpo", "auto", "~", "[", "{a: "]))
 YAMLISH = st.recursive(SCALARS, lambda inner: st.one_of(

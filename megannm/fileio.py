@@ -11,6 +11,7 @@ This module sits below everything else (it imports nothing from megannm).
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Iterator, Union
 
 __all__ = ["atomic_file", "atomic_write", "atomic_write_json", "atomic_output", "fsync_dir", "temp_name",
-           "reclaim_stale", "scratch_folder"]
+           "reclaim_stale", "scratch_folder", "WriteError", "write_error"]
 
 
 def fsync_dir(folder: Union[str, Path]) -> None:
@@ -77,6 +78,36 @@ def atomic_write(path: Union[str, Path], data: Union[str, bytes], fsync: bool = 
 def atomic_write_json(path: Union[str, Path], obj, fsync: bool = False, indent: int = 2, **dumps) -> Path:
     """``atomic_write`` of ``obj`` as indented JSON with a final newline."""
     return atomic_write(path, json.dumps(obj, indent=indent, **dumps) + "\n", fsync=fsync)
+
+
+class WriteError(OSError):
+    """An output that could not be written (a full disk, an I/O error, a folder this user may not write to): one
+    line naming the output, why and the free space there; nothing of it is left. ``exit_code``: 1 for the machine's
+    fault, 2 for a folder the user may not write to."""
+    exit_code = 1
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def write_error(dst: Union[str, Path], error: OSError, what: str = "output", removed: str = "") -> WriteError:
+    """The one line for ``error`` met while writing ``what`` into ``dst`` (whose temporary folder, ``removed``, is
+    already gone)."""
+    dst = Path(dst)
+    try:
+        free = f"{_human(shutil.disk_usage(dst.parent).free)} free there"
+    except OSError:
+        free = "free space unknown"
+    why = os.strerror(error.errno) if error.errno else str(error)
+    e = WriteError(f"{dst}: cannot write the {what}: {why} ({free}); nothing was written"
+                   f"{f' (removed {removed})' if removed else ''}")
+    e.exit_code = 2 if isinstance(error, PermissionError) or error.errno in (errno.EACCES, errno.EROFS) else 1
+    return e
 
 
 TEMP_TAGS = ("tmp", "old", "build")  # the temporary siblings of an output folder: being built, moved aside, staging

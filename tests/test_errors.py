@@ -655,6 +655,22 @@ def _(b):
     return (*result, ["--image-tokenizer", "vq", "stopped at step 2 of 300", "--resume"])
 
 
+@row("tokenizers-disk-full", 1)
+def _(b):
+    import subprocess
+    disk = b.tmp / "disk"
+    if not _mount_tmpfs(disk, "8k"):
+        pytest.skip("needs root and mount for a real full disk")
+    try:
+        shutil.copytree(b.toy["raw"] / "images", b.tmp / "images")
+        result = b.cli("tokenizers", "build", "-i", b.write("in.jsonl", GOOD + "\n"), "-o", disk / "tok")
+        assert not list(disk.iterdir()), "a failed build left files behind"
+        return (*result, [f"{disk / 'tok'}: cannot write the tokenizers folder", "No space left on device",
+                          "free there", "nothing was written"])
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
 @row("tokenizers-info-not-a-tokenizer", 2)
 def _(b):
     (b.tmp / "nothing").mkdir()

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from megannm.data.tokenize import RecordError, Tokenizers, load_image
-from megannm.fileio import atomic_write_json, scratch_folder
+from megannm.fileio import atomic_write_json, scratch_folder, write_error
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 DEFAULT_SIZES = {"patch_vq": 32, "learned": 32}  # native side when --image-size is not given
@@ -220,27 +220,32 @@ def build_tokenizers(inputs, out, *, text_tokenizer=None, text_vocab_size: int =
     if not texts:
         raise ValueError(f"{', '.join(str(p) for p in inputs)}: no text in the records (a text tokenizer needs some)")
     say(f"records: {len(texts)} text parts, {len(images)} distinct image files")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with scratch_folder(out) as staging:  # (a killed build's staging folder is reclaimed by the next build)
-        if text_tokenizer is not None:
-            text_dir = Path(text_tokenizer)
-            load_text_tokenizer(text_dir)  # one clear line now if it is not a tokenizer folder
-            text_source = str(text_dir)
-        else:
-            text_dir = train_text_tokenizer(texts, staging / "text", vocab_size=text_vocab_size)
-            text_source = f"byte-level BPE trained on the records (at most {text_vocab_size} ids)"
-        if image_tokenizer is not None:
-            image_path = Path(image_tokenizer)
-            tok = load_image_tokenizer(image_path)
-            sample = load_pictures(images, tok.image_size, tok.resize, limit=256, seed=seed)
-            fit, warnings = fit_diagnostic(tok, sample)
-        else:
-            tok, image_path, fit, warnings = make_image_tokenizer(
-                image_kind, images, staging, image_model=image_model, image_size=image_size, resize=resize,
-                codebook_size=codebook_size, patch=patch, train_options=train_options, max_images=max_images,
-                seed=seed, progress=progress, say=say)
-        bundle = Tokenizers.build(text_dir, image_path)
-        bundle.save(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with scratch_folder(out) as staging:  # (a killed build's staging folder is reclaimed by the next build)
+            if text_tokenizer is not None:
+                text_dir = Path(text_tokenizer)
+                load_text_tokenizer(text_dir)  # one clear line now if it is not a tokenizer folder
+                text_source = str(text_dir)
+            else:
+                text_dir = train_text_tokenizer(texts, staging / "text", vocab_size=text_vocab_size)
+                text_source = f"byte-level BPE trained on the records (at most {text_vocab_size} ids)"
+            if image_tokenizer is not None:
+                image_path = Path(image_tokenizer)
+                tok = load_image_tokenizer(image_path)
+                sample = load_pictures(images, tok.image_size, tok.resize, limit=256, seed=seed)
+                fit, warnings = fit_diagnostic(tok, sample)
+            else:
+                tok, image_path, fit, warnings = make_image_tokenizer(
+                    image_kind, images, staging, image_model=image_model, image_size=image_size, resize=resize,
+                    codebook_size=codebook_size, patch=patch, train_options=train_options, max_images=max_images,
+                    seed=seed, progress=progress, say=say)
+            bundle = Tokenizers.build(text_dir, image_path)
+            bundle.save(out)
+    except OSError as e:
+        if type(e) not in (OSError, PermissionError):  # (FileNotFoundError and the like: their own line)
+            raise
+        raise write_error(out, e, "tokenizers folder") from None
     v = bundle.vocab
     report = {"folder": str(out), "text": {"source": text_source, "ids": v.text_size},
               "image": tok.describe(), "fit": fit, "warnings": warnings,

@@ -22,7 +22,6 @@ and the document, never a silent short read.
 from __future__ import annotations
 
 import bisect
-import errno
 import hashlib
 import io
 import json
@@ -36,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
-from megannm.fileio import reclaim_stale, temp_name
+from megannm.fileio import WriteError, reclaim_stale, temp_name, write_error
 from megannm.vocab import Vocab, VocabMismatchError
 
 FORMAT = "megannm-shards"
@@ -95,20 +94,6 @@ def caption_lengths(tokens: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
 
 # ---------------------------------------------------------------------------------------------------------------------
 # writing
-
-
-class WriteError(OSError):
-    """A data set that could not be written (a full disk, an I/O error): one line naming the output folder; nothing
-    is left behind. Exit 1 (the machine's fault) or 2 (a folder this user may not write to): ``exit_code``."""
-    exit_code = 1
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 class ShardWriter:
@@ -215,19 +200,10 @@ class ShardWriter:
             where = self._wheres.get(doc, f"document {doc}")
             raise ValueError(f"{where}: token id {int(tokens[at])} outside the vocabulary [0, {self.vocab.size})")
 
-    def _failed(self, error: OSError) -> "WriteError":
+    def _failed(self, error: OSError) -> WriteError:
         """The temporary folder removed, and one line: the folder, why, the free space there."""
         self.abort()
-        try:
-            free = f"{_human(shutil.disk_usage(self.out_dir.parent).free)} free there"
-        except OSError:
-            free = "free space unknown"
-        why = os.strerror(error.errno) if error.errno else str(error)
-        e = WriteError(f"{self.out_dir}: cannot write the data set: {why} ({free}); nothing was written (removed "
-                       f"{self.tmp.name})")
-        # a full disk or an I/O error is the machine's fault (1); a folder this user may not write to, the input's (2)
-        e.exit_code = 2 if isinstance(error, PermissionError) or error.errno in (errno.EACCES, errno.EROFS) else 1
-        return e
+        return write_error(self.out_dir, error, "data set", removed=self.tmp.name)
 
     # public -------------------------------------------------------------------------------------------------------
     def add(self, tokens, mask=None, where: str = "") -> None:

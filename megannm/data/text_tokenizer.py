@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 from pathlib import Path
 from typing import Iterable
 
@@ -51,7 +53,13 @@ def train_text_tokenizer(texts: Iterable[str], out_dir, vocab_size: int = 512) -
 
     out_dir = Path(out_dir)
     with atomic_output(out_dir, overwrite=True) as tmp:
-        PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False).save_pretrained(tmp)
+        try:
+            PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False).save_pretrained(tmp)
+        except Exception as e:  # the Rust writer's I/O errors arrive as a bare Exception("... (os error 28)")
+            code = re.search(r"\(os error (\d+)\)", str(e))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(tmp)) from None
         _portable_class_name(tmp / "tokenizer_config.json")
         atomic_write_json(tmp / CHARACTERS_FILE, {"characters": "".join(sorted(seen))})
     return out_dir

@@ -406,6 +406,13 @@ def _(b):
             ["r.yaml", "data.vocab", "vocab.json", "not valid JSON"])
 
 
+@row("seq-len-shorter-than-an-image", 2)
+def _(b):
+    return no_run_folder(b, (*b.cli("train", b.recipe(), "data.seq_len=40"),
+                             ["r.yaml", "data.train[0].path", "manifest.json", "an image takes 66 tokens",
+                              "data.seq_len >= 65"]))
+
+
 @row("shard-flipped-byte", 2)
 def _(b):
     d = b.copy_shards()

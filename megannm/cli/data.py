@@ -186,6 +186,7 @@ def preprocess(argv: list[str] | None = None) -> int:
     from megannm.data.shards import ShardError, token_summary
     from megannm.data.sources import SOURCES, SourceOptions
     from megannm.data.tokenize import RecordError
+    from megannm.fileio import WriteError
     p = argparse.ArgumentParser(prog="megannm preprocess",
                                 description="Tokenise records (interleaved 'parts' or chat 'messages'; caption pairs "
                                             "from WebDataset, Energon, Parquet or Hugging Face data sets) into a "
@@ -218,12 +219,13 @@ def preprocess(argv: list[str] | None = None) -> int:
         m = run_preprocess(a.input, a.output, a.tokenizers, workers=a.workers, docs_per_shard=a.docs_per_shard,
                            progress=not a.no_progress and sys.stderr.isatty(), overwrite=a.overwrite,
                            source=a.source, options=options, skip_bad=a.skip_bad)
-    except (RecordError, ShardError, ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+    except (RecordError, ShardError, ValueError, FileNotFoundError, FileExistsError, KeyError, WriteError) as e:
+        # (also here, not only in megannm.cli.main: tools/preprocess_data.py calls this function directly)
         if os.environ.get("MEGANNM_TRACEBACK") == "1":
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"megannm preprocess: error: {msg}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)
     print(f"{a.output}: {m['num_docs']} documents, {m['num_tokens']} tokens, {len(m['shards'])} shard(s), "
           f"{sum(s['bytes'] for s in m['shards'])} bytes (vocabulary {m['vocab_fingerprint']})")
     print("\n".join(token_summary(m)))  # per-document sizes and the seq_len that fits them (shards.py)

@@ -221,6 +221,10 @@ def estimate_recipe(recipe: Recipe, world_size: int, device: str = "h100", vocab
         gpus = ", ".join(k for k in DEVICES if k != "cpu")
         raise ValueError(f"estimate: --gpu must be one of {gpus} (got {device!r})")
     dev = DEVICES[device]
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"estimate: --world-size must be a whole number of devices, at least 1 (got {world_size!r})")
+    if not 0 < mfu <= 1:
+        raise ValueError(f"estimate: --mfu must be in (0, 1] (got {mfu})")
     errs = check_recipe(recipe, world_size=world_size)
     if errs:
         key, msg = errs[0]

@@ -225,7 +225,7 @@ def evaluate_records(model, tok, splits: dict[str, Path], n: Optional[int] = Non
     ``captioned``). ``samples.png`` in ``out_dir`` shows, per split, up to ``n_shown`` pictures with their generated
     captions and, when the image tokenizer decodes, pictures generated from their captions. Every picture is fitted
     by the image tokenizer's resize policy, as ``megannm preprocess`` fits them."""
-    from megannm.data.tokenize import encode_records, load_image
+    from megannm.data.tokenize import check_answer_room, encode_records, load_image
     t0 = time.time()
     report = {"data": {s: str(p) for s, p in splits.items()}, "records": {}, "loss": {}, "image_to_text_loss": {},
               "text_to_image_loss": {}, "caption_exact_match": {}, "captioned": {}, "cfg_scale": cfg_scale}
@@ -246,6 +246,7 @@ def evaluate_records(model, tok, splits: dict[str, Path], n: Optional[int] = Non
         i2t, t2i = _direction_docs(tok, tok.image.encode(np.stack(images)), texts)
         report["image_to_text_loss"][split] = modality_losses(model, tok.vocab, i2t)["text_loss"]
         report["text_to_image_loss"][split] = modality_losses(model, tok.vocab, t2i)["image_loss"]
+        check_answer_room(tok.vocab.image_grid + 3, max_new_tokens, model.args.max_seq_len)
         rows = generate(model, tok.vocab, [caption_prompt(tok, im) for im in images], "text",
                         max_new_tokens=max_new_tokens, sampling=sampling)
         captions = [text_of(tok, r) for r in rows]

@@ -290,13 +290,18 @@ def generate_files(checkpoint, tokenizers, out, captions: Optional[list[str]] = 
         if not Path(f).is_file():
             raise FileNotFoundError(f"--image {f}: image not found")
     from megannm.checkpoint.opened import open_checkpoint
+    from megannm.data.tokenize import check_answer_room, check_captions
     with open_checkpoint(checkpoint, tokenizers) as ck:
         model, tok = ck.model, ck.tok
         tok.image.to(next(model.parameters()).device)  # a model-backed tokenizer encodes/decodes beside the model
         if captions:
             check_decodes(tok)
+            prompts = [image_prompt(tok, c) for c in captions]  # checked before the output folder is made
+            check_captions(tok, captions, prompts, model.args.max_seq_len)
         # fitted by the tokenizer's own resize policy, as preprocess fitted the training pictures
         imgs = [read_image(f, tok.image) for f in images]
+        if imgs:
+            check_answer_room(tok.vocab.image_grid + 3, max_new_tokens, model.args.max_seq_len)
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         prompts = [image_prompt(tok, c) for c in captions] + [caption_prompt(tok, im) for im in imgs]

@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import signal
+import time
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -289,6 +290,44 @@ def _(b):
     return (*b.cli("train", b.write("empty.yaml", "")), ["empty.yaml", "data.train", "data.vocab"])
 
 
+@row("check-overrides-after-world-size", 2)
+def _(b):  # overrides after --world-size count, as train takes them anywhere
+    return (*b.cli("check", b.recipe(), "--world-size", "2", "model.num_heads=5"),
+            ["r.yaml", "model.num_heads", "num_heads=5"])
+
+
+# plan (megannm estimate, alias plan)
+
+
+def usage_error(b, *argv) -> tuple[int, str]:
+    """(exit code, argparse's error line) of a command line refused by its parser (argparse prints its usage first)."""
+    err = io.StringIO()
+    with redirect_stderr(err), redirect_stdout(io.StringIO()):
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as e:  # argparse's own exit
+            code = e.code
+    lines = [x for x in err.getvalue().splitlines() if x.startswith("megannm")]
+    assert len(lines) == 1, err.getvalue()
+    return code, lines[0]
+
+
+@row("plan-world-size-zero", 2)
+def _(b):
+    return (*usage_error(b, "plan", b.recipe(), "--world-size", "0"), ["--world-size", "at least 1", "got 0"])
+
+
+@row("plan-mfu-out-of-range", 2)
+def _(b):
+    return (*usage_error(b, "estimate", b.recipe(), "--world-size", "8", "--mfu", "40"), ["--mfu", "(0, 1]", "40"])
+
+
+@row("plan-world-does-not-hold-the-layout", 2)
+def _(b):
+    return (*b.cli("estimate", b.recipe(), "parallel.tensor_parallel=2", "--world-size", "3"),
+            ["r.yaml", "parallel.world_size", "tensor_parallel=2"])
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # data (megannm train refuses it before building the model; megannm preprocess)
 
@@ -365,6 +404,13 @@ def _(b):
 def _(b):
     return (*b.cli("train", b.recipe(), f"data.vocab={b.write('vocab.json', 'garbage')}"),
             ["r.yaml", "data.vocab", "vocab.json", "not valid JSON"])
+
+
+@row("seq-len-shorter-than-an-image", 2)
+def _(b):
+    return no_run_folder(b, (*b.cli("train", b.recipe(), "data.seq_len=40"),
+                             ["r.yaml", "data.train[0].path", "manifest.json", "an image takes 66 tokens",
+                              "data.seq_len >= 65"]))
 
 
 @row("shard-flipped-byte", 2)
@@ -467,6 +513,176 @@ def _(b):
 @row("preprocess-no-records", 2)
 def _(b):
     return (*preprocess(b, ""), ["in.jsonl", "no records"])
+
+
+def _mount_tmpfs(where: Path, size: str) -> bool:
+    import subprocess
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        return False
+    where.mkdir()
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                          capture_output=True).returncode == 0
+
+
+@row("preprocess-disk-full", 1)
+def _(b):
+    import subprocess
+    disk = b.tmp / "disk"
+    if not _mount_tmpfs(disk, "8k"):  # two pages: the shards of 400 pictures do not fit
+        pytest.skip("needs root and mount for a real full disk")
+    try:
+        shutil.copytree(b.toy["raw"] / "images", b.tmp / "images")
+        shutil.copy(b.toy["raw"] / "train.jsonl", b.tmp / "in.jsonl")
+        result = b.cli("preprocess", "-i", b.tmp / "in.jsonl", "-o", disk / "out", "-t", b.toy["tokenizers"],
+                       "--workers", "1", "--no-progress")
+        assert not list(disk.iterdir()), "a failed preprocess left files behind"
+        return (*result, [f"{disk / 'out'}: cannot write the data set", "No space left on device", "free there",
+                          "nothing was written"])
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+@row("tokenizers-downsample-zero", 2)
+def _(b):
+    return (*usage_error(b, "tokenizers", "build", "-i", b.tmp / "in.jsonl", "-o", b.tmp / "tok", "--image-kind",
+                         "learned", "--downsample", "0"), ["--downsample", "power of two", "got 0"])
+
+
+# chat records (messages; SFT)
+
+
+@row("chat-whitespace-assistant-turn", 2)
+def _(b):
+    return (*preprocess(b, '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]}'),
+            ["in.jsonl:1", "messages[1]", "empty assistant turn", "only whitespace"])
+
+
+@row("chat-unknown-role", 2)
+def _(b):
+    return (*preprocess(b, '{"messages": [{"role": "bot", "content": "hi"}]}'),
+            ["in.jsonl:1", "messages[0]", "unknown role 'bot'", "assistant"])
+
+
+@row("chat-messages-not-a-list", 2)
+def _(b):
+    return (*preprocess(b, '{"messages": "hi"}'), ["in.jsonl:1", "'messages' must be a non-empty list"])
+
+
+@row("chat-unknown-content-part", 2)
+def _(b):
+    return (*preprocess(b, '{"messages": [{"role": "user", "content": [{"type": "audio"}]}]}'),
+            ["in.jsonl:1", "messages[0].content[0]", "unknown part type 'audio'"])
+
+
+# other sources (WebDataset, Energon, Parquet, Hugging Face data sets)
+
+
+@row("source-folder-of-no-known-kind", 2)
+def _(b):
+    (b.tmp / "mixed").mkdir()
+    b.write("mixed/notes.txt", "x")
+    return (*b.cli("preprocess", "-i", b.tmp / "mixed", "-o", b.tmp / "out", "-t", b.toy["tokenizers"],
+                   "--workers", "1", "--no-progress"), ["mixed", ".tar", ".parquet", "Energon", "dataset_info.json"])
+
+
+@row("source-unknown-file-type", 2)
+def _(b):
+    return (*b.cli("preprocess", "-i", b.write("in.csv", "a,b\n"), "-o", b.tmp / "out", "-t", b.toy["tokenizers"],
+                   "--workers", "1", "--no-progress"), ["in.csv", "unknown input type", "--source"])
+
+
+@row("source-inputs-of-several-kinds", 2)
+def _(b):
+    return (*b.cli("preprocess", "-i", b.write("a.jsonl", GOOD + "\n"), b.write("b.tar", b""), "-o", b.tmp / "out",
+                   "-t", b.toy["tokenizers"], "--workers", "1", "--no-progress"),
+            ["several kinds", "jsonl", "webdataset"])
+
+
+@row("energon-not-a-data-set", 2)
+def _(b):
+    (b.tmp / "shards" / ".nv-meta").mkdir(parents=True)
+    return (*b.cli("preprocess", "-i", b.tmp / "shards", "--source", "energon", "-o", b.tmp / "out", "-t",
+                   b.toy["tokenizers"], "--workers", "1", "--no-progress"),
+            ["shards", "not an Energon data set", ".nv-meta/dataset.yaml", "energon prepare"])
+
+
+@row("parquet-column-missing", 2)
+def _(b):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"caption": ["a red circle"]}), b.tmp / "part.parquet")
+    return (*b.cli("preprocess", "-i", b.tmp / "part.parquet", "-o", b.tmp / "out", "-t", b.toy["tokenizers"],
+                   "--workers", "1", "--no-progress"), ["part.parquet", "text", "--text-column"])
+
+
+# tokenizers (megannm tokenizers build / train-image / info)
+
+
+@row("tokenizers-unknown-subcommand", 2)
+def _(b):
+    err = io.StringIO()
+    with redirect_stderr(err):
+        code = main(["tokenizers", "bild"])
+    return code, err.getvalue().strip().splitlines()[-1], ["tokenizers", "unknown subcommand 'bild'", "build"]
+
+
+@row("tokenizers-output-exists", 2)
+def _(b):
+    (b.tmp / "tok").mkdir()
+    return (*b.cli("tokenizers", "build", "-i", b.write("in.jsonl", GOOD + "\n"), "-o", b.tmp / "tok"),
+            ["tok", "already exists", "--overwrite"])
+
+
+@row("tokenizers-records-without-text", 2)
+def _(b):
+    shutil.copytree(b.toy["raw"] / "images", b.tmp / "images")
+    return (*b.cli("tokenizers", "build", "-i", b.write("in.jsonl", '{"parts": [{"image": "images/000000.png"}]}\n'),
+                   "-o", b.tmp / "tok"), ["in.jsonl", "no text in the records"])
+
+
+@row("tokenizers-pretrained-kind-without-model", 2)
+def _(b):
+    shutil.copytree(b.toy["raw"] / "images", b.tmp / "images")
+    return (*b.cli("tokenizers", "build", "-i", b.write("in.jsonl", GOOD + "\n"), "-o", b.tmp / "tok",
+                   "--image-kind", "janus"), ["--image-kind janus", "--image-model"])
+
+
+@row("tokenizers-image-training-unfinished", 2)
+def _(b):
+    from megannm.data.build_tokenizers import load_pictures
+    from megannm.data.image_tokenizer.learned import config_from, train_image_tokenizer
+    files = [(f, f.name) for f in sorted((b.toy["raw"] / "images").glob("*.png"))[:4]]
+    cfg = config_from({"steps": 300, "batch_size": 1, "codebook_size": 16, "holdout": 0, "save_every": 100,
+                       "image_size": 16})
+    r = train_image_tokenizer(load_pictures(files, (16, 16), "crop"), b.tmp / "vq", cfg, stop_at=1, say=lambda *a: 0)
+    assert r["stopped"] and r["steps"] == 1  # killed, or interrupted and never resumed
+    shutil.copytree(b.toy["raw"] / "images", b.tmp / "images")
+    result = b.cli("tokenizers", "build", "-i", b.write("in.jsonl", GOOD + "\n"), "-o", b.tmp / "tok",
+                   "--image-tokenizer", b.tmp / "vq")
+    assert not (b.tmp / "tok").exists()
+    return (*result, ["--image-tokenizer", "vq", "stopped at step 1 of 300", "--resume"])
+
+
+@row("tokenizers-disk-full", 1)
+def _(b):
+    import subprocess
+    disk = b.tmp / "disk"
+    if not _mount_tmpfs(disk, "8k"):
+        pytest.skip("needs root and mount for a real full disk")
+    try:
+        shutil.copytree(b.toy["raw"] / "images", b.tmp / "images")
+        result = b.cli("tokenizers", "build", "-i", b.write("in.jsonl", GOOD + "\n"), "-o", disk / "tok")
+        assert not list(disk.iterdir()), "a failed build left files behind"
+        return (*result, [f"{disk / 'tok'}: cannot write the tokenizers folder", "No space left on device",
+                          "free there", "nothing was written"])
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+@row("tokenizers-info-not-a-tokenizer", 2)
+def _(b):
+    (b.tmp / "nothing").mkdir()
+    return (*b.cli("tokenizers", "info", b.tmp / "nothing"), ["nothing"])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -667,9 +883,34 @@ def _(b):
 
 
 @row("world-does-not-hold-the-layout", 2)
+def _(b):  # rank 0 of a 3-rank torchrun world (its environment), a recipe of tensor_parallel=2
+    env = {"RANK": "0", "WORLD_SIZE": "3", "LOCAL_RANK": "0", "TORCHELASTIC_RUN_ID": "x"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        result = b.cli("train", b.recipe(), "parallel.tensor_parallel=2")
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    assert not (b.tmp / "run").exists()
+    return (*result, ["r.yaml", "parallel.world_size", "got 3", "tensor_parallel=2"])
+
+
+@row("torchrun-failure-summary", 1)
 def _(b):
-    from megannm.parallel import check_layout
-    return (*b.call(check_layout, 3, 2, 1), ["world size 3", "tensor 2", "pipeline 1"])
+    """Under torchrun, the rank's line is the root cause in torchrun's failure summary (through the agent's error
+    file), with the rank's own exit code; torchrun itself exits 1 for any failed rank."""
+    import subprocess
+    import sys
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(DOC.parents[1]),
+                                                                      os.environ.get("PYTHONPATH")]))}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port", "0",
+                        "-m", "megannm", "check", str(b.tmp / "nope.yaml")], capture_output=True, text=True,
+                       env=env, cwd=b.tmp, timeout=300)
+    summary = r.stderr[r.stderr.index("Root Cause"):]
+    assert re.search(r"exitcode\s+: 2 ", summary), summary  # the rank's exit code, as megannm gave it
+    line = re.search(r"traceback\s+: (.*)", summary).group(1)
+    return r.returncode, line, ["megannm check: error:", "nope.yaml", "recipe file not found"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -766,10 +1007,186 @@ def _(b):
     return (*b.cli("convert", ck, b.tmp / "out", "--to", "consolidated", "--tokenizers", tok), ["tok"])
 
 
+@row("convert-tp-does-not-divide-ffn", 2)
+def _(b):  # a model whose FFN width (65) no tensor-parallel size but 1 divides
+    recipe = b.recipe()
+    assert b.cli("train", recipe, "model.ffn_hidden_size=65", "schedule.train_steps=1", "checkpoint.save_interval=1",
+                 "schedule.warmup_steps=0")[0] == 0
+    return (*b.cli("convert", b.tmp / "run" / "checkpoints", b.tmp / "out", "--to", "deepspeed", "--tp", "2"),
+            ["--tp 2 does not divide the model's ffn=65"])
+
+
+@row("convert-missing-tensor", 2)
+def _(b):
+    from safetensors.torch import load_file, save_file
+    _, ck = b.trained()
+    assert b.cli("convert", ck, b.tmp / "c", "--to", "consolidated")[0] == 0
+    tensors = load_file(b.tmp / "c" / "model.safetensors")
+    del tensors["layers.1.ffn.down_proj.0.weight"]  # an edited export without one tensor
+    save_file(tensors, b.tmp / "c" / "model.safetensors")
+    return (*b.cli("convert", b.tmp / "c", b.tmp / "out", "--to", "hf"),
+            ["c", "missing parameter layers.1.ffn.down_proj.0.weight"])
+
+
 @row("generate-not-a-checkpoint", 2)
 def _(b):
     return (*b.cli("generate", b.tmp / "nope", "--tokenizers", b.toy["tokenizers"], "--caption", "a red circle"),
             ["nope", "not a megannm checkpoint"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# generate (megannm generate: options refused by the parser, inputs before anything is written)
+
+
+@row("generate-temperature-negative", 2)
+def _(b):
+    return (*usage_error(b, "generate", b.tmp / "ck", "--tokenizers", b.tmp / "tok", "--caption", "x",
+                         "--temperature", "-1"), ["--temperature", ">= 0", "-1"])
+
+
+@row("generate-top-p-above-1", 2)
+def _(b):
+    return (*usage_error(b, "generate", b.tmp / "ck", "--tokenizers", b.tmp / "tok", "--caption", "x", "--top-p", "2"),
+            ["--top-p", "(0, 1]", "got 2"])
+
+
+@row("generate-top-k-negative", 2)
+def _(b):
+    return (*usage_error(b, "generate", b.tmp / "ck", "--tokenizers", b.tmp / "tok", "--caption", "x", "--top-k", "-5"),
+            ["--top-k", "at least 0", "-5"])
+
+
+@row("generate-max-new-tokens-zero", 2)
+def _(b):
+    return (*usage_error(b, "generate", b.tmp / "ck", "--tokenizers", b.tmp / "tok", "--image", "a.png",
+                         "--max-new-tokens", "0"), ["--max-new-tokens", "at least 1", "got 0"])
+
+
+@row("generate-caption-and-image", 2)
+def _(b):
+    return (*usage_error(b, "generate", b.tmp / "ck", "--tokenizers", b.tmp / "tok", "--caption", "x", "--image",
+                         "a.png"), ["--image", "not allowed with argument --caption"])
+
+
+@row("generate-image-missing", 2)
+def _(b):
+    _, ck = b.trained()
+    return (*b.cli("generate", ck, "--tokenizers", b.toy["tokenizers"], "--image", b.tmp / "nope.png", "--out",
+                   b.tmp / "out"), ["--image", "nope.png", "not found"])
+
+
+@row("generate-caption-too-long", 2)
+def _(b):
+    _, ck = b.trained()
+    result = b.cli("generate", ck, "--tokenizers", b.toy["tokenizers"], "--caption", "x" * 10_000, "--out",
+                   b.tmp / "out")
+    assert not (b.tmp / "out").exists(), "a refused generate left its output folder"
+    return (*result, ["--caption 1", "10000 characters", "context of 96 tokens", "max_seq_len", "at most"])
+
+
+@row("generate-answer-longer-than-the-context", 2)
+def _(b):
+    _, ck = b.trained()
+    picture = b.toy["raw"] / "images" / "000000.png"
+    return (*b.cli("generate", ck, "--tokenizers", b.toy["tokenizers"], "--image", picture, "--max-new-tokens", "500",
+                   "--out", b.tmp / "out"), ["--max-new-tokens 500", "context of 96 tokens", "at most 29"])
+
+
+@row("generate-caption-unseen-characters", 0)
+def _(b):  # sampled all the same, with a warning naming the characters
+    _, ck = b.trained()
+    return (*b.cli("generate", ck, "--tokenizers", b.toy["tokenizers"], "--caption", "a 紫 circle", "--out",
+                   b.tmp / "out"), ["warning", "--caption 1", "'紫' (U+7D2B)", "never saw"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# rewards and RL (megannm score / pairs; a GRPO rollout scores through the same Combined rewards)
+
+
+REWARDS = """\
+def boom(prompt, sample, truth):
+    return 1 / 0
+
+
+def nan(prompt, sample, truth):
+    return float("nan")
+
+
+def word(prompt, sample, truth):
+    return "good"
+"""
+
+
+def score(b, rewards: str) -> tuple[int, str]:
+    import sys
+    _, ck = b.trained()
+    b.write("my_rewards_mod.py", REWARDS)
+    sys.path.insert(0, str(b.tmp))
+    try:
+        return b.cli("score", ck, "--tokenizers", b.toy["tokenizers"], "--prompts", "toy_caption", "--n", "2",
+                     "--rewards", rewards, "--temperature", "0", "--max-new-tokens", "8")
+    finally:
+        sys.path.remove(str(b.tmp))
+        sys.modules.pop("my_rewards_mod", None)
+
+
+@row("reward-raises", 2)
+def _(b):
+    return (*score(b, "format,my_rewards_mod:boom"),
+            ["rewards: my_rewards_mod:boom raised ZeroDivisionError", "division by zero", "on sample 0"])
+
+
+@row("reward-not-a-number", 2)
+def _(b):
+    return (*score(b, "my_rewards_mod:nan"), ["my_rewards_mod:nan gave nan", "sample 0", "a finite number"])
+
+
+@row("reward-a-string", 2)
+def _(b):
+    return (*score(b, "my_rewards_mod:word"), ["my_rewards_mod:word gave 'good' (str)", "sample 0", "finite number"])
+
+
+@row("score-answer-longer-than-the-context", 2)
+def _(b):
+    _, ck = b.trained()
+    return (*b.cli("score", ck, "--tokenizers", b.toy["tokenizers"], "--prompts", "toy_caption", "--n", "2",
+                   "--rewards", "format", "--max-new-tokens", "32"),
+            ["--max-new-tokens 32", "context of 96 tokens", "max_seq_len"])
+
+
+def grpo(b, prompts: str, rewards: str) -> Path:
+    return b.recipe(phase=f"{{kind: grpo, options: {{prompts_per_step: 1, group_size: 4, prompts: {prompts}, "
+                          f"rewards: {rewards}}}}}")
+
+
+@row("reward-unknown", 2)
+def _(b):
+    return (*b.cli("check", grpo(b, "toy_caption", "[formt]")),
+            ["r.yaml", "phase.options.rewards", "unknown reward 'formt'", "format"])
+
+
+@row("reward-cannot-import", 2)
+def _(b):
+    return (*b.cli("check", grpo(b, "toy_caption", "[nomod:f]")),
+            ["r.yaml", "phase.options.rewards", "cannot import 'nomod:f'"])
+
+
+@row("reward-server-unreachable", 1)
+def _(b):
+    import socket
+    from megannm.rewards import Combined, Prompt, Sample
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/score#retries=0"
+    return (*b.call(Combined([url]).score_batch, [Prompt([1], "text", "q")], [Sample([1], "text", text="a")], [None]),
+            [f"reward server http://127.0.0.1:{port}/score", "1 try"])
+
+
+@row("rl-prompts-unknown", 2)
+def _(b):
+    return (*b.cli("check", grpo(b, "nope_prompts", "[format]")),
+            ["r.yaml", "phase.options.prompts", "nope_prompts"])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -868,6 +1285,55 @@ def _(b):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# litter: what killed runs left is reclaimed by the next run into the same folder, and only that
+
+
+def test_killed_runs_litter_is_reclaimed_by_the_next_run_and_live_runs_are_left_alone(bench):
+    """A SIGKILLed ``preprocess`` (its shard writer's folder) and ``tokenizers build`` (its staging folder) leave
+    hidden folders named for their process; the next run into the same output removes those whose process is dead
+    on this host, and keeps a live process's folder and one of another host."""
+    import subprocess
+    import sys
+    from megannm.fileio import temp_name
+    b = bench
+    shutil.copytree(b.toy["raw"] / "images", b.tmp / "images")
+    inp = b.write("in.jsonl", GOOD + "\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(DOC.parents[1]),
+                                                                      os.environ.get("PYTHONPATH")]))}
+    killed = []
+    many = shutil.copy(b.toy["raw"] / "train.jsonl", b.tmp / "many.jsonl")  # 400 records: a long write
+    for out, argv in ((b.tmp / "out", ["preprocess", "-i", many, "-o", b.tmp / "out", "-t", b.toy["tokenizers"],
+                                       "--workers", "1", "--no-progress"]),
+                      (b.tmp / "tok", ["tokenizers", "build", "-i", inp, "-o", b.tmp / "tok"])):
+        # the run is killed (SIGKILL) as soon as its hidden folder appears: a crash mid-write
+        p = subprocess.Popen([sys.executable, "-m", "megannm", *map(str, argv)], env=env, cwd=b.tmp,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        litter = [temp_name(out, tag).name.replace(str(os.getpid()), str(p.pid)) for tag in ("tmp", "build")]
+        while p.poll() is None and not any((b.tmp / n).exists() for n in litter):
+            time.sleep(0.002)
+        p.kill()
+        p.wait()
+        left = [b.tmp / n for n in litter if (b.tmp / n).exists()]
+        if not left:
+            pytest.skip("the run finished before its hidden folder could be seen (a very fast machine)")
+        killed += left
+    sleeper = subprocess.Popen(["sleep", "300"])  # another run, still writing
+    live = b.tmp / temp_name(b.tmp / "out").name.replace(str(os.getpid()), str(sleeper.pid))
+    live.mkdir()
+    other_host = b.tmp / f".out.tmp-{killed[0].name.split('-')[-1].split('@')[0]}@another-node"
+    other_host.mkdir()
+    try:
+        assert preprocess(b, GOOD)[0] == 0
+        assert b.cli("tokenizers", "build", "-i", inp, "-o", b.tmp / "tok", "--overwrite")[0] == 0
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert not [p for p in killed if p.exists()], "a killed run's hidden folder was not reclaimed"
+    assert live.is_dir() and other_host.is_dir(), "a live run's (or another host's) folder was removed"
+    assert (b.tmp / "out" / "manifest.json").is_file() and (b.tmp / "tok" / "vocab.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # the table and the cases
 
 
@@ -962,9 +1428,8 @@ def test_corrupt_or_truncated_shards_never_give_wrong_tokens(small_shards, tmp_p
     assert _read_all(work, docs) == len(docs)
 
 
-# no "base" yet: a base: that is not a file name is a traceback today (the pending row recipe-base-not-a-path)
-KEYS = ["model", "data", "optimizer", "schedule", "parallel", "phase", "checkpoint", "guard", "logging", "slurm",
-        "kind", "options", "hidden_size", "num_heads", "lr", "train", "path", "seq_len", "zero_stage", "x"]
+KEYS = ["base", "model", "data", "optimizer", "schedule", "parallel", "phase", "checkpoint", "guard", "logging",
+        "slurm", "kind", "options", "hidden_size", "num_heads", "lr", "train", "path", "seq_len", "zero_stage", "x"]
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-3, 2 ** 40), st.floats(allow_nan=True),
                     st.text(max_size=8), st.sampled_from(["12:00:00", "pretrain", "dpo", "auto", "~", "[", "{a: "]))
 YAMLISH = st.recursive(SCALARS, lambda inner: st.one_of(

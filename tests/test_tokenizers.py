@@ -146,7 +146,9 @@ def test_text_tokenizer_loads_with_auto_tokenizer_offline(text_dir, monkeypatch)
 def test_text_tokenizer_is_deterministic_and_digest_is_the_file_hash(text_dir, tmp_path):
     folder, texts = text_dir
     again = train_text_tokenizer(texts, tmp_path / "again")
-    assert sorted(p.name for p in again.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+    assert sorted(p.name for p in again.iterdir()) == ["megannm_characters.json", "tokenizer.json",
+                                                       "tokenizer_config.json"]
+    assert (again / "megannm_characters.json").read_bytes() == (folder / "megannm_characters.json").read_bytes()
     assert text_digest(again) == text_digest(folder)
     assert text_digest(folder) == hashlib.sha256((folder / "tokenizer.json").read_bytes()).hexdigest()
     assert len(text_digest(folder)) == 64

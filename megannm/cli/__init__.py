@@ -109,12 +109,54 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         # a user mistake (USER_ERRORS: 2), or a fault that says what failed in one line and carries its own exit
         # code (a failed save: 1, a divergence: 3); anything else is a bug and keeps its traceback
-        code = getattr(e, "exit_code", 2 if isinstance(e, USER_ERRORS) else None)
+        code = getattr(e, "exit_code", 2 if isinstance(e, USER_ERRORS) else _os_fault(e))
         if not isinstance(code, int) or os.environ.get("MEGANNM_TRACEBACK") == "1":
+            record_for_launcher(None, e)  # a bug: its traceback is what the launcher's summary should show
             raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if type(e) in (OSError, PermissionError) and e.strerror:  # "[Errno 28] ...: 'path'" -> "path: ..."
+            msg = f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+        if isinstance(e, KeyError):
+            msg = msg.strip("'\"")
+        line = f"megannm {cmd}: error: {msg}"
         if not getattr(e, "silent", False):  # every rank of a run raises it; one prints
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            if isinstance(e, KeyError):
-                msg = msg.strip("'\"")
-            print(f"megannm {cmd}: error: {msg}", file=sys.stderr)
+            print(line, file=sys.stderr)
+        record_for_launcher(line, e, code, later=bool(getattr(e, "silent", False)))
         return code
+
+
+def _os_fault(e: BaseException):
+    """An OS error no command turned into its own line: a full disk or an I/O error is the machine's fault (1), a
+    path this user may not read or write the input's (2); anything else stays a bug (None)."""
+    import errno
+    if isinstance(e, PermissionError) or getattr(e, "errno", None) in (errno.EACCES, errno.EROFS):
+        return 2
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
+        return 1
+    return None
+
+
+def record_for_launcher(line: str | None, error: BaseException, code: int = 1, later: bool = False) -> None:
+    """Under torchrun (torch.distributed.elastic), write this rank's failure into the error file the agent names in
+    ``TORCHELASTIC_ERROR_FILE``, so that torchrun's failure summary reports megannm's one line (and the rank's exit
+    code) as the root cause instead of "To enable traceback see ...". The file is the agent's documented JSON
+    (``ProcessFailure`` reads ``message.message`` and ``message.extraInfo``); ``line`` None: an unexpected error,
+    recorded with its traceback by torch's own ``ErrorHandler``. The agent reports the failure of the earliest
+    timestamp (whole seconds) as the root cause: a rank whose error is silent (``later``: another rank says why)
+    records its line one second later, so that the rank that says why is the one reported."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    try:
+        if line is None:
+            from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+            ErrorHandler().record_exception(error)
+            return
+        import json
+        import time
+        when = int(time.time()) + (1 if later else 0)
+        data = {"message": {"message": line, "errorCode": code, "extraInfo": {"timestamp": str(when)}}}
+        with open(path, "w") as f:  # the agent reads it only after this process has exited
+            json.dump(data, f)
+    except OSError:  # the summary then says what it says without us; the line is on stderr anyway
+        pass

@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from megannm.cli.options import float_in, int_at_least, power_of_two
+
 TOKENIZERS_HELP = """Make the tokenizers folder for your own data:
 
     megannm tokenizers build --input train.jsonl --out tok/ [--image-kind patch_vq|learned|janus|emu3|chameleon]
@@ -37,19 +39,21 @@ folder or of an image tokenizer. megannm tokenizers SUBCOMMAND --help: its optio
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resize", choices=("crop", "pad"), default="crop",
                    help="fit pictures to the tokenizer's square: centre crop (default) or pad with grey")
-    p.add_argument("--image-size", type=int, default=None, help="native side in pixels (default: the kind's own; "
-                                                                 "32 for patch_vq and learned)")
-    p.add_argument("--codebook-size", type=int, default=None, help="image codes (default: patch_vq 1024, learned 512)")
-    p.add_argument("--max-images", type=int, default=None, help="pictures to train on at most (a seeded sample)")
+    p.add_argument("--image-size", type=int_at_least(1), default=None,
+                   help="native side in pixels (default: the kind's own; 32 for patch_vq and learned)")
+    p.add_argument("--codebook-size", type=int_at_least(2), default=None,
+                   help="image codes (default: patch_vq 1024, learned 512)")
+    p.add_argument("--max-images", type=int_at_least(1), default=None,
+                   help="pictures to train on at most (a seeded sample)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None, help="learned: training steps (default 2000)")
-    p.add_argument("--batch-size", type=int, default=None, help="learned: pictures per step (default 8)")
-    p.add_argument("--downsample", type=int, default=None, help="learned: pixels per token side (default 4)")
+    p.add_argument("--steps", type=int_at_least(1), default=None, help="learned: training steps (default 2000)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=None, help="learned: pictures per step (default 8)")
+    p.add_argument("--downsample", type=power_of_two, default=None, help="learned: pixels per token side (default 4)")
     p.add_argument("--codebook", choices=("ema", "st"), default=None,
                    help="learned: codewords by moving average (ema, default) or by gradient (st)")
     p.add_argument("--base-channels", type=int, default=None, help="learned: width of the network (default 32)")
-    p.add_argument("--lr", type=float, default=None, help="learned: learning rate (default 3e-3)")
-    p.add_argument("--holdout", type=float, default=None,
+    p.add_argument("--lr", type=float_in(0, low_open=True), default=None, help="learned: learning rate (default 3e-3)")
+    p.add_argument("--holdout", type=float_in(0, 0.99), default=None,
                    help="learned: share of the pictures kept out of training to measure it (default 0.05)")
     p.add_argument("--device", default="auto", help="learned: auto (a GPU if there is one), cpu or cuda[:N]")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -80,7 +84,8 @@ def _build(argv: list[str]) -> int:
     t = p.add_mutually_exclusive_group()
     t.add_argument("--text-tokenizer", type=Path, default=None,
                    help="a Hugging Face tokenizer folder (with tokenizer.json) to use as it is, e.g. Llama's")
-    t.add_argument("--text-vocab-size", type=int, default=4096, help="train a byte-level BPE of at most this size")
+    t.add_argument("--text-vocab-size", type=int_at_least(257), default=4096,
+                   help="train a byte-level BPE of at most this size")
     i = p.add_mutually_exclusive_group()
     i.add_argument("--image-tokenizer", type=Path, default=None,
                    help="an image tokenizer saved before (any kind: train-image's output, a patch_vq .npz, ...)")
@@ -89,7 +94,7 @@ def _build(argv: list[str]) -> int:
                         "pixels: continuous images (pixel patches as latents, flow matching)")
     p.add_argument("--image-model", type=Path, default=None,
                    help="janus / emu3 / chameleon: a local transformers folder (the VQ model or a whole model)")
-    p.add_argument("--patch", type=int, default=4, help="patch_vq: pixels per patch side")
+    p.add_argument("--patch", type=int_at_least(1), default=4, help="patch_vq: pixels per patch side")
     _common(p)
     a = p.parse_args(argv)
     from megannm.data.build_tokenizers import build_tokenizers
@@ -112,7 +117,7 @@ def _train_image(argv: list[str]) -> int:
                    help="JSONL records, folders of pictures (searched recursively) or picture files")
     p.add_argument("--out", "-o", required=True, type=Path, help="image tokenizer folder (saved as it trains)")
     p.add_argument("--resume", action="store_true", help="continue the training saved in --out")
-    p.add_argument("--save-every", type=int, default=None, help="steps between saves (default 250)")
+    p.add_argument("--save-every", type=int_at_least(1), default=None, help="steps between saves (default 250)")
     _common(p)
     a = p.parse_args(argv)
     from megannm.data.build_tokenizers import image_files, load_pictures
@@ -182,6 +187,7 @@ def preprocess(argv: list[str] | None = None) -> int:
     from megannm.data.shards import ShardError, token_summary
     from megannm.data.sources import SOURCES, SourceOptions
     from megannm.data.tokenize import RecordError
+    from megannm.fileio import WriteError
     p = argparse.ArgumentParser(prog="megannm preprocess",
                                 description="Tokenise records (interleaved 'parts' or chat 'messages'; caption pairs "
                                             "from WebDataset, Energon, Parquet or Hugging Face data sets) into a "
@@ -196,15 +202,15 @@ def preprocess(argv: list[str] | None = None) -> int:
     p.add_argument("--image-first", action="store_true",
                    help="caption pairs as image then text (understanding) instead of text then image")
     p.add_argument("--split", default="train", help="Energon / HF DatasetDict: the split to read (default train)")
-    p.add_argument("--skip-bad", type=int, default=0, metavar="N",
+    p.add_argument("--skip-bad", type=int_at_least(0), default=0, metavar="N",
                    help="skip up to N bad samples (each reported on one line, counted in the manifest); the next "
                         "one aborts (default 0: the first aborts)")
     p.add_argument("--output", "-o", required=True, type=Path, help="shard folder to create")
     p.add_argument("--tokenizers", "-t", required=True, type=Path,
                    help="tokenizer bundle folder (text/, image_tokenizer.*, vocab.json)")
-    p.add_argument("--workers", "-w", type=int, default=max(1, (os.cpu_count() or 1) - 1),
+    p.add_argument("--workers", "-w", type=int_at_least(1), default=max(1, (os.cpu_count() or 1) - 1),
                    help="tokenising processes (default: CPUs - 1); the output does not depend on it")
-    p.add_argument("--docs-per-shard", type=int, default=100_000, help="documents per shard file")
+    p.add_argument("--docs-per-shard", type=int_at_least(1), default=100_000, help="documents per shard file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
@@ -214,12 +220,13 @@ def preprocess(argv: list[str] | None = None) -> int:
         m = run_preprocess(a.input, a.output, a.tokenizers, workers=a.workers, docs_per_shard=a.docs_per_shard,
                            progress=not a.no_progress and sys.stderr.isatty(), overwrite=a.overwrite,
                            source=a.source, options=options, skip_bad=a.skip_bad)
-    except (RecordError, ShardError, ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+    except (RecordError, ShardError, ValueError, FileNotFoundError, FileExistsError, KeyError, WriteError) as e:
+        # (also here, not only in megannm.cli.main: tools/preprocess_data.py calls this function directly)
         if os.environ.get("MEGANNM_TRACEBACK") == "1":
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"megannm preprocess: error: {msg}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)
     print(f"{a.output}: {m['num_docs']} documents, {m['num_tokens']} tokens, {len(m['shards'])} shard(s), "
           f"{sum(s['bytes'] for s in m['shards'])} bytes (vocabulary {m['vocab_fingerprint']})")
     print("\n".join(token_summary(m)))  # per-document sizes and the seq_len that fits them (shards.py)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional
 
+from megannm.cli.options import float_in, int_at_least
 from megannm.generate import DEFAULT_CFG_SCALE
 
 
@@ -19,13 +20,13 @@ def generate(argv: list[str]) -> int:
                                                    'a line (with --caption/--image: all of them, one results file)')
     p.add_argument("--batch-size", type=int, default=64, help="rows decoding together (KV cache slots)")
     p.add_argument("--out", default="generated", help="folder for PNGs and results.json")
-    p.add_argument("--cfg-scale", type=float, default=DEFAULT_CFG_SCALE,
+    p.add_argument("--cfg-scale", type=float_in(0), default=DEFAULT_CFG_SCALE,
                    help=f"classifier-free guidance scale (1 = off; default {DEFAULT_CFG_SCALE:g})")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--temperature", type=float_in(0, note=" (0 = greedy)"), default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int_at_least(0, " (0 = off)"), default=0, help="0 = off")
+    p.add_argument("--top-p", type=float_in(0, 1, low_open=True, note=" (1 = off)"), default=1.0, help="1 = off")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=32)
     p.add_argument("--verbose", action="store_true", help="keep library warnings")
     a = p.parse_args(argv)
     from megannm.generate import SamplingConfig, generate_files, read_prompts
@@ -52,14 +53,14 @@ def _evaluate_parser(bench, names: str) -> argparse.ArgumentParser:
     p.add_argument("--data", action="append", default=[], metavar="[NAME=]RECORDS.jsonl",
                    help="your own records, one split per file (repeatable)")
     p.add_argument("--out", default="eval", help="folder for report.json (and samples.png)")
-    p.add_argument("--n", type=int, default=None, help="examples (per split); default: the benchmark's own, or "
-                                                       "every record")
+    p.add_argument("--n", type=int_at_least(1), default=None,
+                   help="examples (per split); default: the benchmark's own, or every record")
     p.add_argument("--seed", type=int, default=None, help="sampling seed; default: the benchmark's own, or 0")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--cfg-scale", type=float, default=DEFAULT_CFG_SCALE,
+    p.add_argument("--temperature", type=float_in(0, note=" (0 = greedy)"), default=0.0, help="0 = greedy")
+    p.add_argument("--cfg-scale", type=float_in(0), default=DEFAULT_CFG_SCALE,
                    help=f"classifier-free guidance for images (1 = off; default {DEFAULT_CFG_SCALE:g}, as generate)")
     p.add_argument("--verbose", action="store_true", help="keep library warnings")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="longest generated caption (--data)")
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=32, help="longest generated caption (--data)")
     if bench is not None and bench.add_arguments is not None:
         bench.add_arguments(p)
     return p

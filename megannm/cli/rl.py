@@ -6,6 +6,8 @@ import json
 import time
 from pathlib import Path
 
+from megannm.cli.options import float_in, int_at_least
+
 
 def pairs(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="megannm pairs", description="Preference pairs for DPO: two sampled answers "
@@ -16,11 +18,11 @@ def pairs(argv: list[str]) -> int:
     p.add_argument("--prompts", required=True, help="a JSONL prompt file, a registered prompt source (e.g. the "
                                                      "toy world's toy_image) or package.module:function")
     p.add_argument("--split", default="seen", choices=("seen", "heldout", "all"))
-    p.add_argument("--n", type=int, default=1000, help="prompts (pairs before dropping ties)")
+    p.add_argument("--n", type=int_at_least(1), default=1000, help="prompts (pairs before dropping ties)")
     p.add_argument("--rewards", required=True, help="comma-separated reward names (name=weight allowed)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--cfg-scale", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float_in(0, note=" (0 = greedy)"), default=1.0)
+    p.add_argument("--cfg-scale", type=float_in(0), default=1.0)
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=32)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     from megannm.phases.rl.pairs import PAIRS, make_pairs
@@ -49,13 +51,13 @@ def score(argv: list[str]) -> int:
     p.add_argument("--prompts", required=True, help="a registered prompt generator (e.g. toy_image), "
                                                     "package.module:function, or a JSONL prompt file")
     p.add_argument("--split", default="heldout", choices=("seen", "heldout", "all"))
-    p.add_argument("--n", type=int, default=200, help="prompts")
-    p.add_argument("--samples", type=int, default=1, help="answers per prompt")
+    p.add_argument("--n", type=int_at_least(1), default=200, help="prompts")
+    p.add_argument("--samples", type=int_at_least(1), default=1, help="answers per prompt")
     p.add_argument("--rewards", required=True, help="comma-separated names (name=weight allowed; weight 0: "
                                                     "reported, not counted; name_* for a family)")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--cfg-scale", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float_in(0, note=" (0 = greedy)"), default=1.0, help="0 = greedy")
+    p.add_argument("--cfg-scale", type=float_in(0), default=1.0)
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the result here")
     a = p.parse_args(argv)

@@ -5,6 +5,8 @@ import argparse
 import json
 import os
 
+from megannm.cli.options import float_in, int_at_least
+
 
 def train(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="megannm train", description="Train one recipe stage: in this process alone, or "
@@ -35,8 +37,9 @@ def check(argv: list[str]) -> int:
                                                                   "starting anything.")
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*")
-    p.add_argument("--world-size", type=int, default=None)
-    a = p.parse_args(argv)
+    p.add_argument("--world-size", type=int_at_least(1), default=None,
+                   help="devices (ranks) the recipe will run on (default: parallel.world_size)")
+    a = p.parse_intermixed_args(argv)  # overrides before or after --world-size, as train takes them
     from megannm.config import load_recipe
     r = load_recipe(a.recipe, a.overrides, world_size=a.world_size)
     from megannm.phases import check_phase
@@ -53,13 +56,12 @@ def estimate(argv: list[str]) -> int:
                                  "of a recipe at a world size, before asking for the GPUs (also: megannm plan).")
     ap.add_argument("recipe")
     ap.add_argument("overrides", nargs="*", help="key.path=value overrides")
-    ap.add_argument("--world-size", type=int, required=True, help="devices (ranks) in all")
+    ap.add_argument("--world-size", type=int_at_least(1), required=True, help="devices (ranks) in all")
     ap.add_argument("--gpu", default="h100", choices=[k for k in DEVICES if k != "cpu"])
-    ap.add_argument("--mfu", type=float, default=0.4, help="model-FLOPs utilisation the step time assumes")
+    ap.add_argument("--mfu", type=float_in(0, 1, low_open=True), default=0.4,
+                    help="model-FLOPs utilisation the step time assumes, in (0, 1]")
     ap.add_argument("--json", action="store_true", help="print the estimate as one JSON object")
-    a = ap.parse_args(argv)
-    if not 0 < a.mfu <= 1:
-        raise ValueError(f"estimate: --mfu must be in (0, 1] (got {a.mfu})")
+    a = ap.parse_intermixed_args(argv)
     from megannm.config import load_recipe
     recipe = load_recipe(a.recipe, a.overrides)
     est = estimate_recipe(recipe, a.world_size, a.gpu, mfu=a.mfu, source=a.recipe)

@@ -12,14 +12,13 @@ for 2,048 codes gave a held-out image loss near ln 2048), and nothing else would
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from megannm.data.tokenize import RecordError, Tokenizers, load_image
-from megannm.fileio import atomic_write_json
+from megannm.fileio import atomic_write_json, scratch_folder, write_error
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 DEFAULT_SIZES = {"patch_vq": 32, "learned": 32, "pixels": 32}  # native side when --image-size is not given
@@ -185,6 +184,23 @@ def make_image_tokenizer(kind: str, images_from, out: Path, *, image_model=None,
     return tok, out / "image_tokenizer", fit, warnings
 
 
+def check_trained(path: Path) -> None:
+    """Refuse an image tokenizer whose training stopped early (killed, or interrupted and not resumed): its codes
+    would be those of an unfinished network, and every data set tokenised with it would carry them."""
+    from megannm.data.image_tokenizer.base import META_FILE
+    meta_file = path / META_FILE
+    if not meta_file.is_file():
+        return  # a file kind (patch_vq .npz) or a pretrained folder: no training of ours to finish
+    try:
+        training = json.loads(meta_file.read_text()).get("training") or {}
+        done, total = int(training.get("steps", 0)), int((training.get("config") or {}).get("steps", 0))
+    except (ValueError, TypeError, AttributeError):
+        return  # loading it says what is wrong with the file
+    if total and done < total:
+        raise ValueError(f"--image-tokenizer {path}: its training stopped at step {done} of {total} (finish it: "
+                         f"megannm tokenizers train-image --out {path} --input ... --resume)")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # the whole folder
 
@@ -202,33 +218,39 @@ def build_tokenizers(inputs, out, *, text_tokenizer=None, text_vocab_size: int =
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out}: already exists (pass --overwrite to replace it)")
     check_policy(resize, "--resize")
+    if image_tokenizer is not None:
+        check_trained(Path(image_tokenizer))
     t0 = time.time()
     texts, images = collect(inputs)
     if not texts:
         raise ValueError(f"{', '.join(str(p) for p in inputs)}: no text in the records (a text tokenizer needs some)")
     say(f"records: {len(texts)} text parts, {len(images)} distinct image files")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.build-") as staging:
-        staging = Path(staging)
-        if text_tokenizer is not None:
-            text_dir = Path(text_tokenizer)
-            load_text_tokenizer(text_dir)  # one clear line now if it is not a tokenizer folder
-            text_source = str(text_dir)
-        else:
-            text_dir = train_text_tokenizer(texts, staging / "text", vocab_size=text_vocab_size)
-            text_source = f"byte-level BPE trained on the records (at most {text_vocab_size} ids)"
-        if image_tokenizer is not None:
-            image_path = Path(image_tokenizer)
-            tok = load_image_tokenizer(image_path)
-            sample = load_pictures(images, tok.image_size, tok.resize, limit=256, seed=seed)
-            fit, warnings = fit_diagnostic(tok, sample)
-        else:
-            tok, image_path, fit, warnings = make_image_tokenizer(
-                image_kind, images, staging, image_model=image_model, image_size=image_size, resize=resize,
-                codebook_size=codebook_size, patch=patch, train_options=train_options, max_images=max_images,
-                seed=seed, progress=progress, say=say)
-        bundle = Tokenizers.build(text_dir, image_path)
-        bundle.save(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with scratch_folder(out) as staging:  # (a killed build's staging folder is reclaimed by the next build)
+            if text_tokenizer is not None:
+                text_dir = Path(text_tokenizer)
+                load_text_tokenizer(text_dir)  # one clear line now if it is not a tokenizer folder
+                text_source = str(text_dir)
+            else:
+                text_dir = train_text_tokenizer(texts, staging / "text", vocab_size=text_vocab_size)
+                text_source = f"byte-level BPE trained on the records (at most {text_vocab_size} ids)"
+            if image_tokenizer is not None:
+                image_path = Path(image_tokenizer)
+                tok = load_image_tokenizer(image_path)
+                sample = load_pictures(images, tok.image_size, tok.resize, limit=256, seed=seed)
+                fit, warnings = fit_diagnostic(tok, sample)
+            else:
+                tok, image_path, fit, warnings = make_image_tokenizer(
+                    image_kind, images, staging, image_model=image_model, image_size=image_size, resize=resize,
+                    codebook_size=codebook_size, patch=patch, train_options=train_options, max_images=max_images,
+                    seed=seed, progress=progress, say=say)
+            bundle = Tokenizers.build(text_dir, image_path)
+            bundle.save(out)
+    except OSError as e:
+        if type(e) not in (OSError, PermissionError):  # (FileNotFoundError and the like: their own line)
+            raise
+        raise write_error(out, e, "tokenizers folder") from None
     v = bundle.vocab
     report = {"folder": str(out), "text": {"source": text_source, "ids": v.text_size},
               "image": tok.describe(), "fit": fit, "warnings": warnings,

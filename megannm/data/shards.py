@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
+from megannm.fileio import WriteError, reclaim_stale, temp_name, write_error
 from megannm.vocab import Vocab, VocabMismatchError
 
 FORMAT = "megannm-shards"
@@ -115,9 +116,14 @@ class ShardWriter:
         self.docs_per_shard, self.frame_tokens = docs_per_shard, max(1, frame_bytes // self.dtype.itemsize)
         self.metadata = dict(metadata or {})
         self.overwrite = overwrite
-        self.tmp = self.out_dir.with_name(f".{self.out_dir.name}.tmp-{os.getpid()}")
+        self.tmp = temp_name(self.out_dir)
         shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
+        self._file = None
+        try:
+            reclaim_stale(self.out_dir)  # what killed runs into the same folder left
+            self.tmp.mkdir(parents=True)
+        except OSError as e:
+            raise self._failed(e) from None
         # content checksums inside each frame too (zstd's xxhash64 of the payload), on top of our crc32 of the bytes
         self._cctx = zstandard.ZstdCompressor(level=level, write_checksum=True)
         self._shards: list[dict] = []
@@ -197,10 +203,21 @@ class ShardWriter:
             where = self._wheres.get(doc, f"document {doc}")
             raise ValueError(f"{where}: token id {int(tokens[at])} outside the vocabulary [0, {self.vocab.size})")
 
+    def _failed(self, error: OSError) -> WriteError:
+        """The temporary folder removed, and one line: the folder, why, the free space there."""
+        self.abort()
+        return write_error(self.out_dir, error, "data set", removed=self.tmp.name)
+
     # public -------------------------------------------------------------------------------------------------------
     def add(self, tokens, mask=None, latents=None, where: str = "") -> None:
         """Append one document: token ids (any integer array), an optional per-token loss mask (0/1) and, with
         continuous images, the latents [slots, latent_channels] of its latent slots in order."""
+        try:
+            self._add(tokens, mask, latents, where)
+        except OSError as e:
+            raise self._failed(e) from None
+
+    def _add(self, tokens, mask=None, latents=None, where: str = "") -> None:
         tokens = np.asarray(tokens)
         if tokens.ndim != 1 or len(tokens) == 0 or tokens.dtype.kind not in "iu":
             raise ValueError(f"{where or f'document {self._num_docs}'}: a document is a non-empty 1-d array of "
@@ -245,6 +262,14 @@ class ShardWriter:
         """Finish the last shard, write index, manifest and vocab.json, and rename the folder into place."""
         if self._closed:
             raise RuntimeError("shards: writer already closed")
+        try:
+            return self._close()
+        except OSError as e:
+            if isinstance(e, FileExistsError):
+                raise
+            raise self._failed(e) from None
+
+    def _close(self) -> dict:
         self._close_shard()
         manifest = {
             "format": FORMAT, "version": VERSION,
@@ -268,7 +293,7 @@ class ShardWriter:
             if not self.overwrite:
                 self.abort()
                 raise FileExistsError(f"{self.out_dir}: appeared while writing (not overwritten)")
-            old = self.out_dir.with_name(f".{self.out_dir.name}.old-{os.getpid()}")
+            old = temp_name(self.out_dir, "old")
             self.out_dir.rename(old)
             self.tmp.rename(self.out_dir)
             shutil.rmtree(old)
@@ -280,7 +305,10 @@ class ShardWriter:
     def abort(self) -> None:
         self._closed = True
         try:
-            self._file.close()
+            if self._file is not None:
+                self._file.close()
+        except OSError:  # its buffer could not be flushed (a full disk): the folder goes anyway
+            pass
         finally:
             shutil.rmtree(self.tmp, ignore_errors=True)
 

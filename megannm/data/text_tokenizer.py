@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 from pathlib import Path
 from typing import Iterable
 
@@ -17,6 +19,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from megannm.fileio import atomic_output, atomic_write_json
 
 REQUIRED_FILE = "tokenizer.json"
+# the characters of the texts a BPE was trained on (megannm's own record beside the tokenizer's files): a byte-level
+# BPE encodes any string, so only this says which characters the tokenizer (and a model trained on its ids) has seen
+CHARACTERS_FILE = "megannm_characters.json"
 
 
 def train_text_tokenizer(texts: Iterable[str], out_dir, vocab_size: int = 512) -> Path:
@@ -37,13 +42,36 @@ def train_text_tokenizer(texts: Iterable[str], out_dir, vocab_size: int = 512) -
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
-    tok.train_from_iterator(texts, trainer=trainer)
+    seen: set[str] = set()
+
+    def noting(texts):
+        for t in texts:
+            seen.update(t)
+            yield t
+
+    tok.train_from_iterator(noting(texts), trainer=trainer)
 
     out_dir = Path(out_dir)
     with atomic_output(out_dir, overwrite=True) as tmp:
-        PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False).save_pretrained(tmp)
+        try:
+            PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False).save_pretrained(tmp)
+        except Exception as e:  # the Rust writer's I/O errors arrive as a bare Exception("... (os error 28)")
+            code = re.search(r"\(os error (\d+)\)", str(e))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(tmp)) from None
         _portable_class_name(tmp / "tokenizer_config.json")
+        atomic_write_json(tmp / CHARACTERS_FILE, {"characters": "".join(sorted(seen))})
     return out_dir
+
+
+def seen_characters(folder) -> frozenset | None:
+    """The characters a tokenizer folder's BPE was trained on, when megannm trained it (None: unknown)."""
+    path = Path(folder) / CHARACTERS_FILE
+    try:
+        return frozenset(json.loads(path.read_text())["characters"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _portable_class_name(config: Path) -> None:

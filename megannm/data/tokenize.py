@@ -18,11 +18,13 @@ Every error is one line ``file:line: what`` (the ``where`` the caller passes), r
 from __future__ import annotations
 
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from megannm.fileio import atomic_output
 from megannm.vocab import Vocab, VocabMismatchError
 
 ROLES = ("system", "user", "assistant")
@@ -43,6 +45,7 @@ class Tokenizers:
     vocab: Vocab
     text_dir: Path | None = None  # the text tokenizer's files (save copies them verbatim: the digest is of bytes)
     image_path: Path | None = None  # the saved image tokenizer (copied verbatim by save)
+    characters: frozenset | None = None  # what the text tokenizer was trained on, when recorded (text_tokenizer.py)
 
     @staticmethod
     def vocab_for(text, image, text_digest: str) -> Vocab:
@@ -53,26 +56,28 @@ class Tokenizers:
     def build(cls, text_dir, image_tokenizer_path) -> "Tokenizers":
         """The bundle for a trained text tokenizer folder and a saved image tokenizer (its Vocab is derived)."""
         from megannm.data.image_tokenizer import load_image_tokenizer
-        from megannm.data.text_tokenizer import load_text_tokenizer, text_digest
+        from megannm.data.text_tokenizer import load_text_tokenizer, seen_characters, text_digest
 
         text_dir, image_path = Path(text_dir), Path(image_tokenizer_path)
         text = load_text_tokenizer(text_dir)
         image = load_image_tokenizer(image_path)
-        return cls(text, image, cls.vocab_for(text, image, text_digest(text_dir)), text_dir, image_path)
+        return cls(text, image, cls.vocab_for(text, image, text_digest(text_dir)), text_dir, image_path,
+                   seen_characters(text_dir))
 
     def save(self, folder) -> Path:
         """Write ``folder/{text/, image_tokenizer.<ext>, vocab.json}`` via a temporary folder and a rename."""
         folder = Path(folder)
-        tmp = folder.with_name(f".{folder.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        with atomic_output(folder, overwrite=True) as tmp:
+            self._save_into(tmp, folder)
+        return folder
+
+    def _save_into(self, tmp: Path, folder: Path) -> None:
         if self.text_dir is not None:
             shutil.copytree(self.text_dir, tmp / "text")
         else:  # a tokenizer built in memory: what we write must be what the vocabulary's digest describes
             from megannm.data.text_tokenizer import text_digest
             self.text.save_pretrained(tmp / "text")
             if text_digest(tmp / "text") != self.vocab.text_digest:
-                shutil.rmtree(tmp, ignore_errors=True)
                 raise VocabMismatchError(f"{folder}: the text tokenizer does not match the vocabulary's text_digest; "
                                          f"build the bundle with Tokenizers.build from a saved tokenizer folder")
         if self.image_path is not None:
@@ -84,15 +89,13 @@ class Tokenizers:
         else:
             self.image.save(tmp / self.image.default_name)
         self.vocab.save(tmp / "vocab.json")
-        _replace_dir(tmp, folder)
-        return folder
 
     @classmethod
     def load(cls, folder, device=None) -> "Tokenizers":
         """Load a saved bundle and check that ``vocab.json`` still describes the tokenizers beside it.
         ``device``: where a model-backed image tokenizer runs (default: the CPU)."""
         from megannm.data.image_tokenizer import load_image_tokenizer
-        from megannm.data.text_tokenizer import load_text_tokenizer, text_digest
+        from megannm.data.text_tokenizer import load_text_tokenizer, seen_characters, text_digest
 
         folder = Path(folder)
         if not folder.is_dir():
@@ -113,12 +116,23 @@ class Tokenizers:
                 f"{folder / 'vocab.json'}: fingerprint {vocab.fingerprint} does not match the tokenizers beside it "
                 f"({actual.fingerprint}: text_size {actual.text_size}, image_codes {actual.image_codes}, "
                 f"image_grid {actual.image_grid}); rebuild the bundle")
-        return cls(text, image, vocab, folder / "text", image_path)
+        return cls(text, image, vocab, folder / "text", image_path, seen_characters(folder / "text"))
 
     # encoding helpers ---------------------------------------------------------------------------------------------
     def text_ids(self, text: str) -> list[int]:
         # No <bos>/<eos> from the text tokenizer: the document layout owns every special.
         return self.text.encode(text, add_special_tokens=False)
+
+    def unseen_characters(self, text: str) -> list[str]:
+        """The characters of ``text`` the text tokenizer never saw in training (a model trained on its ids has
+        never read them): by the record of a BPE megannm trained, else those a tokenizer with an unknown token maps
+        to it. In order of first appearance, each once."""
+        if self.characters is not None:
+            return list(dict.fromkeys(c for c in text if c not in self.characters))
+        unk = getattr(self.text, "unk_token_id", None)
+        if unk is None:
+            return []
+        return list(dict.fromkeys(c for c in dict.fromkeys(text) if unk in self.text_ids(c)))
 
     def image_size(self) -> tuple[int, int]:
         s = self.image.image_size
@@ -146,16 +160,6 @@ def _what_it_is(folder: Path) -> str:
         return (f"; it looks like a text tokenizer: make a bundle with `megannm tokenizers build --text-tokenizer "
                 f"{folder} ...`")
     return "; make one with `megannm tokenizers build`"
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Put ``tmp`` at ``final``; an existing ``final`` is moved aside first and removed only after the rename."""
-    old = final.with_name(f".{final.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -226,6 +230,15 @@ def _plan_parts(record: dict, tok: Tokenizers, base_dir: Path, where: str, image
     return doc
 
 
+def _has_substance(content) -> bool:
+    """Some non-whitespace text or an image: an answer worth training on (a turn of spaces would teach the model
+    to answer with nothing)."""
+    if isinstance(content, str):
+        return bool(content.strip())
+    return any(p.get("type") == "image" or (isinstance(p.get("text"), str) and p["text"].strip())
+               for p in content if isinstance(p, dict))
+
+
 def _plan_messages(record: dict, tok: Tokenizers, base_dir: Path, where: str, images: list) -> _Doc:
     doc = _Doc()
     messages = record["messages"]
@@ -255,8 +268,9 @@ def _plan_messages(record: dict, tok: Tokenizers, base_dir: Path, where: str, im
         elif content is not None:
             raise RecordError(f"{where}: messages[{m}]: content must be a string or a list of parts "
                               f"(got {type(content).__name__})")
-        if train and len(doc.chunks) == before:
-            raise RecordError(f"{where}: messages[{m}]: empty assistant turn (nothing to train on)")
+        if train and (len(doc.chunks) == before or not _has_substance(content)):
+            raise RecordError(f"{where}: messages[{m}]: empty assistant turn (nothing to train on"
+                              f"{': only whitespace' if len(doc.chunks) > before else ''})")
         doc.add([end], train)  # the assistant's <|end|> is trained: that is how the model learns to stop
     return doc
 
@@ -363,3 +377,36 @@ def _image_from_codes(codes: np.ndarray, tok: Tokenizers) -> dict:
     if len(codes) != tok.image.num_tokens or not tok.image.can_decode:  # incomplete, or an encode-only tokenizer
         return {"image": None, "codes": codes}
     return {"image": np.asarray(tok.image.decode(codes[None]))[0]}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# prompts for sampling (what megannm generate checks before it loads anything onto the output folder)
+
+
+def check_captions(tok: Tokenizers, captions: list[str], prompts: list[list[int]], context: int,
+                   warn=None) -> None:
+    """Every caption's prompt with its image's codes must fit the model's context (``max_seq_len``), else one line
+    naming the ``--caption``, its size and the room there is; a caption with characters the text tokenizer never
+    saw is sampled, with a warning naming them (``warn``: default, a line on stderr)."""
+    grid = int(tok.vocab.image_grid)
+    for k, (caption, prompt) in enumerate(zip(captions, prompts)):
+        if len(prompt) + grid > context:
+            room = context - grid - (len(prompt) - len(tok.text_ids(caption)))
+            raise ValueError(f"--caption {k + 1} ({len(caption)} characters): {len(prompt)} prompt tokens and the "
+                             f"image's {grid} codes exceed the model's context of {context} tokens (max_seq_len): "
+                             f"a caption here is at most {max(room, 0)} text tokens")
+    warn = warn or (lambda line: print(f"megannm generate: warning: {line}", file=sys.stderr))
+    for k, caption in enumerate(captions):
+        unseen = tok.unseen_characters(caption)
+        if unseen:
+            names = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in unseen[:10]) + (", ..." if len(unseen) > 10 else "")
+            warn(f"--caption {k + 1} {caption[:40]!r}: characters the text tokenizer never saw in training: {names}; "
+                 f"the model has not learned them")
+
+
+def check_answer_room(prompt_tokens: int, max_new_tokens: int, context: int) -> None:
+    """A caption of ``max_new_tokens`` after a picture's prompt must fit the model's context, else one line."""
+    if prompt_tokens + max_new_tokens > context:
+        raise ValueError(f"--max-new-tokens {max_new_tokens}: after the picture's {prompt_tokens} prompt tokens that "
+                         f"exceeds the model's context of {context} tokens (max_seq_len): at most "
+                         f"{max(context - prompt_tokens, 0)}")

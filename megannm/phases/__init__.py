@@ -64,6 +64,7 @@ def check_phase(recipe, source: str = "recipe"):
             except ValidationError as e:
                 line = format_validation_error(source, e, model)
                 raise RecipeError(line.replace(f"{source}: ", f"{source}: phase.options.", 1)) from None
+    cls.check(recipe, source)
     pp = recipe.parallel.pipeline_parallel
     if pp > 1 and not cls.pipeline:
         raise RecipeError(f"{source}: parallel.pipeline_parallel: phase {kind} cannot run with pipeline parallelism "

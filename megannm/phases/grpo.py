@@ -71,13 +71,23 @@ from megannm.train.stats import Stats
 class GRPOPhase(Phase):
     name = "grpo"
 
+    @classmethod
+    def check(cls, recipe, source: str = "recipe") -> None:
+        """The rewards resolve (registered, installed or importable) and the prompt source exists."""
+        cls._rewards(recipe.phase.options, source)
+        PromptSource(recipe.phase.options.prompts, key=f"{source}: phase.options.prompts")
+
+    @staticmethod
+    def _rewards(o, source: str) -> Combined:
+        try:
+            return Combined(o.rewards)
+        except ValueError as e:
+            raise ValueError(f"{source}: phase.options.rewards: {str(e).removeprefix('rewards: ')}") from None
+
     def __init__(self, recipe, layout, vocab):
         super().__init__(recipe, layout, vocab)
         self.opts = o = recipe.phase.options  # typed and cross-checked by the recipe schema
-        try:
-            self.rewards = Combined(o.rewards)
-        except ValueError as e:
-            raise ValueError(f"recipe: phase.options.rewards: {str(e).removeprefix('rewards: ')}") from None
+        self.rewards = self._rewards(o, "recipe")
         self.tok = self._tokenizers()
         self.source = PromptSource(o.prompts)
         self.reference = None

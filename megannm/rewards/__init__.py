@@ -145,6 +145,31 @@ def parse_weights(text: str) -> dict[str, float]:
     return out
 
 
+class RewardError(ValueError):
+    """A reward that failed or gave something other than a finite number: one line naming the reward, the sample
+    and the prompt (exit 2: the reward is the user's code or server)."""
+
+
+def _which(i: int, prompt: Prompt) -> str:
+    text = prompt.text if len(prompt.text) <= 60 else prompt.text[:57] + "..."
+    return f"on sample {i} (prompt {text!r}, a {prompt.kind} answer)" if text else \
+        f"on sample {i} (a {prompt.kind} answer)"
+
+
+def _number(name: str, value, i: int, prompt: Prompt) -> float:
+    """``value`` as a float, or one line: a reward is a finite real number (a bool counts as 0/1)."""
+    number = None
+    if not isinstance(value, (str, bytes)) and hasattr(value, "__float__"):  # numbers, numpy and 1-element tensors
+        try:
+            number = float(value)
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    if number is None or not np.isfinite(number):
+        raise RewardError(f"rewards: {name} gave {value!r} ({type(value).__name__}) {_which(i, prompt)}: a reward is "
+                          f"a finite number")
+    return number
+
+
 class Combined:
     """The weighted sum of several rewards; ``score`` also returns each one's value (for logging)."""
 
@@ -157,8 +182,8 @@ class Combined:
         return list(self.weights)
 
     def score(self, prompt: Prompt, sample: Sample, truth) -> tuple[float, dict[str, float]]:
-        parts = {name: float(fn(prompt, sample, truth)) for name, fn in self.fns.items()}
-        return sum(self.weights[n] * v for n, v in parts.items()), parts
+        totals, parts = self.score_batch([prompt], [sample], [truth])
+        return totals[0], {n: v[0] for n, v in parts.items()}
 
     def score_batch(self, prompts: list[Prompt], samples: list[Sample],
                     truths: list) -> tuple[list[float], dict[str, list[float]]]:
@@ -168,11 +193,18 @@ class Combined:
         parts: dict[str, list[float]] = {}
         for name, fn in self.fns.items():
             batch = getattr(fn, "score_batch", None)
-            values = (batch(prompts, samples, truths) if batch is not None
-                      else [fn(p, s, t) for p, s, t in zip(prompts, samples, truths)])
+            if batch is not None:
+                values = batch(prompts, samples, truths)  # (a reward server's errors name the server)
+            else:
+                values = []
+                for i, (p, s, t) in enumerate(zip(prompts, samples, truths)):
+                    try:
+                        values.append(fn(p, s, t))
+                    except Exception as e:  # noqa: BLE001 - the user's function: one line naming it and the sample
+                        raise RewardError(f"rewards: {name} raised {type(e).__name__}: {e} {_which(i, p)}") from e
             if len(values) != len(samples):
-                raise ValueError(f"rewards: {name} gave {len(values)} values for {len(samples)} samples")
-            parts[name] = [float(v) for v in values]
+                raise RewardError(f"rewards: {name} gave {len(values)} values for {len(samples)} samples")
+            parts[name] = [_number(name, v, i, p) for i, (v, p) in enumerate(zip(values, prompts))]
         totals = [sum(self.weights[n] * parts[n][i] for n in parts) for i in range(len(samples))]
         return totals, parts
 

@@ -46,6 +46,11 @@ class Phase:
     # True when the objective is ``lm_loss`` over (labels, loss_mask): what a pipeline's last stage computes
     pipeline: ClassVar[bool] = False
 
+    @classmethod
+    def check(cls, recipe, source: str = "recipe") -> None:
+        """Before any process starts (``megannm check`` and ``train``): what the phase can verify of its options
+        without the model or the data (names it resolves, files it reads), as one line naming ``source``."""
+
     def __init__(self, recipe, layout, vocab):
         self.recipe, self.layout, self.vocab = recipe, layout, vocab
 

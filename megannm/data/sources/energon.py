@@ -28,6 +28,7 @@ class EnergonSource(Source):
 
     def _dataset(self, path, errors: list):
         energon = require("megatron.energon", "megatron-energon")
+        check_prepared(path, self.options.split)
         from megatron.energon.flavors.webdataset.sample_decoder import SampleDecoder
         from megatron.energon.task_encoder.base import DefaultTaskEncoder
 
@@ -72,6 +73,24 @@ class EnergonSource(Source):
 
     def count(self) -> Optional[int]:
         return None
+
+
+def check_prepared(path, split: str) -> None:
+    """A folder ``energon prepare`` made, or one line naming the folder and what it lacks (energon's own "Invalid
+    dataset at ..." names neither). A metadataset (a .yaml file) is energon's to check."""
+    from pathlib import Path
+    path = Path(path)
+    if not path.is_dir():
+        return
+    meta = path / ".nv-meta"
+    missing = [] if meta.is_dir() else [".nv-meta/"]
+    if meta.is_dir():
+        if not ((meta / ".info.json").is_file() or (meta / ".info.yaml").is_file()):
+            missing.append(".nv-meta/.info.json (or .info.yaml)")
+        missing += [f".nv-meta/{f}" for f in ("dataset.yaml", "split.yaml") if not (meta / f).is_file()]
+    if missing:
+        raise SourceError(f"{path}: not an Energon data set (no {', '.join(missing)}; make one with `energon prepare "
+                          f"{path}`, or name the input's kind with --source)")
 
 
 def _image(x) -> np.ndarray:

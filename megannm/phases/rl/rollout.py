@@ -26,6 +26,7 @@ def sample_and_score(model, tok, items: list[PromptItem], combined: Combined, sa
     time (None: all of them; a cap bounds the cache's memory)."""
     from megannm.generate import generate
     v = tok.vocab
+    check_room(items, v.image_grid, max_new_tokens, model.args.max_seq_len)
     end = v.special("<|end|>")
     answers = generate(model, v, [it.prompt.ids for it in items], [it.prompt.kind for it in items],
                        max_new_tokens=max_new_tokens, sampling=sampling, cfg_scale=cfg_scale,
@@ -43,3 +44,18 @@ def sample_and_score(model, tok, items: list[PromptItem], combined: Combined, sa
     totals, parts = combined.score_batch([it.prompt for it in items], samples, [it.truth for it in items])
     return Scored(items, answers, torch.tensor(totals, dtype=torch.float64),
                   {n: torch.tensor(x, dtype=torch.float64) for n, x in parts.items()})
+
+
+def check_room(items: list[PromptItem], grid: int, max_new_tokens: int, context: int) -> None:
+    """Every prompt with its longest answer (an image's codes, or ``max_new_tokens`` of text) must fit the model's
+    context, else one line naming the option and the room there is (not the KV cache's size)."""
+    for kind, new in (("text", max_new_tokens), ("image", grid)):
+        longest = max((len(it.prompt.ids) for it in items if it.prompt.kind == kind), default=0)
+        if longest and longest + new > context:
+            if kind == "text":
+                what = f"--max-new-tokens {max_new_tokens} (phase.options.max_new_tokens in a recipe)"
+                fix = f"at most {max(context - longest, 0)}"
+            else:
+                what, fix = f"an image's {grid} codes", "shorten the prompts"
+            raise ValueError(f"{what}: after a prompt of {longest} tokens that exceeds the model's context of "
+                             f"{context} tokens (max_seq_len): {fix}")

@@ -1062,12 +1062,6 @@ def _(b):
                          "--max-new-tokens", "0"), ["--max-new-tokens", "at least 1", "got 0"])
 
 
-@row("generate-caption-and-image", 2)
-def _(b):
-    return (*usage_error(b, "generate", b.tmp / "ck", "--tokenizers", b.tmp / "tok", "--caption", "x", "--image",
-                         "a.png"), ["--image", "not allowed with argument --caption"])
-
-
 @row("generate-image-missing", 2)
 def _(b):
     _, ck = b.trained()

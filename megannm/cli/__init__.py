@@ -11,6 +11,9 @@ import importlib
 import os
 import sys
 
+from megannm.trust import FLAG as TRUST_FLAG
+from megannm.trust import trust_code
+
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError, FileExistsError, NotADirectoryError)
 
 HELP = """\
@@ -51,6 +54,9 @@ this machine:
 options:
   --verbose      show the libraries' own warnings and notices (DeepSpeed, megatron-core, transformers), hidden
                  otherwise
+  --trust-code   (with any command) load checkpoints and tokenizer folders even where that runs code they name:
+                 pickled objects beyond tensors, unregistered image tokenizer kinds; refused otherwise
+                 (docs/security.md)
 
 A mistake in the input exits with code 2 and one line naming the file, key or parameter at fault; a failed save exits
 1, a diverged run 3, a preempted one 124 (saved; requeue it) and an interrupted one (Ctrl-C) 130. docs/errors.md
@@ -99,8 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     from megannm.cli.quiet import quiet_library_warnings
     # before any library is imported: their import-time notices are what this hides (a command's own --verbose too)
     quiet_library_warnings(verbose or "--verbose" in rest[:rest.index("--") if "--" in rest else len(rest)])
+    end = rest.index("--") if "--" in rest else len(rest)  # --trust-code: with any command, before a "--"
+    trust, rest = TRUST_FLAG in rest[:end], [a for a in rest[:end] if a != TRUST_FLAG] + rest[end:]
     try:
-        return command(cmd)(rest) or 0
+        with trust_code(trust):
+            return command(cmd)(rest) or 0
     except KeyboardInterrupt:  # Ctrl-C outside a training step (inside one, the Trainer saves and exits 130)
         print(f"megannm {cmd}: interrupted", file=sys.stderr)
         return 130

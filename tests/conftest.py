@@ -52,6 +52,7 @@ MODULE_TIER = {
     "test_reward_server": "unit", "test_rl": "unit", "test_rollout": "unit", "test_sft": "unit",
     "test_shards": "unit", "test_slurm": "unit", "test_sources": "unit", "test_tiers": "unit",
     "test_tokenizers": "unit", "test_toy": "unit", "test_trainer": "unit",
+    "test_security": "unit",
 }
 # Fixtures that start several ranks or a cluster: a test that uses one (directly or through another fixture) takes
 # its tier. Keyed by module where the name is a module's own fixture; None: the session fixtures of

@@ -120,7 +120,7 @@ def test_trust_code_loads_them(case):
     assert case.marker.exists()  # the planted code ran: that is what the switch opens
     assert (case.tag.parent / "latest").read_text().strip() == "step00000003"  # resumed from step 2, one more
     case.marker.unlink()
-    assert cli("convert", case.tag, case.tmp / "c", "--to", "consolidated", "--trust-code")[0] == 0
+    assert cli("--trust-code", "convert", case.tag, case.tmp / "c", "--to", "consolidated")[0] == 0
     assert case.marker.exists() and (case.tmp / "c" / "model.safetensors").exists()
 
 

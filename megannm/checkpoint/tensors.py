@@ -215,7 +215,7 @@ class SafetensorsFolder:
 def deepspeed_types() -> list:
     """The non-tensor classes DeepSpeed 0.19 pickles into its model and optimizer files (ZeRO 0-3, BF16_Optimizer,
     fp16 loss scaling): the ZeRO stage enum, the loss scalers and the fragment addresses of ``param_slice_mappings``.
-    Their unpickling only builds them (an enum member; a scaler's or a named tuple's fields): no code of the file's
+    Their unpickling only builds them (an enum member; a scaler's or a dataclass's fields): no code of the file's
     choosing runs."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum

@@ -21,7 +21,7 @@ megannm: train native multimodal models, one transformer over interleaved text a
 Mixture-of-Transformers), with megatron-core tensor parallelism and DeepSpeed pipeline parallelism and ZeRO, from
 your own records to a Hugging Face checkpoint.
 
-usage: megannm [--verbose] COMMAND [options]      megannm COMMAND --help: that command's options
+usage: megannm [--verbose] [--trust-code] COMMAND [options]      megannm COMMAND --help: that command's options
 
 getting started:
   demo           build a small world of shapes and captions, train the toy recipe chain on the CPU and evaluate it
@@ -91,6 +91,8 @@ def command(name: str):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    end = argv.index("--") if "--" in argv else len(argv)  # --trust-code: before or after the command, not after --
+    trust, argv = TRUST_FLAG in argv[:end], [a for a in argv[:end] if a != TRUST_FLAG] + argv[end:]
     verbose = False
     while argv and argv[0] in ("--verbose", "-v"):
         verbose, argv = True, argv[1:]
@@ -105,8 +107,6 @@ def main(argv: list[str] | None = None) -> int:
     from megannm.cli.quiet import quiet_library_warnings
     # before any library is imported: their import-time notices are what this hides (a command's own --verbose too)
     quiet_library_warnings(verbose or "--verbose" in rest[:rest.index("--") if "--" in rest else len(rest)])
-    end = rest.index("--") if "--" in rest else len(rest)  # --trust-code: with any command, before a "--"
-    trust, rest = TRUST_FLAG in rest[:end], [a for a in rest[:end] if a != TRUST_FLAG] + rest[end:]
     try:
         with trust_code(trust):
             return command(cmd)(rest) or 0

@@ -122,6 +122,8 @@ def test_trust_code_loads_them(case):
     case.marker.unlink()
     assert cli("--trust-code", "convert", case.tag, case.tmp / "c", "--to", "consolidated")[0] == 0
     assert case.marker.exists() and (case.tmp / "c" / "model.safetensors").exists()
+    from megannm.trust import trusted
+    assert not trusted()  # for that command only: the next one in this process is refused again
 
 
 def test_a_saved_image_tokenizer_imports_only_registered_kinds(case, monkeypatch):

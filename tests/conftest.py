@@ -54,6 +54,7 @@ MODULE_TIER = {
     "test_tokenizers": "unit", "test_toy": "unit", "test_trainer": "unit",
     "test_elastic": "distributed", "test_runs": "distributed",
     "test_flow": "unit", "test_flow_train": "distributed",
+    "test_security": "unit",
 }
 # Fixtures that start several ranks or a cluster: a test that uses one (directly or through another fixture) takes
 # its tier. Keyed by module where the name is a module's own fixture; None: the session fixtures of

@@ -1325,6 +1325,57 @@ def test_killed_runs_litter_is_reclaimed_by_the_next_run_and_live_runs_are_left_
     assert not [p for p in killed if p.exists()], "a killed run's hidden folder was not reclaimed"
     assert live.is_dir() and other_host.is_dir(), "a live run's (or another host's) folder was removed"
     assert (b.tmp / "out" / "manifest.json").is_file() and (b.tmp / "tok" / "vocab.json").is_file()
+# --- safe loading (h-safe) ---
+# Files that would run code to be loaded (docs/security.md; tests/test_security.py plants one in every kind of file
+# and runs every command that reads it). The planted code would create MARKER.
+
+
+@row("checkpoint-holds-code", 2)
+def _(b):
+    from tests.planted import plant_pickle
+    recipe, ck = b.trained()
+    plant_pickle(ck / "step00000004" / "mp_rank_00_model_states.pt", b.tmp / "MARKER")
+    result = b.cli("train", recipe, "--resume")
+    assert not (b.tmp / "MARKER").exists()
+    return (*result, ["step00000004/mp_rank_00_model_states.pt", "pickled posix.system", "--trust-code"])
+
+
+@row("convert-checkpoint-holds-code", 2)
+def _(b):
+    from tests.planted import plant_pickle
+    _, ck = b.trained()
+    plant_pickle(ck / "step00000004" / "zero_pp_rank_0_mp_rank_00_optim_states.pt", b.tmp / "MARKER")
+    result = b.cli("convert", ck, b.tmp / "out", "--to", "consolidated", "--weights", "master")
+    assert not (b.tmp / "MARKER").exists()
+    return (*result, ["step00000004/zero_pp_rank_0_mp_rank_00_optim_states.pt", "pickled posix.system",
+                      "--trust-code"])
+
+
+@row("image-tokenizer-kind-not-registered", 2)
+def _(b):
+    import sys
+
+    from tests.planted import plant_kind
+    _, ck = b.trained()
+    tok = b.tmp / "tok"
+    shutil.copytree(b.toy["tokenizers"], tok)
+    kind = plant_kind(tok, b.tmp / "modules", b.tmp / "MARKER")
+    sys.path.insert(0, str(b.tmp / "modules"))
+    try:
+        result = b.cli("generate", ck, "--tokenizers", tok, "--caption", "a red circle", "--out", b.tmp / "g")
+    finally:
+        sys.path.remove(str(b.tmp / "modules"))
+    assert not (b.tmp / "MARKER").exists()
+    return (*result, ["tok/image_tokenizer.npz", f"kind '{kind}'", "megannm.image_tokenizers", "--trust-code"])
+
+
+@row("consolidated-truncated", 2)
+def _(b):
+    _, ck = b.trained()
+    assert b.cli("convert", ck, b.tmp / "c", "--to", "consolidated")[0] == 0
+    truncate(b.tmp / "c" / "model.safetensors")
+    return (*b.cli("convert", b.tmp / "c", b.tmp / "out", "--to", "hf", "--tokenizers", b.toy["tokenizers"]),
+            ["c/model.safetensors", "truncated", "its header describes"])
 
 
 # ---------------------------------------------------------------------------------------------------------------------

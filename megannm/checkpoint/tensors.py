@@ -6,7 +6,7 @@ exceed ``max_shard_size`` bytes. It is read with ``safetensors.safe_open`` (``ge
 only its bytes) and written one shard at a time with ``safetensors.torch.save_file``: a conversion holds at most one
 output shard in memory, never the model. Torch files are read with ``torch.load(mmap=True, weights_only=True)``: only
 the tensors used are read, and unpickling is limited to tensors, plain containers and the few DeepSpeed types its
-files hold (``DEEPSPEED_TYPES``).
+files hold (``deepspeed_types``); anything else is refused unless ``--trust-code`` was given (``megannm.trust``).
 
 A state being converted is a ``LazyState``: every tensor's shape and dtype known up front, each tensor read (joined,
 cast) only when it is asked for.
@@ -19,6 +19,7 @@ from typing import Callable, Mapping, Optional
 
 import torch
 
+from megannm import trust
 from megannm.checkpoint.folders import CheckpointError, CorruptCheckpoint
 from megannm.checkpoint.names import META
 from megannm.fileio import atomic_file, atomic_write_json
@@ -131,10 +132,41 @@ def weight_map(folder: str | Path) -> dict[str, str]:
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{folder / INDEX}: not a safetensors index ({type(e).__name__}: {e})") from None
     if (folder / SINGLE).exists():
-        from safetensors import safe_open
-        with safe_open(str(folder / SINGLE), "pt") as f:
-            return {k: SINGLE for k in f.keys()}
+        return {k: SINGLE for k in open_safetensors(folder / SINGLE).keys()}
     raise CheckpointError(f"{folder}: no {SINGLE} and no {INDEX}")
+
+
+def open_safetensors(path: Path):
+    """``safe_open(path)``, or one line naming the file: truncated (its size against what its header describes),
+    or not a safetensors file at all."""
+    from safetensors import safe_open
+    try:
+        return safe_open(str(path), "pt")
+    except Exception as e:  # noqa: BLE001 (safetensors raises its own error types)
+        why = _damage(Path(path))
+        if not why.startswith("truncated"):
+            why += f" ({type(e).__name__}: {str(e).strip().splitlines()[0][:160]})"
+        raise CorruptCheckpoint(f"{path}: {why}") from None
+
+
+def _damage(path: Path) -> str:
+    """Why a safetensors file does not open, from its first bytes: an 8-byte header length, the JSON header, then
+    the tensors' bytes up to the largest ``data_offsets`` end (the format's whole layout)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 0 or n > 100 * 2 ** 20:  # safetensors' own limit on the header is 100 MB
+            return f"not a safetensors file ({size} bytes)"
+        header = f.read(n)
+    if len(header) < n:
+        return f"truncated ({size} bytes, its header alone needs {8 + n})"
+    try:
+        ends = [int(v["data_offsets"][1]) for k, v in json.loads(header).items() if k != "__metadata__"]
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+        return "not a safetensors file (its header is not the format's JSON)"
+    need = 8 + n + max(ends, default=0)
+    return f"truncated ({size} bytes, its header describes {need})" if size < need else "damaged"
 
 
 class SafetensorsFolder:
@@ -149,7 +181,6 @@ class SafetensorsFolder:
         return list(self.map)
 
     def _slice(self, name: str):
-        from safetensors import safe_open
         file = self.map.get(name)
         if file is None:
             raise CheckpointError(f"{self.folder}: missing parameter {name}")
@@ -157,10 +188,7 @@ class SafetensorsFolder:
             path = self.folder / file
             if not path.exists():
                 raise CheckpointError(f"{path}: missing file (the index names it for {name})")
-            try:
-                self._open[file] = safe_open(str(path), "pt")
-            except Exception as e:  # noqa: BLE001 (safetensors raises its own error types)
-                raise CheckpointError(f"{path}: not a safetensors file ({e})") from None
+            self._open[file] = open_safetensors(path)
         try:
             return self._open[file].get_slice(name)
         except Exception:  # noqa: BLE001
@@ -184,20 +212,25 @@ class SafetensorsFolder:
 # torch files (DeepSpeed's)
 
 
-def _deepspeed_types() -> list:
-    """The non-tensor classes DeepSpeed 0.19 pickles into its model and optimizer files: the ZeRO stage enum, the
-    loss scalers and the fragment addresses of ``param_slice_mappings``."""
+def deepspeed_types() -> list:
+    """The non-tensor classes DeepSpeed 0.19 pickles into its model and optimizer files (ZeRO 0-3, BF16_Optimizer,
+    fp16 loss scaling): the ZeRO stage enum, the loss scalers and the fragment addresses of ``param_slice_mappings``.
+    Their unpickling only builds them (an enum member; a scaler's or a dataclass's fields): no code of the file's
+    choosing runs."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
     return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
-def load_torch(path: Path, records: Optional[dict] = None):
+def load_torch(path: Path, records: Optional[dict] = None, map_location="cpu", mmap: bool = True):
     """A torch file, memory-mapped (its tensors are read from the page cache as they are used, those never used are
-    never read), unpickled with ``weights_only=True`` plus DeepSpeed's few types, after its crc32 is checked against
-    ``records`` (``megannm.json``'s ``files``, when it lists the file): a flipped or truncated file is named as such,
-    never used silently."""
+    never read), after its crc32 is checked against ``records`` (``megannm.json``'s ``files``, when it lists the
+    file): a flipped or truncated file is named as such, never used silently.
+
+    Unpickled as data (``megannm.trust.torch_load``: ``weights_only=True`` plus DeepSpeed's few types): a file that
+    holds any other object is refused with one line naming the file and the object's class (``UntrustedInput``, exit
+    2), unless ``--trust-code`` was given."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: missing file")
@@ -207,9 +240,10 @@ def load_torch(path: Path, records: Optional[dict] = None):
         if problem:
             raise CorruptCheckpoint(problem)
     try:
-        with torch.serialization.safe_globals(_deepspeed_types()):
-            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:  # noqa: BLE001 (truncated, not a torch file, or a type outside the allowlist)
+        return trust.torch_load(path, deepspeed_types(), map_location=map_location, mmap=mmap)
+    except trust.UntrustedInput:
+        raise
+    except Exception as e:  # noqa: BLE001 (truncated, or not a torch file)
         raise CheckpointError(f"{path}: cannot read ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") \
             from None
 

@@ -11,6 +11,9 @@ import importlib
 import os
 import sys
 
+from megannm.trust import FLAG as TRUST_FLAG
+from megannm.trust import trust_code
+
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError, FileExistsError, NotADirectoryError)
 
 HELP = """\
@@ -18,7 +21,7 @@ megannm: train native multimodal models, one transformer over interleaved text a
 Mixture-of-Transformers), with megatron-core tensor parallelism and DeepSpeed pipeline parallelism and ZeRO, from
 your own records to a Hugging Face checkpoint.
 
-usage: megannm [--verbose] COMMAND [options]      megannm COMMAND --help: that command's options
+usage: megannm [--verbose] [--trust-code] COMMAND [options]      megannm COMMAND --help: that command's options
 
 getting started:
   demo           build a small world of shapes and captions, train the toy recipe chain on the CPU and evaluate it
@@ -52,6 +55,9 @@ this machine:
 options:
   --verbose      show the libraries' own warnings and notices (DeepSpeed, megatron-core, transformers), hidden
                  otherwise
+  --trust-code   (with any command) load checkpoints and tokenizer folders even where that runs code they name:
+                 pickled objects beyond tensors, unregistered image tokenizer kinds; refused otherwise
+                 (docs/security.md)
 
 A mistake in the input exits with code 2 and one line naming the file, key or parameter at fault; a failed save exits
 1, a diverged run 3, a preempted one 124 (saved; requeue it) and an interrupted one (Ctrl-C) 130. docs/errors.md
@@ -87,6 +93,8 @@ def command(name: str):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    end = argv.index("--") if "--" in argv else len(argv)  # --trust-code: before or after the command, not after --
+    trust, argv = TRUST_FLAG in argv[:end], [a for a in argv[:end] if a != TRUST_FLAG] + argv[end:]
     verbose = False
     while argv and argv[0] in ("--verbose", "-v"):
         verbose, argv = True, argv[1:]
@@ -102,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     # before any library is imported: their import-time notices are what this hides (a command's own --verbose too)
     quiet_library_warnings(verbose or "--verbose" in rest[:rest.index("--") if "--" in rest else len(rest)])
     try:
-        return command(cmd)(rest) or 0
+        with trust_code(trust):
+            return command(cmd)(rest) or 0
     except KeyboardInterrupt:  # Ctrl-C outside a training step (inside one, the Trainer saves and exits 130)
         print(f"megannm {cmd}: interrupted", file=sys.stderr)
         return 130

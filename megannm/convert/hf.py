@@ -35,7 +35,7 @@ import torch
 from megannm.checkpoint import canonical
 from megannm.checkpoint.consolidated import Consolidated, normalise_args, write
 from megannm.checkpoint.tensors import (DEFAULT_SHARD_SIZE, INDEX, SINGLE, LazyState, SafetensorsFolder, cast_to,
-                                        save_safetensors, specs_of)
+                                        load_torch, save_safetensors, specs_of)
 from megannm.convert import ConvertError
 from megannm.convert.hf_modeling import SOURCES as REMOTE_FILES
 from megannm.fileio import atomic_output, atomic_write_json
@@ -230,7 +230,7 @@ def _hf_weights(src: Path):
         reader = SafetensorsFolder(src)
         return set(reader.keys()), reader.get, src
     if (src / "pytorch_model.bin").exists():
-        state = torch.load(src / "pytorch_model.bin", map_location="cpu", mmap=True, weights_only=True)
+        state = load_torch(src / "pytorch_model.bin")  # as data (megannm.trust), one line if it is not
         return set(state), state.__getitem__, src / "pytorch_model.bin"
     raise ConvertError(f"{src}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 

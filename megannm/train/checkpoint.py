@@ -30,6 +30,7 @@ import torch
 from megannm import checkpoint as fmt
 from megannm import parallel
 from megannm.checkpoint import integrity
+from megannm.checkpoint.tensors import load_torch
 from megannm.fileio import atomic_file, atomic_write_json
 
 
@@ -289,7 +290,7 @@ def _load(engine, folder: Path, args, layout, vocab) -> dict:
                                                   load_lr_scheduler_states=True)
         rng = fmt.rng_file(folder, layout.rank)
         if rng.exists():
-            set_rng_state(torch.load(rng, weights_only=True))
+            set_rng_state(load_torch(rng, mmap=False))  # as data: megannm.trust
     except fmt.CheckpointError:
         raise
     except (RuntimeError, OSError, EOFError, ValueError) as e:  # a checkpoint without file records: find the file

@@ -107,6 +107,30 @@ def check_precision(precision: str) -> None:
                          f"reports it); use " + " or ".join(p for p in ("bf16", "fp32") if p != precision))
 
 
+class DataLoads:
+    """DeepSpeed's checkpoint engine with its ``load`` replaced by megannm's, everything else (saving, commits)
+    passed through unchanged.
+
+    DeepSpeed's ``TorchCheckpointEngine.load`` calls ``torch.load(weights_only=False)``, which runs whatever a
+    pickled object in the file names. Ours unpickles as data: ``weights_only=True`` plus DeepSpeed's own few types
+    (``megannm.checkpoint.tensors.load_torch``); a file that needs anything else is refused with one line naming it
+    and the class, unless ``--trust-code`` was given. Every file ``engine.load_checkpoint`` reads passes through
+    here: the module states (``SDLoaderFactory``), a pipeline's layer files, the ZeRO and BF16_Optimizer partitions
+    (and megannm's RNG files, read by ``megannm.train.checkpoint``). DeepSpeed builds its engine from its config
+    alone (``create_checkpoint_engine``, no hook), so ``build_engine`` wraps the one it built."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def load(self, path, map_location=None):
+        from megannm.checkpoint.tensors import load_torch
+        # whole files, as DeepSpeed reads them (not memory-mapped: the optimizer keeps some loaded tensors as they are)
+        return load_torch(path, map_location=map_location or "cpu", mmap=False)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
 def build_engine(recipe: Recipe, layout, module: torch.nn.Module, pipeline: bool = False):
     """``deepspeed.initialize`` over ``module`` with a torch AdamW (``adamw``; DeepSpeed's own Adam would JIT-build a
     C++ op)."""
@@ -121,6 +145,7 @@ def build_engine(recipe: Recipe, layout, module: torch.nn.Module, pipeline: bool
     mpu = None if pipeline else parallel.MegatronMPU(layout)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(recipe, layout), mpu=mpu)
+    engine.checkpoint_engine = DataLoads(engine.checkpoint_engine)  # loads as data, never as code
     if layout.dp == 1 and not pipeline and engine.zero_optimization_stage() == 0:
         # One data-parallel replica (a single device, or tensor parallel only): DeepSpeed's ZeRO-0 backward still
         # flattens every gradient into buckets, all-reduces them over a group of one and copies them back

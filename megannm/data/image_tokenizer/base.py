@@ -7,13 +7,19 @@ also loads with transformers alone). Both record their ``kind``; ``load_image_to
 
 Kinds resolve, in this order: classes registered with ``@register``; megannm's own (imported only when used, so
 that loading ``patch_vq`` never imports torch); an entry point of the ``megannm.image_tokenizers`` group that an
-installed package declares; ``package.module:Class`` written as the kind itself.
+installed package declares; ``package.module:Class`` written as the kind itself. A saved tokenizer is data that
+passes between people, so the kind its file names imports a module only where an installed package registered it
+(an entry point, by name or by its ``module:Class``) or this process already imported that module; any other
+``module:Class`` is refused with one line naming the file and the kind, unless ``--trust-code`` was given
+(``megannm.trust``). A kind the user names on the command line (``tokenizers build --image-kind``) is theirs to
+choose.
 """
 from __future__ import annotations
 
 import importlib
 import io
 import json
+import sys
 import zipfile
 from abc import ABC, abstractmethod
 from importlib.metadata import entry_points
@@ -22,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from megannm.data.image_tokenizer.images import PAD_COLOR, check_policy, fit_image
+from megannm import trust
 from megannm.fileio import atomic_write
 
 FORMAT_VERSION = 1  # of the .npz files and of image_tokenizer.json
@@ -198,6 +205,23 @@ def kind_class(kind: str, where: str = "image tokenizer") -> type[ImageTokenizer
     return cls
 
 
+def check_saved_kind(kind: str, where: str) -> None:
+    """A kind read from a saved tokenizer (``where``) may import a module only if an installed package registered it
+    or the user said ``--trust-code`` (see the module docstring); else one line naming ``where`` and the kind. Names
+    without a module (built in, registered, entry points by name, or unknown: ``kind_class`` says so) pass."""
+    if ":" not in kind or trust.trusted() or kind in _REGISTRY or kind in BUILTIN_KINDS:
+        return
+    target = kind.replace(" ", "")
+    registered = {t for t, _ in BUILTIN_KINDS.values()}
+    registered |= {ep.value.replace(" ", "") for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    registered |= {f"{c.__module__}:{c.__qualname__}" for c in _REGISTRY.values()}
+    if target in registered or target.partition(":")[0] in sys.modules:
+        return  # an installed package's own class, or a module this process imported already: nothing new runs
+    raise trust.refusal(where, f"image tokenizer kind {kind!r} would import module {target.partition(':')[0]}, "
+                               f"which no installed package registers as an image tokenizer (entry point group "
+                               f"{ENTRY_POINT_GROUP})")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # loading
 
@@ -236,6 +260,7 @@ def _load_file(path: Path) -> ImageTokenizer:
         folders = sorted(k for k, s in kinds.items() if s != "file")
         raise ValueError(f"{path}: unknown image tokenizer kind {kind!r} (known: {', '.join(files)}) for a .npz file; "
                          f"folder kinds: {', '.join(folders)}")
+    check_saved_kind(kind, str(path))
     cls = kind_class(kind, str(path))
     if cls.storage != "file":
         raise ValueError(f"{path}: kind {kind!r} is stored as a folder (with {META_FILE}), not as a .npz file")
@@ -289,6 +314,7 @@ def _load_folder(folder: Path) -> ImageTokenizer:
         meta = read_meta(folder)
     else:  # a folder straight from transformers' save_pretrained (or a whole downloaded model)
         meta = {"kind": infer_kind(folder)}
+    check_saved_kind(str(meta["kind"]), str(folder / META_FILE))
     cls = kind_class(str(meta["kind"]), str(folder / META_FILE))
     if cls.storage != "folder":
         raise ValueError(f"{folder}: kind {meta['kind']!r} is stored as a .npz file, not as a folder")

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megannm import trust
 from megannm.data.image_tokenizer.base import META_FILE, register
 from megannm.data.image_tokenizer.images import check_policy
 from megannm.data.image_tokenizer.hf import quiet_transformers
@@ -257,7 +258,6 @@ def train_image_tokenizer(images: np.ndarray, out, cfg: TrainConfig = TrainConfi
 
     ``stop_at``: stop after that many steps as if interrupted (the state is saved; a later ``resume`` goes on).
     Returns ``{"steps", "held_out": reconstruction_error(...), "history", "seconds", "stopped"}``."""
-    import torch
     from transformers import JanusVQVAE
 
     quiet_transformers()
@@ -273,7 +273,7 @@ def train_image_tokenizer(images: np.ndarray, out, cfg: TrainConfig = TrainConfi
         raise ValueError(f"train-image: {len(images)} image(s) is too few to train a tokenizer")
     model = state = None
     if resume and (out / STATE_FILE).is_file():
-        state = torch.load(out / STATE_FILE, map_location=cfg.device, weights_only=True)
+        state = trust.torch_load(out / STATE_FILE, map_location=cfg.device, mmap=False)  # as data
         before = state["config"]
         changed = [f"{k} {before.get(k)} -> {getattr(cfg, k)}" for k in STRUCTURAL if before.get(k) != getattr(cfg, k)]
         if changed:

@@ -422,3 +422,10 @@ def broadcast_tensors(tensors: Optional[dict], spec: dict, group, src: int = 0) 
         dist.broadcast(t, src=dist.get_global_rank(group, src), group=group)
         out[name] = t
     return out
+
+
+def record_launcher_exception(error: BaseException) -> None:
+    """An unexpected error with its traceback into torchrun's error file (``TORCHELASTIC_ERROR_FILE``), through
+    torch.distributed.elastic's own ``ErrorHandler``: the launcher's failure summary then shows it."""
+    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+    ErrorHandler().record_exception(error)

@@ -745,7 +745,7 @@ def _(b):
     del meta["files"]  # saved before files were recorded
     (ck / "step00000004" / "megannm.json").write_text(json.dumps(meta))
     truncate(ck / "step00000004" / "mp_rank_00_model_states.pt")
-    return (*b.cli("train", recipe, "--resume"), ["step00000004/mp_rank_00_model_states.pt", "cannot be loaded"])
+    return (*b.cli("train", recipe, "--resume"), ["step00000004/mp_rank_00_model_states.pt", "cannot read"])
 
 
 @row("fallback-finds-nothing", 2)

@@ -158,8 +158,8 @@ def record_for_launcher(line: str | None, error: BaseException, code: int = 1, l
         return
     try:
         if line is None:
-            from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
-            ErrorHandler().record_exception(error)
+            from megannm.parallel import record_launcher_exception
+            record_launcher_exception(error)
             return
         import json
         import time

@@ -15,6 +15,7 @@ import concurrent.futures
 import io
 import json
 import os
+import signal
 import re
 import socket
 import subprocess
@@ -367,25 +368,37 @@ def test_a_non_local_host_needs_an_api_key(checkpoint, toy_data):
 def test_two_tensor_parallel_ranks_serve_what_one_serves(server, checkpoint, toy_data, tmp_path):
     """`torchrun --nproc-per-node 2 megannm serve`: rank 0 serves, rank 1 follows every step; greedy answers and
     log-probs equal the one-rank server's, concurrent requests and a cancelled one included; SIGTERM ends both."""
-    port, master = free_port(), free_port()
     log = tmp_path / "tp2.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                                 "--master-port", str(master), "-m", "megannm", "serve", str(checkpoint),
-                                 "--tokenizers", str(toy_data["tokenizers"]), "--port", str(port),
-                                 "--served-model-name", MODEL, "--max-rows", "4"], cwd=REPO, stdout=out,
-                                stderr=subprocess.STDOUT, env={**env(), "MEGANNM_API_KEY": KEY})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            assert proc.poll() is None, log.read_text()
-            assert time.time() < deadline, log.read_text()
+
+    def launch():
+        port, master = free_port(), free_port()
+        with open(log, "w") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                                     "--master-port", str(master), "-m", "megannm", "serve", str(checkpoint),
+                                     "--tokenizers", str(toy_data["tokenizers"]), "--port", str(port),
+                                     "--served-model-name", MODEL, "--max-rows", "4"], cwd=REPO, stdout=out,
+                                    stderr=subprocess.STDOUT, env={**env(), "MEGANNM_API_KEY": KEY},
+                                    start_new_session=True)  # its ranks in its group, killed with it below
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline:
             try:
                 urllib.request.urlopen(f"{url}/health", timeout=1)
-                break
+                return proc, url
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return None, url
+
+    # free_port() closes its socket before torchrun binds the port: another process may take it in between, and
+    # the launch then never comes up; one more launch on fresh ports (a second failure is a failure)
+    proc, url = launch()
+    if proc is None:
+        first_log = log.read_text()
+        proc, url = launch()
+        assert proc is not None, f"the server came up neither time:\n{first_log}\n---\n{log.read_text()}"
+    try:
         assert "tensor parallel 2" in log.read_text()
         bodies = [{"model": MODEL, "prompt": p, "max_tokens": 6, "temperature": 0, "logprobs": 2, "echo": True,
                    "ignore_eos": True} for p in ("a small red", "a large blue square at the", "a")]
